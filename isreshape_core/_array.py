@@ -1,0 +1,316 @@
+"""Internal helpers shared by the core modules: namespaces, dtypes, masks and validation.
+
+Nothing here is public API. Every helper works on arrays of any array-API namespace and never
+pulls a Python scalar out of an array, except the value checks, which run only on concrete
+(eager) inputs so that the same code traces under ``jax.jit`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from typing import Any
+
+from array_api_compat import array_namespace, is_jax_array, is_torch_array
+from array_api_compat import device as array_device
+
+Array = Any  # an array of any array-API namespace
+Namespace = Any
+
+__all__ = [
+    "Array",
+    "Namespace",
+    "array_device",
+    "as_compute_array",
+    "broadcast_rewards",
+    "check_gamma",
+    "check_log_weights",
+    "check_rho_min",
+    "expand_at_axis",
+    "is_concrete",
+    "logsumexp",
+    "namespace",
+    "normalize_axis",
+    "prepare_log_weights",
+    "tempered_log_weights",
+]
+
+
+def namespace(*arrays: Any) -> Namespace:
+    """The array-API namespace of the given arrays, ignoring ``None`` and Python numbers."""
+    present = [a for a in arrays if a is not None and not isinstance(a, numbers.Number)]
+    if not present:
+        raise TypeError("expected at least one array argument; got only Python scalars or None")
+    xp = array_namespace(*present)
+    if is_torch_array(present[0]):
+        return _torch_namespace(xp)
+    return xp
+
+
+# array-api-compat's torch wrappers promote a Python scalar operand with `torch.result_type`,
+# which returns a dtype and so breaks a `torch.compile(fullgraph=True)` graph. The core passes
+# Python scalars to `where`, `maximum`, ...: for torch they become 0-d tensors of the other
+# operand's dtype and device first, which is what the array API's promotion rules ask anyway.
+_SCALAR_PROMOTING = (
+    "where",
+    "maximum",
+    "minimum",
+    "add",
+    "subtract",
+    "multiply",
+    "divide",
+    "pow",
+    "logaddexp",
+    "equal",
+    "not_equal",
+    "less",
+    "less_equal",
+    "greater",
+    "greater_equal",
+)
+_TORCH_NAMESPACES: dict[int, Any] = {}
+
+
+def _torch_namespace(compat: Namespace) -> Namespace:
+    cached = _TORCH_NAMESPACES.get(id(compat))
+    if cached is None:
+        cached = _TorchNamespace(compat)
+        _TORCH_NAMESPACES[id(compat)] = cached
+    return cached
+
+
+class _TorchNamespace:
+    """array-api-compat's torch namespace with Python-scalar operands made 0-d tensors."""
+
+    def __init__(self, compat: Namespace) -> None:
+        self._compat = compat
+        self.__name__ = compat.__name__
+        for name in _SCALAR_PROMOTING:
+            setattr(self, name, self._wrap(getattr(compat, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compat, name)
+
+    @staticmethod
+    def _wrap(fn: Any) -> Any:
+        def wrapped(*args: Any) -> Any:
+            like = next(
+                (a for a in args if hasattr(a, "dtype") and a.dtype.is_floating_point), None
+            )
+            if like is None:
+                like = next((a for a in args if hasattr(a, "dtype") and a.dtype != _bool(a)), None)
+            if like is not None:
+                args = tuple(
+                    _to_tensor_like(a, like) if isinstance(a, numbers.Number) else a for a in args
+                )
+            return fn(*args)
+
+        wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+        return wrapped
+
+
+def _bool(a: Any) -> Any:
+    return sys.modules["torch"].bool
+
+
+def _to_tensor_like(value: Any, like: Any) -> Any:
+    torch = sys.modules["torch"]
+    return torch.asarray(value, dtype=like.dtype, device=like.device)
+
+
+def compute_dtype(xp: Namespace, x: Array) -> Any:
+    """float64 for float64 inputs, float32 for every other input (half, bfloat16, ints, bool)."""
+    if x.dtype == xp.float64:
+        return xp.float64
+    return xp.float32
+
+
+def as_compute_array(xp: Namespace, x: Any, dtype: Any = None, *, like: Array = None) -> Array:
+    """``x`` as an array of ``xp`` in at least float32 (or exactly ``dtype`` when given)."""
+    if not hasattr(x, "shape"):
+        dev = None if like is None else array_device(like)
+        target = dtype if dtype is not None else (xp.float32 if like is None else like.dtype)
+        return xp.asarray(x, dtype=target, device=dev)
+    target = dtype if dtype is not None else compute_dtype(xp, x)
+    if x.dtype != target:
+        x = xp.astype(x, target)
+    return x
+
+
+def is_concrete(x: Array) -> bool:
+    """True where the values of ``x`` may be read cheaply: not traced by JAX or torch.compile."""
+    if is_jax_array(x):
+        return not any(cls.__name__.endswith("Tracer") for cls in type(x).__mro__)
+    if is_torch_array(x):
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling():
+            return False
+        functorch = getattr(torch._C, "_functorch", None)
+        if functorch is not None and functorch.is_functorch_wrapped_tensor(x):
+            return False
+        return x.device.type != "meta"
+    return True
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """``axis`` as a non-negative index; a clear error when it is out of range."""
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise TypeError(f"{name} must be an int, got {axis!r}")
+    if ndim == 0:
+        raise ValueError(
+            f"{name}={axis} cannot reduce a 0-d array; pass at least one sample along {name}"
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
+def check_log_weights(xp: Namespace, log_w: Array, name: str = "log_w") -> None:
+    """Reject NaN and ``+inf`` (``-inf`` is weight 0 and allowed); eager inputs only."""
+    if not is_concrete(log_w):
+        return
+    bad = xp.isnan(log_w) | (log_w == xp.inf)
+    if bool(xp.any(bad)):
+        raise ValueError(
+            f"{name} contains NaN or +inf; log weights must be finite or -inf (weight 0). "
+            "Check logp/logq for NaN or use `mask` to drop those samples."
+        )
+
+
+def broadcast_mask(xp: Namespace, mask: Array | None, shape: tuple, name: str = "mask") -> Array:
+    """``mask`` as a boolean array of ``shape`` (``None`` keeps every sample)."""
+    if mask is None:
+        return None
+    if not hasattr(mask, "shape"):
+        raise TypeError(f"{name} must be a boolean array or None, got {type(mask).__name__}")
+    if mask.dtype != xp.bool:
+        raise TypeError(
+            f"{name} must have a boolean dtype, got {mask.dtype}; pass e.g. `{name} > 0`"
+        )
+    try:
+        return xp.broadcast_to(mask, shape)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to the log weights' "
+            f"shape {tuple(shape)}"
+        ) from exc
+
+
+def prepare_log_weights(
+    log_w: Any, *, axis: int, mask: Array | None, name: str = "log_w"
+) -> tuple[Namespace, Array, Array | None, int]:
+    """Validate and promote log weights at a public boundary.
+
+    Returns ``(xp, log_w, mask, axis)`` with ``log_w`` in the compute dtype, masked entries set to
+    ``-inf`` (weight 0, never counted), ``mask`` broadcast to ``log_w.shape`` (or ``None``) and
+    ``axis`` non-negative.
+    """
+    xp = namespace(log_w, mask)
+    if not hasattr(log_w, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(log_w).__name__}")
+    log_w = as_compute_array(xp, log_w)
+    axis = normalize_axis(axis, log_w.ndim)
+    if log_w.shape[axis] == 0:
+        raise ValueError(
+            f"{name} has no samples along axis {axis} (shape {tuple(log_w.shape)}); "
+            "the reduction axis must not be empty"
+        )
+    mask = broadcast_mask(xp, mask, log_w.shape)
+    check_log_weights(xp, log_w if mask is None else xp.where(mask, log_w, 0.0), name)
+    if mask is not None:
+        log_w = xp.where(mask, log_w, -xp.inf)
+    return xp, log_w, mask, axis
+
+
+def broadcast_rewards(xp: Namespace, rewards: Any, like: Array, name: str = "rewards") -> Array:
+    """``rewards`` broadcast to ``like``'s shape and dtype; NaN or inf rejected (eager inputs)."""
+    if not hasattr(rewards, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(rewards).__name__}")
+    r = as_compute_array(xp, rewards, like.dtype)
+    try:
+        r = xp.broadcast_to(r, like.shape)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"{name} of shape {tuple(rewards.shape)} does not broadcast to the log weights' "
+            f"shape {tuple(like.shape)}"
+        ) from exc
+    if is_concrete(r) and not bool(xp.all(xp.isfinite(r))):
+        raise ValueError(f"{name} contains NaN or inf; rewards must be finite")
+    return r
+
+
+def _check_unit_interval(value: Any, name: str, *, low_open: bool) -> None:
+    lo_ok = (lambda v: v > 0) if low_open else (lambda v: v >= 0)
+    interval = "(0, 1]" if low_open else "[0, 1]"
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not (math.isfinite(value) and lo_ok(value) and value <= 1):
+            raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+        return
+    if hasattr(value, "shape") and is_concrete(value):
+        xp = array_namespace(value)
+        ok = xp.all((value > 0 if low_open else value >= 0) & (value <= 1))
+        if not bool(ok):
+            raise ValueError(f"{name} must lie in {interval} everywhere; got values outside it")
+        return
+    if not hasattr(value, "shape"):
+        raise TypeError(f"{name} must be a real number or an array, got {type(value).__name__}")
+
+
+def check_rho_min(rho_min: Any, name: str = "rho_min") -> None:
+    """``rho_min`` must lie in (0, 1]."""
+    _check_unit_interval(rho_min, name, low_open=True)
+
+
+def check_gamma(gamma: Any, name: str = "gamma") -> None:
+    """``gamma`` must lie in [0, 1]."""
+    _check_unit_interval(gamma, name, low_open=False)
+
+
+def expand_at_axis(xp: Namespace, value: Any, axis: int, ndim: int, *, like: Array) -> Array:
+    """A per-row value (Python number or array shaped like the reduced batch) made broadcastable
+    against an array of ``ndim`` dimensions reduced along ``axis``."""
+    value = as_compute_array(xp, value, like=like) if not hasattr(value, "shape") else value
+    if hasattr(value, "dtype") and value.dtype != like.dtype:
+        value = xp.astype(value, like.dtype)
+    if value.ndim == 0:
+        return value
+    if value.ndim > ndim - 1:
+        raise ValueError(
+            f"a per-row value of shape {tuple(value.shape)} has more dimensions than the batch "
+            f"shape of an array with {ndim} dimension(s) reduced along axis {axis}"
+        )
+    # Right-align against the batch shape (the shape with `axis` removed), then re-insert `axis`.
+    value = xp.reshape(value, (1,) * (ndim - 1 - value.ndim) + tuple(value.shape))
+    return xp.expand_dims(value, axis=axis)
+
+
+def tempered_log_weights(xp: Namespace, log_w: Array, gamma: Array) -> Array:
+    """``gamma * log_w`` with ``-inf`` kept at ``-inf`` for every gamma, ``gamma = 0`` included.
+
+    A sample of weight 0 (or a masked one) never counts: ``0**0`` is not 1 here.
+    """
+    zero_weight = log_w == -xp.inf
+    # Multiply a finite stand-in: 0 * -inf would be NaN (and a warning in numpy).
+    return xp.where(zero_weight, -xp.inf, gamma * xp.where(zero_weight, 0.0, log_w))
+
+
+def logsumexp(xp: Namespace, x: Array, axis: int, keepdims: bool = False) -> Array:
+    """``log(sum(exp(x)))`` along ``axis``; ``-inf`` for a row that is all ``-inf``."""
+    m = xp.max(x, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    total = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
+    positive = total > 0
+    # log(0) is taken on a dummy 1 so that numpy raises no divide-by-zero warning.
+    out = xp.where(positive, xp.log(xp.where(positive, total, 1.0)) + m, -xp.inf)
+    if not keepdims:
+        out = xp.squeeze(out, axis=axis)
+    return out
+
+
+def sample_count(xp: Namespace, log_w: Array, mask: Array | None, axis: int) -> Array:
+    """Number of unmasked samples along ``axis``, in ``log_w``'s dtype."""
+    if mask is None:
+        shape = tuple(s for i, s in enumerate(log_w.shape) if i != axis)
+        return xp.full(shape, log_w.shape[axis], dtype=log_w.dtype, device=array_device(log_w))
+    return xp.sum(xp.astype(mask, log_w.dtype), axis=axis)

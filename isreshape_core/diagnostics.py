@@ -1,0 +1,276 @@
+"""Diagnostics of a batch of importance weights and a verdict on them (DESIGN.md 3, item 10).
+
+The seed's section 8.3 asks whether the log-normal model behind the closed-form gamma holds and
+what to do when it does not. :func:`diagnose` answers with a :class:`Diagnostics` report whose
+fields are arrays of the input's namespace (batched like the input) and whose ``str`` is a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+from ._array import (
+    Array,
+    Namespace,
+    array_device,
+    check_rho_min,
+    is_concrete,
+    logsumexp,
+    prepare_log_weights,
+    sample_count,
+    tempered_log_weights,
+)
+from .ess import kish_ess_from_log
+from .gamma import _closed_form, _log_variance_stats, gamma_ess
+
+__all__ = ["VERDICTS", "Diagnostics", "diagnose"]
+
+#: Verdict codes (the ``verdict_code`` field) and their advice, in order of precedence.
+VERDICTS = {
+    0: ("ok", "log-normal model fits: the closed-form gamma is usable"),
+    1: ("heavy_tail", "heavy tail: use the exact ESS gamma (method='ess') or PSIS"),
+    2: ("refresh", "sigma^2 > 10: refresh the behaviour policy (resample from pi)"),
+    3: ("severe", "no gamma meets rho_min: use a conservative fixed gamma and refresh mu"),
+    4: ("empty", "no sample with positive weight: nothing to diagnose"),
+}
+
+#: Excess kurtosis above which the tail is called heavy (seed section 8.3).
+HEAVY_KURTOSIS = 3.0
+#: Var(log w) above which the behaviour policy is called stale (seed section 8.3).
+REFRESH_SIGMA2 = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostics:
+    """What :func:`diagnose` reports; every array field has the batch shape.
+
+    Attributes
+    ----------
+    n : array
+        Number of unmasked samples.
+    sigma2, skewness, excess_kurtosis : array
+        Moments of the finite log weights (``sigma2`` with ddof=1; skewness and excess kurtosis
+        are the population moments, as ``scipy.stats.skew`` / ``kurtosis`` with ``bias=True``).
+        NaN-free: 0 where fewer than 2 finite values or zero variance.
+    max_weight : array
+        Largest self-normalised weight ``max_i w_i / sum_j w_j``.
+    ess_ratio_at_1 : array
+        ``ESS(1) / n``, the plain importance-sampling ESS ratio.
+    gamma : array
+        The exact ESS gamma (:func:`gamma_ess`) for ``rho_min``.
+    ess_ratio_at_gamma : array
+        ``ESS(gamma) / n`` at that gamma.
+    gamma_closed_form, ess_ratio_at_closed_form : array
+        The seed's closed-form gamma and the ESS ratio it actually delivers.
+    rho_min : float
+    verdict_code : int array
+        A key of :data:`VERDICTS`: 4 empty, else 3 severe (even ``gamma = 0`` misses
+        ``rho_min``), else 2 refresh (``sigma2 > 10``), else 1 heavy tail (excess kurtosis > 3 or
+        the closed form misses ``rho_min``), else 0 ok.
+    shapiro_p : array or None
+        Shapiro–Wilk p-value of the finite log weights (first 5000 per row; NaN for fewer than 3),
+        a NumPy array; None where SciPy is missing or the input cannot be read on the host (traced,
+        or on a GPU).
+    k_hat : array or None
+        Pareto ``k_hat`` of the weights, where PSIS was computed.
+    """
+
+    n: Array
+    sigma2: Array
+    skewness: Array
+    excess_kurtosis: Array
+    max_weight: Array
+    ess_ratio_at_1: Array
+    gamma: Array
+    ess_ratio_at_gamma: Array
+    gamma_closed_form: Array
+    ess_ratio_at_closed_form: Array
+    rho_min: float
+    verdict_code: Array
+    shapiro_p: Any = None
+    k_hat: Array | None = None
+
+    @property
+    def verdicts(self) -> list[str]:
+        """The verdict names, one per row in C order (reads the codes on the host)."""
+        return [VERDICTS[int(c)][0] for c in _flat_values(self.verdict_code)]
+
+    def __str__(self) -> str:
+        rows = [
+            ("n", self.n, "{:.0f}"),
+            ("sigma^2 = Var(log w)", self.sigma2, "{:.4g}"),
+            ("skewness", self.skewness, "{:.3f}"),
+            ("excess kurtosis", self.excess_kurtosis, "{:.3f}"),
+            ("max normalised weight", self.max_weight, "{:.4f}"),
+            ("ESS/n at gamma=1", self.ess_ratio_at_1, "{:.4f}"),
+            ("gamma (exact ESS)", self.gamma, "{:.4f}"),
+            ("ESS/n at gamma", self.ess_ratio_at_gamma, "{:.4f}"),
+            ("gamma (closed form)", self.gamma_closed_form, "{:.4f}"),
+            ("ESS/n at closed form", self.ess_ratio_at_closed_form, "{:.4f}"),
+        ]
+        if self.k_hat is not None:
+            rows.append(("Pareto k_hat", self.k_hat, "{:.3f}"))
+        if self.shapiro_p is not None:
+            rows.append(("Shapiro-Wilk p", self.shapiro_p, "{:.3g}"))
+        codes = _flat_values(self.verdict_code)
+        columns = [_flat_values(v) for _, v, _ in rows]
+        n_rows = len(codes)
+        shown = min(n_rows, 8)
+        width = max(len(name) for name, _, _ in rows)
+        head = f"IS Reshape diagnostics (rho_min = {self.rho_min:g}"
+        head += f", {n_rows} rows)" if n_rows > 1 else ")"
+        lines = [head]
+        for name, (_, _, fmt), col in zip([r[0] for r in rows], rows, columns, strict=True):
+            cells = "  ".join(_fmt(fmt, v) for v in col[:shown])
+            lines.append(f"  {name:<{width}}  {cells}{'  ...' if n_rows > shown else ''}")
+        for i, c in enumerate(codes[:shown]):
+            label, advice = VERDICTS[int(c)]
+            prefix = f"row {i}: " if n_rows > 1 else ""
+            lines.append(f"  verdict: {prefix}{label} — {advice}")
+        return "\n".join(lines)
+
+
+def _fmt(fmt: str, value: float) -> str:
+    return fmt.format(value) if math.isfinite(value) else str(value)
+
+
+def _flat_values(x: Any) -> list[float]:
+    """Host-side values of an array field in C order (only for printing)."""
+    import numpy as np
+
+    if hasattr(x, "__dlpack__"):
+        try:
+            return [float(v) for v in np.from_dlpack(x).reshape(-1)]
+        except (TypeError, RuntimeError, BufferError):
+            pass
+    return [float(v) for v in np.asarray(x).reshape(-1)]
+
+
+def _moments(xp: Namespace, l: Array, axis: int) -> tuple[Array, Array, Array]:
+    """Variance (ddof=1), skewness and excess kurtosis (population) of the finite entries."""
+    count, var = _log_variance_stats(xp, l, axis)
+    finite = l > -xp.inf
+    c = xp.expand_dims(xp.where(count > 0, count, 1.0), axis=axis)
+    mean = xp.sum(xp.where(finite, l, 0.0), axis=axis, keepdims=True) / c
+    dev = xp.where(finite, l - mean, 0.0)
+    m2 = xp.sum(dev**2, axis=axis) / xp.squeeze(c, axis=axis)
+    m3 = xp.sum(dev**3, axis=axis) / xp.squeeze(c, axis=axis)
+    m4 = xp.sum(dev**4, axis=axis) / xp.squeeze(c, axis=axis)
+    ok = (count >= 2) & (m2 > 0)
+    m2s = xp.where(ok, m2, 1.0)
+    skew = xp.where(ok, m3 / m2s**1.5, 0.0)
+    kurt = xp.where(ok, m4 / (m2s * m2s) - 3.0, 0.0)
+    return var, skew, kurt
+
+
+def _shapiro(xp: Namespace, l: Array, axis: int) -> Any:
+    try:
+        import numpy as np
+        from scipy import stats
+    except ImportError:
+        return None
+    if not is_concrete(l):
+        return None
+    try:
+        host = np.from_dlpack(l)
+    except (TypeError, RuntimeError, BufferError):
+        return None
+    host = np.moveaxis(np.where(np.isfinite(host), host, np.nan), axis, -1)[..., :5000]
+    counts = np.sum(np.isfinite(host), axis=-1)
+    if host.shape[-1] < 3:
+        return np.full(counts.shape, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # Rows with fewer than 3 finite values get NaN below; scipy warns about them.
+        warnings.simplefilter("ignore")
+        result = stats.shapiro(host, axis=-1, nan_policy="omit")
+    p = np.asarray(result.pvalue, dtype=float)
+    return np.where(counts >= 3, p, np.nan)
+
+
+def diagnose(
+    log_w: Array,
+    rho_min: float = 0.3,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+) -> Diagnostics:
+    """Diagnose a batch of log importance weights: moments, ESS, gamma and a verdict.
+
+    Computes, per row along ``axis``: ``n``, ``sigma^2``, skewness, excess kurtosis, the largest
+    normalised weight, ``ESS(1)/n``, the exact ESS gamma for ``rho_min`` and the ESS ratio it
+    delivers, the seed's closed-form gamma and the ESS ratio *it* delivers (the honest test of the
+    log-normal model), the Shapiro–Wilk p-value where SciPy is present, and a verdict
+    (see :class:`Diagnostics` and :data:`VERDICTS`; the thresholds are the seed's section 8.3).
+
+    Parameters
+    ----------
+    log_w : array
+        Log importance weights, samples along ``axis``.
+    rho_min : float in (0, 1]
+        Least acceptable ESS ratio.
+    axis, mask
+        As in :func:`ess`.
+
+    Returns
+    -------
+    Diagnostics
+        Printable; its array fields stay in the input's namespace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.random.default_rng(0).normal(0.0, 0.5, size=1000)
+    >>> report = diagnose(l)
+    >>> report.verdicts
+    ['ok']
+    >>> print(np.round(report.gamma_closed_form, 3))
+    1.0
+    """
+    xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
+    check_rho_min(rho_min)
+    if not isinstance(rho_min, (int, float)):
+        raise TypeError(f"rho_min must be a number for diagnose, got {type(rho_min).__name__}")
+    n = sample_count(xp, l, mask, axis)
+    n_safe = xp.where(n > 0, n, 1.0)
+    sigma2, skew, kurt = _moments(xp, l, axis)
+    lse = logsumexp(xp, l, axis)
+    informative = lse > -xp.inf
+    safe_lse = xp.where(informative, lse, 0.0)
+    max_weight = xp.where(informative, xp.exp(xp.max(l, axis=axis) - safe_lse), 0.0)
+
+    def ratio(g):
+        z = tempered_log_weights(xp, l, xp.expand_dims(g, axis=axis))
+        return kish_ess_from_log(xp, z, axis) / n_safe
+
+    ess1 = kish_ess_from_log(xp, l, axis) / n_safe
+    gamma = gamma_ess(l, rho_min, axis=axis)
+    at_gamma = ratio(gamma)
+    closed = _closed_form(xp, l, axis, rho_min, 0.0, 1.0)
+    at_closed = ratio(closed)
+    ratio_at_zero = ratio(xp.zeros_like(gamma))
+
+    code = xp.zeros(gamma.shape, dtype=xp.int32, device=array_device(gamma))
+    heavy = (kurt > HEAVY_KURTOSIS) | (at_closed < rho_min)
+    code = xp.where(heavy, 1, code)
+    code = xp.where(sigma2 > REFRESH_SIGMA2, 2, code)
+    code = xp.where(ratio_at_zero < rho_min, 3, code)
+    code = xp.where(informative, code, 4)
+    code = xp.astype(code, xp.int32)
+    return Diagnostics(
+        n=n,
+        sigma2=sigma2,
+        skewness=skew,
+        excess_kurtosis=kurt,
+        max_weight=max_weight,
+        ess_ratio_at_1=ess1,
+        gamma=gamma,
+        ess_ratio_at_gamma=at_gamma,
+        gamma_closed_form=closed,
+        ess_ratio_at_closed_form=at_closed,
+        rho_min=float(rho_min),
+        verdict_code=code,
+        shapiro_p=_shapiro(xp, l, axis),
+    )

@@ -1,0 +1,157 @@
+"""Effective sample size of tempered importance weights ``w**gamma`` (DESIGN.md 3, item 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._array import (
+    Array,
+    Namespace,
+    broadcast_rewards,
+    check_gamma,
+    expand_at_axis,
+    prepare_log_weights,
+    sample_count,
+    tempered_log_weights,
+)
+
+__all__ = ["ess", "ess_ratio", "gradient_ess", "log_abs"]
+
+
+def kish_ess_from_log(xp: Namespace, z: Array, axis: int) -> Array:
+    """Kish's ESS ``(sum e^z)^2 / sum e^(2z)`` along ``axis`` of log weights ``z`` (``-inf`` = 0).
+
+    Shifted by the row maximum, so no term overflows; clipped to ``[1, n_pos]`` (rounding can
+    exceed the number ``n_pos`` of positive weights otherwise); 0 for a row with no positive weight.
+    """
+    m = xp.max(z, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    e = xp.exp(z - m)
+    s1 = xp.sum(e, axis=axis)
+    s2 = xp.sum(e * e, axis=axis)
+    n_pos = xp.sum(xp.astype(z > -xp.inf, z.dtype), axis=axis)
+    positive = n_pos > 0
+    value = s1 * s1 / xp.where(positive, s2, 1.0)
+    value = xp.minimum(xp.maximum(value, 1.0), n_pos)
+    return xp.where(positive, value, 0.0)
+
+
+def log_abs(xp: Namespace, r: Array) -> Array:
+    """``log|r|`` with ``-inf`` at ``r = 0`` and no divide-by-zero warning."""
+    nonzero = r != 0
+    return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, r, 1.0))), -xp.inf)
+
+
+def ess(log_w: Array, gamma: Any = 1.0, *, axis: int = -1, mask: Array | None = None) -> Array:
+    r"""Kish's effective sample size of the tempered weights ``w**gamma``.
+
+    .. math::
+
+        \mathrm{ESS}(\gamma) = \frac{(\sum_i w_i^\gamma)^2}{\sum_i w_i^{2\gamma}}
+        = \exp\big(2\,\mathrm{LSE}(\gamma l) - \mathrm{LSE}(2\gamma l)\big)
+
+    computed from ``l = log w`` without forming ``w``. Properties (DESIGN.md section 3 item 2):
+    ``1 <= ESS <= n``; invariant to adding a constant to ``l``; non-increasing in ``gamma``.
+    A sample with ``l = -inf`` (weight 0) or masked out never counts, at ``gamma = 0`` included
+    (``0**0`` is not 1 here), so ``ESS(0)`` is the number of positive weights.
+
+    Parameters
+    ----------
+    log_w : array ``(..., n, ...)``
+        Log importance weights; ``-inf`` is weight 0. NaN and ``+inf`` raise (eager inputs).
+    gamma : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
+        Tempering exponent in ``[0, 1]``.
+    axis : int
+        The sample axis; the other axes are batch axes.
+    mask : bool array broadcastable to ``log_w.shape``, optional
+        False removes a sample from every statistic.
+
+    Returns
+    -------
+    array, the batch shape
+        ESS in the compute dtype (float32 or float64). A row without a positive weight (fully
+        masked or all ``-inf``) gives 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.log(np.array([1.0, 1.0, 2.0, 4.0]))
+    >>> print(np.round(ess(l), 4))  # (1+1+2+4)^2 / (1+1+4+16)
+    2.9091
+    >>> print(ess(l, 0.0))
+    4.0
+    """
+    xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
+    check_gamma(gamma)
+    g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
+    return kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis)
+
+
+def ess_ratio(
+    log_w: Array, gamma: Any = 1.0, *, axis: int = -1, mask: Array | None = None
+) -> Array:
+    """``ESS(gamma) / n``, with ``n`` the number of unmasked samples along ``axis``.
+
+    Lies in ``[1/n, 1]``; 0 for a row without a positive weight (a fully masked row included).
+    See :func:`ess` for the parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 50.0]])
+    >>> print(np.round(ess_ratio(l), 4))
+    [1.   0.25]
+    """
+    xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
+    check_gamma(gamma)
+    g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
+    value = kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis)
+    n = sample_count(xp, l, mask, axis)
+    return value / xp.where(n > 0, n, 1.0)
+
+
+def gradient_ess(
+    log_w: Array,
+    rewards: Array,
+    gamma: Any = 1.0,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+) -> Array:
+    r"""Kish's ESS of the weights that enter the gradient, ``w**gamma * |r|``.
+
+    .. math::
+
+        \mathrm{ESS}_\nabla(\gamma) = \frac{(\sum_i w_i^\gamma |r_i|)^2}{\sum_i w_i^{2\gamma} r_i^2}
+
+    The gradient of the IS Reshape loss is ``-mean(r w^gamma grad log pi)`` (seed Theorem 2.1):
+    samples with ``r = 0`` carry no gradient, and large ``|r|`` concentrates it even at
+    ``gamma = 0``. ``ESS_grad(0)`` is the ESS of the rewards alone; ``ESS_grad`` need not be
+    monotone in ``gamma`` (DESIGN.md section 3 item 2).
+
+    Parameters
+    ----------
+    log_w : array
+        Log importance weights (see :func:`ess`).
+    rewards : array broadcastable to ``log_w.shape``
+        Rewards or advantages (signed allowed; only ``|r|`` enters).
+    gamma, axis, mask
+        As in :func:`ess`.
+
+    Returns
+    -------
+    array, the batch shape
+        In ``[1, n]``; 0 where no sample has ``w > 0`` and ``r != 0``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.zeros(4)
+    >>> print(gradient_ess(l, np.array([1.0, -1.0, 0.0, 0.0])))
+    2.0
+    """
+    xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
+    check_gamma(gamma)
+    r = broadcast_rewards(xp, rewards, l)
+    g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
+    return kish_ess_from_log(xp, tempered_log_weights(xp, l, g) + log_abs(xp, r), axis)

@@ -1,0 +1,25 @@
+"""The ``xp`` fixture: every core test runs on each array backend that is installed (float64)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from _helpers import available_backends, get_namespace
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+settings.register_profile(
+    "isreshape",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile("isreshape")
+
+
+@pytest.fixture(params=available_backends())
+def xp(request):
+    """An array-API namespace: numpy, array-api-strict, torch or jax, all in float64."""
+    return get_namespace(request.param)

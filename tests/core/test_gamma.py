@@ -1,0 +1,208 @@
+"""Tests of isreshape_core/gamma.py: the closed form against its formula, gamma_ess against a
+brute-force bisection on brute-force ESS values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _helpers import brute_force_ess, to_numpy
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import isreshape_core as isr
+
+
+def brute_ratio(l, gamma, r=None):
+    """ESS(gamma)/n with float64 numpy and plain Python sums; -inf is weight 0."""
+    l = np.asarray(l, dtype=np.float64)
+    finite = np.isfinite(l)
+    w = np.zeros_like(l)
+    if finite.any():
+        w[finite] = np.exp(gamma * (l[finite] - l[finite].max()))
+    if r is not None:
+        w = w * np.abs(r)
+    return brute_force_ess(w) / l.size
+
+
+def brute_gamma(l, rho, lo=0.0, hi=1.0, iters=200):
+    """The largest gamma in [lo, hi] with ESS/n >= rho, by plain bisection."""
+    if brute_ratio(l, hi) >= rho:
+        return hi
+    if brute_ratio(l, lo) < rho:
+        return lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if brute_ratio(l, mid) >= rho:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def test_closed_form_matches_formula(xp):
+    rng = np.random.default_rng(0)
+    l = rng.normal(0, 1.7, size=(3, 300))
+    got = to_numpy(isr.gamma_closed_form(xp.asarray(l), 0.3))
+    want = np.minimum(np.sqrt(-np.log(0.3) / np.var(l, axis=1, ddof=1)), 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    got = to_numpy(isr.gamma_closed_form(xp.asarray(l), 0.3, gamma_min=0.5, gamma_max=0.52))
+    np.testing.assert_allclose(got, np.clip(want, 0.5, 0.52), rtol=1e-12)
+
+
+def test_closed_form_degenerate_rows_get_gamma_max(xp):
+    l = np.array([[0.3, 0.3, 0.3], [1.0, -np.inf, -np.inf], [0.0, 2.0, 5.0]])
+    mask = np.array([[True] * 3, [True] * 3, [False] * 3])
+    got = to_numpy(isr.gamma_closed_form(xp.asarray(l), 0.3, mask=xp.asarray(mask), gamma_max=0.8))
+    np.testing.assert_array_equal(got, [0.8, 0.8, 0.8])
+    one = to_numpy(isr.gamma_closed_form(xp.asarray(np.array([2.0])), 0.3))
+    assert one == 1.0
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.3, 0.8])
+def test_gamma_ess_matches_brute_force_bisection(xp, rho):
+    rng = np.random.default_rng(1)
+    cases = [
+        rng.normal(0, 2.0, 512),
+        rng.standard_t(3, 4096) * 2.0,
+        np.where(rng.random(300) < 0.1, rng.normal(5, 1, 300), rng.normal(0, 1, 300)),
+        rng.standard_cauchy(64) * 3,
+    ]
+    for l in cases:
+        got = float(to_numpy(isr.gamma_ess(xp.asarray(l), rho)))
+        want = brute_gamma(l, rho)
+        assert brute_ratio(l, got) >= rho * (1 - 1e-12)
+        assert abs(got - want) < 1e-9, (got, want)
+
+
+@given(
+    hnp.arrays(np.float64, st.integers(2, 60), elements=st.floats(-15, 15)),
+    st.floats(0.01, 1.0),
+)
+def test_gamma_ess_is_feasible_and_largest(xp, l, rho):
+    g = float(to_numpy(isr.gamma_ess(xp.asarray(l), rho)))
+    assert 0.0 <= g <= 1.0
+    if brute_ratio(l, 0.0) >= rho:
+        assert brute_ratio(l, g) >= rho * (1 - 1e-12)
+    if g < 1.0:
+        # Largest: a little more gamma misses the target (tolerance of the bisection bracket).
+        assert brute_ratio(l, min(g + 1e-6, 1.0)) < rho * (1 + 1e-12)
+
+
+@given(
+    hnp.arrays(np.float64, st.integers(1, 20), elements=st.floats(-10, 10)),
+    st.integers(1, 6),
+    st.floats(0.05, 0.95),
+)
+def test_gamma_ess_padding_plus_mask_equals_no_padding(xp, l, pad, rho):
+    padded = np.concatenate([l, np.full(pad, -7.0)])
+    mask = np.concatenate([np.ones(l.size, bool), np.zeros(pad, bool)])
+    got = to_numpy(isr.gamma_ess(xp.asarray(padded), rho, mask=xp.asarray(mask)))
+    want = to_numpy(isr.gamma_ess(xp.asarray(l), rho))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    got = to_numpy(isr.gamma_closed_form(xp.asarray(padded), rho, mask=xp.asarray(mask)))
+    want = to_numpy(isr.gamma_closed_form(xp.asarray(l), rho))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_gamma_ess_edge_rows(xp):
+    l = np.array(
+        [
+            [0.0, 0.0, 0.0, 0.0, 0.0],  # equal weights: gamma_max
+            [3.0, -np.inf, -np.inf, -np.inf, -np.inf],  # ESS/n = 1/5 at every gamma: infeasible
+            [-np.inf] * 5,  # no positive weight: gamma_max
+            [1.0, 2.0, 3.0, 4.0, 5.0],  # fully masked below: gamma_max
+        ]
+    )
+    mask = np.ones_like(l, dtype=bool)
+    mask[3] = False
+    got = to_numpy(
+        isr.gamma_ess(xp.asarray(l), 0.3, mask=xp.asarray(mask), gamma_min=0.1, gamma_max=0.9)
+    )
+    np.testing.assert_allclose(got, [0.9, 0.1, 0.9, 0.9])
+    assert not np.isnan(got).any()
+    # n = 1 and n = 2
+    assert float(to_numpy(isr.gamma_ess(xp.asarray(np.array([4.0])), 0.9))) == 1.0
+    l2 = np.array([0.0, 5.0])
+    got2 = float(to_numpy(isr.gamma_ess(xp.asarray(l2), 0.9)))
+    # ESS/n for two weights 1, t = e^{5g}: (1+t)^2 / (2 (1+t^2)) = 0.9 <=> 0.8 t^2 - 2 t + 0.8 = 0
+    t = (2 + math.sqrt(4 - 4 * 0.8 * 0.8)) / (2 * 0.8)
+    np.testing.assert_allclose(got2, math.log(t) / 5, atol=1e-9)
+
+
+def test_gamma_ess_extreme_log_weights(xp):
+    l = np.array([1e4, 0.0, -1e4, 5.0, 2.0])
+    g = float(to_numpy(isr.gamma_ess(xp.asarray(l), 0.3)))
+    assert np.isfinite(g)
+    assert abs(g - brute_gamma(l, 0.3)) < 1e-9
+
+
+def test_gamma_ess_batched_per_group_equals_rows(xp):
+    rng = np.random.default_rng(5)
+    l = rng.normal(0, 2, size=(6, 8))  # 6 GRPO groups of 8 responses
+    got = to_numpy(isr.gamma_ess(xp.asarray(l), 0.3))
+    want = [brute_gamma(row, 0.3) for row in l]
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    got_t = to_numpy(isr.gamma_ess(xp.asarray(l.T), 0.3, axis=0))
+    np.testing.assert_allclose(got_t, want, atol=1e-9)
+    # One batch-wide gamma from the same function: flatten the group axis.
+    whole = float(to_numpy(isr.gamma_ess(xp.asarray(l.reshape(-1)), 0.3)))
+    assert abs(whole - brute_gamma(l.reshape(-1), 0.3)) < 1e-9
+
+
+def test_gamma_ess_array_bounds_act_like_a_schedule(xp):
+    rng = np.random.default_rng(6)
+    l = rng.normal(0, 0.2, size=(2, 100))  # small variance: the unconstrained gamma is 1
+    bound = np.array([0.3, 0.6])
+    got = to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, gamma_max=xp.asarray(bound)))
+    np.testing.assert_allclose(got, bound)
+
+
+def test_gradient_ess_option(xp):
+    rng = np.random.default_rng(7)
+    l = rng.normal(0, 2, 200)
+    r = (rng.random(200) < 0.15).astype(float)  # sparse binary rewards: ESS_grad(0)/n = 0.15
+    g = float(to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, rewards=xp.asarray(r))))
+    base = brute_ratio(l, 0.0, r)
+    assert brute_ratio(l, g, r) >= 0.3 * base * (1 - 1e-12)
+    assert g > 0.0
+    # Kish's ESS with the same rho and these sparse rewards would be infeasible at gamma = 0.
+    assert base < 0.3
+
+
+def test_select_gamma_dispatch(xp):
+    rng = np.random.default_rng(8)
+    l = xp.asarray(rng.standard_t(3, size=(2, 256)))
+    np.testing.assert_array_equal(
+        to_numpy(isr.select_gamma(l, 0.3)), to_numpy(isr.gamma_ess(l, 0.3))
+    )
+    np.testing.assert_array_equal(
+        to_numpy(isr.select_gamma(l, 0.3, method="closed_form")),
+        to_numpy(isr.gamma_closed_form(l, 0.3)),
+    )
+    np.testing.assert_array_equal(to_numpy(isr.select_gamma(l, method=0.25)), [0.25, 0.25])
+    np.testing.assert_array_equal(
+        to_numpy(isr.select_gamma(l, method=0.75, gamma_max=0.5)), [0.5, 0.5]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"rho_min": 0.0}, ValueError, "rho_min must lie in \\(0, 1\\]"),
+        ({"rho_min": 1.5}, ValueError, "rho_min must lie in \\(0, 1\\]"),
+        ({"gamma_min": 0.6, "gamma_max": 0.5}, ValueError, "gamma_min=0.6 exceeds"),
+        ({"gamma_max": 1.2}, ValueError, "gamma_max must lie in"),
+        ({"method": "bisect"}, ValueError, "method must be one of"),
+        ({"method": 1.5}, ValueError, "method must lie in"),
+        ({"max_iter": -1}, ValueError, "max_iter must be"),
+    ],
+)
+def test_select_gamma_bad_arguments(xp, kwargs, error, message):
+    l = xp.asarray(np.zeros(4))
+    kwargs = dict(kwargs)
+    rho = kwargs.pop("rho_min", 0.3)
+    with pytest.raises(error, match=message):
+        isr.select_gamma(l, rho, **kwargs)
