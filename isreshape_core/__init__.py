@@ -3,6 +3,13 @@
 from .diagnostics import VERDICTS, Diagnostics, diagnose
 from .ess import ess, ess_ratio, gradient_ess
 from .gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
+from .objective import (
+    objective,
+    objective_grad,
+    reinforce_objective,
+    reinforce_objective_grad,
+)
+from .renyi import log_mean_tempered_weight, renyi_divergence
 from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
 from .weights import LEVELS, log_weights
 
@@ -21,7 +28,13 @@ __all__ = [
     "gamma_ess",
     "gradient_ess",
     "linear_warmup",
+    "log_mean_tempered_weight",
     "log_weights",
+    "objective",
+    "objective_grad",
+    "reinforce_objective",
+    "reinforce_objective_grad",
+    "renyi_divergence",
     "select_gamma",
     "sensitivity_guard",
 ]

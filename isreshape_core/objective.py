@@ -1,0 +1,443 @@
+"""The IS Reshape objective ``L_gamma`` and its derivatives (DESIGN.md section 3, item 1).
+
+``L_gamma = mean(r * expm1(gamma * l) / gamma)`` with ``l = log w = logp - logq``. It equals the
+seed's ``(E[w**gamma r] - E[r]) / gamma`` (seed section 2.5) and is continuous at ``gamma = 0``,
+where it is ``mean(r * l)``. Its derivative with respect to ``l`` is exactly ``r * w**gamma`` for
+every ``gamma`` in ``[0, 1]`` (seed Theorem 2.1), so no ``1/gamma`` appears in any gradient.
+
+The core exposes values and derivatives only; the adapters register the derivatives with their
+autograd and detach ``gamma`` and the REINFORCE weights ``w**gamma``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Literal
+
+from ._array import (
+    Array,
+    Namespace,
+    broadcast_rewards,
+    check_gamma,
+    expand_at_axis,
+    is_concrete,
+    namespace,
+    prepare_log_weights,
+    sample_count,
+    tempered_log_weights,
+)
+
+__all__ = [
+    "objective",
+    "objective_grad",
+    "reinforce_objective",
+    "reinforce_objective_grad",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Private helpers (also used by ``renyi.py``).
+# --------------------------------------------------------------------------------------------
+
+
+def _log_max(xp: Namespace, dtype: Any) -> float:
+    """A value a little below ``log(finfo(dtype).max)``: ``exp`` of anything up to it is finite.
+
+    ``finfo`` describes the dtype, not the data, so this Python float is safe under tracing.
+    """
+    cap = math.log(float(xp.finfo(dtype).max))
+    eps = float(xp.finfo(dtype).eps)
+    return cap * (1.0 - 4.0 * eps)
+
+
+def _exp_capped(xp: Namespace, x: Array) -> Array:
+    """``exp(x)``, ``+inf`` where it overflows, without numpy's overflow warning."""
+    cap = _log_max(xp, x.dtype)
+    big = x > cap
+    return xp.where(big, xp.inf, xp.exp(xp.where(big, 0.0, x)))
+
+
+def _expm1_capped(xp: Namespace, x: Array) -> Array:
+    """``expm1(x)``, ``+inf`` where it overflows, without numpy's overflow warning."""
+    cap = _log_max(xp, x.dtype)
+    big = x > cap
+    return xp.where(big, xp.inf, xp.expm1(xp.where(big, 0.0, x)))
+
+
+def _check_per_row(value: Array, shape: tuple, axis: int, name: str) -> None:
+    """``value`` (already expanded at ``axis``) must broadcast against ``shape``."""
+    if value.ndim == 0:
+        return
+    batch = tuple(s for i, s in enumerate(shape) if i != axis)
+    for have, want in zip(value.shape, shape, strict=True):
+        if have not in (1, want):
+            got = tuple(s for i, s in enumerate(value.shape) if i != axis)
+            raise ValueError(
+                f"{name} of shape {got} does not broadcast to the batch shape {batch} "
+                f"(log_w's shape {tuple(shape)} without axis {axis}); pass a number or an array "
+                f"broadcastable to {batch}"
+            )
+
+
+def _per_row(xp: Namespace, value: Any, axis: int, like: Array, name: str) -> Array:
+    """A per-row parameter (number or array broadcastable to the batch shape), expanded at
+    ``axis`` and cast to ``like``'s dtype."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "shape")):
+        raise TypeError(f"{name} must be a real number or an array, got {type(value).__name__}")
+    if hasattr(value, "shape"):
+        namespace(like, value)  # one namespace for all arrays (TypeError otherwise)
+    out = expand_at_axis(xp, value, axis, like.ndim, like=like)
+    _check_per_row(out, tuple(like.shape), axis, name)
+    return out
+
+
+def _check_reduction(reduction: Any) -> None:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {_REDUCTIONS!r}, got {reduction!r}; use 'mean' for the "
+            "loss, 'sum' for a sum along axis, 'none' for the elementwise terms"
+        )
+
+
+def _prepare(
+    log_w: Array,
+    rewards: Array,
+    gamma: Any,
+    axis: int,
+    mask: Array | None,
+    reduction: Any,
+) -> tuple[Namespace, Array, Array, Array, Array | None, int]:
+    """Validate the common arguments; returns ``(xp, l, r, g, mask, axis)``.
+
+    ``l`` is ``-inf`` and ``r`` is 0 on masked samples; ``g`` is expanded at ``axis``.
+    """
+    _check_reduction(reduction)
+    if rewards is None:
+        raise TypeError(
+            "rewards are required (there is no r = 1 default, which would silently train pure "
+            "SFT); pass an array of rewards or advantages broadcastable to log_w"
+        )
+    check_gamma(gamma)
+    xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
+    if hasattr(rewards, "shape"):
+        namespace(l, rewards)  # one namespace for all arrays (TypeError otherwise)
+    r = broadcast_rewards(xp, rewards, l)
+    if mask is not None:
+        r = xp.where(mask, r, 0.0)
+    g = _per_row(xp, gamma, axis, l, "gamma")
+    return xp, l, r, g, mask, axis
+
+
+def _times_nonzero(xp: Namespace, r: Array, value: Array) -> Array:
+    """``r * value`` with ``0 * (+-inf) = 0``: a sample of reward 0 contributes 0."""
+    zero = r == 0
+    return r * xp.where(zero, 0.0, value)
+
+
+def _reduce(
+    xp: Namespace, terms: Array, l: Array, mask: Array | None, axis: int, reduction: str
+) -> Array:
+    if reduction == "none":
+        return terms
+    total = xp.sum(terms, axis=axis)
+    if reduction == "sum":
+        return total
+    n = sample_count(xp, l, mask, axis)
+    return total / xp.where(n > 0, n, 1.0)
+
+
+def _scale_grad(
+    xp: Namespace, grad: Array, l: Array, mask: Array | None, axis: int, reduction: str
+) -> Array:
+    if reduction != "mean":
+        return grad
+    n = sample_count(xp, l, mask, axis)
+    return grad / xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
+
+
+def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
+    """Elementwise ``r * expm1(g*l)/g`` with its limits (see :func:`objective`)."""
+    finite = l != -xp.inf
+    l0 = xp.where(finite, l, 0.0)
+    positive = g > 0
+    g_safe = xp.where(positive, g, 1.0)
+    # gamma > 0: expm1(g*l)/g (no cancellation: expm1 is accurate near 0); l = -inf gives -1/g,
+    # which is -inf (without an overflow warning) for a subnormal gamma below 1/max.
+    boxcox = _expm1_capped(xp, g * l0) / g_safe
+    in_range = g_safe * float(xp.finfo(l.dtype).max) >= 1.0  # finfo: dtype metadata, not data
+    at_zero_w = -1.0 / xp.where(in_range, g_safe, 1.0)
+    boxcox = xp.where(finite, boxcox, xp.where(in_range, at_zero_w, -xp.inf))
+    # gamma = 0: the limit l (``-inf`` stays ``-inf``).
+    value = xp.where(positive, boxcox, l)
+    return _times_nonzero(xp, r, value)
+
+
+def _tempered_reward(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
+    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``)."""
+    return _times_nonzero(xp, r, _exp_capped(xp, tempered_log_weights(xp, l, g)))
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions.
+# --------------------------------------------------------------------------------------------
+
+
+def objective(
+    log_w: Array,
+    rewards: Array,
+    gamma: Any,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    reduction: Reduction = "mean",
+) -> Array:
+    r"""The IS Reshape objective ``L_gamma`` (to maximise; the loss is ``-L_gamma``).
+
+    .. math::
+
+        L_\gamma = \frac{1}{n}\sum_i r_i\,\frac{\operatorname{expm1}(\gamma l_i)}{\gamma}
+        = \frac{1}{\gamma}\Big(\frac{1}{n}\sum_i w_i^\gamma r_i - \frac{1}{n}\sum_i r_i\Big),
+        \qquad L_0 = \frac{1}{n}\sum_i r_i l_i ,
+
+    with ``l = log w``. The Box-Cox form is continuous at ``gamma = 0`` (reward-weighted SFT up
+    to a constant), ``gamma = 1`` gives ``mean(r (w - 1))`` (importance-sampled policy gradient
+    up to a constant), and ``d L / d l_i = r_i w_i**gamma / n`` for every ``gamma`` in ``[0, 1]``
+    (see :func:`objective_grad`).
+
+    Limits, elementwise: a sample with ``r = 0`` contributes 0, also where ``l = -inf``; with
+    ``gamma > 0`` a sample with ``l = -inf`` contributes ``-r/gamma``; with ``gamma = 0`` it
+    contributes ``-inf * sign(r)`` (the log-likelihood of a sample the policy cannot produce).
+    Where ``gamma * l`` exceeds ``log`` of the largest float the term is ``+-inf`` (the value
+    itself is out of range), without a warning. A sum of ``+inf`` and ``-inf`` terms is NaN.
+
+    Parameters
+    ----------
+    log_w : array ``(..., n, ...)``
+        Log importance weights ``logp - logq``; ``-inf`` is weight 0. NaN and ``+inf`` raise
+        (eager inputs). Half precision is computed in float32.
+    rewards : array broadcastable to ``log_w.shape``
+        Rewards or signed advantages; required (there is no ``r = 1`` default). NaN and inf raise
+        (eager inputs).
+    gamma : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
+        Reshaping exponent in ``[0, 1]``, e.g. one per GRPO group for ``log_w`` of shape
+        ``(groups, G)``. Treated as a constant (adapters detach it).
+    axis : int
+        The sample axis; the other axes are batch axes.
+    mask : bool array broadcastable to ``log_w.shape``, optional
+        False removes a sample: its term is 0 and it does not count in ``n``.
+    reduction : {"mean", "sum", "none"}
+        ``"mean"``: the masked mean along ``axis`` (``L_gamma``); ``"sum"``: the masked sum;
+        ``"none"``: the elementwise terms (masked entries 0).
+
+    Returns
+    -------
+    array
+        The batch shape for ``"mean"`` and ``"sum"``, ``log_w.shape`` for ``"none"``, in the
+        compute dtype. A row without any unmasked sample gives 0 for ``"mean"``.
+
+    References
+    ----------
+    DESIGN.md section 3 item 1; seed section 2.5 (``L_gamma``, Theorem 2.1); the Box-Cox
+    transform ``(w**gamma - 1)/gamma`` (Box & Cox, 1964).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.log(np.array([0.5, 1.0, 2.0]))
+    >>> r = np.array([1.0, -1.0, 2.0])
+    >>> print(np.round(objective(l, r, 1.0), 4))  # mean(r * (w - 1))
+    0.5
+    >>> print(np.round(objective(l, r, 0.0), 4))  # mean(r * l) = log(2) / 3
+    0.231
+    >>> print(np.round(objective(l, r, 1e-9), 4))  # continuous at gamma = 0
+    0.231
+    >>> w = np.array([0.25, 2.25, 4.0])
+    >>> print(np.round(objective(np.log(w), r, 0.5, reduction="none"), 4))  # r (sqrt(w) - 1) / 0.5
+    [-1. -1.  4.]
+    """
+    xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
+    return _reduce(xp, _boxcox_terms(xp, l, r, g), l, mask, axis, reduction)
+
+
+def objective_grad(
+    log_w: Array,
+    rewards: Array,
+    gamma: Any,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    reduction: Reduction = "mean",
+) -> Array:
+    r"""Derivative of :func:`objective` with respect to ``log_w``.
+
+    .. math::
+
+        \frac{\partial L_\gamma}{\partial l_i} = \frac{r_i\, w_i^\gamma}{n}
+        \quad(\text{"mean"}), \qquad r_i\, w_i^\gamma \quad(\text{"sum"}, \text{"none"}),
+
+    exact for every ``gamma`` in ``[0, 1]``, computed as ``r * exp(gamma * l)`` in log space
+    (no ``1/gamma``). At ``gamma = 0``, ``w**0`` is 1 for finite ``l`` and 0 for ``l = -inf`` or
+    a masked sample (``0**0`` is not 1 here). ``exp`` overflows (to ``+inf``, without a warning)
+    only where ``gamma * l`` exceeds ``log`` of the largest float, that is, where the value of
+    :func:`objective` itself is out of range. With ``"none"`` each entry is the derivative of
+    its own term. Chain rule for the policy: ``d l / d logp = 1``, so the policy gradient is
+    ``mean(r w**gamma grad log pi)`` (seed Theorem 2.1).
+
+    Parameters
+    ----------
+    log_w, rewards, gamma, axis, mask, reduction
+        As in :func:`objective`.
+
+    Returns
+    -------
+    array ``log_w.shape``
+        The derivative, in the compute dtype; 0 on masked samples and where ``r = 0``.
+
+    References
+    ----------
+    DESIGN.md section 3 item 1; seed Theorem 2.1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.log(np.array([0.25, 1.0, 4.0]))
+    >>> r = np.array([1.0, -1.0, 2.0])
+    >>> print(np.round(objective_grad(l, r, 0.5, reduction="sum"), 4))  # r * sqrt(w)
+    [ 0.5 -1.   4. ]
+    >>> print(np.round(objective_grad(l, r, 0.0), 4))  # r / n
+    [ 0.3333 -0.3333  0.6667]
+    """
+    xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
+    return _scale_grad(xp, _tempered_reward(xp, l, r, g), l, mask, axis, reduction)
+
+
+def _prepare_logp(xp: Namespace, logp: Array, l: Array, mask: Array | None) -> Array:
+    if not hasattr(logp, "shape"):
+        raise TypeError(f"logp must be an array, got {type(logp).__name__}")
+    namespace(l, logp)
+    if tuple(logp.shape) != tuple(l.shape):
+        raise ValueError(
+            f"logp of shape {tuple(logp.shape)} must have log_w's shape {tuple(l.shape)}: one "
+            "log-probability per importance weight"
+        )
+    lp = xp.astype(logp, l.dtype) if logp.dtype != l.dtype else logp
+    if mask is not None:
+        lp = xp.where(mask, lp, 0.0)
+    if is_concrete(lp) and bool(xp.any(xp.isnan(lp) | (lp == xp.inf))):
+        raise ValueError(
+            "logp contains NaN or +inf; log-probabilities must be finite or -inf. Use `mask` "
+            "to drop those samples."
+        )
+    return lp
+
+
+def reinforce_objective(
+    log_w: Array,
+    logp: Array,
+    rewards: Array,
+    gamma: Any,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    reduction: Reduction = "mean",
+) -> Array:
+    r"""The REINFORCE form of the objective: ``mean(w**gamma * r * logp)``.
+
+    .. math::
+
+        L^{\mathrm{RF}}_\gamma = \frac{1}{n}\sum_i \mathrm{sg}\big(w_i^\gamma\big)\, r_i \log p_i
+
+    where ``sg`` is a stop-gradient. The core has no stop-gradient: it returns the value and
+    :func:`reinforce_objective_grad`, the derivative with respect to ``logp`` with ``w**gamma``
+    held constant; the adapters detach ``w**gamma`` (and ``gamma``). Its gradient equals that
+    of :func:`objective` because ``d l / d logp = 1`` (``l = logp - logq``); its value does not
+    equal ``L_gamma`` (DESIGN.md section 3 item 1, seed section 2.6, form B).
+
+    A term is 0 where ``w**gamma = 0`` (``l = -inf`` or masked), where ``r = 0`` or where
+    ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``.
+
+    Parameters
+    ----------
+    log_w, rewards, gamma, axis, mask, reduction
+        As in :func:`objective`.
+    logp : array ``log_w.shape``
+        Log-probabilities of the samples under the trained policy; NaN and ``+inf`` raise
+        (eager inputs).
+
+    Returns
+    -------
+    array
+        The batch shape for ``"mean"`` and ``"sum"``, ``log_w.shape`` for ``"none"``.
+
+    References
+    ----------
+    DESIGN.md section 3 item 1; seed section 2.6 (form B), Williams (1992) REINFORCE.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.log(np.array([0.25, 1.0, 4.0]))
+    >>> logp = np.array([-1.0, -2.0, -0.5])
+    >>> r = np.array([1.0, -1.0, 2.0])
+    >>> print(np.round(reinforce_objective(l, logp, r, 0.5, reduction="none"), 4))
+    [-0.5  2.  -2. ]
+    """
+    xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
+    lp = _prepare_logp(xp, logp, l, mask)
+    coef = _tempered_reward(xp, l, r, g)
+    # 0 * (-inf) and inf * 0 both count as 0: a term with a zero factor contributes nothing.
+    lp_safe = xp.where(coef == 0, 0.0, lp)
+    coef_safe = xp.where(lp_safe == 0, 0.0, coef)
+    return _reduce(xp, coef_safe * lp_safe, l, mask, axis, reduction)
+
+
+def reinforce_objective_grad(
+    log_w: Array,
+    logp: Array,
+    rewards: Array,
+    gamma: Any,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    reduction: Reduction = "mean",
+) -> Array:
+    r"""Derivative of :func:`reinforce_objective` with respect to ``logp``, ``w**gamma`` held fixed.
+
+    .. math::
+
+        \frac{\partial L^{\mathrm{RF}}_\gamma}{\partial \log p_i} = \frac{r_i\, w_i^\gamma}{n}
+        \quad(\text{"mean"}), \qquad r_i\, w_i^\gamma \quad(\text{"sum"}, \text{"none"}),
+
+    identical to :func:`objective_grad` (``d l / d logp = 1``). ``logp`` is validated but does
+    not enter the value.
+
+    Parameters
+    ----------
+    log_w, logp, rewards, gamma, axis, mask, reduction
+        As in :func:`reinforce_objective`.
+
+    Returns
+    -------
+    array ``log_w.shape``
+        The derivative, in the compute dtype; 0 on masked samples.
+
+    References
+    ----------
+    DESIGN.md section 3 item 1; seed Theorem 2.1 and section 2.6.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.log(np.array([0.25, 1.0, 4.0]))
+    >>> logp = np.array([-1.0, -2.0, -0.5])
+    >>> r = np.array([1.0, -1.0, 2.0])
+    >>> print(np.round(reinforce_objective_grad(l, logp, r, 0.5, reduction="sum"), 4))
+    [ 0.5 -1.   4. ]
+    """
+    xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
+    _prepare_logp(xp, logp, l, mask)
+    return _scale_grad(xp, _tempered_reward(xp, l, r, g), l, mask, axis, reduction)
