@@ -3,6 +3,7 @@
 from .diagnostics import VERDICTS, Diagnostics, diagnose
 from .ess import ess, ess_ratio, gradient_ess
 from .gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
+from .lognormal import lognormal_ess_ratio, lognormal_second_moment, lognormal_variance
 from .objective import (
     objective,
     objective_grad,
@@ -11,6 +12,7 @@ from .objective import (
 )
 from .renyi import log_mean_tempered_weight, renyi_divergence
 from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
+from .targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
 from .weights import LEVELS, log_weights
 
 __version__ = "0.1.0.dev0"
@@ -20,6 +22,7 @@ __all__ = [
     "LEVELS",
     "VERDICTS",
     "Diagnostics",
+    "bias",
     "cosine_warmup",
     "diagnose",
     "ess",
@@ -30,6 +33,11 @@ __all__ = [
     "linear_warmup",
     "log_mean_tempered_weight",
     "log_weights",
+    "lognormal_ess_ratio",
+    "lognormal_second_moment",
+    "lognormal_variance",
+    "mse",
+    "mse_optimal_gamma",
     "objective",
     "objective_grad",
     "reinforce_objective",
@@ -37,4 +45,6 @@ __all__ = [
     "renyi_divergence",
     "select_gamma",
     "sensitivity_guard",
+    "stationary_log_probs",
+    "target_log_probs",
 ]
