@@ -1,9 +1,11 @@
 """isreshape_core: backend-neutral importance-sampling reshaping (array API only)."""
 
+from ._array import Reducer
 from .diagnostics import VERDICTS, Diagnostics, diagnose
 from .ess import ess, ess_ratio, gradient_ess
 from .gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
 from .lognormal import lognormal_ess_ratio, lognormal_second_moment, lognormal_variance
+from .loss import LOSS_AGG_MODES, LOSS_FORMS, is_reshape_loss_and_grad
 from .objective import (
     objective,
     objective_grad,
@@ -20,8 +22,11 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "GAMMA_METHODS",
     "LEVELS",
+    "LOSS_AGG_MODES",
+    "LOSS_FORMS",
     "VERDICTS",
     "Diagnostics",
+    "Reducer",
     "bias",
     "cosine_warmup",
     "diagnose",
@@ -30,6 +35,7 @@ __all__ = [
     "gamma_closed_form",
     "gamma_ess",
     "gradient_ess",
+    "is_reshape_loss_and_grad",
     "linear_warmup",
     "log_mean_tempered_weight",
     "log_weights",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 from array_api_compat import array_namespace, is_jax_array, is_torch_array
 from array_api_compat import device as array_device
@@ -18,9 +18,25 @@ from array_api_compat import device as array_device
 Array = Any  # an array of any array-API namespace
 Namespace = Any
 
+
+class Reducer(Protocol):
+    """Combines per-shard partial reductions into global ones (data-parallel statistics).
+
+    When the samples along the reduction axis are split over several processes or devices, the
+    core reduces its shard locally and hands the partial result to ``sum`` or ``max``, which
+    must return the reduction over all shards (an all-reduce), with the same shape. Adapters
+    provide one for ``torch.distributed`` and for a JAX named axis; ``None`` means one shard.
+    """
+
+    def sum(self, x: Array) -> Array: ...
+
+    def max(self, x: Array) -> Array: ...
+
+
 __all__ = [
     "Array",
     "Namespace",
+    "Reducer",
     "array_device",
     "as_compute_array",
     "broadcast_rewards",
@@ -33,6 +49,8 @@ __all__ = [
     "namespace",
     "normalize_axis",
     "prepare_log_weights",
+    "reduce_max",
+    "reduce_sum",
     "tempered_log_weights",
 ]
 
@@ -295,11 +313,13 @@ def tempered_log_weights(xp: Namespace, log_w: Array, gamma: Array) -> Array:
     return xp.where(zero_weight, -xp.inf, gamma * xp.where(zero_weight, 0.0, log_w))
 
 
-def logsumexp(xp: Namespace, x: Array, axis: int, keepdims: bool = False) -> Array:
-    """``log(sum(exp(x)))`` along ``axis``; ``-inf`` for a row that is all ``-inf``."""
-    m = xp.max(x, axis=axis, keepdims=True)
+def logsumexp(
+    xp: Namespace, x: Array, axis: int, keepdims: bool = False, reducer: Reducer | None = None
+) -> Array:
+    """``log(sum(exp(x)))`` along ``axis`` (over all shards); ``-inf`` for an all-``-inf`` row."""
+    m = reduce_max(xp, x, axis, reducer, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)
-    total = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
+    total = reduce_sum(xp, xp.exp(x - m), axis, reducer, keepdims=True)
     positive = total > 0
     # log(0) is taken on a dummy 1 so that numpy raises no divide-by-zero warning.
     out = xp.where(positive, xp.log(xp.where(positive, total, 1.0)) + m, -xp.inf)
@@ -308,9 +328,28 @@ def logsumexp(xp: Namespace, x: Array, axis: int, keepdims: bool = False) -> Arr
     return out
 
 
-def sample_count(xp: Namespace, log_w: Array, mask: Array | None, axis: int) -> Array:
-    """Number of unmasked samples along ``axis``, in ``log_w``'s dtype."""
+def reduce_sum(
+    xp: Namespace, x: Array, axis: int, reducer: Reducer | None = None, keepdims: bool = False
+) -> Array:
+    """``sum`` along ``axis``, then over all shards when a ``reducer`` is given."""
+    out = xp.sum(x, axis=axis, keepdims=keepdims)
+    return out if reducer is None else reducer.sum(out)
+
+
+def reduce_max(
+    xp: Namespace, x: Array, axis: int, reducer: Reducer | None = None, keepdims: bool = False
+) -> Array:
+    """``max`` along ``axis``, then over all shards when a ``reducer`` is given."""
+    out = xp.max(x, axis=axis, keepdims=keepdims)
+    return out if reducer is None else reducer.max(out)
+
+
+def sample_count(
+    xp: Namespace, log_w: Array, mask: Array | None, axis: int, reducer: Reducer | None = None
+) -> Array:
+    """Number of unmasked samples along ``axis`` (over all shards), in ``log_w``'s dtype."""
     if mask is None:
         shape = tuple(s for i, s in enumerate(log_w.shape) if i != axis)
-        return xp.full(shape, log_w.shape[axis], dtype=log_w.dtype, device=array_device(log_w))
-    return xp.sum(xp.astype(mask, log_w.dtype), axis=axis)
+        local = xp.full(shape, log_w.shape[axis], dtype=log_w.dtype, device=array_device(log_w))
+        return local if reducer is None else reducer.sum(local)
+    return reduce_sum(xp, xp.astype(mask, log_w.dtype), axis, reducer)

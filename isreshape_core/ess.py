@@ -7,10 +7,13 @@ from typing import Any
 from ._array import (
     Array,
     Namespace,
+    Reducer,
     broadcast_rewards,
     check_gamma,
     expand_at_axis,
     prepare_log_weights,
+    reduce_max,
+    reduce_sum,
     sample_count,
     tempered_log_weights,
 )
@@ -18,22 +21,28 @@ from ._array import (
 __all__ = ["ess", "ess_ratio", "gradient_ess", "log_abs"]
 
 
-def kish_ess_from_log(xp: Namespace, z: Array, axis: int) -> Array:
-    """Kish's ESS ``(sum e^z)^2 / sum e^(2z)`` along ``axis`` of log weights ``z`` (``-inf`` = 0).
-
-    Shifted by the row maximum, so no term overflows; clipped to ``[1, n_pos]`` (rounding can
-    exceed the number ``n_pos`` of positive weights otherwise); 0 for a row with no positive weight.
-    """
-    m = xp.max(z, axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0)
-    e = xp.exp(z - m)
-    s1 = xp.sum(e, axis=axis)
-    s2 = xp.sum(e * e, axis=axis)
-    n_pos = xp.sum(xp.astype(z > -xp.inf, z.dtype), axis=axis)
+def kish_from_sums(xp: Namespace, s1: Array, s2: Array, n_pos: Array) -> Array:
+    """Kish's ESS ``s1^2 / s2`` from the sums of shifted weights and their squares, clipped to
+    ``[1, n_pos]`` (rounding can exceed the number of positive weights); 0 where ``n_pos = 0``."""
     positive = n_pos > 0
     value = s1 * s1 / xp.where(positive, s2, 1.0)
     value = xp.minimum(xp.maximum(value, 1.0), n_pos)
     return xp.where(positive, value, 0.0)
+
+
+def kish_ess_from_log(xp: Namespace, z: Array, axis: int, reducer: Reducer | None = None) -> Array:
+    """Kish's ESS ``(sum e^z)^2 / sum e^(2z)`` along ``axis`` of log weights ``z`` (``-inf`` = 0).
+
+    Shifted by the row maximum, so no term overflows; see :func:`kish_from_sums` for the clip.
+    With a ``reducer`` the sums run over every shard of the samples.
+    """
+    m = reduce_max(xp, z, axis, reducer, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    e = xp.exp(z - m)
+    s1 = reduce_sum(xp, e, axis, reducer)
+    s2 = reduce_sum(xp, e * e, axis, reducer)
+    n_pos = reduce_sum(xp, xp.astype(z > -xp.inf, z.dtype), axis, reducer)
+    return kish_from_sums(xp, s1, s2, n_pos)
 
 
 def log_abs(xp: Namespace, r: Array) -> Array:
@@ -42,7 +51,14 @@ def log_abs(xp: Namespace, r: Array) -> Array:
     return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, r, 1.0))), -xp.inf)
 
 
-def ess(log_w: Array, gamma: Any = 1.0, *, axis: int = -1, mask: Array | None = None) -> Array:
+def ess(
+    log_w: Array,
+    gamma: Any = 1.0,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    reducer: Reducer | None = None,
+) -> Array:
     r"""Kish's effective sample size of the tempered weights ``w**gamma``.
 
     .. math::
@@ -65,6 +81,9 @@ def ess(log_w: Array, gamma: Any = 1.0, *, axis: int = -1, mask: Array | None = 
         The sample axis; the other axes are batch axes.
     mask : bool array broadcastable to ``log_w.shape``, optional
         False removes a sample from every statistic.
+    reducer : Reducer, optional
+        Where the samples along ``axis`` are sharded over processes (data parallelism): combines
+        the partial sums and maxima of every shard (:class:`isreshape_core.Reducer`).
 
     Returns
     -------
@@ -84,11 +103,16 @@ def ess(log_w: Array, gamma: Any = 1.0, *, axis: int = -1, mask: Array | None = 
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_gamma(gamma)
     g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    return kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis)
+    return kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis, reducer)
 
 
 def ess_ratio(
-    log_w: Array, gamma: Any = 1.0, *, axis: int = -1, mask: Array | None = None
+    log_w: Array,
+    gamma: Any = 1.0,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    reducer: Reducer | None = None,
 ) -> Array:
     """``ESS(gamma) / n``, with ``n`` the number of unmasked samples along ``axis``.
 
@@ -105,8 +129,8 @@ def ess_ratio(
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_gamma(gamma)
     g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    value = kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis)
-    n = sample_count(xp, l, mask, axis)
+    value = kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis, reducer)
+    n = sample_count(xp, l, mask, axis, reducer)
     return value / xp.where(n > 0, n, 1.0)
 
 

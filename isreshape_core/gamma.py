@@ -16,15 +16,18 @@ from typing import Any
 from ._array import (
     Array,
     Namespace,
+    Reducer,
     as_compute_array,
     broadcast_rewards,
     check_gamma,
     check_rho_min,
     prepare_log_weights,
+    reduce_max,
+    reduce_sum,
     sample_count,
     tempered_log_weights,
 )
-from .ess import kish_ess_from_log, log_abs
+from .ess import kish_from_sums, log_abs
 
 __all__ = ["GAMMA_METHODS", "gamma_closed_form", "gamma_ess", "select_gamma"]
 
@@ -54,19 +57,26 @@ def _batch_value(xp: Namespace, value: Any, like: Array, shape: tuple) -> Array:
     return xp.broadcast_to(value, shape)
 
 
-def _log_variance_stats(xp: Namespace, l: Array, axis: int) -> tuple[Array, Array]:
-    """(count, variance with ddof=1) of the finite entries of ``l`` along ``axis``."""
+def _log_variance_stats(
+    xp: Namespace, l: Array, axis: int, reducer: Reducer | None = None
+) -> tuple[Array, Array]:
+    """(count, variance with ddof=1) of the finite entries of ``l`` along ``axis``.
+
+    Two passes (the mean, then the squared deviations), each one reduction over all shards.
+    """
     finite = l > -xp.inf
-    count = xp.sum(xp.astype(finite, l.dtype), axis=axis, keepdims=True)
+    count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)
     safe = xp.where(finite, l, 0.0)
-    mean = xp.sum(safe, axis=axis, keepdims=True) / xp.where(count > 0, count, 1.0)
+    mean = reduce_sum(xp, safe, axis, reducer, keepdims=True) / xp.where(count > 0, count, 1.0)
     dev = xp.where(finite, l - mean, 0.0)
-    var = xp.sum(dev * dev, axis=axis, keepdims=True) / xp.where(count > 1, count - 1.0, 1.0)
+    var = reduce_sum(xp, dev * dev, axis, reducer, keepdims=True) / xp.where(
+        count > 1, count - 1.0, 1.0
+    )
     return xp.squeeze(count, axis=axis), xp.squeeze(var, axis=axis)
 
 
-def _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max):
-    count, var = _log_variance_stats(xp, l, axis)
+def _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer=None):
+    count, var = _log_variance_stats(xp, l, axis, reducer)
     shape = tuple(var.shape)
     lo = _batch_value(xp, gamma_min, l, shape)
     hi = _batch_value(xp, gamma_max, l, shape)
@@ -85,6 +95,7 @@ def gamma_closed_form(
     mask: Array | None = None,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
+    reducer: Reducer | None = None,
 ) -> Array:
     r"""The seed's closed-form gamma (Theorem 8.1), exact only for log-normal weights.
 
@@ -110,6 +121,9 @@ def gamma_closed_form(
         As in :func:`ess`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
         Bounds; ``gamma_max`` may be a warm-up schedule's value (DESIGN.md 3, item 11).
+    reducer : Reducer, optional
+        Combines the partial statistics of every shard when the samples are split over
+        processes (:class:`isreshape_core.Reducer`); the result is then the same on every shard.
 
     Returns
     -------
@@ -125,33 +139,51 @@ def gamma_closed_form(
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_rho_min(rho_min)
     _check_bounds(gamma_min, gamma_max)
-    return _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max)
+    return _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
 
 
-def _ess_and_slope(xp: Namespace, l: Array, log_r: Array | None, g: Array, axis: int):
+def _ess_and_slope(
+    xp: Namespace,
+    l: Array,
+    log_r: Array | None,
+    g: Array,
+    n_pos: Array,
+    axis: int,
+    reducer: Reducer | None,
+):
     """``ESS(g)``, ``log ESS(g)`` and ``d log ESS / d g`` of the weights ``w^g`` (times ``|r|``).
 
     One exponential per sample: with ``e = exp(g l + log|r| - max)``, the weights at ``2g`` are
-    ``e^2``, and ``d/dg LSE(g l + c) = E_softmax[l]``. ``ESS`` is computed by the very operations
-    of :func:`isreshape_core.ess.kish_ess_from_log`, so that the feasibility decided here is what
-    :func:`ess_ratio` reports for the returned gamma.
+    ``e^2``, and ``d/dg LSE(g l + c) = E_softmax[l]``. ``ESS`` comes from the same shifted sums
+    as in :func:`isreshape_core.ess.kish_ess_from_log`, so that the feasibility decided here is
+    what :func:`ess_ratio` reports for the returned gamma. With a ``reducer``, the four sums
+    travel in one collective.
     """
     z = tempered_log_weights(xp, l, g)
     if log_r is not None:
         z = z + log_r
-    ess_value = kish_ess_from_log(xp, z, axis)
-    m = xp.max(z, axis=axis, keepdims=True)
+    m = reduce_max(xp, z, axis, reducer, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)
     e = xp.exp(z - m)
     e2 = e * e
     lf = xp.where(l > -xp.inf, l, 0.0)
-    s1 = xp.sum(e, axis=axis)
-    s2 = xp.sum(e2, axis=axis)
+    sums = xp.stack(
+        [
+            xp.sum(e, axis=axis),
+            xp.sum(e2, axis=axis),
+            xp.sum(e * lf, axis=axis),
+            xp.sum(e2 * lf, axis=axis),
+        ]
+    )
+    if reducer is not None:
+        sums = reducer.sum(sums)
+    s1, s2, t1, t2 = sums[0, ...], sums[1, ...], sums[2, ...], sums[3, ...]
+    ess_value = kish_from_sums(xp, s1, s2, n_pos)
     ok = s1 > 0
     s1 = xp.where(ok, s1, 1.0)
     s2 = xp.where(ok, s2, 1.0)
     log_ess = 2.0 * xp.log(s1) - xp.log(s2)
-    slope = 2.0 * (xp.sum(e * lf, axis=axis) / s1 - xp.sum(e2 * lf, axis=axis) / s2)
+    slope = 2.0 * (t1 / s1 - t2 / s2)
     return ess_value, log_ess, slope
 
 
@@ -165,6 +197,7 @@ def gamma_ess(
     gamma_max: Any = 1.0,
     max_iter: int = 16,
     rewards: Array | None = None,
+    reducer: Reducer | None = None,
 ) -> Array:
     r"""The largest gamma whose empirical ESS ratio meets ``rho_min`` — the default method.
 
@@ -204,6 +237,10 @@ def gamma_ess(
         ``ESS_grad(gamma) >= rho_min * ESS_grad(0)``, since sparse rewards can put
         ``ESS_grad(0)/n`` below any fixed target. ``ESS_grad`` need not be monotone in gamma: the
         result still meets the constraint but is the largest feasible gamma only where it is.
+    reducer : Reducer, optional
+        Combines the partial sums of every shard when the samples are split over processes
+        (:class:`isreshape_core.Reducer`): one max and one stacked sum per iteration, so every
+        shard computes the gamma of the whole batch.
 
     Returns
     -------
@@ -228,15 +265,15 @@ def gamma_ess(
         log_r = log_abs(xp, broadcast_rewards(xp, rewards, l))
         l = xp.where(log_r > -xp.inf, l, -xp.inf)
 
-    n = sample_count(xp, l, mask, axis)
+    n = sample_count(xp, l, mask, axis, reducer)
     shape = tuple(n.shape)
     lo = _batch_value(xp, gamma_min, l, shape)
     hi = _batch_value(xp, gamma_max, l, shape)
-    n_pos = xp.sum(xp.astype(l > -xp.inf, l.dtype), axis=axis)
+    n_pos = reduce_sum(xp, xp.astype(l > -xp.inf, l.dtype), axis, reducer)
     informative = n_pos > 0
 
     def stats_at(g):
-        return _ess_and_slope(xp, l, log_r, xp.expand_dims(g, axis=axis), axis)
+        return _ess_and_slope(xp, l, log_r, xp.expand_dims(g, axis=axis), n_pos, axis, reducer)
 
     # The ESS that gamma must reach, with a margin of a few ulps so that the returned gamma meets
     # rho_min also when the ratio is recomputed in another order (e.g. fused by a compiler).
@@ -249,7 +286,7 @@ def gamma_ess(
     done_hi = stats_at(hi)[0] >= needed  # even gamma_max is feasible
     infeasible = stats_at(lo)[0] < needed  # even gamma_min misses the target
 
-    start = _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max)
+    start = _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
     x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
     step_old = hi - lo
     for _ in range(max_iter):
@@ -284,6 +321,7 @@ def select_gamma(
     mask: Array | None = None,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
+    reducer: Reducer | None = None,
     **options: Any,
 ) -> Array:
     """Gamma for every row of the batch, by the named method or a fixed number.
@@ -301,6 +339,8 @@ def select_gamma(
     axis, mask, gamma_min, gamma_max
         As in :func:`gamma_ess`. Every method's result is clipped to ``[gamma_min, gamma_max]``,
         so a warm-up schedule passed as ``gamma_max`` gives ``min(schedule(step), gamma*)``.
+    reducer : Reducer, optional
+        For samples sharded over processes (``"ess"``, ``"closed_form"`` and fixed numbers).
     **options
         Passed to the method's function (for ``"ess"``: ``max_iter``, ``rewards``).
 
@@ -336,12 +376,19 @@ def select_gamma(
             mask=mask,
             gamma_min=gamma_min,
             gamma_max=gamma_max,
+            reducer=reducer,
             **options,
         )
     if method == "closed_form":
         if options:
             raise TypeError(f"method 'closed_form' takes no options, got {sorted(options)}")
         return gamma_closed_form(
-            log_w, rho_min, axis=axis, mask=mask, gamma_min=gamma_min, gamma_max=gamma_max
+            log_w,
+            rho_min,
+            axis=axis,
+            mask=mask,
+            gamma_min=gamma_min,
+            gamma_max=gamma_max,
+            reducer=reducer,
         )
     raise ValueError(f"method must be one of {GAMMA_METHODS} or a number in [0, 1], got {method!r}")

@@ -1,0 +1,325 @@
+"""The IS Reshape loss on token log-probabilities: value, exact gradient and metrics.
+
+This is what the adapters wrap (DESIGN.md sections 4-5): given the trained policy's and the
+behaviour policy's token log-probabilities, rewards and a mask, it forms the log weights at the
+chosen level, picks gamma per batch or per group from the detached weights, and returns the
+aggregated loss ``-L_gamma``, its gradient with respect to ``logp`` (exact at ``gamma = 0``:
+no ``1/gamma`` anywhere) and the metrics. The torch adapter registers the gradient in a
+``torch.autograd.Function``, the JAX adapter in a ``jax.custom_jvp``, the CuPy adapter returns it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Literal
+
+from ._array import (
+    Array,
+    Namespace,
+    Reducer,
+    as_compute_array,
+    broadcast_mask,
+    check_log_weights,
+    check_rho_min,
+    is_concrete,
+    logsumexp,
+    namespace,
+    reduce_max,
+    reduce_sum,
+    tempered_log_weights,
+)
+from .ess import kish_ess_from_log
+from .gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
+from .objective import _exp_capped, _expm1_capped
+
+__all__ = ["LOSS_AGG_MODES", "LOSS_FORMS", "is_reshape_loss_and_grad"]
+
+#: verl's loss aggregation modes (``verl.trainer.ppo.core_algos.agg_loss``).
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+#: ``"objective"``: the Box-Cox value ``-r expm1(gamma l)/gamma``; ``"reinforce"``: the surrogate
+#: ``-stop_grad(w^gamma) r log pi``. Both have the gradient ``-r w^gamma grad log pi``.
+LOSS_FORMS = ("objective", "reinforce")
+_LEVELS = ("sequence", "geometric", "token")
+
+
+def _check_choice(value: Any, name: str, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _aggregation_weights(
+    xp: Namespace,
+    mask: Array,
+    dtype: Any,
+    loss_agg_mode: str,
+    loss_scale_factor: float | None,
+    reducer: Reducer | None,
+) -> Array:
+    """Coefficients ``c`` (B, T) with ``loss = sum c * loss_mat``, as verl's ``agg_loss``.
+
+    The normalisers (token count, sequence count) are global over the shards.
+    """
+    m = xp.astype(mask, dtype)
+    if loss_agg_mode == "token-mean":
+        total = reduce_sum(xp, xp.reshape(m, (-1,)), 0, reducer)
+        return m / xp.where(total > 0, total, 1.0)
+    n_seq = m.shape[0] * 1.0
+    if reducer is not None:
+        n_seq = reducer.sum(xp.asarray(n_seq, dtype=m.dtype))
+    if loss_agg_mode == "seq-mean-token-sum":
+        return m / n_seq
+    if loss_agg_mode == "seq-mean-token-mean":
+        per_seq = xp.sum(m, axis=-1, keepdims=True)
+        return m / (xp.where(per_seq > 0, per_seq, 1.0) * n_seq)
+    # seq-mean-token-sum-norm: the token sum divided by a constant (the response length T).
+    scale = float(m.shape[-1]) if loss_scale_factor is None else float(loss_scale_factor)
+    return m / scale
+
+
+def is_reshape_loss_and_grad(
+    logp: Array,
+    logq: Array,
+    rewards: Array,
+    mask: Array | None = None,
+    *,
+    gamma: str | float = "ess",
+    rho_min: float = 0.3,
+    level: Literal["sequence", "geometric", "token"] = "sequence",
+    loss_agg_mode: str = "token-mean",
+    form: Literal["objective", "reinforce"] = "objective",
+    group_size: int | None = None,
+    loss_scale_factor: float | None = None,
+    reducer: Reducer | None = None,
+    **gamma_options: Any,
+) -> tuple[Array, Array, dict[str, Array]]:
+    r"""The IS Reshape loss, its gradient with respect to ``logp``, and metrics.
+
+    With unit log weights ``l_u`` (a sequence's summed or mean token log-ratio, or one token's;
+    see :func:`log_weights`), a per-token reward ``r_bt`` (a per-sequence reward is broadcast
+    along the tokens) and verl's aggregation coefficients ``c_bt`` (``loss = sum c * loss_mat``),
+
+    .. math::
+
+        \text{loss} = -\sum_{b,t} c_{bt}\, r_{bt}\, \frac{\operatorname{expm1}(\gamma l_{u(b,t)})}
+        {\gamma} \quad(\text{objective}), \qquad
+        \text{loss} = -\sum_{b,t} c_{bt}\, r_{bt}\, \overline{w_{u}^{\gamma}}\,
+        \log\pi_{u(b,t)} \quad(\text{reinforce}),
+
+    and both have the gradient ``d loss / d logp_bt = -sum_{t'} c_bt' r_bt' w_u^gamma
+    d l_u / d logp_bt`` (seed Theorem 2.1; DESIGN.md 3, item 1): exact at ``gamma = 0``, where the
+    objective form is reward-weighted log-likelihood. ``gamma`` is chosen from the detached unit
+    log weights and carries no gradient.
+
+    Parameters
+    ----------
+    logp, logq : array (B, T) or (B,)
+        Token (or sequence) log-probabilities under the trained and the behaviour policy.
+        Half precision is computed in float32.
+    rewards : array (B,) or (B, T)
+        Rewards or advantages (signed allowed), per sequence or per token. Required.
+    mask : bool array (B, T), optional
+        Valid (response) tokens.
+    gamma : {"ess", "closed_form", "psis", "tail", "combined"} or float
+        How to choose gamma (:func:`select_gamma`), or a fixed value in [0, 1].
+    rho_min : float
+        Target ESS ratio.
+    level : {"sequence", "geometric", "token"}
+    loss_agg_mode : one of :data:`LOSS_AGG_MODES`
+        verl's: ``token-mean`` (default), ``seq-mean-token-sum``, ``seq-mean-token-mean``,
+        ``seq-mean-token-sum-norm`` (divided by ``loss_scale_factor``, default ``T``).
+    form : {"objective", "reinforce"}
+    group_size : int, optional
+        GRPO groups of ``G`` consecutive responses: one gamma per group (``B % G == 0``).
+        Otherwise one gamma for the whole batch (over every shard, with a ``reducer``).
+    reducer : Reducer, optional
+        For data-parallel shards of the batch: gamma and the normalisers become global, so every
+        shard uses the same gamma and the loss is the loss of the whole batch.
+    **gamma_options
+        Passed to :func:`select_gamma` (``gamma_min``, ``gamma_max``, ``max_iter``, ...).
+
+    Returns
+    -------
+    loss : 0-d array
+    grad_logp : array, the shape of ``logp``
+        ``d loss / d logp`` (float32 or float64).
+    metrics : dict of 0-d arrays
+        ``gamma`` (mean over groups), ``sigma2`` (variance of the unit log weights),
+        ``ess_ratio`` (at gamma) and ``ess_ratio_at_1`` (means over groups), ``max_weight``
+        (largest normalised unit weight), and ``k_hat`` for the Pareto methods.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> logp = np.log(np.array([[0.5, 0.5], [0.25, 0.5]]))
+    >>> logq = np.log(np.array([[0.5, 0.25], [0.5, 0.5]]))
+    >>> loss, grad, metrics = is_reshape_loss_and_grad(
+    ...     logp, logq, np.array([1.0, 2.0]), gamma=0.0, loss_agg_mode="seq-mean-token-sum")
+    >>> print(np.round(loss, 4))  # -(r_0 l_0 + r_1 l_1) = -(log 2 - 2 log 2)
+    0.6931
+    >>> print(grad)  # -(sum_t c_bt r_b) w^0 = -(2/2) r_b on every token
+    [[-1. -1.]
+     [-2. -2.]]
+    """
+    _check_choice(level, "level", _LEVELS)
+    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    _check_choice(form, "form", LOSS_FORMS)
+    if isinstance(gamma, str):
+        _check_choice(gamma, "gamma", GAMMA_METHODS)
+    elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
+        raise TypeError(f"gamma must be a method name or a number in [0, 1], got {gamma!r}")
+    check_rho_min(rho_min)
+    if rewards is None:
+        raise TypeError(
+            "rewards are required (there is no r = 1 default, which would silently train pure "
+            "SFT); pass rewards or advantages of shape (B,) or (B, T)"
+        )
+    for name, value in (("logp", logp), ("logq", logq), ("rewards", rewards)):
+        if not hasattr(value, "shape"):
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    if tuple(logp.shape) != tuple(logq.shape):
+        raise ValueError(
+            f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
+            f"{tuple(logq.shape)}"
+        )
+    if logp.ndim not in (1, 2):
+        raise ValueError(f"logp must have shape (B, T) or (B,), got {tuple(logp.shape)}")
+    if logp.shape[0] == 0:
+        raise ValueError("the batch is empty: logp has no rows")
+    xp = namespace(logp, logq, rewards, mask)
+    one_d = logp.ndim == 1
+    logp = as_compute_array(xp, logp)
+    dtype = logp.dtype
+    logq = as_compute_array(xp, logq, dtype)
+    if one_d:
+        logp, logq = logp[:, None], logq[:, None]
+        if mask is not None:
+            mask = mask[:, None]
+    B, T = logp.shape
+    mask = broadcast_mask(xp, mask, (B, T))
+    if mask is None:
+        mask = xp.ones((B, T), dtype=xp.bool)
+    r = as_compute_array(xp, rewards, dtype)
+    if tuple(r.shape) == (B,):
+        r = xp.broadcast_to(r[:, None], (B, T))
+    elif tuple(r.shape) != (B, T):
+        raise ValueError(
+            f"rewards must have shape (B,) = ({B},) or (B, T) = ({B}, {T}), got "
+            f"{tuple(rewards.shape)}"
+        )
+    if group_size is not None:
+        if not isinstance(group_size, numbers.Integral) or group_size <= 0 or B % group_size:
+            raise ValueError(
+                f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
+            )
+    maskf = xp.astype(mask, dtype)
+    lp = xp.where(mask, logp, 0.0)
+    lq = xp.where(mask, logq, 0.0)
+    r = xp.where(mask, r, 0.0)
+    token_l = lp - lq
+    check_log_weights(xp, token_l, "logp - logq")
+    if is_concrete(r) and not bool(xp.all(xp.isfinite(r))):
+        raise ValueError("rewards contain NaN or inf; rewards must be finite")
+
+    # --- units: their log weights, validity, and d l_u / d logp_bt ---------------------------
+    n_tok = xp.sum(maskf, axis=-1)
+    if level == "token":
+        unit_l, unit_valid = token_l, mask  # (B, T)
+    else:
+        unit_l = xp.sum(token_l, axis=-1)
+        if level == "geometric":
+            unit_l = unit_l / xp.where(n_tok > 0, n_tok, 1.0)
+        unit_valid = n_tok > 0  # (B,)
+
+    # --- gamma from the detached unit log weights --------------------------------------------
+    if group_size is None:
+        flat_l = xp.reshape(unit_l, (-1,))
+        flat_valid = xp.reshape(unit_valid, (-1,))
+        gamma_axis_l, gamma_axis_mask, gamma_reducer = flat_l, flat_valid, reducer
+    else:
+        n_groups = B // group_size
+        shape = (n_groups, -1)
+        gamma_axis_l = xp.reshape(unit_l, shape)
+        gamma_axis_mask = xp.reshape(unit_valid, shape)
+        gamma_reducer = None  # a group lives on one shard
+    g = select_gamma(
+        gamma_axis_l,
+        rho_min,
+        method=gamma,
+        axis=-1,
+        mask=gamma_axis_mask,
+        reducer=gamma_reducer,
+        **gamma_options,
+    )
+    masked_l = xp.where(gamma_axis_mask, gamma_axis_l, -xp.inf)
+    g_row = g[..., None] if g.ndim else g
+    # Per-unit gamma, broadcast back to the units' shape.
+    unit_g = xp.reshape(xp.broadcast_to(g_row, masked_l.shape), tuple(unit_l.shape))
+
+    # --- metrics (detached statistics of the unit weights) -----------------------------------
+    metrics = _metrics(xp, masked_l, g, gamma_reducer)
+
+    # --- value and gradient ------------------------------------------------------------------
+    c = _aggregation_weights(xp, mask, dtype, loss_agg_mode, loss_scale_factor, reducer)
+    cr = c * r  # (B, T)
+    tempered = tempered_log_weights(xp, xp.where(unit_valid, unit_l, -xp.inf), unit_g)
+    w_g = _exp_capped(xp, tempered)  # w_u^gamma, 0 for invalid units
+    if level == "token":
+        coef = cr
+    else:
+        coef = xp.sum(cr, axis=-1)  # (B,): sum_t c_bt r_bt
+    if form == "objective":
+        positive = unit_g > 0
+        g_safe = xp.where(positive, unit_g, 1.0)
+        boxcox = _expm1_capped(xp, unit_g * xp.where(unit_valid, unit_l, 0.0)) / g_safe
+        h = xp.where(positive, boxcox, unit_l)
+        h = xp.where(unit_valid, h, 0.0)
+        local_value = -xp.sum(coef * h)
+    else:
+        if level == "token":
+            unit_logp = lp
+        else:
+            unit_logp = xp.sum(lp, axis=-1)
+            if level == "geometric":
+                unit_logp = unit_logp / xp.where(n_tok > 0, n_tok, 1.0)
+        local_value = -xp.sum(coef * w_g * xp.where(unit_valid, unit_logp, 0.0))
+    loss = local_value if reducer is None else reducer.sum(local_value)
+
+    unit_grad = -coef * w_g  # d loss / d l_u
+    if level == "token":
+        grad = unit_grad * maskf
+    elif level == "sequence":
+        grad = unit_grad[:, None] * maskf
+    else:
+        grad = (unit_grad / xp.where(n_tok > 0, n_tok, 1.0))[:, None] * maskf
+    if one_d:
+        grad = grad[:, 0]
+    return loss, grad, metrics
+
+
+def _metrics(
+    xp: Namespace, masked_l: Array, gamma: Array, reducer: Reducer | None
+) -> dict[str, Array]:
+    """0-d summaries of the unit log weights ``masked_l`` (rows = groups, -inf = invalid)."""
+    axis = -1
+    count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, reducer)
+    n = xp.where(count > 0, count, 1.0)
+    g_row = gamma[..., None] if gamma.ndim else gamma
+    ess_at_gamma = kish_ess_from_log(xp, tempered_log_weights(xp, masked_l, g_row), axis, reducer)
+    ess_at_1 = kish_ess_from_log(xp, masked_l, axis, reducer)
+    _, sigma2 = _log_variance_stats(xp, masked_l, axis, reducer)
+    lse = logsumexp(xp, masked_l, axis, reducer=reducer)
+    informative = lse > -xp.inf
+    top = reduce_max(xp, masked_l, axis, reducer)
+    max_weight = xp.where(informative, xp.exp(top - xp.where(informative, lse, 0.0)), 0.0)
+    return {
+        "gamma": xp.mean(gamma),
+        "sigma2": xp.mean(sigma2),
+        "ess_ratio": xp.mean(ess_at_gamma / n),
+        "ess_ratio_at_1": xp.mean(ess_at_1 / n),
+        "max_weight": xp.max(max_weight),
+    }

@@ -1,0 +1,232 @@
+"""Tests of isreshape_core/loss.py: the value against a loop-by-loop reference, the gradient
+against finite differences, gamma against the public gamma functions, shards against the whole."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _helpers import to_numpy
+from test_reducer import run_sharded
+
+import isreshape_core as isr
+from isreshape_core.loss import LOSS_AGG_MODES, is_reshape_loss_and_grad
+
+LEVELS = ("sequence", "geometric", "token")
+
+
+def make_batch(seed=0, B=6, T=5, per_token_rewards=False):
+    rng = np.random.default_rng(seed)
+    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
+    logq = logp + rng.normal(0, 0.3, (B, T))
+    lengths = rng.integers(1, T + 1, B)
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
+    return logp, logq, rewards, mask
+
+
+def reference_loss(logp, logq, rewards, mask, gamma, level, mode, form="objective"):
+    """The loss by explicit Python loops over sequences and tokens (fixed gamma)."""
+    B, T = logp.shape
+    r = rewards if rewards.ndim == 2 else np.repeat(rewards[:, None], T, axis=1)
+    n_tok_total = mask.sum()
+    total = 0.0
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        seq_l = sum(logp[b, t] - logq[b, t] for t in valid)
+        seq_logp = sum(logp[b, t] for t in valid)
+        if level == "geometric":
+            seq_l, seq_logp = seq_l / len(valid), seq_logp / len(valid)
+        for t in valid:
+            if level == "token":
+                unit_l, unit_logp = logp[b, t] - logq[b, t], logp[b, t]
+            else:
+                unit_l, unit_logp = seq_l, seq_logp
+            if form == "objective":
+                h = unit_l if gamma == 0 else math.expm1(gamma * unit_l) / gamma
+            else:
+                h = math.exp(gamma * unit_l) * unit_logp
+            term = -r[b, t] * h
+            if mode == "token-mean":
+                total += term / n_tok_total
+            elif mode == "seq-mean-token-sum":
+                total += term / B
+            elif mode == "seq-mean-token-mean":
+                total += term / (len(valid) * B)
+            else:
+                total += term / T
+    return total
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_value_matches_loops(xp, level, mode):
+    logp, logq, rewards, mask = make_batch(1, per_token_rewards=(mode == "token-mean"))
+    for gamma in (0.0, 0.5, 1.0):
+        loss, _, _ = is_reshape_loss_and_grad(
+            xp.asarray(logp),
+            xp.asarray(logq),
+            xp.asarray(rewards),
+            xp.asarray(mask),
+            gamma=gamma,
+            level=level,
+            loss_agg_mode=mode,
+        )
+        want = reference_loss(logp, logq, rewards, mask, gamma, level, mode)
+        np.testing.assert_allclose(to_numpy(loss), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("form", ["objective", "reinforce"])
+def test_gradient_matches_finite_differences(xp, level, form):
+    logp, logq, rewards, mask = make_batch(2)
+    for gamma in (0.0, 0.5, 1.0):
+        for mode in ("token-mean", "seq-mean-token-mean"):
+            _, grad, _ = is_reshape_loss_and_grad(
+                xp.asarray(logp),
+                xp.asarray(logq),
+                xp.asarray(rewards),
+                xp.asarray(mask),
+                gamma=gamma,
+                level=level,
+                loss_agg_mode=mode,
+                form="objective",
+            )
+            _, grad_form, _ = is_reshape_loss_and_grad(
+                xp.asarray(logp),
+                xp.asarray(logq),
+                xp.asarray(rewards),
+                xp.asarray(mask),
+                gamma=gamma,
+                level=level,
+                loss_agg_mode=mode,
+                form=form,
+            )
+            # Both forms have the same gradient (the REINFORCE weights are constants).
+            np.testing.assert_allclose(to_numpy(grad_form), to_numpy(grad), rtol=1e-12)
+            fd = np.zeros_like(logp)
+            h = 1e-6
+            for b in range(logp.shape[0]):
+                for t in range(logp.shape[1]):
+                    up, down = logp.copy(), logp.copy()
+                    up[b, t] += h
+                    down[b, t] -= h
+                    fd[b, t] = (
+                        reference_loss(up, logq, rewards, mask, gamma, level, mode)
+                        - reference_loss(down, logq, rewards, mask, gamma, level, mode)
+                    ) / (2 * h)
+            np.testing.assert_allclose(to_numpy(grad), fd, rtol=1e-6, atol=1e-9)
+
+
+def test_adaptive_gamma_and_metrics(xp):
+    logp, logq, rewards, mask = make_batch(3, B=64, T=8)
+    logq = logq + np.random.default_rng(0).standard_t(3, (64, 8)) * 0.5
+    for level in LEVELS:
+        loss, _, metrics = is_reshape_loss_and_grad(
+            xp.asarray(logp),
+            xp.asarray(logq),
+            xp.asarray(rewards),
+            xp.asarray(mask),
+            gamma="ess",
+            level=level,
+        )
+        l = np.asarray(to_numpy(isr.log_weights(logp, logq, mask, level=level)))
+        unit_mask = mask if level == "token" else mask.any(axis=1)
+        flat = l.reshape(-1)[unit_mask.reshape(-1)]
+        g = float(isr.gamma_ess(flat, 0.3))
+        np.testing.assert_allclose(to_numpy(metrics["gamma"]), g, rtol=1e-12)
+        w = np.exp(g * (flat - flat.max()))
+        np.testing.assert_allclose(
+            to_numpy(metrics["ess_ratio"]), w.sum() ** 2 / (w**2).sum() / flat.size, rtol=1e-10
+        )
+        np.testing.assert_allclose(to_numpy(metrics["sigma2"]), np.var(flat, ddof=1), rtol=1e-10)
+        w1 = np.exp(flat - flat.max())
+        np.testing.assert_allclose(to_numpy(metrics["max_weight"]), w1.max() / w1.sum())
+        assert to_numpy(metrics["ess_ratio"]) >= 0.3 * (1 - 1e-12)
+        want = reference_loss(logp, logq, rewards, mask, g, level, "token-mean")
+        np.testing.assert_allclose(to_numpy(loss), want, rtol=1e-10)
+
+
+def test_per_group_gamma(xp):
+    logp, logq, rewards, mask = make_batch(4, B=12, T=3)
+    logq = logq + np.random.default_rng(1).normal(0, 1.0, (12, 3))
+    _, _, metrics = is_reshape_loss_and_grad(
+        xp.asarray(logp),
+        xp.asarray(logq),
+        xp.asarray(rewards),
+        xp.asarray(mask),
+        group_size=4,
+        level="sequence",
+    )
+    l = np.asarray(isr.log_weights(logp, logq, mask)).reshape(3, 4)
+    want = np.mean([float(isr.gamma_ess(row, 0.3)) for row in l])
+    np.testing.assert_allclose(to_numpy(metrics["gamma"]), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_shards_equal_the_whole_batch(group_size):
+    logp, logq, rewards, mask = make_batch(5, B=8, T=6)
+    logq = logq + np.random.default_rng(2).normal(0, 1.0, (8, 6))
+    kwargs = {"level": "token", "group_size": group_size, "loss_agg_mode": "seq-mean-token-mean"}
+    loss, grad, metrics = is_reshape_loss_and_grad(logp, logq, rewards, mask, **kwargs)
+    cuts = [2, 6]
+    shards = list(
+        zip(*(np.split(a, cuts, axis=0) for a in (logp, logq, rewards, mask)), strict=True)
+    )
+
+    def step(shard, reducer):
+        return is_reshape_loss_and_grad(*shard, reducer=reducer, **kwargs)
+
+    results = run_sharded(step, shards)
+    for shard_loss, _, shard_metrics in results:
+        np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
+        if group_size is None:
+            np.testing.assert_allclose(shard_metrics["gamma"], metrics["gamma"], rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
+
+
+def test_sequence_level_inputs_and_half_precision():
+    logp, logq, rewards, _ = make_batch(6)
+    loss1, grad1, _ = is_reshape_loss_and_grad(logp[:, 0], logq[:, 0], rewards, gamma=0.5)
+    want = np.mean(-rewards * np.expm1(0.5 * (logp[:, 0] - logq[:, 0])) / 0.5)
+    np.testing.assert_allclose(loss1, want, rtol=1e-12)
+    assert grad1.shape == (6,)
+    half = is_reshape_loss_and_grad(
+        logp.astype(np.float16), logq.astype(np.float16), rewards, gamma="ess"
+    )
+    assert half[0].dtype == np.float32 and half[1].dtype == np.float32
+
+
+def test_large_log_ratios_in_bfloat16_do_not_overflow():
+    torch = pytest.importorskip("torch")
+    logp = torch.full((4, 3), -1.0, dtype=torch.bfloat16)
+    logq = torch.tensor([[-81.0] * 3, [79.0] * 3, [-1.0] * 3, [-1.0] * 3], dtype=torch.bfloat16)
+    loss, grad, metrics = is_reshape_loss_and_grad(
+        logp, logq, torch.ones(4), gamma="ess", level="token"
+    )
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert metrics["gamma"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"rewards": None}, TypeError, "rewards are required"),
+        ({"rewards": np.zeros(5)}, ValueError, "rewards must have shape"),
+        ({"logq": np.zeros((6, 4))}, ValueError, "same shape"),
+        ({"group_size": 4}, ValueError, "group_size must be a positive int dividing"),
+        ({"loss_agg_mode": "mean"}, ValueError, "loss_agg_mode must be one of"),
+        ({"level": "seq"}, ValueError, "level must be one of"),
+        ({"form": "ppo"}, ValueError, "form must be one of"),
+        ({"gamma": "bisection"}, ValueError, "gamma must be one of"),
+        ({"gamma": 1.5}, ValueError, "method must lie in"),
+        ({"rho_min": 0.0}, ValueError, "rho_min"),
+    ],
+)
+def test_errors(kwargs, error, message):
+    logp, logq, rewards, mask = make_batch(7)
+    args = {"logp": logp, "logq": logq, "rewards": rewards, "mask": mask}
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        is_reshape_loss_and_grad(**args)

@@ -1,0 +1,88 @@
+"""Sharded statistics: every shard, combining partials through a ``Reducer``, gets what one
+process computes on the whole batch. Shards run in threads; the reducer is an all-reduce built on
+a barrier, like ``torch.distributed.all_reduce`` or ``jax.lax.psum`` across ranks."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import isreshape_core as isr
+
+
+class ThreadAllReduce:
+    """An all-reduce among ``world`` threads: each deposits its partial, all read the total."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.slots: list = [None] * world
+        self.local = threading.local()
+
+    def _all(self, x, op):
+        rank = self.local.rank
+        self.slots[rank] = np.asarray(x)
+        self.barrier.wait()
+        out = op(np.stack(self.slots), axis=0)
+        self.barrier.wait()
+        return out
+
+    def sum(self, x):
+        return self._all(x, np.sum)
+
+    def max(self, x):
+        return self._all(x, np.max)
+
+
+def run_sharded(fn, shards):
+    reducer = ThreadAllReduce(len(shards))
+    results = [None] * len(shards)
+    errors = []
+
+    def work(rank):
+        reducer.local.rank = rank
+        try:
+            results[rank] = fn(shards[rank], reducer)
+        except Exception as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+            reducer.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_gamma_and_ess_equal_the_whole_batch(world):
+    rng = np.random.default_rng(world)
+    l = rng.standard_t(3, size=(2, 301)) * 2.0  # 2 rows, samples split unevenly along axis 1
+    l[0, 7] = -np.inf
+    mask = rng.random((2, 301)) < 0.9
+    cuts = np.sort(rng.choice(np.arange(1, 301), size=world - 1, replace=False))
+    shards = list(zip(np.split(l, cuts, axis=1), np.split(mask, cuts, axis=1), strict=True))
+
+    def stats(shard, reducer):
+        part, m = shard
+        return (
+            isr.gamma_ess(part, 0.3, mask=m, reducer=reducer),
+            isr.gamma_closed_form(part, 0.3, mask=m, reducer=reducer),
+            isr.ess(part, 0.6, mask=m, reducer=reducer),
+            isr.ess_ratio(part, 0.6, mask=m, reducer=reducer),
+        )
+
+    whole = (
+        isr.gamma_ess(l, 0.3, mask=mask),
+        isr.gamma_closed_form(l, 0.3, mask=mask),
+        isr.ess(l, 0.6, mask=mask),
+        isr.ess_ratio(l, 0.6, mask=mask),
+    )
+    for result in run_sharded(stats, shards):
+        for got, want in zip(result, whole, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
