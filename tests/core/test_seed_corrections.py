@@ -69,3 +69,57 @@ def test_no_gamma_clamp_needed_exact_gamma_can_be_small(seed):
     gamma = np.asarray(isr.gamma_ess(l, 0.3))
     assert gamma[0] < 0.1
     assert ratio_rows(l, gamma)[0] >= 0.3 * (1 - 1e-12)
+
+
+def fisher_rao_path_length(logq, rewards, tau, grid=2001):
+    """Fisher-Rao length of gamma -> p_gamma on [0, 1]: the integral of sqrt(Var_{p_gamma}(h)),
+    h = d log p_gamma / d gamma + const = log p_1 - log p_0 (trapezoid rule on a fine grid)."""
+    gammas = np.linspace(0.0, 1.0, grid)
+    logp = np.asarray(
+        isr.target_log_probs(
+            np.broadcast_to(logq, (grid, logq.size)),
+            np.broadcast_to(rewards, (grid, rewards.size)),
+            gammas,
+            tau,
+        )
+    )
+    h = logp[-1] - logp[0]
+    p = np.exp(logp)
+    mean = (p * h).sum(1)
+    speed = np.sqrt(np.maximum((p * h**2).sum(1) - mean**2, 0.0))
+    return float(np.sum(0.5 * (speed[1:] + speed[:-1]) * np.diff(gammas))), np.exp(logp[[0, -1]])
+
+
+def test_geometric_path_is_the_e_geodesic_not_the_fisher_rao_geodesic():
+    # Seed Proposition 4.3 calls p_gamma the Fisher-Rao geodesic (the shortest path). Its
+    # Fisher-Rao length exceeds the Fisher-Rao distance 2 arccos(sum sqrt(p0 p1)) for K >= 3.
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(40):
+        k = int(rng.integers(3, 8))
+        logq = np.log(rng.dirichlet(np.ones(k)))
+        rewards = rng.uniform(0.1, 3.0, k)
+        length, (p0, p1) = fisher_rao_path_length(logq, rewards, tau=0.5)
+        distance = 2.0 * np.arccos(np.clip(np.sum(np.sqrt(p0 * p1)), -1.0, 1.0))
+        ratios.append(length / distance)
+    ratios = np.array(ratios)
+    assert (ratios > 1.0 + 1e-6).all()
+    # DESIGN.md 3 measured up to 1.21x (median 1.05x on its ensemble; 1.007x on this one).
+    assert ratios.max() > 1.05
+
+
+def test_second_moment_is_not_the_variance():
+    # Seed Theorem 5.3 treats E[w^(2 gamma)] as the variance. Monte Carlo under the seed's model
+    # l ~ N(-sigma2/2, sigma2): the second moment is smallest near gamma = 1/4, the variance at 0.
+    sigma2 = 2.0
+    rng = np.random.default_rng(1)
+    l = rng.normal(-sigma2 / 2, np.sqrt(sigma2), 400_000)
+    gammas = np.linspace(0, 1, 41)
+    second = np.array([np.mean(np.exp(2 * g * l)) for g in gammas])
+    variance = np.array([np.var(np.exp(g * l)) for g in gammas])
+    assert abs(gammas[np.argmin(second)] - 0.25) <= 0.025
+    assert gammas[np.argmin(variance)] == 0.0
+    np.testing.assert_allclose(isr.lognormal_second_moment(sigma2, gammas), second, rtol=0.05)
+    np.testing.assert_allclose(
+        isr.lognormal_variance(sigma2, gammas), variance, rtol=0.1, atol=1e-3
+    )
