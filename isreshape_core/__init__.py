@@ -12,6 +12,8 @@ from .objective import (
     reinforce_objective,
     reinforce_objective_grad,
 )
+from .psis import pareto_k_threshold, psis, psis_tail_length
+from .psis_gamma import gamma_combined, gamma_psis, gamma_tail
 from .renyi import log_mean_tempered_weight, renyi_divergence
 from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
 from .targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
@@ -33,7 +35,10 @@ __all__ = [
     "ess",
     "ess_ratio",
     "gamma_closed_form",
+    "gamma_combined",
     "gamma_ess",
+    "gamma_psis",
+    "gamma_tail",
     "gradient_ess",
     "is_reshape_loss_and_grad",
     "linear_warmup",
@@ -46,6 +51,9 @@ __all__ = [
     "mse_optimal_gamma",
     "objective",
     "objective_grad",
+    "pareto_k_threshold",
+    "psis",
+    "psis_tail_length",
     "reinforce_objective",
     "reinforce_objective_grad",
     "renyi_divergence",

@@ -25,6 +25,7 @@ from ._array import (
 )
 from .ess import kish_ess_from_log
 from .gamma import _closed_form, _log_variance_stats, gamma_ess
+from .psis import pareto_k_threshold, psis
 
 __all__ = ["VERDICTS", "Diagnostics", "diagnose"]
 
@@ -69,13 +70,17 @@ class Diagnostics:
     verdict_code : int array
         A key of :data:`VERDICTS`: 4 empty, else 3 severe (even ``gamma = 0`` misses
         ``rho_min``), else 2 refresh (``sigma2 > 10``), else 1 heavy tail (excess kurtosis > 3 or
-        the closed form misses ``rho_min``), else 0 ok.
+        the closed form misses ``rho_min``, or ``k_hat > 0.7``), else 0 ok.
     shapiro_p : array or None
         Shapiro–Wilk p-value of the finite log weights (first 5000 per row; NaN for fewer than 3),
         a NumPy array; None where SciPy is missing or the input cannot be read on the host (traced,
         or on a GPU).
-    k_hat : array or None
-        Pareto ``k_hat`` of the weights, where PSIS was computed.
+    k_hat : array
+        Pareto ``k_hat`` of the weights (:func:`isreshape_core.psis`); ``inf`` where no tail can
+        be fitted (fewer than 25 samples, a constant tail). With a ``mask``, masked samples are
+        zero weights for PSIS and still count in its sample size.
+    k_threshold : float
+        The good-``k`` threshold ``min(1 - 1/log10 S, 0.7)`` for the sample size ``S``.
     """
 
     n: Array
@@ -90,8 +95,26 @@ class Diagnostics:
     ess_ratio_at_closed_form: Array
     rho_min: float
     verdict_code: Array
+    k_hat: Array
+    k_threshold: float
     shapiro_p: Any = None
-    k_hat: Array | None = None
+
+    @property
+    def k_hat_verdicts(self) -> list[str]:
+        """PSIS's reading of ``k_hat`` per row (reads the values on the host): ``good`` (at most
+        the threshold), ``usable with smoothing`` (up to 0.7), ``unreliable`` (above 0.7),
+        ``not estimable`` (``inf``)."""
+        out = []
+        for k in _flat_values(self.k_hat):
+            if not math.isfinite(k):
+                out.append("not estimable")
+            elif k <= self.k_threshold:
+                out.append("good")
+            elif k <= 0.7:
+                out.append("usable with smoothing")
+            else:
+                out.append("unreliable")
+        return out
 
     @property
     def verdicts(self) -> list[str]:
@@ -111,8 +134,7 @@ class Diagnostics:
             ("gamma (closed form)", self.gamma_closed_form, "{:.4f}"),
             ("ESS/n at closed form", self.ess_ratio_at_closed_form, "{:.4f}"),
         ]
-        if self.k_hat is not None:
-            rows.append(("Pareto k_hat", self.k_hat, "{:.3f}"))
+        rows.append((f"Pareto k_hat (good <= {self.k_threshold:.2f})", self.k_hat, "{:.3f}"))
         if self.shapiro_p is not None:
             rows.append(("Shapiro-Wilk p", self.shapiro_p, "{:.3g}"))
         codes = _flat_values(self.verdict_code)
@@ -126,10 +148,11 @@ class Diagnostics:
         for name, (_, _, fmt), col in zip([r[0] for r in rows], rows, columns, strict=True):
             cells = "  ".join(_fmt(fmt, v) for v in col[:shown])
             lines.append(f"  {name:<{width}}  {cells}{'  ...' if n_rows > shown else ''}")
+        k_readings = self.k_hat_verdicts
         for i, c in enumerate(codes[:shown]):
             label, advice = VERDICTS[int(c)]
             prefix = f"row {i}: " if n_rows > 1 else ""
-            lines.append(f"  verdict: {prefix}{label} — {advice}")
+            lines.append(f"  verdict: {prefix}{label} — {advice} (k_hat: {k_readings[i]})")
         return "\n".join(lines)
 
 
@@ -252,8 +275,9 @@ def diagnose(
     at_closed = ratio(closed)
     ratio_at_zero = ratio(xp.zeros_like(gamma))
 
+    k_hat = psis(l, axis=axis)[1]
     code = xp.zeros(gamma.shape, dtype=xp.int32, device=array_device(gamma))
-    heavy = (kurt > HEAVY_KURTOSIS) | (at_closed < rho_min)
+    heavy = (kurt > HEAVY_KURTOSIS) | (at_closed < rho_min) | (xp.isfinite(k_hat) & (k_hat > 0.7))
     code = xp.where(heavy, 1, code)
     code = xp.where(sigma2 > REFRESH_SIGMA2, 2, code)
     code = xp.where(ratio_at_zero < rho_min, 3, code)
@@ -272,5 +296,7 @@ def diagnose(
         ess_ratio_at_closed_form=at_closed,
         rho_min=float(rho_min),
         verdict_code=code,
+        k_hat=k_hat,
+        k_threshold=pareto_k_threshold(l.shape[axis]) if l.shape[axis] > 1 else 0.0,
         shapiro_p=_shapiro(xp, l, axis),
     )

@@ -31,7 +31,7 @@ from .ess import kish_from_sums, log_abs
 
 __all__ = ["GAMMA_METHODS", "gamma_closed_form", "gamma_ess", "select_gamma"]
 
-GAMMA_METHODS = ("ess", "closed_form")
+GAMMA_METHODS = ("ess", "closed_form", "psis", "tail", "combined")
 
 # Newton steps aim this fraction past the predicted root, so that the iterates land on both sides
 # of it and the feasible end of the bracket (the value returned) converges too.
@@ -342,7 +342,11 @@ def select_gamma(
     reducer : Reducer, optional
         For samples sharded over processes (``"ess"``, ``"closed_form"`` and fixed numbers).
     **options
-        Passed to the method's function (for ``"ess"``: ``max_iter``, ``rewards``).
+        Passed to the method's function: for ``"ess"``, ``max_iter`` and ``rewards``
+        (:func:`gamma_ess`); for ``"psis"``, ``r_eff``, ``k_threshold``, ``fallback``
+        (:func:`gamma_psis`); for ``"tail"``, ``k_target`` (:func:`gamma_tail`); for
+        ``"combined"``, ``k_target`` and ``tail_iter`` (:func:`gamma_combined`). The Pareto
+        methods take no ``mask`` or ``reducer``: PSIS sorts the whole sample.
 
     Returns
     -------
@@ -391,4 +395,18 @@ def select_gamma(
             gamma_max=gamma_max,
             reducer=reducer,
         )
+    if method in ("psis", "tail", "combined"):
+        if reducer is not None or mask is not None:
+            raise ValueError(
+                f"method {method!r} needs the whole, unmasked sample along the axis (PSIS sorts "
+                "it): pass reducer=None and mask=None, or use method='ess'"
+            )
+        from . import psis_gamma  # psis_gamma imports this module
+
+        common = {"axis": axis, "gamma_min": gamma_min, "gamma_max": gamma_max}
+        if method == "psis":
+            return psis_gamma.gamma_psis(log_w, rho_min, **common, **options)[0]
+        if method == "tail":
+            return psis_gamma.gamma_tail(log_w, **common, **options)[0]
+        return psis_gamma.gamma_combined(log_w, rho_min, **common, **options)[0]
     raise ValueError(f"method must be one of {GAMMA_METHODS} or a number in [0, 1], got {method!r}")

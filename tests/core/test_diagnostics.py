@@ -38,6 +38,11 @@ def test_fields_match_independent_computations(xp):
     np.testing.assert_allclose(to_numpy(d.ess_ratio_at_closed_form), at_closed, rtol=1e-10)
     if d.shapiro_p is not None:
         np.testing.assert_allclose(d.shapiro_p, stats.shapiro(l, axis=1).pvalue, rtol=1e-6)
+    array_stats = pytest.importorskip("arviz_stats.base").array_stats
+    _, k_ref = array_stats.psislw(-l, axis=-1)  # arviz-stats smooths negated log-likelihoods
+    np.testing.assert_allclose(to_numpy(d.k_hat), k_ref, rtol=1e-8)
+    assert d.k_threshold == pytest.approx(min(1 - 1 / np.log10(800), 0.7))
+    assert d.k_hat_verdicts[0] == "good" and d.k_hat_verdicts[1] != "good"
 
 
 def test_verdicts_on_constructed_batches(xp):
