@@ -346,7 +346,7 @@ def select_gamma(
         (:func:`gamma_ess`); for ``"psis"``, ``r_eff``, ``k_threshold``, ``fallback``
         (:func:`gamma_psis`); for ``"tail"``, ``k_target`` (:func:`gamma_tail`); for
         ``"combined"``, ``k_target`` and ``tail_iter`` (:func:`gamma_combined`). The Pareto
-        methods take no ``mask`` or ``reducer``: PSIS sorts the whole sample.
+        methods take no ``reducer``: PSIS sorts the whole sample.
 
     Returns
     -------
@@ -396,14 +396,14 @@ def select_gamma(
             reducer=reducer,
         )
     if method in ("psis", "tail", "combined"):
-        if reducer is not None or mask is not None:
+        if reducer is not None:
             raise ValueError(
-                f"method {method!r} needs the whole, unmasked sample along the axis (PSIS sorts "
-                "it): pass reducer=None and mask=None, or use method='ess'"
+                f"method {method!r} needs the whole sample on one process (PSIS sorts it): pass "
+                "reducer=None (gather the log weights first), or use method='ess'"
             )
         from . import psis_gamma  # psis_gamma imports this module
 
-        common = {"axis": axis, "gamma_min": gamma_min, "gamma_max": gamma_max}
+        common = {"axis": axis, "mask": mask, "gamma_min": gamma_min, "gamma_max": gamma_max}
         if method == "psis":
             return psis_gamma.gamma_psis(log_w, rho_min, **common, **options)[0]
         if method == "tail":

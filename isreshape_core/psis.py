@@ -31,10 +31,12 @@ from ._array import (
     Array,
     Namespace,
     array_device,
+    as_compute_array,
+    check_log_weights,
     is_concrete,
     logsumexp,
     namespace,
-    prepare_log_weights,
+    normalize_axis,
 )
 
 __all__ = ["pareto_k_threshold", "psis", "psis_tail_length"]
@@ -201,7 +203,7 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
     >>> print(isr.psis(np.zeros(10))[1])  # too few draws for a tail fit
     inf
     """
-    xp, lw, _, axis = prepare_log_weights(log_w, axis=axis, mask=None)
+    xp, lw, axis = _prepare(log_w, axis)
     r_eff = _check_r_eff(r_eff)
     n = lw.shape[axis]
     tail_len = psis_tail_length(n, r_eff)
@@ -230,6 +232,26 @@ def _check_r_eff(r_eff: Any) -> float:
     return float(r_eff)
 
 
+def _prepare(log_w: Any, axis: int) -> tuple[Namespace, Array, int]:
+    """``prepare_log_weights`` without a mask and without its value check.
+
+    The check for NaN and ``+inf`` is made on the row maxima instead (in :func:`_psis_rows`):
+    a row holds NaN or ``+inf`` exactly when its max is NaN or ``+inf`` (the array API's ``max``
+    propagates NaN), which saves four passes over the data.
+    """
+    xp = namespace(log_w)
+    if not hasattr(log_w, "shape"):
+        raise TypeError(f"log_w must be an array, got {type(log_w).__name__}")
+    lw = as_compute_array(xp, log_w)
+    axis = normalize_axis(axis, lw.ndim)
+    if lw.shape[axis] == 0:
+        raise ValueError(
+            f"log_w has no samples along axis {axis} (shape {tuple(lw.shape)}); "
+            "the reduction axis must not be empty"
+        )
+    return xp, lw, axis
+
+
 def _shift_rows(xp: Namespace, rows: Array) -> Array:
     """Rows shifted so that their max is 0 (an all ``-inf`` row stays all ``-inf``)."""
     top = xp.max(rows, axis=-1, keepdims=True)
@@ -249,6 +271,51 @@ def _has_indexed_update(xp: Namespace) -> bool:
     return is_numpy_namespace(xp) or is_cupy_namespace(xp) or is_jax_namespace(xp)
 
 
+def _block_size(n: int, tail_len: int) -> int:
+    """Block length of the NumPy block-max prefilter of :func:`_sorted_tail` (0: not used).
+
+    ``b`` balances the two selections it leaves, over ``n / b`` block maxima and over the
+    ``b·(M+1)`` draws of the chosen blocks; below ``n = 8·(M+1)`` it does not pay off.
+    """
+    ratio = n / (tail_len + 1)
+    if ratio < 8:
+        return 0
+    return min(int(ratio**0.5), 16)
+
+
+def _numpy_top(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]:
+    """Values and positions of the ``M+1`` largest entries of each row, in position order.
+
+    NumPy only (eager). With a block size ``b`` (:func:`_block_size`) the row is cut into
+    ``nb = n // b`` strided blocks ``{j, j + nb, j + 2·nb, ...}`` (plus the ``n - b·nb`` last
+    draws, always kept); the ``M+1`` blocks with the largest maxima hold the ``M+1`` largest
+    draws (every draw of another block is at most the smallest chosen block max, and the
+    chosen maxima are ``M+1`` draws at least that large), so ``argpartition`` runs on
+    ``nb + b·(M+1)`` values instead of ``n``. Without blocks it runs on the row.
+    """
+    n_rows, n = rows.shape
+    k1 = tail_len + 1
+    b = _block_size(n, tail_len)
+    if b:
+        nb = n // b
+        maxima = xp.max(xp.reshape(rows[:, : nb * b], (n_rows, b, nb)), axis=1)
+        blocks = xpx.argpartition(maxima, nb - k1, axis=-1, xp=xp)[:, nb - k1 :]
+        blocks = xp.sort(blocks, axis=-1)
+        # Positions j + nb·i, i-major: ascending because every j < nb.
+        offsets = xp.arange(0, nb * b, nb, dtype=blocks.dtype)
+        pos = xp.reshape(blocks[:, None, :] + offsets[:, None], (n_rows, b * k1))
+        if nb * b < n:
+            rest = xp.arange(nb * b, n, dtype=blocks.dtype)
+            pos = xp.concat([pos, xp.broadcast_to(rest, (n_rows, n - nb * b))], axis=-1)
+        cand = xp.take_along_axis(rows, pos, axis=-1)
+    else:
+        pos, cand = None, rows
+    kth = cand.shape[-1] - k1
+    top = xp.sort(xpx.argpartition(cand, kth, axis=-1, xp=xp)[:, kth:], axis=-1)
+    pos = top if pos is None else xp.take_along_axis(pos, top, axis=-1)
+    return xp.take_along_axis(cand, top, axis=-1), pos
+
+
 def _sorted_tail(
     xp: Namespace, rows: Array, tail_len: int
 ) -> tuple[Array, Array, Array, Array | None, Array | None]:
@@ -260,6 +327,18 @@ def _sorted_tail(
     """
     n = rows.shape[-1]
     kth = n - tail_len - 1
+    if is_numpy_namespace(xp):
+        top_val, top_idx = _numpy_top(xp, rows, tail_len)
+        # Ties are broken by position, as a stable sort of the whole row would do among the
+        # candidates (they are in position order). The unstable sort is several times faster
+        # and gives the same order when no two candidates are equal.
+        by_value = xp.argsort(top_val, axis=-1, stable=False)
+        ranked = xp.take_along_axis(top_val, by_value, axis=-1)
+        if bool(xp.any(ranked[:, 1:] == ranked[:, :-1])):
+            by_value = xp.argsort(top_val, axis=-1, stable=True)
+            ranked = xp.take_along_axis(top_val, by_value, axis=-1)
+        top_val, top_idx = ranked, xp.take_along_axis(top_idx, by_value, axis=-1)
+        return top_val[..., 1:], top_val[..., :1], top_idx[..., 1:], None, None
     if _use_argpartition(xp):
         top_idx = xpx.argpartition(rows, kth, axis=-1, xp=xp)[..., kth:]
         # Ties are broken by position, as a stable sort of the whole row would do among the
@@ -291,6 +370,10 @@ def _replace_tail(
 ) -> Array:
     """``rows`` with the values at ``tail_idx`` replaced by ``new_tail`` (row by row)."""
     n, tail_len = rows.shape[-1], tail_idx.shape[-1]
+    if is_numpy_namespace(xp):
+        # What array_api_extra.at does on NumPy, without its dispatch overhead.
+        rows[xp.arange(rows.shape[0])[:, None], tail_idx] = new_tail
+        return rows
     if _has_indexed_update(xp):
         row_ids = xp.arange(rows.shape[0], device=array_device(rows))[:, None]
         # ``rows`` is a temporary of ours, so an in-place update (copy=None) is safe.
@@ -354,24 +437,37 @@ def _gpd_fit(xp: Namespace, tail: Array, cutoff: Array) -> tuple[Array, Array, A
 def _grid_means(xp: Namespace, neg_theta: Array, x: Array) -> Array:
     """``mean(log1p(neg_theta[..., j] · x), axis=-1)`` for every grid point ``j``: shape (B, m).
 
-    One broadcast ``(B, m, M)`` computation. On eager inputs the grid axis is cut into a few
-    static slices so that no temporary exceeds about ``_GRID_BLOCK`` elements: large
-    temporaries are allocated and returned to the OS on every call, and the page faults cost
-    more than the arithmetic (3-4x on a (64, 36, 48) grid). Only NumPy is cut: other
-    namespaces cache their memory or fuse the computation when traced.
+    One broadcast ``(B, m, M)`` computation, except on NumPy: there the ``(B, m, M)``
+    temporary is built block by block (blocks of whole rows, or of grid points when one row is
+    too large) in a reused buffer of about ``_GRID_BLOCK`` elements that stays in cache, with
+    in-place ``log1p``: large temporaries are allocated and returned to the OS on every call,
+    and their page faults cost more than the arithmetic. Other namespaces cache their memory
+    or fuse the computation when traced.
     """
     n_rows, n_grid = neg_theta.shape
-    per_point = max(n_rows * x.shape[-1], 1)
-    step = max(_GRID_BLOCK // per_point, 1)
-    if step >= n_grid or not (is_numpy_namespace(xp) and is_concrete(x)):
+    tail_len = x.shape[-1]
+    if not is_numpy_namespace(xp):
         return xp.mean(xp.log1p(neg_theta[..., :, None] * x[..., None, :]), axis=-1)
-    parts = [
-        xp.mean(
-            xp.log1p(neg_theta[..., j : min(j + step, n_grid), None] * x[..., None, :]), axis=-1
-        )
-        for j in range(0, n_grid, step)
-    ]
-    return xp.concat(parts, axis=-1)
+    per_row = n_grid * tail_len
+    if per_row * n_rows <= _GRID_BLOCK:
+        grid = neg_theta[:, :, None] * x[:, None, :]
+        return xp.sum(xp.log1p(grid, out=grid), axis=-1) / tail_len
+    sums = xp.empty((n_rows, n_grid), dtype=x.dtype)
+    if per_row <= _GRID_BLOCK:
+        step = _GRID_BLOCK // per_row
+        buf = xp.empty((step, n_grid, tail_len), dtype=x.dtype)
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            grid = xp.multiply(neg_theta[r0:r1, :, None], x[r0:r1, None, :], out=buf[: r1 - r0])
+            xp.sum(xp.log1p(grid, out=grid), axis=-1, out=sums[r0:r1])
+    else:
+        step = max(_GRID_BLOCK // (n_rows * tail_len), 1)
+        buf = xp.empty((n_rows, step, tail_len), dtype=x.dtype)
+        for j0 in range(0, n_grid, step):
+            j1 = min(j0 + step, n_grid)
+            grid = xp.multiply(neg_theta[:, j0:j1, None], x[:, None, :], out=buf[:, : j1 - j0])
+            xp.sum(xp.log1p(grid, out=grid), axis=-1, out=sums[:, j0:j1])
+    return sums / tail_len
 
 
 def _gpd_smoothed_tail(
@@ -395,14 +491,26 @@ def _gpd_smoothed_tail(
     return xp.minimum(smoothed, 0.0)
 
 
-def _normalise_rows(xp: Namespace, rows: Array) -> Array:
+def _normalise_rows(xp: Namespace, rows: Array, top: Array | None = None) -> Array:
+    """``rows - logsumexp(rows)`` row by row; ``top`` (B, 1) is the rows' max where known.
+
+    On NumPy, with rows that are a temporary of ours, max 0 or less and a max above -500, the
+    exponentials cannot overflow nor all underflow: no shift is needed and the rows are
+    normalised in place (two passes over the data instead of five).
+    """
+    if top is not None and is_numpy_namespace(xp) and bool(xp.all(top > -500.0)):
+        total = xp.sum(xp.exp(rows), axis=-1, keepdims=True)
+        return xp.subtract(rows, xp.log(total), out=rows)
     total = logsumexp(xp, rows, axis=-1, keepdims=True)
     return rows - xp.where(xp.isfinite(total), total, 0.0)
 
 
 def _psis_rows(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]:
     """PSIS on a ``(B, S)`` array whose rows are batches; returns ``(smoothed, k_hat (B,))``."""
-    shifted = _shift_rows(xp, rows)
+    top = xp.max(rows, axis=-1, keepdims=True)
+    # A row holds NaN or +inf exactly when its max is NaN or +inf: one check on (B, 1).
+    check_log_weights(xp, top)
+    shifted = rows - xp.where(xp.isfinite(top), top, 0.0)
     if tail_len < _MIN_TAIL:
         k_hat = xp.full((rows.shape[0],), xp.inf, dtype=rows.dtype, device=array_device(rows))
         return _normalise_rows(xp, shifted), k_hat
@@ -412,7 +520,8 @@ def _psis_rows(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]
     new_tail = xp.where(ok, smoothed, tail)
     out = _replace_tail(xp, shifted, tail_idx, new_tail, order, sorted_rows)
     k_hat = xp.where(ok, k_hat, xp.inf)
-    return _normalise_rows(xp, out), k_hat[..., 0]
+    # The new tail is ascending and at least the cutoff: its last value is the row max.
+    return _normalise_rows(xp, out, new_tail[:, -1:]), k_hat[..., 0]
 
 
 def _tail_khat(xp: Namespace, tail: Array, cutoff: Array) -> Array:

@@ -78,6 +78,7 @@ def gamma_psis(
     rho_min: Any = 0.3,
     *,
     axis: int = -1,
+    mask: Array | None = None,
     r_eff: float = 1.0,
     k_threshold: float | None = 0.7,
     fallback: float = 0.3,
@@ -111,6 +112,9 @@ def gamma_psis(
         Least acceptable ESS ratio.
     axis : int, default -1
         The sample axis.
+    mask : bool array broadcastable to ``log_w.shape``, optional
+        False removes a sample: it is a zero weight for PSIS (which sorts the whole axis, so it
+        still counts in the tail length ``S``) and is left out of every ESS.
     r_eff : float, default 1.0
         Relative efficiency of the draws, as in :func:`isreshape_core.psis.psis`.
     k_threshold : float or None, default 0.7
@@ -149,7 +153,7 @@ def gamma_psis(
     >>> print(np.round(gamma, 3), np.round(k_hat, 2), fallback_used)
     [1.    0.087] [0.17 3.79] [False  True]
     """
-    xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=None)
+    xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_rho_min(rho_min)
     _check_bounds(gamma_min, gamma_max)
     check_gamma(fallback, "fallback")
@@ -168,8 +172,8 @@ def gamma_psis(
 
     smoothed, k_hat = psis(l, axis=axis, r_eff=r_eff)
     bounds = {"gamma_min": gamma_min, "gamma_max": gamma_max, "max_iter": max_iter}
-    gamma_smoothed = gamma_ess(smoothed, rho_min, axis=axis, **bounds)
-    gamma_raw = gamma_ess(l, rho_min, axis=axis, **bounds)
+    gamma_smoothed = gamma_ess(smoothed, rho_min, axis=axis, mask=mask, **bounds)
+    gamma_raw = gamma_ess(l, rho_min, axis=axis, mask=mask, **bounds)
     estimable = xp.isfinite(k_hat)
     fallback_used = estimable & (k_hat > threshold)
     conservative = xp.minimum(gamma_raw, as_compute_array(xp, fallback, l.dtype, like=l))
@@ -238,6 +242,7 @@ def gamma_tail(
     *,
     k_target: float = 0.5,
     axis: int = -1,
+    mask: Array | None = None,
     r_eff: float = 1.0,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
@@ -267,6 +272,9 @@ def gamma_tail(
         Target Pareto shape, ``> 0``.
     axis : int, default -1
         The sample axis.
+    mask : bool array broadcastable to ``log_w.shape``, optional
+        False removes a sample: it is a zero weight for PSIS (which sorts the whole axis, so it
+        still counts in the tail length ``S``) and is left out of every ESS.
     r_eff : float, default 1.0
         Relative efficiency of the draws, as in :func:`isreshape_core.psis.psis`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
@@ -299,7 +307,7 @@ def gamma_tail(
     >>> print(np.round(gamma, 3), np.round(k_hat, 2), np.round(k_hat_gamma, 2))
     [1.    0.572] [0.12 0.87] [0.12 0.5 ]
     """
-    xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=None)
+    xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     k_target = _check_positive(k_target, "k_target", "0.5 (finite variance) is the usual target")
     r_eff = _check_r_eff(r_eff)
     _check_bounds(gamma_min, gamma_max)
@@ -322,6 +330,7 @@ def gamma_combined(
     *,
     k_target: float = 0.5,
     axis: int = -1,
+    mask: Array | None = None,
     r_eff: float = 1.0,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
@@ -341,7 +350,7 @@ def gamma_combined(
         Least acceptable ESS ratio.
     k_target : float, default 0.5
         Target Pareto shape of ``w^gamma``.
-    axis, r_eff, gamma_min, gamma_max
+    axis, mask, r_eff, gamma_min, gamma_max
         As in :func:`gamma_tail`.
     max_iter : int, default 16
         Iterations of :func:`isreshape_core.gamma_ess`.
@@ -374,12 +383,19 @@ def gamma_combined(
         log_w,
         k_target=k_target,
         axis=axis,
+        mask=mask,
         r_eff=r_eff,
         gamma_min=gamma_min,
         gamma_max=gamma_max,
         max_iter=tail_iter,
     )
     gamma_e = gamma_ess(
-        log_w, rho_min, axis=axis, gamma_min=gamma_min, gamma_max=gamma_max, max_iter=max_iter
+        log_w,
+        rho_min,
+        axis=axis,
+        mask=mask,
+        gamma_min=gamma_min,
+        gamma_max=gamma_max,
+        max_iter=max_iter,
     )
     return namespace(gamma_e).minimum(gamma_e, gamma_t), k_hat

@@ -164,3 +164,25 @@ def test_same_result_under_jax_jit():
         traced = jax.jit(fn)(x)
         for a, b in zip(eager, traced, strict=True):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-12)
+
+
+def test_masked_samples_are_zero_weights_for_psis_and_left_out_of_the_ess(xp):
+    rng = np.random.default_rng(11)
+    log_w = rng.normal(0.0, 1.5, size=(2, 300))
+    mask = rng.random((2, 300)) < 0.8
+    garbage = xp.asarray(np.where(mask, log_w, 50.0))  # masked values must not matter
+    zeroed = np.where(mask, log_w, -np.inf)
+    m = xp.asarray(mask)
+    # combined: the ESS of the valid samples meets rho_min (brute force).
+    gamma = to_numpy(gamma_combined(garbage, 0.3, mask=m)[0])
+    for i in range(2):
+        assert ess_ratio_brute(log_w[i][mask[i]], gamma[i]) >= 0.3 - 1e-12
+    # psis: the ESS of arviz-stats' smoothed valid weights meets rho_min.
+    gamma, k_hat, _ = (to_numpy(a) for a in gamma_psis(garbage, 0.3, mask=m))
+    smoothed_ref, k_ref = arviz_psislw(zeroed)
+    np.testing.assert_allclose(k_hat, k_ref, atol=1e-10)
+    for i in range(2):
+        assert ess_ratio_brute(smoothed_ref[i][mask[i]], gamma[i]) >= 0.3 - 1e-12
+    # tail: the same as zero weights in place of the masked samples.
+    got = to_numpy(gamma_tail(garbage, mask=m)[0])
+    np.testing.assert_allclose(got, to_numpy(gamma_tail(xp.asarray(zeroed))[0]))
