@@ -1,7 +1,8 @@
-"""Sessions: ``tests(backend)`` for numpy, strict, torch, jax; ``lint``.
+"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl`` and ``lint``.
 
-``nox -s tests`` runs every backend, each in its own virtual environment; ``nox -s lint tests``
-is what CI runs (``.ci/run``).
+``nox -s lint tests`` is what CI runs (``.ci/run``); each backend runs in its own virtual
+environment with the ``xp`` fixture restricted to it. The verl and TRL integrations have their own
+sessions because they pull large frameworks.
 """
 
 from __future__ import annotations
@@ -14,12 +15,25 @@ nox.options.error_on_missing_interpreters = True
 
 # torch==2.13.0 is the CPU build on these machines' local wheel store; an open range would pull a
 # multi-GB CUDA build from the registry.
+TORCH = "torch==2.13.0"
 BACKEND_REQUIREMENTS = {
     "numpy": [],
     "strict": [],
-    "torch": ["torch==2.13.0"],
-    "jax": ["jax>=0.4.35"],
+    "torch": [TORCH],
+    "jax": ["jax>=0.4.35", "optax>=0.2.4"],
 }
+# The docstring examples run once, in the session that has their framework.
+DOCTESTS = {
+    "numpy": ["isreshape_core", "isreshape_cli"],
+    "strict": [],
+    "torch": [
+        "adapters/isreshape_torch/__init__.py",
+        "adapters/isreshape_torch/loss.py",
+        "adapters/isreshape_torch/distributed.py",
+    ],
+    "jax": ["adapters/isreshape_jax"],
+}
+ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @nox.session
@@ -28,19 +42,56 @@ def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite with the ``xp`` fixture restricted to one array backend."""
     if BACKEND_REQUIREMENTS[backend]:
         session.install(*BACKEND_REQUIREMENTS[backend])
+    session.install("-e", ".[test,plot]")
+    doctests = ["--doctest-modules", *DOCTESTS[backend]] if DOCTESTS[backend] else []
+    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    session.run(
+        "python", "-m", "pytest", "tests", *doctests, *args, env={"ISRESHAPE_XP": backend, **ENV}
+    )
+
+
+@nox.session
+def tests_verl(session: nox.Session) -> None:
+    """The verl policy-loss integration, against real verl 0.9 (installed without its deps)."""
+    session.install("--no-deps", "verl==0.9.*")
+    session.install(
+        TORCH,
+        "ray>=2.41.0",
+        "tensordict>=0.8.0,!=0.9.0,<=0.10.0",
+        "transformers>=5.5.3,<5.11,!=5.6.0",
+        "omegaconf",
+        "hydra-core",
+        "codetiming",
+        "orjson",
+        "packaging",
+    )
     session.install("-e", ".[test]")
-    args = session.posargs or ["-q"]
-    paths = ["tests"]
-    if backend == "numpy":
-        # The docstring examples use numpy inputs: run them once, here.
-        paths = ["--doctest-modules", "isreshape_core", "tests"]
     session.run(
         "python",
         "-m",
         "pytest",
-        *paths,
-        *args,
-        env={"ISRESHAPE_XP": backend, "TORCHINDUCTOR_COMPILE_THREADS": "1"},
+        "tests/integrations/test_verl.py",
+        "--doctest-modules",
+        "adapters/isreshape_torch/verl.py",
+        "-q",
+        env={"ISRESHAPE_XP": "numpy", **ENV},
+    )
+
+
+@nox.session
+def tests_trl(session: nox.Session) -> None:
+    """The TRL GRPOTrainer integration: a few real steps on a tiny offline GPT-2."""
+    session.install(TORCH, "trl>=1.16,<2")
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/integrations/test_trl.py",
+        "--doctest-modules",
+        "adapters/isreshape_torch/trl.py",
+        "-q",
+        env={"ISRESHAPE_XP": "numpy", **ENV},
     )
 
 

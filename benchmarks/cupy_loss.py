@@ -114,6 +114,7 @@ def main() -> None:
     }
     try:
         import torch
+
         from isreshape_torch import is_reshape_loss
 
         if torch.cuda.is_available():

@@ -25,7 +25,6 @@ from ._array import (
     reduce_max,
     reduce_sum,
     sample_count,
-    tempered_log_weights,
 )
 from .ess import kish_from_sums, log_abs
 
@@ -144,35 +143,37 @@ def gamma_closed_form(
 
 def _ess_and_slope(
     xp: Namespace,
-    l: Array,
-    log_r: Array | None,
+    d: Array,
+    offset: Array,
     g: Array,
     n_pos: Array,
     axis: int,
     reducer: Reducer | None,
+    *,
+    shifted: bool,
 ):
-    """``ESS(g)``, ``log ESS(g)`` and ``d log ESS / d g`` of the weights ``w^g`` (times ``|r|``).
+    """``ESS(g)``, ``log ESS(g)`` and ``d log ESS / d g`` of the weights ``exp(g d + offset)``.
 
-    One exponential per sample: with ``e = exp(g l + log|r| - max)``, the weights at ``2g`` are
-    ``e^2``, and ``d/dg LSE(g l + c) = E_softmax[l]``. ``ESS`` comes from the same shifted sums
-    as in :func:`isreshape_core.ess.kish_ess_from_log`, so that the feasibility decided here is
-    what :func:`ess_ratio` reports for the returned gamma. With a ``reducer``, the four sums
-    travel in one collective.
+    ``d`` is the log weight with zero weights set to 0 and, where ``shifted``, the row maximum
+    already subtracted (then ``g d + offset <= 0`` needs no further shift, since ``g >= 0``);
+    ``offset`` is ``-inf`` for zero weights and ``log|r|`` (or 0) otherwise. One exponential per
+    sample: with ``e = exp(g d + offset - max)`` the weights at ``2g`` are ``e^2``, and
+    ``d/dg LSE(g d + c) = E_softmax[d]``. ``ESS`` is Kish's, clipped as in
+    :func:`isreshape_core.ess.kish_from_sums`. With a ``reducer``, the four sums travel in one
+    collective.
     """
-    z = tempered_log_weights(xp, l, g)
-    if log_r is not None:
-        z = z + log_r
-    m = reduce_max(xp, z, axis, reducer, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0)
-    e = xp.exp(z - m)
+    z = g * d + offset
+    if not shifted:
+        m = reduce_max(xp, z, axis, reducer, keepdims=True)
+        z = z - xp.where(xp.isfinite(m), m, 0.0)
+    e = xp.exp(z)
     e2 = e * e
-    lf = xp.where(l > -xp.inf, l, 0.0)
     sums = xp.stack(
         [
             xp.sum(e, axis=axis),
             xp.sum(e2, axis=axis),
-            xp.sum(e * lf, axis=axis),
-            xp.sum(e2 * lf, axis=axis),
+            xp.sum(e * d, axis=axis),
+            xp.sum(e2 * d, axis=axis),
         ]
     )
     if reducer is not None:
@@ -195,7 +196,7 @@ def gamma_ess(
     mask: Array | None = None,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
-    max_iter: int = 16,
+    max_iter: int = 12,
     rewards: Array | None = None,
     reducer: Reducer | None = None,
 ) -> Array:
@@ -230,7 +231,8 @@ def gamma_ess(
     max_iter : int
         Newton/bisection iterations after the two end-point checks. Bisection alone would give a
         bracket of width ``(gamma_max - gamma_min) / 2**max_iter``; Newton converges to rounding in
-        a median of about 5 iterations on log-normal and Student-t weights.
+        a median of about 6 iterations on log-normal and Student-t weights; at the default 12,
+        the largest distance to a 200-step bisection over 300 mixed test batches was 2e-10.
     rewards : array broadcastable to ``log_w``, optional
         Use the gradient ESS of ``w^gamma |r|`` (:func:`gradient_ess`) instead of Kish's ESS of
         ``w^gamma``. The constraint is then relative to what the rewards alone allow,
@@ -272,8 +274,19 @@ def gamma_ess(
     n_pos = reduce_sum(xp, xp.astype(l > -xp.inf, l.dtype), axis, reducer)
     informative = n_pos > 0
 
+    # Loop invariants: zero weights as an offset of -inf, and (for Kish's ESS) the log weights
+    # shifted by their maximum once, so that no iteration needs a max-reduction or a collective
+    # for it: max(g l) = g max(l) for g >= 0.
+    finite = l > -xp.inf
+    offset = xp.where(finite, xp.zeros_like(l) if log_r is None else log_r, -xp.inf)
+    d = xp.where(finite, l, 0.0)
+    if log_r is None:
+        top = reduce_max(xp, l, axis, reducer, keepdims=True)
+        d = xp.where(finite, d - xp.where(xp.isfinite(top), top, 0.0), 0.0)
+
     def stats_at(g):
-        return _ess_and_slope(xp, l, log_r, xp.expand_dims(g, axis=axis), n_pos, axis, reducer)
+        g = xp.expand_dims(g, axis=axis)
+        return _ess_and_slope(xp, d, offset, g, n_pos, axis, reducer, shifted=log_r is None)
 
     # The ESS that gamma must reach, with a margin of a few ulps so that the returned gamma meets
     # rho_min also when the ratio is recomputed in another order (e.g. fused by a compiler).

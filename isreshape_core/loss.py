@@ -13,10 +13,12 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal
 
+from . import psis_gamma
 from ._array import (
     Array,
     Namespace,
     Reducer,
+    array_device,
     as_compute_array,
     broadcast_mask,
     check_log_weights,
@@ -45,6 +47,7 @@ LOSS_AGG_MODES = (
 #: ``-stop_grad(w^gamma) r log pi``. Both have the gradient ``-r w^gamma grad log pi``.
 LOSS_FORMS = ("objective", "reinforce")
 _LEVELS = ("sequence", "geometric", "token")
+_PARETO_METHODS = {"psis": "gamma_psis", "tail": "gamma_tail", "combined": "gamma_combined"}
 
 
 def _check_choice(value: Any, name: str, choices: tuple) -> None:
@@ -70,7 +73,7 @@ def _aggregation_weights(
         return m / xp.where(total > 0, total, 1.0)
     n_seq = m.shape[0] * 1.0
     if reducer is not None:
-        n_seq = reducer.sum(xp.asarray(n_seq, dtype=m.dtype))
+        n_seq = reducer.sum(xp.asarray(n_seq, dtype=m.dtype, device=array_device(m)))
     if loss_agg_mode == "seq-mean-token-sum":
         return m / n_seq
     if loss_agg_mode == "seq-mean-token-mean":
@@ -150,7 +153,8 @@ def is_reshape_loss_and_grad(
     metrics : dict of 0-d arrays
         ``gamma`` (mean over groups), ``sigma2`` (variance of the unit log weights),
         ``ess_ratio`` (at gamma) and ``ess_ratio_at_1`` (means over groups), ``max_weight``
-        (largest normalised unit weight), and ``k_hat`` for the Pareto methods.
+        (largest normalised unit weight), and ``k_hat`` (the largest over groups) for the
+        Pareto methods ``"psis"``, ``"tail"``, ``"combined"``.
 
     Examples
     --------
@@ -246,22 +250,36 @@ def is_reshape_loss_and_grad(
         gamma_axis_l = xp.reshape(unit_l, shape)
         gamma_axis_mask = xp.reshape(unit_valid, shape)
         gamma_reducer = None  # a group lives on one shard
-    g = select_gamma(
-        gamma_axis_l,
-        rho_min,
-        method=gamma,
-        axis=-1,
-        mask=gamma_axis_mask,
-        reducer=gamma_reducer,
-        **gamma_options,
-    )
+    k_hat = None
+    if gamma in _PARETO_METHODS:
+        if gamma_reducer is not None:
+            raise ValueError(
+                f"gamma={gamma!r} needs the whole sample on one process (PSIS sorts it); with a "
+                "reducer use group_size (groups live on one shard) or gamma='ess'"
+            )
+        # Called directly (not through select_gamma) to keep k_hat for the metrics.
+        rule = getattr(psis_gamma, _PARETO_METHODS[gamma])
+        args = (gamma_axis_l,) if gamma == "tail" else (gamma_axis_l, rho_min)
+        g, k_hat = rule(*args, axis=-1, mask=gamma_axis_mask, **gamma_options)[:2]
+    else:
+        g = select_gamma(
+            gamma_axis_l,
+            rho_min,
+            method=gamma,
+            axis=-1,
+            mask=gamma_axis_mask,
+            reducer=gamma_reducer,
+            **gamma_options,
+        )
     masked_l = xp.where(gamma_axis_mask, gamma_axis_l, -xp.inf)
     g_row = g[..., None] if g.ndim else g
     # Per-unit gamma, broadcast back to the units' shape.
     unit_g = xp.reshape(xp.broadcast_to(g_row, masked_l.shape), tuple(unit_l.shape))
 
     # --- metrics (detached statistics of the unit weights) -----------------------------------
-    metrics = _metrics(xp, masked_l, g, gamma_reducer)
+    metrics = _metrics(xp, masked_l, g, gamma_reducer, reducer if gamma_reducer is None else None)
+    if k_hat is not None:
+        metrics["k_hat"] = xp.max(k_hat)  # the worst group's (Pareto methods run unsharded)
 
     # --- value and gradient ------------------------------------------------------------------
     c = _aggregation_weights(xp, mask, dtype, loss_agg_mode, loss_scale_factor, reducer)
@@ -302,24 +320,45 @@ def is_reshape_loss_and_grad(
 
 
 def _metrics(
-    xp: Namespace, masked_l: Array, gamma: Array, reducer: Reducer | None
+    xp: Namespace,
+    masked_l: Array,
+    gamma: Array,
+    stats_reducer: Reducer | None,
+    merge_reducer: Reducer | None,
 ) -> dict[str, Array]:
-    """0-d summaries of the unit log weights ``masked_l`` (rows = groups, -inf = invalid)."""
+    """0-d summaries of the unit log weights ``masked_l`` (rows = groups, -inf = invalid).
+
+    ``stats_reducer`` merges the samples of a row across shards (one batch-wide gamma);
+    ``merge_reducer`` merges the per-row summaries across shards (groups live on one shard), so
+    that every shard reports the metrics of the whole batch.
+    """
     axis = -1
-    count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, reducer)
+    count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, stats_reducer)
     n = xp.where(count > 0, count, 1.0)
     g_row = gamma[..., None] if gamma.ndim else gamma
-    ess_at_gamma = kish_ess_from_log(xp, tempered_log_weights(xp, masked_l, g_row), axis, reducer)
-    ess_at_1 = kish_ess_from_log(xp, masked_l, axis, reducer)
-    _, sigma2 = _log_variance_stats(xp, masked_l, axis, reducer)
-    lse = logsumexp(xp, masked_l, axis, reducer=reducer)
+    z = tempered_log_weights(xp, masked_l, g_row)
+    ess_at_gamma = kish_ess_from_log(xp, z, axis, stats_reducer)
+    ess_at_1 = kish_ess_from_log(xp, masked_l, axis, stats_reducer)
+    _, sigma2 = _log_variance_stats(xp, masked_l, axis, stats_reducer)
+    lse = logsumexp(xp, masked_l, axis, reducer=stats_reducer)
     informative = lse > -xp.inf
-    top = reduce_max(xp, masked_l, axis, reducer)
+    top = reduce_max(xp, masked_l, axis, stats_reducer)
     max_weight = xp.where(informative, xp.exp(top - xp.where(informative, lse, 0.0)), 0.0)
+    rows = [gamma, sigma2, ess_at_gamma / n, ess_at_1 / n]
+    rows = [xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for v in rows]
+    totals = xp.stack(
+        [xp.sum(v) for v in rows]
+        + [xp.asarray(rows[0].shape[0] * 1.0, dtype=n.dtype, device=array_device(n))]
+    )
+    worst = xp.max(max_weight)
+    if merge_reducer is not None:
+        totals = merge_reducer.sum(totals)
+        worst = merge_reducer.max(worst)
+    means = totals[:4] / totals[4]
     return {
-        "gamma": xp.mean(gamma),
-        "sigma2": xp.mean(sigma2),
-        "ess_ratio": xp.mean(ess_at_gamma / n),
-        "ess_ratio_at_1": xp.mean(ess_at_1 / n),
-        "max_weight": xp.max(max_weight),
+        "gamma": means[0],
+        "sigma2": means[1],
+        "ess_ratio": means[2],
+        "ess_ratio_at_1": means[3],
+        "max_weight": worst,
     }

@@ -206,3 +206,9 @@ def test_select_gamma_bad_arguments(xp, kwargs, error, message):
     rho = kwargs.pop("rho_min", 0.3)
     with pytest.raises(error, match=message):
         isr.select_gamma(l, rho, **kwargs)
+
+
+def test_float32_in_float32_out(xp):
+    l = xp.asarray(np.random.default_rng(9).normal(0, 2, 300).astype(np.float32))
+    for method in ("ess", "closed_form"):
+        assert isr.select_gamma(l, method=method).dtype == xp.float32

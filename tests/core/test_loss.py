@@ -181,8 +181,8 @@ def test_shards_equal_the_whole_batch(group_size):
     results = run_sharded(step, shards)
     for shard_loss, _, shard_metrics in results:
         np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
-        if group_size is None:
-            np.testing.assert_allclose(shard_metrics["gamma"], metrics["gamma"], rtol=1e-12)
+        for name, value in metrics.items():  # batch-wide or per-group: the whole batch's
+            np.testing.assert_allclose(shard_metrics[name], value, rtol=1e-12, err_msg=name)
     np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
 
 
@@ -230,3 +230,19 @@ def test_errors(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         is_reshape_loss_and_grad(**args)
+
+
+def test_pareto_methods_report_k_hat():
+    array_stats = pytest.importorskip("arviz_stats.base").array_stats
+    rng = np.random.default_rng(9)
+    logp = np.log(rng.uniform(0.05, 1.0, (200, 3)))
+    logq = logp + rng.standard_t(3, (200, 3))
+    rewards = rng.normal(size=200)
+    l = np.asarray(isr.log_weights(logp, logq))
+    _, k_ref = array_stats.psislw(-l, axis=-1)
+    for method in ("psis", "tail", "combined"):
+        _, _, metrics = is_reshape_loss_and_grad(logp, logq, rewards, gamma=method)
+        np.testing.assert_allclose(metrics["k_hat"], k_ref, rtol=1e-10)
+        np.testing.assert_allclose(metrics["gamma"], isr.select_gamma(l, method=method))
+    _, _, metrics = is_reshape_loss_and_grad(logp, logq, rewards, gamma="ess")
+    assert "k_hat" not in metrics

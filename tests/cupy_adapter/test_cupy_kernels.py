@@ -12,11 +12,12 @@ import importlib.util
 
 import numpy as np
 import pytest
+
 from isreshape_cupy import kernels
 
 
 def _import_cupy():
-    # tests/cupy/ itself would import as a namespace package named "cupy": require the real one.
+    # A folder named cupy on sys.path would import as a namespace package: require the real one.
     spec = importlib.util.find_spec("cupy")
     if spec is None or spec.origin is None:
         pytest.skip("CuPy is not installed (pip install cupy-cuda12x)")

@@ -15,10 +15,10 @@ import pytest
 from _helpers import to_numpy
 from hypothesis import given
 from hypothesis import strategies as st
-from isreshape_cupy import is_reshape_loss_and_grad, kernels
-from isreshape_cupy.loss import _fused_loss_and_grad
 
 from isreshape_core.gamma import GAMMA_METHODS
+from isreshape_cupy import is_reshape_loss_and_grad, kernels
+from isreshape_cupy.loss import _fused_loss_and_grad
 
 LOSS_AGG_MODES = (
     "token-mean",

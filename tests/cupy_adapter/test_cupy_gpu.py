@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 _spec = importlib.util.find_spec("cupy")
-if _spec is None or _spec.origin is None:  # tests/cupy/ would otherwise import as "cupy"
+if _spec is None or _spec.origin is None:  # a folder named cupy on sys.path would import as "cupy"
     pytest.skip("CuPy is not installed: the GPU tests need cupy-cuda12x", allow_module_level=True)
 import cupy  # noqa: E402
 

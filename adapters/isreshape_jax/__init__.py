@@ -1,0 +1,11 @@
+"""isreshape_jax: the IS Reshape loss for JAX (custom_jvp, jit, vmap, collectives on a mesh axis).
+
+A thin layer over :mod:`isreshape_core`: :func:`is_reshape_loss` calls the core's
+value-plus-derivative and registers the exact gradient with :func:`jax.custom_jvp`;
+:class:`AxisReducer` merges the statistics of data-parallel shards with ``lax.psum`` /
+``lax.pmax`` over a named axis (``shard_map``, ``pmap``).
+"""
+
+from .loss import AxisReducer, is_reshape_loss
+
+__all__ = ["AxisReducer", "is_reshape_loss"]

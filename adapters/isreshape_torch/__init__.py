@@ -1,0 +1,11 @@
+"""isreshape_torch: the IS Reshape loss for PyTorch (autograd, torch.compile, torch.distributed).
+
+A thin layer over :mod:`isreshape_core`: :func:`is_reshape_loss` and :class:`ISReshapeLoss` call
+the core's value-plus-derivative on detached tensors and register the exact gradient with
+autograd; :class:`TorchDistributedReducer` merges the statistics of data-parallel ranks.
+"""
+
+from .distributed import TorchDistributedReducer, resolve_reducer
+from .loss import ISReshapeLoss, is_reshape_loss
+
+__all__ = ["ISReshapeLoss", "TorchDistributedReducer", "is_reshape_loss", "resolve_reducer"]
