@@ -50,6 +50,10 @@ _PRIOR_K_MEAN = 0.5
 _MIN_TAIL = 5
 #: Largest temporary (in elements) of the eager Zhang-Stephens grid computation (256 KiB).
 _GRID_BLOCK = 32768
+#: Largest temporary (in elements) of the eager NumPy normalisation (512 KiB).
+_EXP_BLOCK = 65536
+#: Largest block of the NumPy block-max prefilter of the tail selection.
+_MAX_BLOCK = 64
 
 
 def psis_tail_length(n: int, r_eff: float = 1.0) -> int:
@@ -271,45 +275,46 @@ def _has_indexed_update(xp: Namespace) -> bool:
     return is_numpy_namespace(xp) or is_cupy_namespace(xp) or is_jax_namespace(xp)
 
 
-def _block_size(n: int, tail_len: int) -> int:
-    """Block length of the NumPy block-max prefilter of :func:`_sorted_tail` (0: not used).
-
-    ``b`` balances the two selections it leaves, over ``n / b`` block maxima and over the
-    ``b·(M+1)`` draws of the chosen blocks; below ``n = 8·(M+1)`` it does not pay off.
-    """
+def _block_size(n_rows: int, n: int, tail_len: int) -> int:
+    """Block length of the NumPy block-max prefilter of :func:`_numpy_top` (0: not used)."""
     ratio = n / (tail_len + 1)
-    if ratio < 8:
+    if ratio < 8 or n * n_rows < _EXP_BLOCK:  # small inputs: the extra calls cost more
         return 0
-    return min(int(ratio**0.5), 16)
+    return min(int(ratio**0.5) * 2, int(ratio), _MAX_BLOCK)
 
 
 def _numpy_top(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]:
     """Values and positions of the ``M+1`` largest entries of each row, in position order.
 
-    NumPy only (eager). With a block size ``b`` (:func:`_block_size`) the row is cut into
-    ``nb = n // b`` strided blocks ``{j, j + nb, j + 2·nb, ...}`` (plus the ``n - b·nb`` last
-    draws, always kept); the ``M+1`` blocks with the largest maxima hold the ``M+1`` largest
-    draws (every draw of another block is at most the smallest chosen block max, and the
-    chosen maxima are ``M+1`` draws at least that large), so ``argpartition`` runs on
-    ``nb + b·(M+1)`` values instead of ``n``. Without blocks it runs on the row.
+    NumPy only (eager). ``argpartition`` costs about 10 ns a value here, so where the rows are
+    long it runs on a few candidates only. The row is cut into ``nb = n // b`` strided blocks
+    ``{j, j + nb, j + 2·nb, ...}`` (``b`` from :func:`_block_size`); the ``(M+1)``-th largest
+    block max ``L`` is a lower bound of the ``(M+1)``-th largest draw (the ``M+1`` largest
+    maxima are ``M+1`` draws at least ``L``), so the draws ``>= L`` (a few percent of the row)
+    hold the ``M+1`` largest. They are gathered, in position order, into a ``(B, width)``
+    array padded with ``-inf`` (never selected: every row has ``M+1`` finite candidates), on
+    which ``argpartition`` runs. Rows whose bound is ``-inf`` (many zero weights) use the
+    whole row.
     """
     n_rows, n = rows.shape
     k1 = tail_len + 1
-    b = _block_size(n, tail_len)
+    b = _block_size(n_rows, n, tail_len)
+    cand, pos = rows, None
     if b:
         nb = n // b
         maxima = xp.max(xp.reshape(rows[:, : nb * b], (n_rows, b, nb)), axis=1)
-        blocks = xpx.argpartition(maxima, nb - k1, axis=-1, xp=xp)[:, nb - k1 :]
-        blocks = xp.sort(blocks, axis=-1)
-        # Positions j + nb·i, i-major: ascending because every j < nb.
-        offsets = xp.arange(0, nb * b, nb, dtype=blocks.dtype)
-        pos = xp.reshape(blocks[:, None, :] + offsets[:, None], (n_rows, b * k1))
-        if nb * b < n:
-            rest = xp.arange(nb * b, n, dtype=blocks.dtype)
-            pos = xp.concat([pos, xp.broadcast_to(rest, (n_rows, n - nb * b))], axis=-1)
-        cand = xp.take_along_axis(rows, pos, axis=-1)
-    else:
-        pos, cand = None, rows
+        bound = xpx.partition(maxima, nb - k1, axis=-1, xp=xp)[:, nb - k1 : nb - k1 + 1]
+        if bool(xp.all(bound > -xp.inf)):
+            keep = rows >= bound
+            counts = xp.count_nonzero(keep, axis=-1)
+            flat = xp.nonzero(xp.reshape(keep, (-1,)))[0]
+            row_of = flat // n
+            slot = xp.arange(flat.shape[0]) - (xp.cumulative_sum(counts) - counts)[row_of]
+            width = int(xp.max(counts))
+            cand = xp.full((n_rows, width), -xp.inf, dtype=rows.dtype)
+            cand[row_of, slot] = xp.reshape(rows, (-1,))[flat]
+            pos = xp.zeros((n_rows, width), dtype=flat.dtype)
+            pos[row_of, slot] = flat - row_of * n
     kth = cand.shape[-1] - k1
     top = xp.sort(xpx.argpartition(cand, kth, axis=-1, xp=xp)[:, kth:], axis=-1)
     pos = top if pos is None else xp.take_along_axis(pos, top, axis=-1)
@@ -397,11 +402,10 @@ def _gpd_fit(xp: Namespace, tail: Array, cutoff: Array) -> tuple[Array, Array, A
     tail_len = tail.shape[-1]
     exp_cut = xp.exp(cutoff)
     x = xp.exp(tail) - exp_cut
-    lowest, highest = tail[..., :1], tail[..., -1:]
-    # Equal tail (arviz-stats raises, R loo warns and leaves it): compare on the log scale.
-    finite_low = lowest > -xp.inf  # then the whole tail is finite
-    spread = xp.where(finite_low, highest - xp.where(finite_low, lowest, 0.0), 0.0)
-    ok = finite_low & (spread >= finfo.smallest_normal)
+    # Equal tail (arviz-stats raises, R loo warns and leaves it): equal exceedances, the values
+    # that are fitted (log values a few ulps apart can have equal exponentials, and whether
+    # they do changes with a common shift). A tail holding -inf is not fitted either.
+    ok = (tail[..., :1] > -xp.inf) & (x[..., -1:] > x[..., :1])
     star = int(tail_len / 4 + 0.5) - 1  # arviz-stats `_gpdfit` index of the quartile x*
     ok = ok & (x[..., star : star + 1] > 0)
     # Rows without a fit get a harmless stand-in sample, so that no NaN or warning arises.
@@ -491,6 +495,34 @@ def _gpd_smoothed_tail(
     return xp.minimum(smoothed, 0.0)
 
 
+def _numpy_sum_exp(xp: Namespace, rows: Array) -> Array:
+    """``sum(exp(rows), axis=-1, keepdims=True)`` on NumPy, through a reused buffer.
+
+    The exponentials of a large ``(B, S)`` array are taken a block of rows (or of one row) at
+    a time into a buffer of about ``_EXP_BLOCK`` elements that stays in cache, instead of into
+    a fresh array as large as ``rows`` whose page faults cost more than ``exp`` itself.
+    """
+    n_rows, n = rows.shape
+    if n_rows * n <= _EXP_BLOCK:
+        return xp.sum(xp.exp(rows), axis=-1, keepdims=True)
+    if n <= _EXP_BLOCK:
+        total = xp.empty((n_rows, 1), dtype=rows.dtype)
+        step = _EXP_BLOCK // n
+        buf = xp.empty((step, n), dtype=rows.dtype)
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            part = xp.exp(rows[r0:r1], out=buf[: r1 - r0])
+            xp.sum(part, axis=-1, keepdims=True, out=total[r0:r1])
+        return total
+    step = max(_EXP_BLOCK // n_rows, 1024)
+    buf = xp.empty((n_rows, step), dtype=rows.dtype)
+    total = xp.zeros((n_rows, 1), dtype=rows.dtype)
+    for c0 in range(0, n, step):
+        c1 = min(c0 + step, n)
+        total += xp.sum(xp.exp(rows[:, c0:c1], out=buf[:, : c1 - c0]), axis=-1, keepdims=True)
+    return total
+
+
 def _normalise_rows(xp: Namespace, rows: Array, top: Array | None = None) -> Array:
     """``rows - logsumexp(rows)`` row by row; ``top`` (B, 1) is the rows' max where known.
 
@@ -499,8 +531,7 @@ def _normalise_rows(xp: Namespace, rows: Array, top: Array | None = None) -> Arr
     normalised in place (two passes over the data instead of five).
     """
     if top is not None and is_numpy_namespace(xp) and bool(xp.all(top > -500.0)):
-        total = xp.sum(xp.exp(rows), axis=-1, keepdims=True)
-        return xp.subtract(rows, xp.log(total), out=rows)
+        return xp.subtract(rows, xp.log(_numpy_sum_exp(xp, rows)), out=rows)
     total = logsumexp(xp, rows, axis=-1, keepdims=True)
     return rows - xp.where(xp.isfinite(total), total, 0.0)
 

@@ -10,6 +10,10 @@ from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+# Helper scripts that tests run in subprocesses (e.g. with XLA_FLAGS set before jax imports) are
+# not test modules, nor doctest modules.
+collect_ignore_glob = ["*/_*.py"]
+
 settings.register_profile(
     "isreshape",
     max_examples=40,

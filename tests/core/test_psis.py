@@ -248,9 +248,11 @@ def test_float32_input_computes_in_float32(xp):
         np.float64,
         # Few shapes: JAX compiles every operation once per shape in eager mode.
         st.sampled_from([(1, 25), (3, 50)]),
-        elements=st.floats(-30.0, 30.0, allow_nan=False, allow_infinity=False),
+        # Dyadic values (multiples of 1/64), so that adding the shift is exact: a shift that
+        # rounded two distinct values into a tie would change the tail legitimately.
+        elements=st.integers(-1920, 1920).map(lambda i: i / 64.0),
     ),
-    shift=st.floats(-200.0, 200.0),
+    shift=st.integers(-12800, 12800).map(lambda i: i / 64.0),
 )
 def test_properties(xp, log_w, shift):
     smoothed, k_hat = psis(xp.asarray(log_w))
