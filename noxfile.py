@@ -1,15 +1,15 @@
 """Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl`` and ``lint``.
 
-``nox -s lint tests`` is what CI runs (``.ci/run``); each backend runs in its own virtual
-environment with the ``xp`` fixture restricted to it. The verl and TRL integrations have their own
-sessions because they pull large frameworks.
+Plain ``nox`` runs them all, and is what CI runs (``.ci/run``); each array backend runs in its own
+virtual environment with the ``xp`` fixture restricted to it, and the verl and TRL integrations
+have their own environments because they pull large frameworks.
 """
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "tests_verl", "tests_trl"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
