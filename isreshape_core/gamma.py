@@ -175,7 +175,7 @@ def _ess_and_slope(
         s1, s2, t1, t2 = sums[0, ...], sums[1, ...], sums[2, ...], sums[3, ...]
     # A row without a positive weight has s1 = s2 = 0; the floor keeps its logs finite (its
     # gamma is overridden by the caller).
-    tiny = xp.finfo(s1.dtype).tiny
+    tiny = xp.finfo(s1.dtype).smallest_normal
     s1, s2 = xp.maximum(s1, tiny), xp.maximum(s2, tiny)
     log_ess = 2.0 * xp.log(s1) - xp.log(s2)
     slope = 2.0 * (t1 / s1 - t2 / s2)

@@ -34,7 +34,7 @@ from .ess import kish_ess_from_log
 from .gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
 from .objective import _exp_capped, _expm1_capped
 
-__all__ = ["LOSS_AGG_MODES", "LOSS_FORMS", "is_reshape_loss_and_grad"]
+__all__ = ["LOSS_AGG_MODES", "LOSS_FORMS", "check_loss_arguments", "is_reshape_loss_and_grad"]
 
 #: verl's loss aggregation modes (``verl.trainer.ppo.core_algos.agg_loss``).
 LOSS_AGG_MODES = (
@@ -82,6 +82,54 @@ def _aggregation_weights(
     # seq-mean-token-sum-norm: the token sum divided by a constant (the response length T).
     scale = float(m.shape[-1]) if loss_scale_factor is None else float(loss_scale_factor)
     return m / scale
+
+
+def check_loss_arguments(
+    logp: Any,
+    logq: Any,
+    rewards: Any,
+    *,
+    gamma: Any,
+    rho_min: Any,
+    level: Any,
+    loss_agg_mode: Any,
+    form: Any,
+    group_size: Any,
+) -> None:
+    """The boundary checks of :func:`is_reshape_loss_and_grad`, shared with the adapters that
+    reach the core by another path (the CuPy fused kernels), so that every entry point rejects
+    the same inputs with the same messages."""
+    _check_choice(level, "level", _LEVELS)
+    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    _check_choice(form, "form", LOSS_FORMS)
+    if isinstance(gamma, str):
+        _check_choice(gamma, "gamma", GAMMA_METHODS)
+    elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
+        raise TypeError(f"gamma must be a method name or a number in [0, 1], got {gamma!r}")
+    check_rho_min(rho_min)
+    if rewards is None:
+        raise TypeError(
+            "rewards are required (there is no r = 1 default, which would silently train pure "
+            "SFT); pass rewards or advantages of shape (B,) or (B, T)"
+        )
+    for name, value in (("logp", logp), ("logq", logq), ("rewards", rewards)):
+        if not hasattr(value, "shape"):
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    if tuple(logp.shape) != tuple(logq.shape):
+        raise ValueError(
+            f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
+            f"{tuple(logq.shape)}"
+        )
+    if logp.ndim not in (1, 2):
+        raise ValueError(f"logp must have shape (B, T) or (B,), got {tuple(logp.shape)}")
+    if logp.shape[0] == 0:
+        raise ValueError("the batch is empty: logp has no rows")
+    if group_size is not None:
+        B = logp.shape[0]
+        if not isinstance(group_size, numbers.Integral) or group_size <= 0 or B % group_size:
+            raise ValueError(
+                f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
+            )
 
 
 def is_reshape_loss_and_grad(
@@ -169,31 +217,17 @@ def is_reshape_loss_and_grad(
     [[-1. -1.]
      [-2. -2.]]
     """
-    _check_choice(level, "level", _LEVELS)
-    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
-    _check_choice(form, "form", LOSS_FORMS)
-    if isinstance(gamma, str):
-        _check_choice(gamma, "gamma", GAMMA_METHODS)
-    elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
-        raise TypeError(f"gamma must be a method name or a number in [0, 1], got {gamma!r}")
-    check_rho_min(rho_min)
-    if rewards is None:
-        raise TypeError(
-            "rewards are required (there is no r = 1 default, which would silently train pure "
-            "SFT); pass rewards or advantages of shape (B,) or (B, T)"
-        )
-    for name, value in (("logp", logp), ("logq", logq), ("rewards", rewards)):
-        if not hasattr(value, "shape"):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-    if tuple(logp.shape) != tuple(logq.shape):
-        raise ValueError(
-            f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
-            f"{tuple(logq.shape)}"
-        )
-    if logp.ndim not in (1, 2):
-        raise ValueError(f"logp must have shape (B, T) or (B,), got {tuple(logp.shape)}")
-    if logp.shape[0] == 0:
-        raise ValueError("the batch is empty: logp has no rows")
+    check_loss_arguments(
+        logp,
+        logq,
+        rewards,
+        gamma=gamma,
+        rho_min=rho_min,
+        level=level,
+        loss_agg_mode=loss_agg_mode,
+        form=form,
+        group_size=group_size,
+    )
     xp = namespace(logp, logq, rewards, mask)
     one_d = logp.ndim == 1
     logp = as_compute_array(xp, logp)
@@ -215,11 +249,6 @@ def is_reshape_loss_and_grad(
             f"rewards must have shape (B,) = ({B},) or (B, T) = ({B}, {T}), got "
             f"{tuple(rewards.shape)}"
         )
-    if group_size is not None:
-        if not isinstance(group_size, numbers.Integral) or group_size <= 0 or B % group_size:
-            raise ValueError(
-                f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
-            )
     maskf = xp.astype(mask, dtype)
     lp = xp.where(mask, logp, 0.0)
     lq = xp.where(mask, logq, 0.0)

@@ -25,7 +25,7 @@ from ._array import (
     namespace,
     prepare_log_weights,
 )
-from .gamma import gamma_ess
+from .gamma import _check_bounds, gamma_ess
 from .psis import (
     _MIN_TAIL,
     _check_r_eff,
@@ -38,19 +38,6 @@ from .psis import (
 )
 
 __all__ = ["gamma_combined", "gamma_psis", "gamma_tail"]
-
-
-def _check_bounds(gamma_min: Any, gamma_max: Any) -> None:
-    check_gamma(gamma_min, "gamma_min")
-    check_gamma(gamma_max, "gamma_max")
-    if (
-        isinstance(gamma_min, numbers.Real)
-        and isinstance(gamma_max, numbers.Real)
-        and gamma_min > gamma_max
-    ):
-        raise ValueError(
-            f"gamma_min={gamma_min!r} exceeds gamma_max={gamma_max!r}; pass gamma_min <= gamma_max"
-        )
 
 
 def _check_positive(value: Any, name: str, hint: str) -> float:

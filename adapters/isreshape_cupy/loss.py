@@ -12,7 +12,6 @@ array-api-strict), and the ``"token"`` level, goes straight to the core.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,12 +20,10 @@ from isreshape_core._array import (
     Array,
     as_compute_array,
     broadcast_mask,
-    check_rho_min,
     is_concrete,
     namespace,
 )
-from isreshape_core.gamma import GAMMA_METHODS
-from isreshape_core.loss import LOSS_AGG_MODES, LOSS_FORMS
+from isreshape_core.loss import check_loss_arguments
 
 from . import kernels
 
@@ -204,38 +201,17 @@ def _fused_loss_and_grad(
     ``token_grad(mask, scale, shape)`` are the CuPy kernels on a GPU and their NumPy mirrors
     (``kernels._reference_*``) in the CPU tests.
     """
-    # --- the core's boundary checks, with its messages -----------------------------------------
-    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
-    _check_choice(form, "form", LOSS_FORMS)
-    if isinstance(gamma, str):
-        _check_choice(gamma, "gamma", GAMMA_METHODS)
-    elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
-        raise TypeError(f"gamma must be a method name or a number in [0, 1], got {gamma!r}")
-    check_rho_min(rho_min)
-    if rewards is None:
-        raise TypeError(
-            "rewards are required (there is no r = 1 default, which would silently train pure "
-            "SFT); pass rewards or advantages of shape (B,) or (B, T)"
-        )
-    for name, value in (("logp", logp), ("logq", logq), ("rewards", rewards)):
-        if not hasattr(value, "shape"):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-    if tuple(logp.shape) != tuple(logq.shape):
-        raise ValueError(
-            f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
-            f"{tuple(logq.shape)}"
-        )
-    if logp.ndim not in (1, 2):
-        raise ValueError(f"logp must have shape (B, T) or (B,), got {tuple(logp.shape)}")
-    if logp.shape[0] == 0:
-        raise ValueError("the batch is empty: logp has no rows")
-    if group_size is not None:
-        B0 = logp.shape[0]
-        if not isinstance(group_size, numbers.Integral) or group_size <= 0 or B0 % group_size:
-            raise ValueError(
-                f"group_size must be a positive int dividing the batch size {B0}, got "
-                f"{group_size!r}"
-            )
+    check_loss_arguments(
+        logp,
+        logq,
+        rewards,
+        gamma=gamma,
+        rho_min=rho_min,
+        level=level,
+        loss_agg_mode=loss_agg_mode,
+        form=form,
+        group_size=group_size,
+    )
 
     xp = namespace(logp, logq, rewards, mask)
     one_d = logp.ndim == 1
