@@ -111,7 +111,7 @@ def main(argv=None):
         "IS Reshape, exact ESS gamma, token level": lambda lp: is_reshape_loss(
             lp, logq, adv, mask, level="token"
         )[0],
-        "IS Reshape, exact ESS gamma, max_iter=6 (default 10)": lambda lp: is_reshape_loss(
+        "IS Reshape, exact ESS gamma, max_iter=6 (default 12)": lambda lp: is_reshape_loss(
             lp, logq, adv, mask, max_iter=6
         )[0],
         "IS Reshape, fixed gamma 0.5": lambda lp: is_reshape_loss(lp, logq, adv, mask, gamma=0.5)[

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Sequence
 
 #: Modules (relative to this package) that register a sub-command, in the order of ``--help``.
-SUBCOMMANDS: tuple[str, ...] = (".demo",)
+SUBCOMMANDS: tuple[str, ...] = (".demo", ".diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:
