@@ -68,8 +68,9 @@ def namespace(*arrays: Any) -> Namespace:
 
 # array-api-compat's torch wrappers promote a Python scalar operand with `torch.result_type`,
 # which returns a dtype and so breaks a `torch.compile(fullgraph=True)` graph. The core passes
-# Python scalars to `where`, `maximum`, ...: for torch they become 0-d tensors of the other
-# operand's dtype and device first, which is what the array API's promotion rules ask anyway.
+# Python scalars to `where`, `maximum`, ...: while compiling, they become 0-d tensors of the other
+# operand's dtype and device first, which is what the array API's promotion rules ask anyway
+# (eagerly, array-api-compat's own promotion is cheaper and gives the same result).
 _SCALAR_PROMOTING = (
     "where",
     "maximum",
@@ -112,7 +113,12 @@ class _TorchNamespace:
 
     @staticmethod
     def _wrap(fn: Any) -> Any:
+        torch = sys.modules["torch"]
+
         def wrapped(*args: Any) -> Any:
+            if not torch.compiler.is_compiling():
+                # Eager: array-api-compat's own scalar promotion is fine, and cheaper.
+                return fn(*args)
             like = next(
                 (a for a in args if hasattr(a, "dtype") and a.dtype.is_floating_point), None
             )
