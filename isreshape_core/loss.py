@@ -34,7 +34,13 @@ from .ess import kish_ess_from_log
 from .gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
 from .objective import _exp_capped, _expm1_capped
 
-__all__ = ["LOSS_AGG_MODES", "LOSS_FORMS", "check_loss_arguments", "is_reshape_loss_and_grad"]
+__all__ = [
+    "LOSS_AGG_MODES",
+    "LOSS_FORMS",
+    "check_loss_arguments",
+    "is_reshape_loss_and_grad",
+    "prepare_loss_inputs",
+]
 
 #: verl's loss aggregation modes (``verl.trainer.ppo.core_algos.agg_loss``).
 LOSS_AGG_MODES = (
@@ -130,6 +136,40 @@ def check_loss_arguments(
             raise ValueError(
                 f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
             )
+
+
+def prepare_loss_inputs(
+    logp: Array, logq: Array, rewards: Array, mask: Array | None
+) -> tuple[Namespace, Array, Array, Array, Array, bool]:
+    """Inputs of the loss (already checked by :func:`check_loss_arguments`) in the compute dtype.
+
+    Returns ``(xp, logp, logq, rewards, mask, one_d)``: ``logp``, ``logq`` of shape ``(B, T)``
+    (``(B,)`` inputs become ``(B, 1)``, flagged by ``one_d``), ``rewards`` of shape ``(B, 1)``
+    or ``(B, T)`` (not broadcast, so that a fused kernel can broadcast it itself) and ``mask`` a
+    boolean ``(B, T)`` array or broadcast view. Shared by the core and the CuPy fused path.
+    """
+    xp = namespace(logp, logq, rewards, mask)
+    one_d = logp.ndim == 1
+    logp = as_compute_array(xp, logp)
+    dtype = logp.dtype
+    logq = as_compute_array(xp, logq, dtype)
+    if one_d:
+        logp, logq = logp[:, None], logq[:, None]
+        if mask is not None and hasattr(mask, "shape") and mask.ndim == 1:
+            mask = mask[:, None]
+    B, T = logp.shape
+    mask = broadcast_mask(xp, mask, (B, T))
+    if mask is None:
+        mask = xp.broadcast_to(xp.ones((1, 1), dtype=xp.bool, device=array_device(logp)), (B, T))
+    r = as_compute_array(xp, rewards, dtype)
+    if tuple(r.shape) == (B,):
+        r = r[:, None]
+    elif tuple(r.shape) != (B, T):
+        raise ValueError(
+            f"rewards must have shape (B,) = ({B},) or (B, T) = ({B}, {T}), got "
+            f"{tuple(rewards.shape)}"
+        )
+    return xp, logp, logq, r, mask, one_d
 
 
 def is_reshape_loss_and_grad(
@@ -228,27 +268,10 @@ def is_reshape_loss_and_grad(
         form=form,
         group_size=group_size,
     )
-    xp = namespace(logp, logq, rewards, mask)
-    one_d = logp.ndim == 1
-    logp = as_compute_array(xp, logp)
+    xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     dtype = logp.dtype
-    logq = as_compute_array(xp, logq, dtype)
-    if one_d:
-        logp, logq = logp[:, None], logq[:, None]
-        if mask is not None:
-            mask = mask[:, None]
     B, T = logp.shape
-    mask = broadcast_mask(xp, mask, (B, T))
-    if mask is None:
-        mask = xp.ones((B, T), dtype=xp.bool)
-    r = as_compute_array(xp, rewards, dtype)
-    if tuple(r.shape) == (B,):
-        r = xp.broadcast_to(r[:, None], (B, T))
-    elif tuple(r.shape) != (B, T):
-        raise ValueError(
-            f"rewards must have shape (B,) = ({B},) or (B, T) = ({B}, {T}), got "
-            f"{tuple(rewards.shape)}"
-        )
+    r = xp.broadcast_to(r, (B, T))
     maskf = xp.astype(mask, dtype)
     lp = xp.where(mask, logp, 0.0)
     lq = xp.where(mask, logq, 0.0)

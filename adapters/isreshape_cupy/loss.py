@@ -18,12 +18,9 @@ from typing import Any, Literal
 import isreshape_core
 from isreshape_core._array import (
     Array,
-    as_compute_array,
-    broadcast_mask,
     is_concrete,
-    namespace,
 )
-from isreshape_core.loss import check_loss_arguments
+from isreshape_core.loss import check_loss_arguments, prepare_loss_inputs
 
 from . import kernels
 
@@ -213,27 +210,10 @@ def _fused_loss_and_grad(
         group_size=group_size,
     )
 
-    xp = namespace(logp, logq, rewards, mask)
-    one_d = logp.ndim == 1
-    logp = as_compute_array(xp, logp)
+    # rewards stay (B, 1) for per-sequence rewards: the kernel broadcasts them along the tokens.
+    xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     dtype = logp.dtype
-    logq = as_compute_array(xp, logq, dtype)
-    if one_d:
-        logp, logq = logp[:, None], logq[:, None]
-        if mask is not None and hasattr(mask, "shape") and mask.ndim == 1:
-            mask = mask[:, None]
     B, T = logp.shape
-    mask = broadcast_mask(xp, mask, (B, T))
-    if mask is None:
-        mask = xp.broadcast_to(xp.ones((1, 1), dtype=xp.bool), (B, T))
-    r = as_compute_array(xp, rewards, dtype)
-    if tuple(r.shape) == (B,):
-        r = r[:, None]  # broadcast along the tokens inside the kernel
-    elif tuple(r.shape) != (B, T):
-        raise ValueError(
-            f"rewards must have shape (B,) = ({B},) or (B, T) = ({B}, {T}), got "
-            f"{tuple(rewards.shape)}"
-        )
 
     # --- pass 1 over the tokens: per-sequence statistics --------------------------------------
     stats = row_stats(logp, logq, r, mask, level == "geometric", dtype)
