@@ -1,4 +1,4 @@
-"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl`` and ``lint``.
+"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``docs`` and ``lint``.
 
 Plain ``nox`` runs them all, and is what CI runs (``.ci/run``); each array backend runs in its own
 virtual environment with the ``xp`` fixture restricted to it, and the verl and TRL integrations
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "tests_verl", "tests_trl"]
+nox.options.sessions = ["lint", "docs", "tests", "tests_verl", "tests_trl"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -93,6 +93,15 @@ def tests_trl(session: nox.Session) -> None:
         "-q",
         env={"ISRESHAPE_XP": "numpy", **ENV},
     )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the site with ``mkdocs build --strict`` into ``site/``, then its smoke tests."""
+    session.install("-e", ".[docs,test]")
+    env = {"NO_MKDOCS_2_WARNING": "1", "ISRESHAPE_XP": "numpy"}
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env=env)
+    session.run("python", "-m", "pytest", "tests/docs", "-q", "-p", "no:cacheprovider", env=env)
 
 
 @nox.session

@@ -26,6 +26,33 @@ class Reducer(Protocol):
     core reduces its shard locally and hands the partial result to ``sum`` or ``max``, which
     must return the reduction over all shards (an all-reduce), with the same shape. Adapters
     provide one for ``torch.distributed`` and for a JAX named axis; ``None`` means one shard.
+
+    Examples
+    --------
+    Two shards of a batch, simulated in one process: the reducer adds the partial sums of both,
+    so the ESS of each shard's call is the ESS of the whole batch.
+
+    >>> import numpy as np
+    >>> import isreshape_core as isr
+    >>> l = np.array([0.0, -1.0, 0.5, 2.0])
+    >>> class TwoShards:
+    ...     def __init__(self, other):
+    ...         self.other = other  # the partial result the other shard computes
+    ...     def sum(self, x):
+    ...         return x + self.other.pop(0)
+    ...     def max(self, x):
+    ...         return np.maximum(x, self.other.pop(0))
+    >>> other = []
+    >>> class Record:  # runs the second shard alone and records its partials
+    ...     def sum(self, x):
+    ...         other.append(x)
+    ...         return x
+    ...     def max(self, x):
+    ...         other.append(x)
+    ...         return x
+    >>> _ = isr.ess(l[2:], reducer=Record())
+    >>> print(np.isclose(isr.ess(l[:2], reducer=TwoShards(other)), isr.ess(l)))
+    True
     """
 
     def sum(self, x: Array) -> Array: ...

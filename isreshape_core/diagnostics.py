@@ -81,6 +81,13 @@ class Diagnostics:
         zero weights for PSIS and still count in its sample size.
     k_threshold : float
         The good-``k`` threshold ``min(1 - 1/log10 S, 0.7)`` for the sample size ``S``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> report = diagnose(np.random.default_rng(0).normal(0.0, 0.5, size=(2, 1000)))
+    >>> print(report.n, report.verdicts)
+    [1000. 1000.] ['ok', 'ok']
     """
 
     n: Array

@@ -95,10 +95,10 @@ def is_reshape_loss_and_grad(
     rho_min : float
         Target ESS ratio, in (0, 1].
     level : {"sequence", "geometric", "token"}
-    loss_agg_mode : {"token-mean", "seq-mean-token-sum", "seq-mean-token-mean", \
-"seq-mean-token-sum-norm"}
-        verl's aggregation (``seq-mean-token-sum-norm`` divides by ``loss_scale_factor``,
-        default ``T``).
+    loss_agg_mode : str
+        One of ``"token-mean"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``,
+        ``"seq-mean-token-sum-norm"`` (verl's aggregation modes; the last divides by
+        ``loss_scale_factor``, default ``T``).
     form : {"objective", "reinforce"}
     group_size : int, optional
         GRPO groups of ``G`` consecutive responses: one gamma per group (``B % G == 0``).

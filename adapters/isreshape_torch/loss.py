@@ -122,10 +122,10 @@ def is_reshape_loss(
     rho_min : float in (0, 1]
         Least acceptable ESS ratio.
     level : {"sequence", "geometric", "token"}
-    loss_agg_mode : {"token-mean", "seq-mean-token-sum", "seq-mean-token-mean", \
-"seq-mean-token-sum-norm"}
-        verl's aggregation modes; ``seq-mean-token-sum-norm`` divides by ``loss_scale_factor``
-        (default ``T``).
+    loss_agg_mode : str
+        One of ``"token-mean"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``,
+        ``"seq-mean-token-sum-norm"`` (verl's aggregation modes; the last divides by
+        ``loss_scale_factor``, default ``T``).
     form : {"objective", "reinforce"}
     group_size : int, optional
         One gamma per group of ``G`` consecutive responses (GRPO); ``B % G == 0``.
