@@ -24,7 +24,7 @@ BACKEND_REQUIREMENTS = {
 }
 # The docstring examples run once, in the session that has their framework.
 DOCTESTS = {
-    "numpy": ["isreshape_core", "isreshape_cli"],
+    "numpy": ["isreshape_core", "isreshape_cli", "adapters/isreshape_cupy"],
     "strict": [],
     "torch": [
         "adapters/isreshape_torch/__init__.py",
