@@ -30,9 +30,27 @@ def _math_block(match: re.Match) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+_ITEM_SECTIONS = {"Parameters", "Returns", "Yields", "Attributes", "Raises", "Other Parameters"}
+
+
+def _plain_item_types(text: str) -> str:
+    """Drop inline-code marks from the unindented item lines (``name : type`` or ``type``) of
+    the NumPy sections that mkdocstrings renders as tables: it shows the type as code already."""
+    lines = text.split("\n")
+    section = None
+    for i, line in enumerate(lines):
+        if i + 1 < len(lines) and set(lines[i + 1]) == {"-"} and line.strip():
+            section = line.strip()
+        elif section in _ITEM_SECTIONS and line[:1] not in ("", " ", "-"):
+            lines[i] = line.replace("``", "")
+    return "\n".join(lines)
+
+
 def rst_to_markdown(text: str) -> str:
-    """The docstring ``text`` with ``.. math::`` blocks as ``$$`` blocks and roles as code."""
-    return _ROLE.sub(r"`\1`", _MATH.sub(_math_block, text + "\n")).rstrip("\n")
+    """The docstring ``text`` with ``.. math::`` blocks as ``$$`` blocks, roles as code, and
+    table item types without inline-code marks."""
+    text = _ROLE.sub(r"`\1`", _MATH.sub(_math_block, text + "\n"))
+    return _plain_item_types(text).rstrip("\n")
 
 
 class RstToMarkdown(Extension):

@@ -152,6 +152,7 @@ def test_site_builds_strictly_with_every_public_name(tmp_path):
         for name in _module_all(path):
             assert re.search(rf'id="{re.escape(package)}\.(?:\w+\.)?{name}"', html), (package, name)
     assert "$$" not in html and ".. math::" not in html  # maths converted for MathJax
+    assert "``" not in html and ":func:" not in html  # reST marks converted (docs/griffe_rst.py)
     figures = {p.name for p in (site / "results").glob("*.png")}
     assert {"exp1_fixed_points.png", "exp2_gamma_rules.png", "exp3_staleness.png"} <= figures
     experiments = (site / "experiments" / "index.html").read_text()
