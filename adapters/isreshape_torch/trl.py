@@ -36,7 +36,9 @@ steps as TRL's ``bnpo``/``grpo`` losses are.
 **Scope of gamma**: one gamma per micro-batch on each process (TRL shuffles the generation batch,
 so GRPO groups are not contiguous in a micro-batch). Not supported (an error at configuration):
 ``beta != 0`` (KL term), the entropy bonus, ``top_entropy_quantile < 1`` and
-``off_policy_mask_threshold``.
+``off_policy_mask_threshold``; and, since only TRL's own losses read them, a non-default
+``loss_type``, ``importance_sampling_level`` (use ``is_reshape_level``), clip (``epsilon``,
+``epsilon_high``, ``delta``) or SAPO/VESPO setting.
 
 Reference: DESIGN.md section 6; TRL 1.16 ``trl/trainer/grpo_trainer.py``
 (``GRPOTrainer._compute_loss``, whose structure this follows) and ``grpo_config.py``.
@@ -75,6 +77,23 @@ _MODEL_INPUT_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+# GRPOConfig fields that only TRL's own losses read: a value other than the default would be
+# silently ignored by the IS Reshape loss, so it is an error (with what to use instead).
+_IGNORED_GRPO_FIELDS = {
+    "loss_type": "set is_reshape_loss_agg_mode for the aggregation",
+    "importance_sampling_level": "set is_reshape_level",
+    "epsilon": "gamma, not a clip, bounds the weights",
+    "epsilon_high": "gamma, not a clip, bounds the weights",
+    "delta": "gamma, not a clip, bounds the weights",
+    "sapo_temperature_pos": "no SAPO gate",
+    "sapo_temperature_neg": "no SAPO gate",
+    "vespo_k_pos": "no VESPO gate",
+    "vespo_lambda_pos": "no VESPO gate",
+    "vespo_k_neg": "no VESPO gate",
+    "vespo_lambda_neg": "no VESPO gate",
+}
 
 
 @dataclass
@@ -191,6 +210,14 @@ class ISReshapeGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"ISReshapeGRPOConfig does not support {name}={getattr(self, name)!r}; set "
                     f"{name}={fix}"
+                )
+        defaults = GRPOConfig.__dataclass_fields__
+        for name, instead in _IGNORED_GRPO_FIELDS.items():
+            if name in defaults and getattr(self, name) != defaults[name].default:
+                raise ValueError(
+                    f"ISReshapeGRPOConfig ignores {name}={getattr(self, name)!r}: the IS Reshape "
+                    f"loss replaces TRL's clipped losses ({instead}); leave {name} at its default "
+                    f"{defaults[name].default!r}"
                 )
 
 

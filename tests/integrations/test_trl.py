@@ -315,6 +315,16 @@ def test_config_validation(tmp_path):
         ISReshapeGRPOConfig(**base, is_reshape_rho_min=0.0)
     with pytest.raises(ValueError, match="beta"):
         ISReshapeGRPOConfig(**base, beta=0.04)
+    # Settings that only TRL's own losses read would be silently ignored: an error instead.
+    for name, value, hint in [
+        ("loss_type", "grpo", "is_reshape_loss_agg_mode"),
+        ("importance_sampling_level", "sequence", "is_reshape_level"),
+        ("epsilon", 0.1, "clip"),
+        ("epsilon_high", 0.28, "clip"),
+        ("vespo_k_pos", 4.0, "VESPO"),
+    ]:
+        with pytest.raises(ValueError, match=f"ignores {name}=.*{hint}"):
+            ISReshapeGRPOConfig(**base, **{name: value})
     with pytest.raises(TypeError, match="ISReshapeGRPOConfig"):
         from trl import GRPOConfig
 
