@@ -80,14 +80,16 @@ def tests_verl(session: nox.Session) -> None:
 
 @nox.session
 def tests_trl(session: nox.Session) -> None:
-    """The TRL GRPOTrainer integration: a few real steps on a tiny offline GPT-2."""
+    """The TRL GRPOTrainer integration (a few real steps on a tiny offline GPT-2) and the
+    smoke test of experiment 4 (a tiny language model trained through TRL)."""
     session.install(TORCH, "trl>=1.16,<2")
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,plot]")
     session.run(
         "python",
         "-m",
         "pytest",
         "tests/integrations/test_trl.py",
+        "tests/experiments/test_exp4_smoke.py",
         "--doctest-modules",
         "adapters/isreshape_torch/trl.py",
         "-q",

@@ -1,0 +1,643 @@
+"""Experiment 4: a tiny language model trained from stale samples with TRL's GRPOTrainer.
+
+Usage: ``python benchmarks/experiments/exp4_tiny_lm.py [--smoke] [--out DIR]``.
+
+**Task.** Single-digit addition: the 100 prompts ``"a+b="`` (a, b in 0..9); a completion is the
+answer's digits followed by ``<eos>`` (2 or 3 tokens, ``max_completion_length`` 3); the reward is 1
+when the completion's token ids are exactly those, else 0. A policy's expected reward on a prompt
+is therefore the probability of that one completion, the product of its teacher-forced token
+probabilities: :func:`expected_rewards` computes it for all prompts in one forward pass, with no
+sampling noise, and the figures are its mean over the 100 prompts. TRL samples with temperature 1,
+``top_k=0``, ``top_p=1`` (the plain softmax, the distribution evaluated; the JSON records a Monte
+Carlo check of this against ``model.generate`` with the trainer's generation config).
+
+**Model and behaviour policy.** A 2-layer GPT-2 (width 32, 2 heads, no dropout) built from a
+config, with a character tokenizer made with ``tokenizers`` (15 tokens); nothing is downloaded.
+For each seed it is first trained by plain cross-entropy on noisy labels (every step, every prompt
+gets the correct answer with probability 0.5, otherwise a uniformly drawn wrong one in 0..18;
+Adam, lr 3e-3, 500 full-batch steps), which leaves an expected reward of about 0.25-0.3.
+
+**RL from stale samples.** Then 300 optimiser steps of TRL 1.16's ``GRPOTrainer`` (4 prompts x 8
+completions = 32 completions a step, group-normalised advantages, Adam with constant learning
+rate, gradient clipping at 1, ``beta=0``, float32). Staleness comes from TRL's
+``steps_per_generation`` S: one generation batch of 32·S completions, sampled by the current
+policy, is shuffled and split over the next S optimiser steps, so the k-th slice is k updates
+stale; TRL computes ``old_per_token_logps`` with the sampling model at generation time, so every
+loss's ratio is exactly ``pi_theta / mu`` with ``mu`` the policy that sampled the data. Two levels:
+``mild`` S = 4 (lags 0-3) and ``strong`` S = 300, i.e. never refreshed: one batch of 9600
+completions sampled from the behaviour policy at step 0 feeds all 300 updates (lags 0-299;
+learning from a fixed log of the behaviour policy). Every completion is used once
+(``num_iterations=1``), so both levels see the same number of samples and updates.
+
+**Methods.** Ours: ``ISReshapeGRPOTrainer`` with gamma ``"ess"`` and ``rho_min`` 0.3 (the
+defaults), TRL's ``dapo`` token normaliser, at the ``sequence`` level (the default): the reward is
+a sequence reward, and ``prod_t pi/mu`` is the importance weight that makes it unbiased. An
+ablation row runs the same trainer with gamma fixed at 1 (plain sequence-level importance
+sampling), which shows what the adaptive choice of gamma adds. Baselines: ``GRPOTrainer`` with
+``loss_type`` ``grpo`` (token-level clip, epsilon 0.2), ``dapo`` (clip-higher, epsilons 0.2/0.28 as
+the DAPO paper recommends), ``cispo`` (weights capped at ``epsilon_high`` 5, the value TRL's
+documentation recommends; TRL's default cap would be 0.2) and ``vespo`` (TRL's defaults; token
+log-ratios summed into a sequence weight). Everything else is TRL's default and identical across
+methods.
+
+**Tuning and seeds.** For each (method, staleness) the learning rate is chosen from
+:data:`FULL` ``lr_grid`` = (2.5e-4, 5e-4, 1e-3, 2e-3), the same grid for every method, by the
+mean exact expected reward over the last quarter of training on a tuning seed (1000) distinct
+from the evaluation seeds; the chosen rate is then run on evaluation seeds 0, 1, 2 (each seed:
+its own behaviour model, TRL sampling seed and prompt order, shared by all methods). Reported:
+the exact expected reward after the last step, mean, standard deviation and min-max over the 3
+seeds; the curves (every 10 steps); for ours the logged gamma and ESS ratios.
+
+Writes ``exp4_tiny_lm.{md,json,png}`` to ``--out`` (default ``benchmarks/experiments/results``).
+Runtime: 84 training runs (6 methods x 2 staleness levels x (4 tuning + 3 evaluation)); measured
+1046 s (17.4 minutes) on 2 CPU cores with one torch thread, plus a few seconds of start-up (the
+JSON records the time). The ``strong`` runs take about 3.5 times as long per step as the ``mild``
+ones: TRL's dataloader fetches the whole generation batch (32·S prompts) at every optimiser step.
+``--smoke``: a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+import datasets  # noqa: E402
+import tokenizers  # noqa: E402
+import transformers  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+for _path in (ROOT, ROOT / "adapters"):  # run as a script from a checkout, installed or not
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from isreshape_torch.trl import ISReshapeGRPOConfig, ISReshapeGRPOTrainer  # noqa: E402
+
+NAME = "exp4_tiny_lm"
+SPECIALS = ("<pad>", "<eos>", "<unk>")
+ALPHABET = "0123456789+="
+PROMPTS: tuple[str, ...] = tuple(f"{a}+{b}=" for a in range(10) for b in range(10))
+ANSWERS: tuple[str, ...] = tuple(str(a + b) for a in range(10) for b in range(10))
+MAX_COMPLETION_LENGTH = 3  # the longest correct completion: two digits and <eos>
+DATASET_REPEATS = 64  # 6400 rows: TRL's sampler drops partial generation batches of prompts
+
+#: (key, label, trainer class, config keywords beyond the shared ones)
+METHODS: tuple[tuple[str, str, type, dict[str, Any]], ...] = (
+    (
+        "isreshape",
+        "IS Reshape, ESS gamma, sequence level (ours)",
+        ISReshapeGRPOTrainer,
+        {"is_reshape_gamma": "ess", "is_reshape_rho_min": 0.3, "is_reshape_level": "sequence"},
+    ),
+    (
+        "isreshape_gamma1",
+        "IS Reshape, gamma fixed at 1, sequence level (ablation)",
+        ISReshapeGRPOTrainer,
+        {"is_reshape_gamma": "1.0", "is_reshape_level": "sequence"},
+    ),
+    ("grpo", "TRL grpo (clip 0.2)", GRPOTrainer, {"loss_type": "grpo"}),
+    ("dapo", "TRL dapo (clip 0.2/0.28)", GRPOTrainer, {"loss_type": "dapo", "epsilon_high": 0.28}),
+    ("cispo", "TRL cispo (cap 5)", GRPOTrainer, {"loss_type": "cispo", "epsilon_high": 5.0}),
+    (
+        "vespo",
+        "TRL vespo (defaults)",
+        GRPOTrainer,
+        {"loss_type": "vespo", "importance_sampling_level": "token"},
+    ),
+)
+
+FULL: dict[str, Any] = {
+    "behaviour_steps": 500,
+    "behaviour_lr": 3e-3,
+    "p_correct": 0.5,
+    "width": 32,
+    "steps": 300,
+    "eval_every": 10,
+    "batch": 32,
+    "generations": 8,
+    "staleness": {"mild": 4, "strong": 300},  # strong: one generation batch for all 300 steps
+    "lr_grid": (2.5e-4, 5e-4, 1e-3, 2e-3),
+    "tune_seeds": (1000,),
+    "eval_seeds": (0, 1, 2),
+    "mc_samples_per_prompt": 200,
+}
+SMOKE: dict[str, Any] = {
+    "behaviour_steps": 20,
+    "behaviour_lr": 3e-3,
+    "p_correct": 0.5,
+    "width": 16,
+    "steps": 4,
+    "eval_every": 2,
+    "batch": 16,
+    "generations": 4,
+    "staleness": {"mild": 2, "strong": 4},  # strong: never refreshed, as in FULL
+    "lr_grid": (1e-2,),  # a single rate: no tuning runs
+    "tune_seeds": (1000,),
+    "eval_seeds": (0, 1),
+    "mc_samples_per_prompt": 20,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer, model, task
+
+
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over digits, ``+`` and ``=`` (built locally, nothing fetched)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *ALPHABET])}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+TOKENIZER = char_tokenizer()
+EOS = TOKENIZER.eos_token_id
+PAD = TOKENIZER.pad_token_id
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of ``text`` (no special tokens added)."""
+    return TOKENIZER(text, add_special_tokens=False)["input_ids"]
+
+
+PROMPT_IDS: tuple[tuple[int, ...], ...] = tuple(tuple(encode(p)) for p in PROMPTS)
+#: The one rewarded completion of each prompt: the answer's digits, then <eos>.
+TARGET_IDS: tuple[tuple[int, ...], ...] = tuple((*encode(a), EOS) for a in ANSWERS)
+_TARGET_BY_PROMPT = dict(zip(PROMPTS, TARGET_IDS, strict=True))
+_ANSWER_IDS = tuple((*encode(str(s)), EOS) for s in range(19))
+
+
+def build_model(seed: int, width: int = 32) -> transformers.GPT2LMHeadModel:
+    """A 2-layer GPT-2 built from a config (no dropout), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=len(TOKENIZER),
+        n_positions=16,
+        n_embd=width,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+def exact_match_reward(
+    prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]], **_
+) -> list[float]:
+    """TRL reward function: 1.0 where the completion's ids are the answer's digits then <eos>."""
+    return [
+        float(tuple(ids) == _TARGET_BY_PROMPT[p])
+        for p, ids in zip(prompts, completion_ids, strict=True)
+    ]
+
+
+def completion_log_probs(
+    model: torch.nn.Module, completions: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """``log pi(completion_i | prompt_i)`` for the 100 prompts, by teacher forcing (one batch)."""
+    seqs = [(*p, *c) for p, c in zip(PROMPT_IDS, completions, strict=True)]
+    length = max(map(len, seqs))
+    ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
+    attention = torch.zeros((len(seqs), length), dtype=torch.long)
+    scored = torch.zeros((len(seqs), length - 1))
+    for i, (p, s) in enumerate(zip(PROMPT_IDS, seqs, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        scored[i, len(p) - 1 : len(s) - 1] = 1.0  # the logits at t predict token t + 1
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (token * scored).sum(-1)
+
+
+def expected_rewards(model: torch.nn.Module) -> np.ndarray:
+    """Exact expected reward on each prompt: the probability of its correct completion."""
+    with torch.no_grad():
+        return completion_log_probs(model, TARGET_IDS).exp().double().numpy()
+
+
+def sampled_rewards(
+    model: torch.nn.Module, generation_config: Any, per_prompt: int, seed: int
+) -> np.ndarray:
+    """Monte Carlo rewards per prompt from ``model.generate`` with ``generation_config``."""
+    torch.manual_seed(seed)
+    ids = torch.tensor(PROMPT_IDS).repeat_interleave(per_prompt, 0)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation_config
+        )
+    completions = []
+    for row in out[:, ids.shape[1] :].tolist():
+        cut = row.index(EOS) + 1 if EOS in row else len(row)  # TRL keeps up to the first <eos>
+        completions.append(row[:cut])
+    prompts = [p for p in PROMPTS for _ in range(per_prompt)]
+    rewards = exact_match_reward(prompts, [""] * len(prompts), completions)
+    return np.asarray(rewards).reshape(len(PROMPTS), per_prompt).mean(1)
+
+
+def train_behaviour(setting: dict[str, Any], seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Cross-entropy on noisy labels: the behaviour policy of ``seed`` and its expected reward."""
+    model = build_model(seed, setting["width"])
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=setting["behaviour_lr"])
+    correct = np.array([a + b for a in range(10) for b in range(10)])
+    for _ in range(setting["behaviour_steps"]):
+        wrong = rng.integers(0, 18, correct.size)
+        wrong = wrong + (wrong >= correct)  # uniform over the 18 wrong sums
+        labels = np.where(rng.random(correct.size) < setting["p_correct"], correct, wrong)
+        loss = -completion_log_probs(model, [_ANSWER_IDS[y] for y in labels]).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, float(expected_rewards(model).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# RL runs
+
+
+class ExactRewardCallback(transformers.TrainerCallback):
+    """Records the exact mean expected reward at step 0, every ``every`` steps and at the end."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.steps: list[int] = []
+        self.rewards: list[float] = []
+
+    def _record(self, step: int, model: torch.nn.Module) -> None:
+        if not self.steps or self.steps[-1] != step:
+            self.steps.append(step)
+            self.rewards.append(float(expected_rewards(model).mean()))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._record(0, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+            self._record(state.global_step, model)
+
+
+def make_trainer(
+    method: str,
+    staleness: int,
+    lr: float,
+    seed: int,
+    behaviour: dict[str, torch.Tensor],
+    setting: dict[str, Any],
+    output_dir: str,
+    callbacks: Sequence[transformers.TrainerCallback] = (),
+) -> GRPOTrainer:
+    """A TRL trainer for ``method`` starting from the behaviour policy, ``staleness`` = S."""
+    _, _, trainer_cls, extra = next(m for m in METHODS if m[0] == method)
+    model = build_model(seed, setting["width"])
+    model.load_state_dict(behaviour)
+    shared = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": setting["batch"],
+        "num_generations": setting["generations"],
+        "steps_per_generation": staleness,
+        "num_iterations": 1,
+        "max_completion_length": MAX_COMPLETION_LENGTH,
+        "max_steps": setting["steps"],
+        "learning_rate": lr,
+        "lr_scheduler_type": "constant",
+        "beta": 0.0,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "bf16": False,
+        "use_cpu": True,
+        "seed": seed,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+    config_cls = ISReshapeGRPOConfig if trainer_cls is ISReshapeGRPOTrainer else GRPOConfig
+    args = config_cls(**shared, **extra)
+    dataset = datasets.Dataset.from_dict({"prompt": list(PROMPTS) * DATASET_REPEATS})
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=exact_match_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=TOKENIZER,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(transformers.PrinterCallback)
+    return trainer
+
+
+def train_once(
+    method: str,
+    staleness: int,
+    lr: float,
+    seed: int,
+    behaviour: dict[str, torch.Tensor],
+    setting: dict[str, Any],
+    workdir: str,
+) -> dict[str, Any]:
+    """One training run; its exact-reward curve and, for ours, the logged gamma and ESS."""
+    start = time.perf_counter()
+    callback = ExactRewardCallback(setting["eval_every"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(
+            method, staleness, lr, seed, behaviour, setting, workdir, callbacks=[callback]
+        )
+        trainer.train()
+    logs = [e for e in trainer.state.log_history if "is_reshape/gamma" in e]
+    out: dict[str, Any] = {
+        "method": method,
+        "staleness": staleness,
+        "lr": lr,
+        "seed": seed,
+        "steps": callback.steps,
+        "curve": callback.rewards,
+        "final": callback.rewards[-1],
+        "last_quarter": float(np.mean(_last_quarter(callback.steps, callback.rewards))),
+    }
+    if logs:
+        gamma = np.array([e["is_reshape/gamma"] for e in logs])
+        out["gamma_mean"] = float(gamma.mean())
+        out["gamma_below_1_share"] = float((gamma < 1.0 - 1e-6).mean())
+        out["ess_ratio_min"] = float(min(e["is_reshape/ess_ratio"] for e in logs))
+        out["ess_ratio_at_1_mean"] = float(np.mean([e["is_reshape/ess_ratio_at_1"] for e in logs]))
+        out["ess_ratio_at_1_min"] = float(min(e["is_reshape/ess_ratio_at_1"] for e in logs))
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _last_quarter(steps: Sequence[int], values: Sequence[float]) -> list[float]:
+    cut = 0.75 * steps[-1]
+    return [v for s, v in zip(steps, values, strict=True) if s >= cut]
+
+
+def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Behaviour models, learning-rate tuning and evaluation runs; rows per (method, staleness)."""
+    seeds = sorted({*setting["tune_seeds"], *setting["eval_seeds"]})
+    behaviours: dict[int, dict[str, torch.Tensor]] = {}
+    behaviour_reward: dict[int, float] = {}
+    for seed in seeds:
+        start = time.perf_counter()
+        behaviours[seed], behaviour_reward[seed] = train_behaviour(setting, seed)
+        progress(
+            f"behaviour seed {seed}: exact expected reward {behaviour_reward[seed]:.3f} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+    rows, runs, mc_checks = [], [], []
+    tune = len(setting["lr_grid"]) > 1
+    with tempfile.TemporaryDirectory() as workdir:
+        # The evaluation is exact; check the distribution TRL samples from is the one evaluated.
+        for seed in setting["eval_seeds"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer = make_trainer("dapo", 1, 1e-3, seed, behaviours[seed], setting, workdir)
+            mc = sampled_rewards(
+                trainer.model, trainer.generation_config, setting["mc_samples_per_prompt"], seed
+            )
+            exact = expected_rewards(trainer.model)
+            se = float(np.sqrt((exact * (1 - exact)).sum() / setting["mc_samples_per_prompt"]))
+            mc_checks.append(
+                {
+                    "seed": seed,
+                    "exact": float(exact.mean()),
+                    "sampled": float(mc.mean()),
+                    "standard_error": se / len(PROMPTS),
+                }
+            )
+        for level, staleness in setting["staleness"].items():
+            for method, label, _, _ in METHODS:
+                start = time.perf_counter()
+                scores: dict[str, float] = {}
+                if tune:
+                    for lr in setting["lr_grid"]:
+                        tuned = [
+                            train_once(method, staleness, lr, s, behaviours[s], setting, workdir)
+                            for s in setting["tune_seeds"]
+                        ]
+                        runs.extend(dict(r, role="tune", level=level) for r in tuned)
+                        scores[repr(lr)] = float(np.mean([r["last_quarter"] for r in tuned]))
+                    lr = float(max(setting["lr_grid"], key=lambda x: scores[repr(x)]))
+                else:
+                    lr = float(setting["lr_grid"][0])
+                evaluated = [
+                    train_once(method, staleness, lr, s, behaviours[s], setting, workdir)
+                    for s in setting["eval_seeds"]
+                ]
+                runs.extend(dict(r, role="eval", level=level) for r in evaluated)
+                final = np.array([r["final"] for r in evaluated])
+                row: dict[str, Any] = {
+                    "method": method,
+                    "label": label,
+                    "level": level,
+                    "steps_per_generation": staleness,
+                    "lr": lr,
+                    "tuning_score": scores,
+                    "final_per_seed": final.tolist(),
+                    "final_mean": float(final.mean()),
+                    "final_std": float(final.std(ddof=1)) if final.size > 1 else 0.0,
+                    "final_min": float(final.min()),
+                    "final_max": float(final.max()),
+                    "curve_steps": evaluated[0]["steps"],
+                    "curve_mean": np.mean([r["curve"] for r in evaluated], 0).tolist(),
+                    "seconds": time.perf_counter() - start,
+                }
+                for key in ("gamma_mean", "gamma_below_1_share", "ess_ratio_at_1_mean"):
+                    if key in evaluated[0]:
+                        row[key] = float(np.mean([r[key] for r in evaluated]))
+                for key in ("ess_ratio_min", "ess_ratio_at_1_min"):
+                    if key in evaluated[0]:
+                        row[key] = float(min(r[key] for r in evaluated))
+                rows.append(row)
+                progress(
+                    f"{level:>6} (S={staleness:>2})  {label:<46} lr {lr:g}  final "
+                    f"{row['final_mean']:.3f} ± {row['final_std']:.3f}  ({row['seconds']:.1f} s)"
+                )
+    return {
+        "behaviour_reward": {str(k): v for k, v in behaviour_reward.items()},
+        "mc_check": mc_checks,
+        "rows": rows,
+        "runs": runs,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
+    """The results table, then the gamma/ESS table of ours."""
+    levels = list(setting["staleness"])
+    rows = result["rows"]
+    header = "| method | " + " | ".join(f"{lv} (S = {setting['staleness'][lv]})" for lv in levels)
+    lines = [header + " |", "| --- |" + " ---: |" * len(levels)]
+    mu = [result["behaviour_reward"][str(s)] for s in setting["eval_seeds"]]
+    cell = f"{np.mean(mu):.3f} ± {_std(mu):.3f} [{min(mu):.3f}, {max(mu):.3f}]"
+    lines.append("| behaviour policy mu (start) | " + " | ".join([cell] * len(levels)) + " |")
+    for method, label, _, _ in METHODS:
+        cells = []
+        for lv in levels:
+            r = next(x for x in rows if x["method"] == method and x["level"] == lv)
+            cells.append(
+                f"{r['final_mean']:.3f} ± {r['final_std']:.3f} [{r['final_min']:.3f}, "
+                f"{r['final_max']:.3f}] (lr {r['lr']:g})"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| ours | staleness | mean gamma | steps with gamma < 1 | mean ESS/n at gamma 1 | "
+        "least ESS/n at gamma 1 | least ESS/n at chosen gamma |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "gamma_mean" in r:
+            lines.append(
+                f"| {r['label']} | {r['level']} | {r['gamma_mean']:.3f} | "
+                f"{100 * r['gamma_below_1_share']:.1f}% | {r['ess_ratio_at_1_mean']:.3f} | "
+                f"{r['ess_ratio_at_1_min']:.3f} | {r['ess_ratio_min']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def _std(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def plot(result: dict[str, Any], setting: dict[str, Any], path: Path) -> None:
+    """Exact expected reward against training step, mean over the evaluation seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(setting["staleness"])
+    fig, axes = plt.subplots(1, len(levels), figsize=(6 * len(levels), 4.5), sharey=True)
+    mu = np.mean([result["behaviour_reward"][str(s)] for s in setting["eval_seeds"]])
+    for ax, lv in zip(np.atleast_1d(axes), levels, strict=True):
+        for method, label, _, _ in METHODS:
+            r = next(x for x in result["rows"] if x["method"] == method and x["level"] == lv)
+            per_seed = np.array(
+                [
+                    run["curve"]
+                    for run in result["runs"]
+                    if run["role"] == "eval" and run["method"] == method and run["level"] == lv
+                ]
+            )
+            style = "-" if method == "isreshape" else "--"
+            (line,) = ax.plot(r["curve_steps"], r["curve_mean"], style, label=f"{label}")
+            ax.fill_between(
+                r["curve_steps"],
+                per_seed.min(0),
+                per_seed.max(0),
+                color=line.get_color(),
+                alpha=0.08,
+            )
+        ax.axhline(mu, color="grey", lw=0.8, ls=":", label="behaviour policy mu")
+        ax.set(
+            title=f"staleness {lv}: steps_per_generation {setting['staleness'][lv]}"
+            + (" (never refreshed)" if setting["staleness"][lv] >= setting["steps"] else ""),
+            xlabel="optimiser step",
+            ylim=(0, 1),
+        )
+    np.atleast_1d(axes)[0].set_ylabel("exact expected reward (mean of seeds, min-max band)")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Experiment 4: tiny GPT-2 on a+b=, {len(setting['eval_seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _jsonable(setting: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny setting (a few seconds)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    setting = SMOKE if args.smoke else FULL
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    result = run(setting)
+    elapsed = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(result, setting)
+    lr_note = (
+        f"learning rate tuned per cell from {list(setting['lr_grid'])} on seed(s) "
+        f"{list(setting['tune_seeds'])} (mean of the last quarter of the curve)"
+        if len(setting["lr_grid"]) > 1
+        else f"learning rate {setting['lr_grid'][0]:g} (not tuned)"
+    )
+    meta = (
+        f"Exact expected reward (mean over the 100 prompts a+b=) after {setting['steps']} GRPO "
+        f"steps from stale samples, mean ± std [min, max] over evaluation seeds "
+        f"{list(setting['eval_seeds'])}; {lr_note}. S = TRL steps_per_generation (the k-th "
+        f"update on a generation batch uses samples k updates old; S = {setting['steps']}, the "
+        f"number of steps: the behaviour policy is never refreshed). Total "
+        f"{elapsed:.0f} s on {platform.machine()} ({platform.python_version()}, torch "
+        f"{torch.__version__}, 1 thread, {os.cpu_count()} CPUs)."
+    )
+    (args.out / f"{NAME}.md").write_text(f"{meta}\n\n{table}\n")
+    payload = {
+        "setting": _jsonable(setting),
+        "methods": {key: {"label": label, **extra} for key, label, _, extra in METHODS},
+        "seconds": elapsed,
+        "platform": {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": __import__("trl").__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        **result,
+    }
+    (args.out / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
+    plot(result, setting, args.out / f"{NAME}.png")
+    print(meta)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Smoke test of experiment 4 (a tiny GPT-2 trained from stale samples with TRL's GRPOTrainer).
+
+The full experiment (minutes) is not part of the test run. Here it runs end to end on a tiny
+setting, and its exact evaluation (the expected reward as the teacher-forced probability of the
+correct completion) is checked against a brute-force enumeration of every completion TRL could
+sample, scored with the experiment's own reward function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+NAME = "exp4_tiny_lm"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "experiments" / f"{NAME}.py"
+
+
+@pytest.fixture(scope="module")
+def exp4():
+    spec = importlib.util.spec_from_file_location(NAME, SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(exp4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp4")
+    assert exp4.main(["--smoke", "--out", str(out)]) == 0
+    return out, json.loads((out / f"{NAME}.json").read_text())
+
+
+def test_writes_table_json_and_figure(smoke, exp4):
+    out, data = smoke
+    assert (out / f"{NAME}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / f"{NAME}.md").read_text()
+    for _, label, _, _ in exp4.METHODS:
+        assert label in table
+    assert table.count("\n| ") >= len(exp4.METHODS) + 1
+    assert data["seconds"] > 0 and data["platform"]["torch_threads"] == 1
+
+
+def test_every_method_staleness_and_seed_is_reported(smoke, exp4):
+    _, data = smoke
+    setting = data["setting"]
+    levels = set(setting["staleness"])
+    methods = {key for key, _, _, _ in exp4.METHODS}
+    assert {(r["method"], r["level"]) for r in data["rows"]} == {
+        (m, lv) for m in methods for lv in levels
+    }
+    evals = [r for r in data["runs"] if r["role"] == "eval"]
+    keys = [(r["method"], r["level"], r["seed"]) for r in evals]
+    assert sorted(keys) == sorted(
+        (m, lv, s) for m in methods for lv in levels for s in setting["eval_seeds"]
+    )
+    for row in data["rows"]:
+        finals = np.array(row["final_per_seed"])
+        assert finals.size == len(setting["eval_seeds"])
+        assert np.all((finals >= 0.0) & (finals <= 1.0))
+        assert row["final_mean"] == pytest.approx(finals.mean())
+        assert row["final_min"] <= row["final_mean"] <= row["final_max"]
+        assert row["lr"] in setting["lr_grid"]
+        if row["method"].startswith("isreshape"):
+            assert 0.0 <= row["gamma_mean"] <= 1.0
+            assert 0.0 < row["ess_ratio_min"] <= 1.0
+            if row["method"] == "isreshape_gamma1":  # the ablation never tempers
+                assert row["gamma_mean"] == 1.0 and row["gamma_below_1_share"] == 0.0
+        else:
+            assert "gamma_mean" not in row
+    for run in evals:
+        curve = np.array(run["curve"])
+        assert run["steps"][0] == 0 and run["steps"][-1] == setting["steps"]
+        assert np.all((curve >= 0.0) & (curve <= 1.0))
+        # every run starts from its seed's behaviour policy
+        assert curve[0] == pytest.approx(data["behaviour_reward"][str(run["seed"])], rel=1e-5)
+    # the runs really train: the policy moves
+    assert any(abs(r["curve"][-1] - r["curve"][0]) > 1e-4 for r in evals)
+
+
+def test_sampling_distribution_is_the_evaluated_one(smoke):
+    """Monte Carlo rewards from model.generate with TRL's generation config agree with the exact
+    expected reward (recorded by the run)."""
+    _, data = smoke
+    for check in data["mc_check"]:
+        assert abs(check["sampled"] - check["exact"]) <= 5 * check["standard_error"] + 1e-3
+
+
+def test_reward_is_exact_match_of_ids(exp4):
+    eos, pad = exp4.EOS, exp4.PAD
+    nine = exp4.encode("9")[0]
+    one, eight = exp4.encode("18")
+    got = exp4.exact_match_reward(
+        ["9+9="] * 5 + ["4+5="],
+        [""] * 6,
+        [
+            [one, eight, eos],
+            [one, eight],
+            [one, pad, eight],
+            [one, eight, nine],
+            [eight, eos],
+            [nine, eos],
+        ],
+    )
+    assert got == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def _enumerate_expected_reward(exp4, model, index: int) -> tuple[float, float]:
+    """Sum of P(c) r(c) and of P(c) over every completion c TRL can produce for one prompt:
+    sampling stops at <eos> or after MAX_COMPLETION_LENGTH tokens; plain unpadded forward passes."""
+    prompt = list(exp4.PROMPT_IDS[index])
+    frontier = [([], 0.0)]  # unfinished completions and their log-probabilities
+    finished = []
+    for depth in range(exp4.MAX_COMPLETION_LENGTH):
+        ids = torch.tensor([prompt + c for c, _ in frontier])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -1].double()
+        logp = torch.log_softmax(logits, -1).numpy()
+        nxt = []
+        for (c, lp), row in zip(frontier, logp, strict=True):
+            for token, lpt in enumerate(row):
+                item = ([*c, token], lp + lpt)
+                last = token == exp4.EOS or depth + 1 == exp4.MAX_COMPLETION_LENGTH
+                (finished if last else nxt).append(item)
+        frontier = nxt
+    completions = [c for c, _ in finished]
+    probs = np.exp([lp for _, lp in finished])
+    prompts = [exp4.PROMPTS[index]] * len(completions)
+    rewards = np.array(exp4.exact_match_reward(prompts, [""] * len(prompts), completions))
+    return float(probs @ rewards), float(probs.sum())
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_expected_reward_matches_brute_force_enumeration(exp4, trained):
+    setting = dict(exp4.SMOKE, behaviour_steps=60)
+    model = exp4.build_model(7, setting["width"])
+    if trained:  # a behaviour policy, so that the correct completion carries real mass
+        state, reward = exp4.train_behaviour(setting, 7)
+        model.load_state_dict(state)
+    exact = exp4.expected_rewards(model)
+    assert exact.shape == (100,) and np.all((exact >= 0) & (exact <= 1))
+    if trained:
+        assert exact.mean() == pytest.approx(reward)
+        assert exact.mean() > 0.01  # far above the uniform policy's (1/15)^2 or (1/15)^3
+    for index in (0, 23, 37, 99):  # answers 0, 5, 10, 18: one and two digits
+        expected, total = _enumerate_expected_reward(exp4, model, index)
+        assert total == pytest.approx(1.0, abs=1e-9)
+        assert exact[index] == pytest.approx(expected, rel=1e-5, abs=1e-9)
