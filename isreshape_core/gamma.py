@@ -150,22 +150,27 @@ def _ess_and_slope(
     axis: int,
     reducer: Reducer | None,
     *,
-    shifted: bool,
+    raw_and_top: tuple[Array, Array] | None,
 ):
     """Sums ``s1 = sum e``, ``s2 = sum e^2``, ``log ESS(g)`` and ``d log ESS / d g`` of the weights
     ``e = exp(g d + offset)`` (Kish's ESS is ``s1^2 / s2``).
 
-    ``d`` is the log weight with zero weights set to 0 and, where ``shifted``, the row maximum
-    already subtracted (then ``g d + offset <= 0`` needs no further shift, since ``g >= 0``);
-    ``offset`` is ``-inf`` for zero weights and ``log|r|`` (or 0) otherwise. One exponential per
-    sample: with ``e = exp(g d + offset - max)`` the weights at ``2g`` are ``e^2``, and
-    ``d/dg LSE(g d + c) = E_softmax[d]``. With a ``reducer``, the four sums travel in one
-    collective.
+    ``d`` is the log weight with zero weights set to 0 (and, with ``raw_and_top``, the row maximum
+    subtracted); ``offset`` is ``-inf`` for zero weights and ``log|r|`` (or 0) otherwise. One
+    exponential per sample: with ``e = exp(g d + offset - max)`` the weights at ``2g`` are
+    ``e^2``, and ``d/dg LSE(g d + c) = E_softmax[d]``. With a ``reducer``, the four sums travel
+    in one collective. ``raw_and_top = (l, max l)`` (zero weights as 0 in ``l``) gives the
+    exponent as :func:`isreshape_core.ess_ratio` rounds it, ``g l - g max(l)``: the sums are then
+    bit for bit those of ``ess_ratio``, so its recomputation agrees with the feasibility test here
+    (``g (l - max l)`` can differ from it by many ulps where ``|l|`` is large).
     """
-    z = g * d + offset
-    if not shifted:
+    if raw_and_top is None:
+        z = g * d + offset
         m = reduce_max(xp, z, axis, reducer, keepdims=True)
         z = z - xp.where(xp.isfinite(m), m, 0.0)
+    else:
+        raw, top = raw_and_top
+        z = (g * raw + offset) - g * top
     e = xp.exp(z)
     e2 = e * e
     s1, s2 = xp.sum(e, axis=axis), xp.sum(e2, axis=axis)
@@ -275,13 +280,16 @@ def gamma_ess(
     finite = l > -xp.inf
     offset = xp.where(finite, xp.zeros_like(l) if log_r is None else log_r, -xp.inf)
     d = xp.where(finite, l, 0.0)
+    raw_and_top = None
     if log_r is None:
         top = reduce_max(xp, l, axis, reducer, keepdims=True)
-        d = xp.where(finite, d - xp.where(xp.isfinite(top), top, 0.0), 0.0)
+        top = xp.where(xp.isfinite(top), top, 0.0)
+        raw_and_top = (d, top)
+        d = xp.where(finite, d - top, 0.0)
 
     def stats_at(g):
         g = xp.expand_dims(g, axis=axis)
-        return _ess_and_slope(xp, d, offset, g, n_pos, axis, reducer, shifted=log_r is None)
+        return _ess_and_slope(xp, d, offset, g, n_pos, axis, reducer, raw_and_top=raw_and_top)
 
     # The ESS that gamma must reach, with a margin of a few ulps so that the returned gamma meets
     # rho_min also when the ratio is recomputed in another order (e.g. fused by a compiler).

@@ -139,6 +139,18 @@ def test_gamma_ess_extreme_log_weights(xp):
     assert abs(g - brute_gamma(l, 0.3)) < 1e-9
 
 
+@pytest.mark.parametrize("scale, shift", [(1.0, 0.0), (30.0, 1000.0)])
+def test_gamma_ess_meets_rho_min_exactly_as_ess_ratio_recomputes_it(xp, scale, shift):
+    # Heavy-tailed rows with large |l|: the search used to test feasibility on g (l - max l),
+    # which can round differently from the g l - max(g l) of ess_ratio; two rows of experiment 2
+    # (Student-t(3), n = 512) then came out 1 ulp below rho_min.
+    l = np.random.default_rng(1512).standard_t(3, (400, 512)) * scale + shift
+    x = xp.asarray(l)
+    gamma = isr.gamma_ess(x, 0.3)
+    achieved = to_numpy(isr.ess_ratio(x, gamma))
+    assert np.all(achieved >= 0.3), np.sort(achieved)[:3] - 0.3
+
+
 def test_gamma_ess_batched_per_group_equals_rows(xp):
     rng = np.random.default_rng(5)
     l = rng.normal(0, 2, size=(6, 8))  # 6 GRPO groups of 8 responses
