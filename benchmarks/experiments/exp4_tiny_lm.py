@@ -50,7 +50,7 @@ seeds; the curves (every 10 steps); for ours the logged gamma and ESS ratios.
 
 Writes ``exp4_tiny_lm.{md,json,png}`` to ``--out`` (default ``benchmarks/experiments/results``).
 Runtime: 84 training runs (6 methods x 2 staleness levels x (4 tuning + 3 evaluation)); measured
-1046 s (17.4 minutes) on 2 CPU cores with one torch thread, plus a few seconds of start-up (the
+1037 s (17.3 minutes) on 2 CPU cores with one torch thread, plus a few seconds of start-up (the
 JSON records the time). The ``strong`` runs take about 3.5 times as long per step as the ``mild``
 ones: TRL's dataloader fetches the whole generation batch (32·S prompts) at every optimiser step.
 ``--smoke``: a few seconds.
