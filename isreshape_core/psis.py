@@ -183,10 +183,13 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
     ``psislw(-log_w)`` to floating-point accuracy (arviz-stats takes log-likelihoods and smooths
     their negation). Among exactly tied log weights, which one receives which smoothed value is
     unspecified (as in arviz-stats and R ``loo``); the smoothed values as a set and ``k_hat`` are
-    not. On NumPy, CuPy and JAX the tail is found with ``argpartition`` and written back with an
-    indexed update (``array_api_extra.at``); elsewhere (torch, ``array_api_strict``) with a
-    stable sort, undone with ``take_along_axis(., argsort(order))``. All paths give the same
-    values.
+    not. NumPy float64 input goes through a NumPy kernel (``isreshape_core._psis_numpy``:
+    fewer passes over memory, one ``log`` per 8 terms of the Zhang-Stephens grid) that is 10
+    to 30 times faster than arviz-stats on batches (``benchmarks/psis_vs_arviz.py``); rows
+    with ties at the cutoff take the portable path. On CuPy, JAX and NumPy float32 the tail is
+    found with ``argpartition`` and written back with an indexed update
+    (``array_api_extra.at``); elsewhere (torch, ``array_api_strict``) with a stable sort,
+    undone with ``take_along_axis(., argsort(order))``. All paths give the same values.
 
     References
     ----------
@@ -214,7 +217,10 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
     moved = xp.moveaxis(lw, axis, -1) if axis != lw.ndim - 1 else lw
     batch_shape = tuple(moved.shape[:-1])
     rows = xp.reshape(moved, (-1, n))
-    out, k_hat = _psis_rows(xp, rows, tail_len)
+    if is_numpy_namespace(xp) and rows.dtype == xp.float64 and tail_len >= _MIN_TAIL:
+        out, k_hat = _psis_rows_numpy(xp, rows, tail_len)
+    else:
+        out, k_hat = _psis_rows(xp, rows, tail_len)
     out = xp.reshape(out, (*batch_shape, n))
     if axis != lw.ndim - 1:
         out = xp.moveaxis(out, -1, axis)
@@ -553,6 +559,16 @@ def _psis_rows(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]
     k_hat = xp.where(ok, k_hat, xp.inf)
     # The new tail is ascending and at least the cutoff: its last value is the row max.
     return _normalise_rows(xp, out, new_tail[:, -1:]), k_hat[..., 0]
+
+
+def _psis_rows_numpy(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]:
+    """:func:`_psis_rows` through the NumPy kernel; the rows it leaves go the portable way."""
+    from . import _psis_numpy  # NumPy is imported only where NumPy arrays are passed
+
+    out, k_hat, redo = _psis_numpy.psis_rows(rows, tail_len)
+    if redo is not None and bool(xp.any(redo)):
+        out[redo], k_hat[redo] = _psis_rows(xp, rows[redo], tail_len)
+    return out, k_hat
 
 
 def _tail_khat(xp: Namespace, tail: Array, cutoff: Array) -> Array:
