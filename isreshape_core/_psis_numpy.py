@@ -37,7 +37,7 @@ import numpy as np
 
 from ._array import check_log_weights
 
-__all__ = ["psis_rows"]
+__all__ = ["gpd_fit_sorted_tail", "psis_rows"]
 
 #: Terms multiplied together before one ``log`` in the grid (a power of 2).
 _GROUP = 8
@@ -199,6 +199,21 @@ def _select_block(
     slot = order[:, 1:] - (np.arange(n_rows) * width)[:, None]
     pos = flat[np.minimum(starts[:, None] + slot, flat.shape[0] - 1)]
     return top, cut, _sum_exp(rows, top), tail, pos, good
+
+
+def gpd_fit_sorted_tail(
+    tail: np.ndarray, cutoff: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``psis._gpd_fit`` for the portable path on NumPy float64 (the tail rule's fits).
+
+    ``tail`` ``(B, M)`` ascending and ``cutoff`` ``(B, 1)``, shifted so that the row max is 0;
+    a tail may hold ``-inf`` (it is not fitted). Returns ``(k_hat, sigma, exp_cutoff, ok)`` as
+    ``psis._gpd_fit`` does, finite where ``ok`` is False.
+    """
+    with np.errstate(all="ignore"):
+        k_hat, sigma, exp_cut, ok = _gpd_fit(np.exp(tail), cutoff)
+    ok &= tail[:, :1] > -np.inf
+    return np.where(ok, k_hat, 0.0), np.where(ok, sigma, 1.0), exp_cut, ok
 
 
 def _interleave(ratio: float) -> int:

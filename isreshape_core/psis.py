@@ -401,8 +401,13 @@ def _gpd_fit(xp: Namespace, tail: Array, cutoff: Array) -> tuple[Array, Array, A
     ``tail`` (shape ``(B, M)``, ascending, shifted so that the row max is 0) and ``cutoff``
     (shape ``(B, 1)``). Returns ``(k_hat, sigma, exp_cutoff, ok)``, each of shape ``(B, 1)``;
     ``k_hat`` includes the weakly informative prior; ``ok`` is False where no fit is possible
-    (and the other outputs are then meaningless but finite).
+    (and the other outputs are then meaningless but finite). NumPy float64 tails are fitted by
+    the NumPy kernel's fit (``isreshape_core._psis_numpy``), the same numbers in fewer passes.
     """
+    if is_numpy_namespace(xp) and tail.dtype == xp.float64:
+        from . import _psis_numpy
+
+        return _psis_numpy.gpd_fit_sorted_tail(tail, cutoff)
     dtype, dev = tail.dtype, array_device(tail)
     finfo = xp.finfo(dtype)
     tail_len = tail.shape[-1]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from isreshape_core import _psis_numpy
-from isreshape_core.psis import _psis_rows, psis, psis_tail_length
+from isreshape_core.psis import _gpd_fit, _psis_rows, psis, psis_tail_length
 
 # The kernel is NumPy's alone: run it once, in the session whose backend is NumPy.
 pytestmark = pytest.mark.skipif(
@@ -204,6 +204,28 @@ def test_grid_sums_property(x):
     got = grid_log_sums(x_in, x_star, x_max, theta)
     expected = brute_grid(x, theta)
     np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-12 * x.shape[-1])
+
+
+def test_tail_fit_for_the_portable_path_equals_the_array_api_fit():
+    # psis._gpd_fit hands NumPy float64 tails (the tail rule's tempered tails) to the kernel's
+    # fit: compare it with the array-API fit run on array-api-strict.
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(9)
+    tail = np.sort(rng.standard_t(4, (6, 40)), axis=-1) - 6.0
+    cutoff = tail[:, :1] - rng.uniform(0.0, 0.5, (6, 1))
+    tail[1, :3] = -np.inf  # zero weights in the tail: not fitted
+    cutoff[1] = -np.inf
+    tail[2] = -1.0  # an equal tail: not fitted
+    tail[3, :15] = cutoff[3]  # ties at the cutoff over a quarter of the tail: x* = 0
+    cutoff[4] = -np.inf  # M positive weights and nothing below: fitted with exp(c) = 0
+    k_hat, sigma, exp_cut, ok = _gpd_fit(xp_numpy, tail, cutoff)
+    ref = [np.asarray(a) for a in _gpd_fit(xps, xps.asarray(tail), xps.asarray(cutoff))]
+    np.testing.assert_array_equal(ok[:, 0], [True, False, False, False, True, True])
+    np.testing.assert_array_equal(ok, ref[3])
+    np.testing.assert_allclose(k_hat[ok], ref[0][ok], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma[ok], ref[1][ok], rtol=1e-12)
+    np.testing.assert_array_equal(exp_cut, ref[2])
+    assert np.all(np.isfinite(k_hat)) and np.all(np.isfinite(sigma))
 
 
 # --------------------------------------------------------------------------------------------
