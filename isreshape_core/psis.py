@@ -185,7 +185,7 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
     unspecified (as in arviz-stats and R ``loo``); the smoothed values as a set and ``k_hat`` are
     not. NumPy float64 input goes through a NumPy kernel (``isreshape_core._psis_numpy``:
     fewer passes over memory, one ``log`` per 8 terms of the Zhang-Stephens grid) that is 10
-    to 30 times faster than arviz-stats on batches (``benchmarks/psis_vs_arviz.py``); rows
+    to 35 times faster than arviz-stats on batches (``benchmarks/psis_vs_arviz.py``); rows
     with ties at the cutoff take the portable path. On CuPy, JAX and NumPy float32 the tail is
     found with ``argpartition`` and written back with an indexed update
     (``array_api_extra.at``); elsewhere (torch, ``array_api_strict``) with a stable sort,
