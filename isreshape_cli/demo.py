@@ -180,6 +180,8 @@ def run_demo(
                 "`pip install isreshape[plot]` (or `pip install matplotlib`).",
                 file=stream,
             )
+        except (OSError, ValueError) as exc:  # e.g. the disk filled up during the run
+            print(f"No PNG was written to {out}: {' '.join(str(exc).split())}", file=stream)
         else:
             print(f"Learning curves written to {out}", file=stream)
     print(f"Done in {time.perf_counter() - start:.1f} s.", file=stream)
@@ -187,8 +189,15 @@ def run_demo(
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
+    from ._output import OutputError, check_image_path
+
     if args.steps < 1:
         print(f"isreshape demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
-    run_demo(seed=args.seed, staleness=args.staleness, out=args.out, steps=args.steps)
+    try:  # before the run: a bad path costs one line, not the whole run and a traceback
+        out = check_image_path(args.out, "--out", "isreshape_demo.png")
+    except OutputError as exc:
+        print(f"isreshape demo: error: {exc}", file=sys.stderr)
+        return 2
+    run_demo(seed=args.seed, staleness=args.staleness, out=out, steps=args.steps)
     return 0

@@ -89,6 +89,8 @@ def _torch_to_numpy(value: Any, name: str) -> np.ndarray:
     if not isinstance(value, torch.Tensor):
         raise DiagnoseError(f"entry {name!r} is a {type(value).__name__}, not a tensor")
     value = value.detach().cpu()
+    if value.is_complex():
+        raise DiagnoseError(f"entry {name!r} holds complex numbers; log weights are real")
     if value.dtype == torch.bool:
         return value.numpy()
     return value.to(torch.float64).numpy()
@@ -118,7 +120,7 @@ def _parse_cell(text: str, column: str, line: int) -> float:
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not a name
         rows = list(csv.reader(f))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
@@ -165,6 +167,8 @@ READERS = {
 def load_arrays(path: Path) -> Any:
     """The file's content: one array, or a dict of named arrays/columns (host NumPy arrays)."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DiagnoseError(f"{str(path)!r} is a directory, not a file")
     if suffix not in READERS:
         raise DiagnoseError(
             f"unknown file extension {path.suffix or '(none)'!r} of {str(path)!r}; expected one "
@@ -185,6 +189,11 @@ def _numeric(value: Any, name: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
         raise DiagnoseError(f"{name!r} must hold numbers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise DiagnoseError(
+            f"{name!r} holds complex numbers (dtype {arr.dtype}); log weights are real: save "
+            "the real part explicitly if that is what you mean"
+        )
     return arr.astype(np.float64)
 
 
@@ -278,13 +287,14 @@ def compute(log_w: np.ndarray, mask: np.ndarray | None, rho_min: float) -> dict[
 
     if log_w.size == 0 or log_w.shape[-1] == 0:
         raise DiagnoseError(f"no samples: the log weights have shape {log_w.shape}")
-    if mask is not None:
-        empty = ~mask.any(axis=-1)
-        if np.any(empty):
-            raise DiagnoseError(
-                "a row has no unmasked sample (row "
-                f"{int(np.argwhere(np.atleast_1d(empty))[0][0])}); nothing to diagnose"
-            )
+    counts = np.full(log_w.shape[:-1], log_w.shape[-1]) if mask is None else mask.sum(axis=-1)
+    few = np.atleast_1d(counts < 2)
+    if np.any(few):
+        row = int(np.argwhere(few)[0][0])
+        raise DiagnoseError(
+            f"a row has {int(np.atleast_1d(counts)[row])} unmasked sample(s) (row {row}); "
+            "diagnostics need at least 2 (one sample has no spread, no ESS, no tail)"
+        )
     report = core.diagnose(log_w, rho_min, mask=mask)
     out: dict[str, Any] = {
         "rho_min": float(rho_min),
@@ -463,9 +473,12 @@ def plot_diagnostics(
     ax2.set(xlabel="gamma", ylabel="ESS/n", ylim=(0, 1.05), title="ESS ratio versus gamma")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except (OSError, ValueError) as exc:
+        raise DiagnoseError(f"cannot write the plot {str(path)!r}: {exc}") from None
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -476,6 +489,14 @@ def run(args: argparse.Namespace, stream=None) -> int:
     stream = sys.stdout if stream is None else stream
     if not 0.0 < args.rho_min <= 1.0:
         raise DiagnoseError(f"--rho-min must be in (0, 1], got {args.rho_min:g}")
+    plot_path = None
+    if args.plot is not None:  # checked first: a bad path is one line, before any work
+        from ._output import OutputError, check_image_path
+
+        try:
+            plot_path = check_image_path(args.plot, "--plot", "isreshape_diagnose.png")
+        except OutputError as exc:
+            raise DiagnoseError(str(exc)) from None
     content = load_arrays(args.file)
     log_w, mask, source = select_log_weights(
         content, key=args.key, logp=args.logp, logq=args.logq, mask=args.mask, level=args.level
@@ -484,21 +505,21 @@ def run(args: argparse.Namespace, stream=None) -> int:
         result = compute(log_w, mask, args.rho_min)
     except (ValueError, TypeError) as exc:
         raise DiagnoseError(" ".join(str(exc).split())) from None
-    if args.plot is not None:
-        if not 0 <= args.plot_row < result["n_rows"]:
-            raise DiagnoseError(
-                f"--plot-row must be in [0, {result['n_rows']}), got {args.plot_row}"
-            )
-        plot_diagnostics(log_w, mask, result, args.plot_row, args.plot)
+    if plot_path is not None and not 0 <= args.plot_row < result["n_rows"]:
+        raise DiagnoseError(f"--plot-row must be in [0, {result['n_rows']}), got {args.plot_row}")
+    # The report first: a plot that fails to be written does not lose it.
     if args.json:
         payload = {"file": str(args.file), "source": source, **result}
-        if args.plot is not None:
-            payload["plot"] = str(args.plot)
+        if plot_path is not None:
+            payload["plot"] = str(plot_path)
         print(json.dumps(_json_safe(payload), allow_nan=False, indent=1), file=stream)
     else:
         print(format_report(result, f"isreshape diagnose {args.file} [{source}]"), file=stream)
-        if args.plot is not None:
-            print(f"plot written to {args.plot}", file=stream)
+    if plot_path is not None:
+        stream.flush()
+        plot_diagnostics(log_w, mask, result, args.plot_row, plot_path)
+        if not args.json:
+            print(f"plot written to {plot_path}", file=stream)
     return 0
 
 

@@ -8,7 +8,9 @@ example ``isreshape diagnose``), write the module and append it to :data:`SUBCOM
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import sys
 from collections.abc import Sequence
 
 #: Modules (relative to this package) that register a sub-command, in the order of ``--help``.
@@ -32,13 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the sub-command, return its exit status."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the sub-command, return its exit status.
+
+    Output that cannot be written (``> /dev/full``) ends the run with one line on standard error
+    and exit status 2, not a traceback; a reader that closed the pipe (``| head``) ends it
+    silently with status 1.
+    """
+    from ._output import OutputError, flush_stdout, silence_stdout
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        try:
+            status = int(args.func(args) or 0)
+        except OSError as exc:
+            if not _is_stdout_error(exc):
+                raise
+            silence_stdout()  # the interpreter's flush at exit would fail again
+            if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): no message
+                return 1
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}") from None
+        flush_stdout()
+    except OutputError as exc:
+        print(f"isreshape {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+def _is_stdout_error(exc: OSError) -> bool:
+    """Whether ``exc`` came from writing standard output (a full device, a closed pipe)."""
+    return isinstance(exc, BrokenPipeError) or exc.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO)
 
 
 if __name__ == "__main__":

@@ -59,16 +59,21 @@ __all__ = [
     "broadcast_rewards",
     "check_gamma",
     "check_log_weights",
+    "check_mask_type",
+    "check_real_floating",
     "check_rho_min",
     "expand_at_axis",
     "is_concrete",
     "logsumexp",
     "namespace",
+    "nonfinite_rows",
     "normalize_axis",
+    "poison",
     "prepare_log_weights",
     "reduce_max",
     "reduce_sum",
     "tempered_log_weights",
+    "traced_bad_rows",
 ]
 
 
@@ -207,6 +212,61 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
+def check_real_floating(xp: Namespace, x: Array, name: str = "log_w") -> None:
+    """Refuse bool, integer and complex arrays where log weights or log-probabilities go.
+
+    A bool array is almost always a mask passed in the wrong place, and an integer one would be
+    rounded to float32 (``1e8 + 1`` is not representable there): convert explicitly instead.
+    """
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got "
+            f"{x.dtype}; convert it explicitly, e.g. `{name}.astype(float64)` (integers are not "
+            "rounded silently; a bool array is a mask: pass it as `mask`)"
+        )
+
+
+def nonfinite_rows(
+    xp: Namespace, x: Array, axis: int | None, reducer: Reducer | None = None
+) -> Array | None:
+    """Where a traced input holds NaN or ``+inf``: a boolean array of the batch shape (all
+    axes reduced for ``axis=None``), or ``None`` on eager inputs (which raise instead).
+
+    Traced code cannot raise; the functions use this to return NaN for such rows
+    (:func:`poison`) instead of a plausible finite value.
+    """
+    if is_concrete(x):
+        return None
+    bad = xp.isnan(x) | (x == xp.inf)
+    if axis is None:
+        out = xp.any(bad)
+    else:
+        out = xp.any(bad, axis=axis)
+    if reducer is not None:
+        out = reducer.max(xp.astype(out, x.dtype)) > 0
+    return out
+
+
+def traced_bad_rows(
+    xp: Namespace, l: Array, axis: int, *params: Any, reducer: Reducer | None = None
+) -> Array | None:
+    """:func:`nonfinite_rows` of the log weights, or'ed with NaN in any traced array parameter
+    (``rho_min``, ``gamma_min``, ... broadcast to the batch shape); ``None`` when all are eager."""
+    bad = nonfinite_rows(xp, l, axis, reducer)
+    for value in params:
+        if hasattr(value, "shape") and not is_concrete(value):
+            nan = xp.isnan(value)
+            bad = nan if bad is None else bad | nan
+    return bad
+
+
+def poison(xp: Namespace, value: Array, bad: Array | None) -> Array:
+    """``value`` with NaN where ``bad`` (see :func:`nonfinite_rows`); unchanged for ``None``."""
+    if bad is None:
+        return value
+    return xp.where(bad, xp.nan, value)
+
+
 def check_log_weights(xp: Namespace, log_w: Array, name: str = "log_w") -> None:
     """Reject NaN and ``+inf`` (``-inf`` is weight 0 and allowed); eager inputs only."""
     if not is_concrete(log_w):
@@ -219,12 +279,21 @@ def check_log_weights(xp: Namespace, log_w: Array, name: str = "log_w") -> None:
         )
 
 
+def check_mask_type(mask: Any, name: str = "mask") -> None:
+    """``mask`` must be ``None`` or an array (checked before the namespace is looked up, whose
+    error would not name the argument)."""
+    if mask is not None and not hasattr(mask, "shape"):
+        raise TypeError(
+            f"{name} must be a boolean array (of the log weights' namespace) or None, got "
+            f"{type(mask).__name__}; convert it first, e.g. `xp.asarray({name}, dtype=bool)`"
+        )
+
+
 def broadcast_mask(xp: Namespace, mask: Array | None, shape: tuple, name: str = "mask") -> Array:
     """``mask`` as a boolean array of ``shape`` (``None`` keeps every sample)."""
     if mask is None:
         return None
-    if not hasattr(mask, "shape"):
-        raise TypeError(f"{name} must be a boolean array or None, got {type(mask).__name__}")
+    check_mask_type(mask, name)
     if mask.dtype != xp.bool:
         raise TypeError(
             f"{name} must have a boolean dtype, got {mask.dtype}; pass e.g. `{name} > 0`"
@@ -247,9 +316,11 @@ def prepare_log_weights(
     ``-inf`` (weight 0, never counted), ``mask`` broadcast to ``log_w.shape`` (or ``None``) and
     ``axis`` non-negative.
     """
-    xp = namespace(log_w, mask)
     if not hasattr(log_w, "shape"):
         raise TypeError(f"{name} must be an array, got {type(log_w).__name__}")
+    check_mask_type(mask)
+    xp = namespace(log_w, mask)
+    check_real_floating(xp, log_w, name)
     log_w = as_compute_array(xp, log_w)
     axis = normalize_axis(axis, log_w.ndim)
     if log_w.shape[axis] == 0:
@@ -334,6 +405,18 @@ def tempered_log_weights(xp: Namespace, log_w: Array, gamma: Array) -> Array:
     zero_weight = log_w == -xp.inf
     # Multiply a finite stand-in: 0 * -inf would be NaN (and a warning in numpy).
     return xp.where(zero_weight, -xp.inf, gamma * xp.where(zero_weight, 0.0, log_w))
+
+
+def shift_by_max(
+    xp: Namespace, x: Array, axis: int, reducer: Reducer | None = None
+) -> tuple[Array, Array]:
+    """``(x - max, max)`` along ``axis`` (keepdims; over all shards), ``max`` 0 for a row
+    without a finite entry. Statistics that are invariant to a constant shift of the log
+    weights take their input relative to the max first, so that the shift costs no digits
+    (``1e15 + l`` rounds ``l`` to 0.125, but every later step is exact relative to the max)."""
+    top = reduce_max(xp, x, axis, reducer, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    return x - top, top
 
 
 def logsumexp(

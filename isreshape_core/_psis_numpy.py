@@ -131,8 +131,6 @@ def _select_tail(
         columns = zip(*parts, strict=True)
         top, cut, total, tail, tail_pos, good = (np.concatenate(a) for a in columns)
         tail_pos += (np.arange(n_rows) // step * (step * n))[:, None]
-    if not np.isfinite(top).all():  # NaN or +inf (or an all -inf row)
-        check_log_weights(np, top)
     return top, cut, total, tail, tail_pos, good
 
 
@@ -154,6 +152,7 @@ def _select_block(
     if ratio < _SORT_RATIO:
         ranked = np.sort(rows, axis=-1)
         top, cut, tail = ranked[:, -1:], ranked[:, n - k1 : n - k1 + 1], ranked[:, n - tail_len :]
+        _check_top(top)  # NaN sorts last: before the tail's shape depends on it
         good = tail[:, 0] > cut[:, 0]
         flat = np.flatnonzero(rows > cut)
         if not good.all():  # keep the positions of the rows without ties
@@ -173,6 +172,7 @@ def _select_block(
     top = np.max(maxima, axis=-1, keepdims=True)
     if nb * b < n:
         top = np.maximum(top, np.max(rows[:, nb * b :], axis=-1, keepdims=True))
+    _check_top(top)
     n_chunks = math.ceil(nb / _PARTITION_WIDTH) if nb <= 8 * _PARTITION_WIDTH else 1
     bound = None
     for c in range(n_chunks):
@@ -199,6 +199,12 @@ def _select_block(
     slot = order[:, 1:] - (np.arange(n_rows) * width)[:, None]
     pos = flat[np.minimum(starts[:, None] + slot, flat.shape[0] - 1)]
     return top, cut, _sum_exp(rows, top), tail, pos, good
+
+
+def _check_top(top: np.ndarray) -> None:
+    """NaN or ``+inf`` in a row (its max is then NaN or ``+inf``) raise the core's message."""
+    if not np.isfinite(top).all():  # NaN or +inf (or an all -inf row, which is fine)
+        check_log_weights(np, top)
 
 
 def gpd_fit_sorted_tail(
@@ -232,7 +238,7 @@ def _gpd_fit(
     exp_cut = np.exp(cutoff)
     x = exp_tail - exp_cut
     star = int(tail_len / 4 + 0.5) - 1
-    ok = (x[:, -1:] > x[:, :1]) & (x[:, star : star + 1] > 0)
+    ok = (x[:, -1:] > x[:, :1]) & (x[:, star : star + 1] > x[:, :1])  # loo >= 2.10
     if not ok.all():
         x = np.where(ok, x, np.arange(1, tail_len + 1) / tail_len)
     x_star, x_max = x[:, star : star + 1], x[:, -1:]
@@ -246,6 +252,9 @@ def _gpd_fit(
     # the weights are exp(profile - max), computed as exp(M·(r - max r)), r = log(-theta/k) - k
     # (k = 0 or the wrong sign gives +inf or NaN in r).
     ratio = np.log(-(theta / k_grid))
+    at_zero = theta == 0
+    if at_zero.any():  # the profile's limit at theta = 0 (see psis._gpd_fit): -theta/k -> 1/mean
+        ratio = np.where(at_zero, -np.log(np.mean(x, axis=-1, keepdims=True)), ratio)
     ratio -= k_grid
     ratio = np.where(ratio < np.inf, ratio, -np.inf)
     best = ratio.max(axis=-1, keepdims=True)

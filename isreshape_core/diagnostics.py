@@ -19,12 +19,15 @@ from ._array import (
     check_rho_min,
     is_concrete,
     logsumexp,
+    poison,
     prepare_log_weights,
     sample_count,
+    shift_by_max,
     tempered_log_weights,
+    traced_bad_rows,
 )
 from .ess import kish_ess_from_log
-from .gamma import _closed_form, _log_variance_stats, gamma_ess
+from .gamma import _closed_form, _log_variance_stats, gamma_ess, scaled_deviations
 from .psis import pareto_k_threshold, psis
 
 __all__ = ["VERDICTS", "Diagnostics", "diagnose"]
@@ -36,6 +39,7 @@ VERDICTS = {
     2: ("refresh", "sigma^2 > 10: refresh the behaviour policy (resample from pi)"),
     3: ("severe", "no gamma meets rho_min: use a conservative fixed gamma and refresh mu"),
     4: ("empty", "no sample with positive weight: nothing to diagnose"),
+    5: ("invalid", "NaN or +inf in the log weights (a traced input, which cannot raise)"),
 }
 
 #: Excess kurtosis above which the tail is called heavy (seed section 8.3).
@@ -55,7 +59,8 @@ class Diagnostics:
     sigma2, skewness, excess_kurtosis : array
         Moments of the finite log weights (``sigma2`` with ddof=1; skewness and excess kurtosis
         are the population moments, as ``scipy.stats.skew`` / ``kurtosis`` with ``bias=True``).
-        NaN-free: 0 where fewer than 2 finite values or zero variance.
+        NaN-free for finite input (also at ``+-1e300``: the moments are taken of scaled
+        deviations): 0 where fewer than 2 finite values or zero variance.
     max_weight : array
         Largest self-normalised weight ``max_i w_i / sum_j w_j``.
     ess_ratio_at_1 : array
@@ -68,9 +73,11 @@ class Diagnostics:
         The seed's closed-form gamma and the ESS ratio it actually delivers.
     rho_min : float
     verdict_code : int array
-        A key of :data:`VERDICTS`: 4 empty, else 3 severe (even ``gamma = 0`` misses
-        ``rho_min``), else 2 refresh (``sigma2 > 10``), else 1 heavy tail (excess kurtosis > 3 or
-        the closed form misses ``rho_min``, or ``k_hat > 0.7``), else 0 ok.
+        A key of :data:`VERDICTS`: 5 invalid (NaN or ``+inf`` in a traced row, which cannot
+        raise; the row's float fields are then NaN), else 4 empty, else 3 severe (even
+        ``gamma = 0`` misses ``rho_min``), else 2 refresh (``sigma2 > 10``), else 1 heavy tail
+        (excess kurtosis > 3 or the closed form misses ``rho_min``, or ``k_hat > 0.7``), else
+        0 ok.
     shapiro_p : array or None
         Shapiro–Wilk p-value of the finite log weights (first 5000 per row; NaN for fewer than 3),
         a NumPy array; None where SciPy is missing or the input cannot be read on the host (traced,
@@ -180,15 +187,19 @@ def _flat_values(x: Any) -> list[float]:
 
 
 def _moments(xp: Namespace, l: Array, axis: int) -> tuple[Array, Array, Array]:
-    """Variance (ddof=1), skewness and excess kurtosis (population) of the finite entries."""
-    count, var = _log_variance_stats(xp, l, axis)
-    finite = l > -xp.inf
-    c = xp.expand_dims(xp.where(count > 0, count, 1.0), axis=axis)
-    mean = xp.sum(xp.where(finite, l, 0.0), axis=axis, keepdims=True) / c
-    dev = xp.where(finite, l - mean, 0.0)
-    m2 = xp.sum(dev**2, axis=axis) / xp.squeeze(c, axis=axis)
-    m3 = xp.sum(dev**3, axis=axis) / xp.squeeze(c, axis=axis)
-    m4 = xp.sum(dev**4, axis=axis) / xp.squeeze(c, axis=axis)
+    """Variance (ddof=1), skewness and excess kurtosis (population) of the finite entries.
+
+    The skewness and kurtosis are scale-free: they are taken of the scaled deviations
+    (:func:`isreshape_core.gamma.scaled_deviations`), so that no power overflows.
+    """
+    _, var = _log_variance_stats(xp, l, axis)
+    count, dev, _ = scaled_deviations(xp, l, axis)
+    count = xp.squeeze(count, axis=axis)
+    c = xp.where(count > 0, count, 1.0)
+    d2 = dev * dev
+    m2 = xp.sum(d2, axis=axis) / c
+    m3 = xp.sum(d2 * dev, axis=axis) / c
+    m4 = xp.sum(d2 * d2, axis=axis) / c
     ok = (count >= 2) & (m2 > 0)
     m2s = xp.where(ok, m2, 1.0)
     skew = xp.where(ok, m3 / m2s**1.5, 0.0)
@@ -266,17 +277,17 @@ def diagnose(
     n = sample_count(xp, l, mask, axis)
     n_safe = xp.where(n > 0, n, 1.0)
     sigma2, skew, kurt = _moments(xp, l, axis)
-    lse = logsumexp(xp, l, axis)
+    l_rel = shift_by_max(xp, l, axis)[0]  # relative to the max: exact, as gamma_ess works
+    lse = logsumexp(xp, l_rel, axis)
     informative = lse > -xp.inf
-    safe_lse = xp.where(informative, lse, 0.0)
-    max_weight = xp.where(informative, xp.exp(xp.max(l, axis=axis) - safe_lse), 0.0)
+    max_weight = xp.where(informative, xp.exp(-xp.where(informative, lse, 0.0)), 0.0)
 
     def ratio(g):
-        z = tempered_log_weights(xp, l, xp.expand_dims(g, axis=axis))
+        z = tempered_log_weights(xp, l_rel, xp.expand_dims(g, axis=axis))
         return kish_ess_from_log(xp, z, axis) / n_safe
 
-    ess1 = kish_ess_from_log(xp, l, axis) / n_safe
-    gamma = gamma_ess(l, rho_min, axis=axis)
+    ess1 = kish_ess_from_log(xp, l_rel, axis) / n_safe
+    gamma = gamma_ess(l, rho_min, axis=axis, mask=mask)
     at_gamma = ratio(gamma)
     closed = _closed_form(xp, l, axis, rho_min, 0.0, 1.0)
     at_closed = ratio(closed)
@@ -289,6 +300,13 @@ def diagnose(
     code = xp.where(sigma2 > REFRESH_SIGMA2, 2, code)
     code = xp.where(ratio_at_zero < rho_min, 3, code)
     code = xp.where(informative, code, 4)
+    bad = traced_bad_rows(xp, l, axis)
+    if bad is not None:
+        code = xp.where(bad, 5, code)
+        fields = (sigma2, skew, kurt, max_weight, ess1, gamma, at_gamma, closed, at_closed, k_hat)
+        sigma2, skew, kurt, max_weight, ess1, gamma, at_gamma, closed, at_closed, k_hat = (
+            poison(xp, v, bad) for v in fields
+        )
     code = xp.astype(code, xp.int32)
     return Diagnostics(
         n=n,

@@ -11,11 +11,14 @@ from ._array import (
     broadcast_rewards,
     check_gamma,
     expand_at_axis,
+    poison,
     prepare_log_weights,
     reduce_max,
     reduce_sum,
     sample_count,
+    shift_by_max,
     tempered_log_weights,
+    traced_bad_rows,
 )
 
 __all__ = ["ess", "ess_ratio", "gradient_ess", "log_abs"]
@@ -103,7 +106,9 @@ def ess(
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_gamma(gamma)
     g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    return kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis, reducer)
+    bad = traced_bad_rows(xp, l, axis, gamma, reducer=reducer)
+    l = shift_by_max(xp, l, axis, reducer)[0]
+    return poison(xp, kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis, reducer), bad)
 
 
 def ess_ratio(
@@ -129,9 +134,13 @@ def ess_ratio(
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_gamma(gamma)
     g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    value = kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis, reducer)
+    # Relative to the max, as gamma_ess computes it (the same exponents, bit for bit).
+    value = kish_ess_from_log(
+        xp, tempered_log_weights(xp, shift_by_max(xp, l, axis, reducer)[0], g), axis, reducer
+    )
     n = sample_count(xp, l, mask, axis, reducer)
-    return value / xp.where(n > 0, n, 1.0)
+    bad = traced_bad_rows(xp, l, axis, gamma, reducer=reducer)
+    return poison(xp, value / xp.where(n > 0, n, 1.0), bad)
 
 
 def gradient_ess(
@@ -178,4 +187,7 @@ def gradient_ess(
     check_gamma(gamma)
     r = broadcast_rewards(xp, rewards, l)
     g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    return kish_ess_from_log(xp, tempered_log_weights(xp, l, g) + log_abs(xp, r), axis)
+    bad = traced_bad_rows(xp, l + xp.abs(r), axis, gamma)
+    l = shift_by_max(xp, l, axis)[0]
+    value = kish_ess_from_log(xp, tempered_log_weights(xp, l, g) + log_abs(xp, r), axis)
+    return poison(xp, value, bad)

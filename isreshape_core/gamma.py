@@ -21,12 +21,18 @@ from ._array import (
     broadcast_rewards,
     check_gamma,
     check_rho_min,
+    is_concrete,
+    namespace,
+    poison,
     prepare_log_weights,
     reduce_max,
     reduce_sum,
     sample_count,
+    shift_by_max,
+    traced_bad_rows,
 )
 from .ess import log_abs
+from .objective import _log_max
 
 __all__ = ["GAMMA_METHODS", "gamma_closed_form", "gamma_ess", "select_gamma"]
 
@@ -40,14 +46,21 @@ _OVERSHOOT = 0.02
 def _check_bounds(gamma_min: Any, gamma_max: Any) -> None:
     check_gamma(gamma_min, "gamma_min")
     check_gamma(gamma_max, "gamma_max")
-    if (
-        isinstance(gamma_min, numbers.Real)
-        and isinstance(gamma_max, numbers.Real)
-        and gamma_min > gamma_max
-    ):
-        raise ValueError(
-            f"gamma_min={gamma_min!r} exceeds gamma_max={gamma_max!r}; pass gamma_min <= gamma_max"
-        )
+    if isinstance(gamma_min, numbers.Real) and isinstance(gamma_max, numbers.Real):
+        if gamma_min > gamma_max:
+            raise ValueError(
+                f"gamma_min={gamma_min!r} exceeds gamma_max={gamma_max!r}; pass "
+                "gamma_min <= gamma_max"
+            )
+        return
+    arrays = [v for v in (gamma_min, gamma_max) if hasattr(v, "shape")]
+    if all(is_concrete(v) for v in arrays):
+        xp = namespace(*arrays)
+        if not bool(xp.all(xp.asarray(gamma_min <= gamma_max))):
+            raise ValueError(
+                "gamma_min exceeds gamma_max for some rows; pass gamma_min <= gamma_max "
+                "everywhere"
+            )
 
 
 def _batch_value(xp: Namespace, value: Any, like: Array, shape: tuple) -> Array:
@@ -56,21 +69,54 @@ def _batch_value(xp: Namespace, value: Any, like: Array, shape: tuple) -> Array:
     return xp.broadcast_to(value, shape)
 
 
+def scaled_deviations(
+    xp: Namespace, l: Array, axis: int, reducer: Reducer | None = None
+) -> tuple[Array, Array, Array]:
+    """``(count, dev, scale)`` of the finite entries of ``l`` along ``axis``.
+
+    ``dev = (l - mean) / scale`` (0 at ``-inf``), ``scale`` a power of 2 near ``max|l|``
+    (keepdims), so that no moment of ``dev`` overflows, also for log weights near ``+-1e308``.
+    The mean is taken of ``l / scale - max(l) / scale``: the power-of-2 scaling is exact and the
+    difference of nearby values is too (Sterbenz), so a constant offset of ``l`` (even ``1e15``)
+    does not cost the deviations any digits. One max and two sums over all shards.
+    """
+    finite = l > -xp.inf
+    l0 = xp.where(finite, l, 0.0)
+    big = xp.stack([xp.max(xp.abs(l0), axis=axis), xp.max(xp.where(finite, l, -xp.inf), axis=axis)])
+    if reducer is not None:
+        big = reducer.max(big)
+    size, top = xp.expand_dims(big[0, ...], axis=axis), xp.expand_dims(big[1, ...], axis=axis)
+    scale = xp.pow(2.0, xp.floor(xp.log2(xp.where(size > 0, size, 1.0))))
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    u = xp.where(finite, l0 / scale - top / scale, 0.0)  # in [-4, 0]
+    count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)
+    mean = reduce_sum(xp, u, axis, reducer, keepdims=True) / xp.where(count > 0, count, 1.0)
+    dev = xp.where(finite, u - mean, 0.0)
+    return count, dev, scale
+
+
+def scaled_square(xp: Namespace, value: Array, scale: Array) -> Array:
+    """``value * scale**2`` for ``value >= 0``, ``+inf`` where it overflows, without a warning."""
+    positive = value > 0
+    log_out = xp.log(xp.where(positive, value, 1.0)) + 2.0 * xp.log(scale)
+    fits = ~positive | (log_out < _log_max(xp, value.dtype) - 1e-4)
+    safe = xp.where(fits, value, 0.0)
+    return xp.where(fits, (safe * scale) * scale, xp.inf)
+
+
 def _log_variance_stats(
     xp: Namespace, l: Array, axis: int, reducer: Reducer | None = None
 ) -> tuple[Array, Array]:
     """(count, variance with ddof=1) of the finite entries of ``l`` along ``axis``.
 
-    Two passes (the mean, then the squared deviations), each one reduction over all shards.
+    From :func:`scaled_deviations`: invariant to a constant offset of ``l`` and ``+inf`` (not a
+    warning) where the variance itself exceeds the largest float.
     """
-    finite = l > -xp.inf
-    count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)
-    safe = xp.where(finite, l, 0.0)
-    mean = reduce_sum(xp, safe, axis, reducer, keepdims=True) / xp.where(count > 0, count, 1.0)
-    dev = xp.where(finite, l - mean, 0.0)
+    count, dev, scale = scaled_deviations(xp, l, axis, reducer)
     var = reduce_sum(xp, dev * dev, axis, reducer, keepdims=True) / xp.where(
         count > 1, count - 1.0, 1.0
     )
+    var = scaled_square(xp, var, scale)
     return xp.squeeze(count, axis=axis), xp.squeeze(var, axis=axis)
 
 
@@ -138,7 +184,8 @@ def gamma_closed_form(
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_rho_min(rho_min)
     _check_bounds(gamma_min, gamma_max)
-    return _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
+    bad = traced_bad_rows(xp, l, axis, rho_min, gamma_min, gamma_max, reducer=reducer)
+    return poison(xp, _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer), bad)
 
 
 def _ess_and_slope(
@@ -150,27 +197,24 @@ def _ess_and_slope(
     axis: int,
     reducer: Reducer | None,
     *,
-    raw_and_top: tuple[Array, Array] | None,
+    top_is_zero: bool,
 ):
     """Sums ``s1 = sum e``, ``s2 = sum e^2``, ``log ESS(g)`` and ``d log ESS / d g`` of the weights
     ``e = exp(g d + offset)`` (Kish's ESS is ``s1^2 / s2``).
 
-    ``d`` is the log weight with zero weights set to 0 (and, with ``raw_and_top``, the row maximum
-    subtracted); ``offset`` is ``-inf`` for zero weights and ``log|r|`` (or 0) otherwise. One
-    exponential per sample: with ``e = exp(g d + offset - max)`` the weights at ``2g`` are
-    ``e^2``, and ``d/dg LSE(g d + c) = E_softmax[d]``. With a ``reducer``, the four sums travel
-    in one collective. ``raw_and_top = (l, max l)`` (zero weights as 0 in ``l``) gives the
-    exponent as :func:`isreshape_core.ess_ratio` rounds it, ``g l - g max(l)``: the sums are then
-    bit for bit those of ``ess_ratio``, so its recomputation agrees with the feasibility test here
-    (``g (l - max l)`` can differ from it by many ulps where ``|l|`` is large).
+    ``d`` is the log weight relative to its row maximum (zero weights set to 0); ``offset`` is
+    ``-inf`` for zero weights and ``log|r|`` (or 0) otherwise. One exponential per sample: with
+    ``e = exp(g d + offset - max)`` the weights at ``2g`` are ``e^2``, and ``d/dg LSE(g d + c)
+    = E_softmax[d]``. With a ``reducer``, the four sums travel in one collective. With
+    ``top_is_zero`` (no rewards: ``offset`` is 0 or ``-inf``) the exponent's max is
+    ``g max(d) = 0`` and no max is taken: the exponents are then bit for bit those of
+    :func:`isreshape_core.ess_ratio` (``g (l - max l)``), so that its recomputation agrees with
+    the feasibility test here.
     """
-    if raw_and_top is None:
-        z = g * d + offset
+    z = g * d + offset
+    if not top_is_zero:
         m = reduce_max(xp, z, axis, reducer, keepdims=True)
         z = z - xp.where(xp.isfinite(m), m, 0.0)
-    else:
-        raw, top = raw_and_top
-        z = (g * raw + offset) - g * top
     e = xp.exp(z)
     e2 = e * e
     s1, s2 = xp.sum(e, axis=axis), xp.sum(e2, axis=axis)
@@ -262,9 +306,13 @@ def gamma_ess(
     _check_bounds(gamma_min, gamma_max)
     if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    bad = traced_bad_rows(xp, l, axis, rho_min, gamma_min, gamma_max, reducer=reducer)
     log_r = None
     if rewards is not None:
-        log_r = log_abs(xp, broadcast_rewards(xp, rewards, l))
+        r = broadcast_rewards(xp, rewards, l)
+        r_bad = traced_bad_rows(xp, xp.abs(r), axis, reducer=reducer)
+        bad = bad if r_bad is None else (r_bad if bad is None else bad | r_bad)
+        log_r = log_abs(xp, r)
         l = xp.where(log_r > -xp.inf, l, -xp.inf)
 
     n = sample_count(xp, l, mask, axis, reducer)
@@ -279,17 +327,13 @@ def gamma_ess(
     # for it: max(g l) = g max(l) for g >= 0.
     finite = l > -xp.inf
     offset = xp.where(finite, xp.zeros_like(l) if log_r is None else log_r, -xp.inf)
-    d = xp.where(finite, l, 0.0)
-    raw_and_top = None
-    if log_r is None:
-        top = reduce_max(xp, l, axis, reducer, keepdims=True)
-        top = xp.where(xp.isfinite(top), top, 0.0)
-        raw_and_top = (d, top)
-        d = xp.where(finite, d - top, 0.0)
+    # Relative to the max (exact for nearby values): a constant offset of l costs no digits.
+    d = xp.where(finite, shift_by_max(xp, l, axis, reducer)[0], 0.0)
+    top_is_zero = log_r is None
 
     def stats_at(g):
         g = xp.expand_dims(g, axis=axis)
-        return _ess_and_slope(xp, d, offset, g, n_pos, axis, reducer, raw_and_top=raw_and_top)
+        return _ess_and_slope(xp, d, offset, g, n_pos, axis, reducer, top_is_zero=top_is_zero)
 
     # The ESS that gamma must reach, with a margin of a few ulps so that the returned gamma meets
     # rho_min also when the ratio is recomputed in another order (e.g. fused by a compiler).
@@ -330,7 +374,8 @@ def gamma_ess(
 
     gamma = xp.where(done_hi, hi, lo)
     gamma = xp.where(infeasible & ~done_hi, _batch_value(xp, gamma_min, l, shape), gamma)
-    return xp.where(informative, gamma, _batch_value(xp, gamma_max, l, shape))
+    gamma = xp.where(informative, gamma, _batch_value(xp, gamma_max, l, shape))
+    return poison(xp, gamma, bad)
 
 
 def select_gamma(
@@ -382,6 +427,12 @@ def select_gamma(
     >>> print(select_gamma(l, method="closed_form", gamma_max=0.4))
     [0.4 0.4]
     """
+    if hasattr(method, "shape"):
+        raise TypeError(
+            f"method must be a method name {GAMMA_METHODS} or a Python number in [0, 1], got an "
+            f"array of shape {tuple(method.shape)}; for a fixed gamma per row pass "
+            "gamma_min=gamma_max=<array> (or use the array as gamma directly)"
+        )
     if isinstance(method, numbers.Real) and not isinstance(method, bool):
         check_gamma(method, "method")
         if options:

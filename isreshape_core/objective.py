@@ -20,6 +20,7 @@ from ._array import (
     Namespace,
     broadcast_rewards,
     check_gamma,
+    check_real_floating,
     expand_at_axis,
     is_concrete,
     namespace,
@@ -130,6 +131,16 @@ def _prepare(
         r = xp.where(mask, r, 0.0)
     g = _per_row(xp, gamma, axis, l, "gamma")
     return xp, l, r, g, mask, axis
+
+
+def _traced_poison(xp: Namespace, l: Array, r: Array, value: Array) -> Array:
+    """Traced only (eager inputs raise): NaN at the samples whose log weight is NaN or ``+inf``
+    or whose reward is NaN or inf, so that a reduction over them is NaN too, never a plausible
+    finite number (``0 * inf`` would be 0 here)."""
+    if is_concrete(l):
+        return value
+    bad = xp.isnan(l) | (l == xp.inf) | xp.isnan(r) | (xp.abs(r) == xp.inf)
+    return xp.where(bad, xp.nan, value)
 
 
 def _times_nonzero(xp: Namespace, r: Array, value: Array) -> Array:
@@ -260,7 +271,8 @@ def objective(
     [-1. -1.  4.]
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
-    return _reduce(xp, _boxcox_terms(xp, l, r, g), l, mask, axis, reduction)
+    terms = _traced_poison(xp, l, r, _boxcox_terms(xp, l, r, g))
+    return _reduce(xp, terms, l, mask, axis, reduction)
 
 
 def objective_grad(
@@ -312,7 +324,8 @@ def objective_grad(
     [ 0.3333 -0.3333  0.6667]
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
-    return _scale_grad(xp, _tempered_reward(xp, l, r, g), l, mask, axis, reduction)
+    grad = _traced_poison(xp, l, r, _tempered_reward(xp, l, r, g))
+    return _scale_grad(xp, grad, l, mask, axis, reduction)
 
 
 def _prepare_logp(xp: Namespace, logp: Array, l: Array, mask: Array | None) -> Array:
@@ -324,6 +337,7 @@ def _prepare_logp(xp: Namespace, logp: Array, l: Array, mask: Array | None) -> A
             f"logp of shape {tuple(logp.shape)} must have log_w's shape {tuple(l.shape)}: one "
             "log-probability per importance weight"
         )
+    check_real_floating(xp, logp, "logp")
     lp = xp.astype(logp, l.dtype) if logp.dtype != l.dtype else logp
     if mask is not None:
         lp = xp.where(mask, lp, 0.0)
@@ -392,7 +406,8 @@ def reinforce_objective(
     # 0 * (-inf) and inf * 0 both count as 0: a term with a zero factor contributes nothing.
     lp_safe = xp.where(coef == 0, 0.0, lp)
     coef_safe = xp.where(lp_safe == 0, 0.0, coef)
-    return _reduce(xp, coef_safe * lp_safe, l, mask, axis, reduction)
+    terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, coef_safe * lp_safe)
+    return _reduce(xp, terms, l, mask, axis, reduction)
 
 
 def reinforce_objective_grad(
@@ -439,5 +454,7 @@ def reinforce_objective_grad(
     [ 0.5 -1.   4. ]
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
-    _prepare_logp(xp, logp, l, mask)
-    return _scale_grad(xp, _tempered_reward(xp, l, r, g), l, mask, axis, reduction)
+    lp = _prepare_logp(xp, logp, l, mask)
+    lp_finite = xp.where(lp == -xp.inf, 0.0, lp)
+    grad = _traced_poison(xp, l + lp_finite, r, _tempered_reward(xp, l, r, g))
+    return _scale_grad(xp, grad, l, mask, axis, reduction)

@@ -33,10 +33,12 @@ from ._array import (
     array_device,
     as_compute_array,
     check_log_weights,
+    check_real_floating,
     is_concrete,
     logsumexp,
     namespace,
     normalize_axis,
+    poison,
 )
 
 __all__ = ["pareto_k_threshold", "psis", "psis_tail_length"]
@@ -173,8 +175,10 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
     k_hat : array, shape of ``log_w`` with ``axis`` removed
         Pareto shape estimate. ``inf`` where the row was left unsmoothed (and only normalised):
         fewer than 5 tail draws (``S < 25`` for ``r_eff = 1``), a tail of equal values, a tail
-        containing ``-inf`` (fewer than ``M`` positive weights), ties at the cutoff covering the
-        lowest quarter of the tail (``x* = 0``), or a degenerate fit.
+        containing ``-inf`` (fewer than ``M`` positive weights), a first quartile ``x*`` of the
+        exceedances equal to their minimum (a quarter of the tail tied, at the cutoff or above
+        it: R ``loo`` >= 2.10 and ``posterior`` >= 1.7 give ``k = inf`` there), or a
+        degenerate fit.
 
     Notes
     -----
@@ -252,6 +256,7 @@ def _prepare(log_w: Any, axis: int) -> tuple[Namespace, Array, int]:
     xp = namespace(log_w)
     if not hasattr(log_w, "shape"):
         raise TypeError(f"log_w must be an array, got {type(log_w).__name__}")
+    check_real_floating(xp, log_w)
     lw = as_compute_array(xp, log_w)
     axis = normalize_axis(axis, lw.ndim)
     if lw.shape[axis] == 0:
@@ -418,7 +423,9 @@ def _gpd_fit(xp: Namespace, tail: Array, cutoff: Array) -> tuple[Array, Array, A
     # they do changes with a common shift). A tail holding -inf is not fitted either.
     ok = (tail[..., :1] > -xp.inf) & (x[..., -1:] > x[..., :1])
     star = int(tail_len / 4 + 0.5) - 1  # arviz-stats `_gpdfit` index of the quartile x*
-    ok = ok & (x[..., star : star + 1] > 0)
+    # loo >= 2.10 / posterior >= 1.7: a first quartile equal to the smallest exceedance (a
+    # quarter of the tail tied) has no reliable fit (k = inf, the tail left unsmoothed).
+    ok = ok & (x[..., star : star + 1] > x[..., :1])
     # Rows without a fit get a harmless stand-in sample, so that no NaN or warning arises.
     stand_in = xp.arange(1, tail_len + 1, dtype=dtype, device=dev) / tail_len
     x = xp.where(ok, x, stand_in)
@@ -431,7 +438,12 @@ def _gpd_fit(xp: Namespace, tail: Array, cutoff: Array) -> tuple[Array, Array, A
     k_grid = _grid_means(xp, -theta, x)  # (B, m)
     nonzero = k_grid != 0
     ratio = -theta / xp.where(nonzero, k_grid, 1.0)
-    valid = nonzero & (ratio > 0)
+    # A grid point at exactly theta = 0 (k = 0) takes the profile's limit there, the
+    # exponential fit: -theta/k -> 1/mean(x). Dropping it would make k_hat depend on whether
+    # a point rounds to 0, which changes with a constant shift of the log weights.
+    at_zero = theta == 0
+    ratio = xp.where(at_zero, 1.0 / xp.mean(x, axis=-1, keepdims=True), ratio)
+    valid = (nonzero | at_zero) & (ratio > 0)
     profile = xp.where(
         valid, tail_len * (xp.log(xp.where(valid, ratio, 1.0)) - k_grid - 1.0), -xp.inf
     )
@@ -552,18 +564,24 @@ def _psis_rows(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]
     top = xp.max(rows, axis=-1, keepdims=True)
     # A row holds NaN or +inf exactly when its max is NaN or +inf: one check on (B, 1).
     check_log_weights(xp, top)
+    # Traced, a row holding NaN or +inf (its max is NaN or +inf) gives NaN everywhere.
+    bad = None if is_concrete(top) else xp.isnan(top) | (top == xp.inf)
     shifted = rows - xp.where(xp.isfinite(top), top, 0.0)
     if tail_len < _MIN_TAIL:
         k_hat = xp.full((rows.shape[0],), xp.inf, dtype=rows.dtype, device=array_device(rows))
-        return _normalise_rows(xp, shifted), k_hat
+        return poison(xp, _normalise_rows(xp, shifted), bad), poison(xp, k_hat, _col(bad))
     tail, cutoff, tail_idx, order, sorted_rows = _sorted_tail(xp, shifted, tail_len)
     k_hat, sigma, exp_cut, ok = _gpd_fit(xp, tail, cutoff)
     smoothed = _gpd_smoothed_tail(xp, k_hat, sigma, exp_cut, ok, tail_len)
     new_tail = xp.where(ok, smoothed, tail)
     out = _replace_tail(xp, shifted, tail_idx, new_tail, order, sorted_rows)
-    k_hat = xp.where(ok, k_hat, xp.inf)
+    k_hat = poison(xp, xp.where(ok, k_hat, xp.inf), bad)
     # The new tail is ascending and at least the cutoff: its last value is the row max.
-    return _normalise_rows(xp, out, new_tail[:, -1:]), k_hat[..., 0]
+    return poison(xp, _normalise_rows(xp, out, new_tail[:, -1:]), bad), k_hat[..., 0]
+
+
+def _col(bad: Array | None) -> Array | None:
+    return None if bad is None else bad[:, 0]
 
 
 def _psis_rows_numpy(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]:

@@ -23,7 +23,9 @@ from ._array import (
     check_gamma,
     check_rho_min,
     namespace,
+    poison,
     prepare_log_weights,
+    traced_bad_rows,
 )
 from .gamma import _check_bounds, gamma_ess
 from .psis import (
@@ -308,7 +310,8 @@ def gamma_tail(
     gamma, k_hat, k_gamma = _tail_rule_rows(
         xp, rows, psis_tail_length(n, r_eff), k_target, lo, hi, max_iter
     )
-    return tuple(xp.reshape(a, batch_shape) for a in (gamma, k_hat, k_gamma))
+    bad = traced_bad_rows(xp, rows, -1, lo, hi)
+    return tuple(xp.reshape(poison(xp, a, bad), batch_shape) for a in (gamma, k_hat, k_gamma))
 
 
 def gamma_combined(

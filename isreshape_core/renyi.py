@@ -18,9 +18,12 @@ from ._array import (
     is_concrete,
     logsumexp,
     namespace,
+    poison,
     prepare_log_weights,
     sample_count,
+    shift_by_max,
     tempered_log_weights,
+    traced_bad_rows,
 )
 from .objective import _exp_capped, _per_row
 
@@ -192,10 +195,14 @@ def renyi_divergence(
     n = sample_count(xp, l, mask, axis)
     log_n = xp.log(xp.where(n > 0, n, 1.0))
     has_pos = xp.any(l > -xp.inf, axis=axis)
+    bad = traced_bad_rows(xp, l, axis, alpha)
+    # Relative to the max (no digits lost to a constant offset, nor to a span of 1e300).
+    l, top = shift_by_max(xp, l, axis)
     lse = logsumexp(xp, l, axis)
     lse = xp.where(has_pos, lse, 0.0)
-    c = lse - log_n  # log mean(w)
-    x = l - xp.expand_dims(c, axis=axis)  # mean(exp(x)) = 1; -inf stays -inf
+    c_rel = lse - log_n  # log mean(w) - max l
+    x = l - xp.expand_dims(c_rel, axis=axis)  # mean(exp(x)) = 1; -inf stays -inf
+    c = xp.squeeze(top, axis=axis) + c_rel  # log mean(w)
 
     d_sn, kl = _self_normalized(xp, x, a, log_n, axis)
     if self_normalized:
@@ -210,7 +217,7 @@ def renyi_divergence(
         shift = xp.where(infinite, c, a_safe * c / (a_safe - 1.0))
         mean_wl = _exp_capped(xp, c) * (kl + c)  # kl + c >= c: no inf * 0
         d = xp.where(at_one, mean_wl, d_sn + shift)
-    return xp.where(has_pos, d, xp.inf)
+    return poison(xp, xp.where(has_pos, d, xp.inf), bad)
 
 
 def log_mean_tempered_weight(
@@ -269,6 +276,9 @@ def log_mean_tempered_weight(
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     g = _per_row(xp, gamma, axis, l, "gamma")
     n = sample_count(xp, l, mask, axis)
-    lse = logsumexp(xp, tempered_log_weights(xp, l, g), axis)
+    bad = traced_bad_rows(xp, l, axis, gamma)
+    l, top = shift_by_max(xp, l, axis)  # exact relative to the max; g * max added last
+    lse = logsumexp(xp, tempered_log_weights(xp, l, g), axis, keepdims=True) + g * top
+    lse = xp.squeeze(lse, axis=axis)
     has_n = n > 0
-    return xp.where(has_n, lse - xp.log(xp.where(has_n, n, 1.0)), -xp.inf)
+    return poison(xp, xp.where(has_n, lse - xp.log(xp.where(has_n, n, 1.0)), -xp.inf), bad)

@@ -4,13 +4,42 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ._array import Array, as_compute_array, broadcast_mask, check_log_weights, namespace
+from ._array import (
+    Array,
+    Namespace,
+    as_compute_array,
+    broadcast_mask,
+    check_log_weights,
+    check_mask_type,
+    check_real_floating,
+    is_concrete,
+    namespace,
+)
 
 __all__ = ["LEVELS", "log_weights"]
 
 LEVELS = ("sequence", "geometric", "token")
 
 Level = Literal["sequence", "geometric", "token"]
+
+
+def checked_log_ratio(xp: Namespace, logp: Array, logq: Array) -> Array:
+    """``logp - logq`` (padding already removed) with the checks of :func:`log_weights`.
+
+    ``logq = +inf`` claims a probability above 1: it is refused (eager) or made NaN (traced),
+    never the weight 0 that ``logp - inf`` would silently give.
+    """
+    if is_concrete(logq):
+        if bool(xp.any(logq == xp.inf)):
+            raise ValueError(
+                "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
+                "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
+            )
+        diff = logp - logq
+    else:
+        diff = xp.where(logq == xp.inf, xp.nan, logp - logq)
+    check_log_weights(xp, diff, "logp - logq")
+    return diff
 
 
 def log_weights(
@@ -49,8 +78,12 @@ def log_weights(
     Raises
     ------
     ValueError
-        On mismatched shapes, an unknown ``level``, or NaN / ``+inf`` log ratios at valid
-        positions (eager inputs only).
+        On mismatched shapes, an unknown ``level``, or at a valid position a NaN or ``+inf``
+        log ratio or a ``logq = +inf`` (a probability above 1, which would otherwise be a
+        silent weight 0); eager inputs only. Traced (``jax.jit``, ``torch.compile``), where
+        nothing can raise, such a position gives NaN (and so does its sequence's sum).
+    TypeError
+        For bool, integer or complex ``logp`` / ``logq`` (convert them explicitly).
 
     Examples
     --------
@@ -73,7 +106,10 @@ def log_weights(
             f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
             f"{tuple(logq.shape)}"
         )
+    check_mask_type(mask)
     xp = namespace(logp, logq, mask)
+    check_real_floating(xp, logp, "logp")
+    check_real_floating(xp, logq, "logq")
     logp = as_compute_array(xp, logp)
     logq = as_compute_array(xp, logq, logp.dtype)
     mask = broadcast_mask(xp, mask, logp.shape)
@@ -81,8 +117,7 @@ def log_weights(
         # Padded positions may hold anything (even -inf - -inf = NaN): remove them first.
         logp = xp.where(mask, logp, 0.0)
         logq = xp.where(mask, logq, 0.0)
-    diff = logp - logq
-    check_log_weights(xp, diff, "logp - logq")
+    diff = checked_log_ratio(xp, logp, logq)
     if logp.ndim <= 1 or level == "token":
         return diff
     total = xp.sum(diff, axis=-1)
