@@ -416,16 +416,48 @@ def shift_by_max(
     (``1e15 + l`` rounds ``l`` to 0.125, but every later step is exact relative to the max)."""
     top = reduce_max(xp, x, axis, reducer, keepdims=True)
     top = xp.where(xp.isfinite(top), top, 0.0)
-    return x - top, top
+    # x - top can overflow only for a positive max. Entries further than 2^-20 of the largest
+    # float below the max (a relative weight of exp(-3e32) in float32) are set to that floor:
+    # finite (a weight 0 for every gamma that matters, still a positive weight at gamma = 0),
+    # and sums of up to 2^20 of them cannot overflow.
+    floor = -float(xp.finfo(x.dtype).max) * 2.0**-20
+    limit = xp.where(top > 0, top + floor, -xp.inf)
+    below = x < limit
+    d = xp.where(below, floor, xp.where(below, top, x) - top)
+    return xp.where(x == -xp.inf, -xp.inf, xp.maximum(d, floor)), top
+
+
+def safe_sum(xp: Namespace, x: Array, axis: int = -1) -> Array:
+    """``sum(x, axis)`` of finite entries without an intermediate overflow.
+
+    Where ``max|x|`` times the number of terms could exceed the largest float, the row is
+    divided by a power of 2 at least that number first (exact) and multiplied back at the end;
+    the result is ``+-inf`` only where the sum itself is out of range, never ``inf - inf = NaN``
+    from a partial sum. Rows that cannot overflow are summed as they are (bit for bit).
+    """
+    n = x.shape[axis]
+    fmax = float(xp.finfo(x.dtype).max)
+    if n <= 1:
+        return xp.sum(x, axis=axis)
+    factor = 2.0 ** math.ceil(math.log2(n))
+    finite = xp.where(xp.isfinite(x), x, 0.0)
+    risky = xp.max(xp.abs(finite), axis=axis, keepdims=True) > fmax / factor
+    scaled = xp.where(risky, x / factor, x)
+    total = xp.sum(scaled, axis=axis)
+    risky = xp.squeeze(risky, axis=axis)
+    fits = ~risky | (xp.abs(total) <= fmax / factor) | ~xp.isfinite(total)
+    kept = xp.where(fits & risky, total, 0.0)
+    back = xp.where(risky, kept * factor, total)
+    inf = xp.full_like(total, xp.inf)
+    return xp.where(fits, back, xp.where(total > 0, inf, -inf))  # out of range: +-inf
 
 
 def logsumexp(
     xp: Namespace, x: Array, axis: int, keepdims: bool = False, reducer: Reducer | None = None
 ) -> Array:
     """``log(sum(exp(x)))`` along ``axis`` (over all shards); ``-inf`` for an all-``-inf`` row."""
-    m = reduce_max(xp, x, axis, reducer, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0)
-    total = reduce_sum(xp, xp.exp(x - m), axis, reducer, keepdims=True)
+    shifted, m = shift_by_max(xp, x, axis, reducer)
+    total = reduce_sum(xp, xp.exp(shifted), axis, reducer, keepdims=True)
     positive = total > 0
     # log(0) is taken on a dummy 1 so that numpy raises no divide-by-zero warning.
     out = xp.where(positive, xp.log(xp.where(positive, total, 1.0)) + m, -xp.inf)

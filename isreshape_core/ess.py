@@ -13,7 +13,6 @@ from ._array import (
     expand_at_axis,
     poison,
     prepare_log_weights,
-    reduce_max,
     reduce_sum,
     sample_count,
     shift_by_max,
@@ -39,9 +38,7 @@ def kish_ess_from_log(xp: Namespace, z: Array, axis: int, reducer: Reducer | Non
     Shifted by the row maximum, so no term overflows; see :func:`kish_from_sums` for the clip.
     With a ``reducer`` the sums run over every shard of the samples.
     """
-    m = reduce_max(xp, z, axis, reducer, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0)
-    e = xp.exp(z - m)
+    e = xp.exp(shift_by_max(xp, z, axis, reducer)[0])
     s1 = reduce_sum(xp, e, axis, reducer)
     s2 = reduce_sum(xp, e * e, axis, reducer)
     n_pos = reduce_sum(xp, xp.astype(z > -xp.inf, z.dtype), axis, reducer)

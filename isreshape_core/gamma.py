@@ -10,6 +10,7 @@ weights to ``(groups, G)`` and reduce along the group axis.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -58,8 +59,7 @@ def _check_bounds(gamma_min: Any, gamma_max: Any) -> None:
         xp = namespace(*arrays)
         if not bool(xp.all(xp.asarray(gamma_min <= gamma_max))):
             raise ValueError(
-                "gamma_min exceeds gamma_max for some rows; pass gamma_min <= gamma_max "
-                "everywhere"
+                "gamma_min exceeds gamma_max for some rows; pass gamma_min <= gamma_max everywhere"
             )
 
 
@@ -86,7 +86,9 @@ def scaled_deviations(
     if reducer is not None:
         big = reducer.max(big)
     size, top = xp.expand_dims(big[0, ...], axis=axis), xp.expand_dims(big[1, ...], axis=axis)
-    scale = xp.pow(2.0, xp.floor(xp.log2(xp.where(size > 0, size, 1.0))))
+    # log2 of a value near the largest float can round up to the exponent limit: clamp it.
+    top_exp = float(math.frexp(float(xp.finfo(l.dtype).max))[1] - 1)  # 127, 1023
+    scale = xp.pow(2.0, xp.minimum(xp.floor(xp.log2(xp.where(size > 0, size, 1.0))), top_exp))
     top = xp.where(xp.isfinite(top), top, 0.0)
     u = xp.where(finite, l0 / scale - top / scale, 0.0)  # in [-4, 0]
     count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)

@@ -10,6 +10,7 @@ no ``1/gamma`` anywhere) and the metrics. The torch adapter registers the gradie
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Literal
 
@@ -23,16 +24,19 @@ from ._array import (
     as_compute_array,
     broadcast_mask,
     check_gamma,
-    check_log_weights,
+    check_mask_type,
+    check_real_floating,
     check_rho_min,
     is_concrete,
     namespace,
     reduce_sum,
+    safe_sum,
     tempered_log_weights,
 )
 from .gamma import GAMMA_METHODS
-from .objective import _exp_capped, _expm1_capped
+from .objective import _expm1_capped, _log_max
 from .step import choose_gamma, tempered_metrics
+from .weights import checked_log_ratio
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -130,6 +134,8 @@ def check_loss_arguments(
     loss_agg_mode: Any,
     form: Any,
     group_size: Any,
+    loss_scale_factor: Any = None,
+    mask: Any = None,
 ) -> None:
     """The boundary checks of :func:`is_reshape_loss_and_grad`, shared with the adapters that
     reach the core by another path (the CuPy fused kernels), so that every entry point rejects
@@ -148,6 +154,18 @@ def check_loss_arguments(
     else:
         check_gamma(gamma, "gamma")
     check_rho_min(rho_min)
+    if loss_scale_factor is not None:
+        if not isinstance(loss_scale_factor, numbers.Real) or isinstance(loss_scale_factor, bool):
+            raise TypeError(
+                "loss_scale_factor must be a positive finite number (the divisor of "
+                f"seq-mean-token-sum-norm) or None, got {type(loss_scale_factor).__name__}"
+            )
+        if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
+            raise ValueError(
+                "loss_scale_factor must be a positive finite number (the divisor of "
+                f"seq-mean-token-sum-norm; 0, NaN or inf would make the loss NaN or 0, a "
+                f"negative one would flip its sign), got {loss_scale_factor!r}"
+            )
     if rewards is None:
         raise TypeError(
             "rewards are required (there is no r = 1 default, which would silently train pure "
@@ -156,6 +174,10 @@ def check_loss_arguments(
     for name, value in (("logp", logp), ("logq", logq), ("rewards", rewards)):
         if not hasattr(value, "shape"):
             raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    check_mask_type(mask)
+    xp = namespace(logp, logq)
+    check_real_floating(xp, logp, "logp")
+    check_real_floating(xp, logq, "logq")
     if tuple(logp.shape) != tuple(logq.shape):
         raise ValueError(
             f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
@@ -307,6 +329,8 @@ def is_reshape_loss_and_grad(
         loss_agg_mode=loss_agg_mode,
         form=form,
         group_size=group_size,
+        loss_scale_factor=loss_scale_factor,
+        mask=mask,
     )
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     dtype = logp.dtype
@@ -316,20 +340,44 @@ def is_reshape_loss_and_grad(
     lp = xp.where(mask, logp, 0.0)
     lq = xp.where(mask, logq, 0.0)
     r = xp.where(mask, r, 0.0)
-    token_l = lp - lq
-    check_log_weights(xp, token_l, "logp - logq")
+    token_l = checked_log_ratio(xp, lp, lq)  # logq = +inf at a valid token is refused too
     if is_concrete(r) and not bool(xp.all(xp.isfinite(r))):
         raise ValueError("rewards contain NaN or inf; rewards must be finite")
+    # Traced inputs cannot raise: NaN / +inf log ratios and non-finite rewards make their unit
+    # NaN (and every batch statistic they enter), counted in the metrics.
+    token_bad = None
+    if not (is_concrete(token_l) and is_concrete(r)):
+        token_bad = xp.isnan(token_l) | (token_l == xp.inf) | ~xp.isfinite(r)
 
     # --- units: their log weights, validity, and d l_u / d logp_bt ---------------------------
     n_tok = xp.sum(maskf, axis=-1)
+    overflow = None
     if level == "token":
         unit_l, unit_valid = token_l, mask  # (B, T)
     else:
-        unit_l = xp.sum(token_l, axis=-1)
+        unit_l = safe_sum(xp, token_l, axis=-1)
+        n_safe = xp.where(n_tok > 0, n_tok, 1.0)
+        # A sum of finite token log ratios can exceed the largest float (a token that is -inf
+        # itself is a weight 0, and stays so): the geometric mean is then taken term by term;
+        # a sequence's sum is clipped to +-max (a weight that is not representable anyway,
+        # counted in n_capped).
+        overflow = (n_tok > 0) & xp.isinf(unit_l)
+        overflow = overflow & xp.all(xp.isfinite(token_l) | ~mask, axis=-1)
         if level == "geometric":
-            unit_l = unit_l / xp.where(n_tok > 0, n_tok, 1.0)
+            per_token = safe_sum(xp, token_l / n_safe[:, None], axis=-1)
+            unit_l = xp.where(overflow, per_token, unit_l / n_safe)
+            overflow = overflow & xp.isinf(unit_l)
+        else:
+            top_f = xp.asarray(float(xp.finfo(dtype).max), dtype=dtype, device=array_device(logp))
+            unit_l = xp.where(overflow, xp.where(unit_l > 0, top_f, -top_f), unit_l)
         unit_valid = n_tok > 0  # (B,)
+
+    bad_unit = None
+    if token_bad is not None:
+        bad_unit = token_bad if level == "token" else xp.any(token_bad, axis=-1)
+        n_nonfinite = reduce_sum(xp, xp.reshape(xp.astype(token_bad, dtype), (-1,)), 0, reducer)
+    else:
+        n_nonfinite = xp.zeros((), dtype=dtype, device=array_device(logp))
 
     # --- gamma: precomputed, or chosen from the detached unit log weights --------------------
     if hasattr(gamma, "shape"):
@@ -342,39 +390,154 @@ def is_reshape_loss_and_grad(
     # --- value and gradient ------------------------------------------------------------------
     c = _aggregation_weights(xp, mask, dtype, loss_agg_mode, loss_scale_factor, reducer)
     cr = c * r  # (B, T)
-    tempered = tempered_log_weights(xp, xp.where(unit_valid, unit_l, -xp.inf), unit_g)
-    w_g = _exp_capped(xp, tempered)  # w_u^gamma, 0 for invalid units
-    if level == "token":
-        coef = cr
-    else:
-        coef = xp.sum(cr, axis=-1)  # (B,): sum_t c_bt r_bt
-    if form == "objective":
-        positive = unit_g > 0
-        g_safe = xp.where(positive, unit_g, 1.0)
-        boxcox = _expm1_capped(xp, unit_g * xp.where(unit_valid, unit_l, 0.0)) / g_safe
-        h = xp.where(positive, boxcox, unit_l)
-        h = xp.where(unit_valid, h, 0.0)
-        local_value = -xp.sum(coef * h)
-    else:
-        if level == "token":
-            unit_logp = lp
-        else:
-            unit_logp = xp.sum(lp, axis=-1)
+    coef = cr if level == "token" else xp.sum(cr, axis=-1)  # sum_t c_bt r_bt per unit
+    unit_logp = None
+    if form == "reinforce":
+        unit_logp = lp
+        if level != "token":
+            unit_logp = safe_sum(xp, lp, axis=-1)
             if level == "geometric":
                 unit_logp = unit_logp / xp.where(n_tok > 0, n_tok, 1.0)
-        local_value = -xp.sum(coef * w_g * xp.where(unit_valid, unit_logp, 0.0))
+    if bad_unit is not None:
+        bad_unit = bad_unit | xp.isnan(unit_g)
+    terms, unit_grad, safety = _scaled_terms(
+        xp, unit_l, unit_valid, unit_g, coef, unit_logp, bad_unit, overflow, reducer
+    )
+    local_value = -xp.sum(terms)
     loss = local_value if reducer is None else reducer.sum(local_value)
+    metrics.update(safety)
+    metrics["n_nonfinite"] = n_nonfinite
 
-    unit_grad = -coef * w_g  # d loss / d l_u
+    # Masked tokens get exactly 0 (a where, not a product: no inf * 0 can arise).
     if level == "token":
-        grad = unit_grad * maskf
+        grad = xp.where(mask, unit_grad, 0.0)
     elif level == "sequence":
-        grad = unit_grad[:, None] * maskf
+        grad = xp.where(mask, unit_grad[:, None], 0.0)
     else:
-        grad = (unit_grad / xp.where(n_tok > 0, n_tok, 1.0))[:, None] * maskf
+        grad = xp.where(mask, (unit_grad / xp.where(n_tok > 0, n_tok, 1.0))[:, None], 0.0)
     if one_d:
         grad = grad[:, 0]
     return loss, grad, metrics
+
+
+def _log_abs(xp: Namespace, x: Array) -> Array:
+    """``log|x|``, ``-inf`` at 0, without a divide-by-zero warning."""
+    nonzero = x != 0
+    return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, x, 1.0))), -xp.inf)
+
+
+def _sign(xp: Namespace, x: Array) -> Array:
+    """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
+    ``torch.func.vmap`` cannot batch)."""
+    return xp.astype(x > 0, x.dtype) - xp.astype(x < 0, x.dtype)
+
+
+def _log_abs_boxcox(xp: Namespace, l: Array, g: Array, z: Array) -> Array:
+    """``log|expm1(g l) / g|`` (``log|l|`` at ``g = 0``) for finite ``l``, ``z = g l``, exact
+    where the value itself overflows: ``z + log(1 - e^-z)`` for ``z > 0``."""
+    positive = z > 0
+    zs = xp.where(positive, -z, z)  # <= 0: expm1 cannot overflow
+    log_e = xp.where(positive, z, 0.0) + _log_abs(xp, xp.expm1(zs))
+    g_pos = g > 0
+    return xp.where(g_pos, log_e - xp.log(xp.where(g_pos, g, 1.0)), _log_abs(xp, l))
+
+
+def _scaled_terms(
+    xp: Namespace,
+    unit_l: Array,
+    unit_valid: Array,
+    unit_g: Array,
+    coef: Array,
+    unit_logp: Array | None,
+    bad_unit: Array | None,
+    overflow: Array | None,
+    reducer: Reducer | None,
+) -> tuple[Array, Array, dict[str, Array]]:
+    """The loss terms ``coef_u h_u`` and the unit gradients ``-coef_u w_u^gamma``, finite.
+
+    ``h_u`` is the Box-Cox value ``expm1(g l)/g`` (``l`` at ``g = 0``), or ``w^g log pi_u``
+    for the reinforce form (``unit_logp`` given). Exact (the plain products) wherever every
+    term is representable. Otherwise all terms and gradients are divided by one common factor
+    ``e^s``, the smallest that brings the largest term of the ``K`` nonzero ones below
+    ``max_float / K`` (so that the sum is finite too); a term whose factors overflow on their own
+    is formed in log space. ``s`` is reported as ``log_scale`` and the number of units whose
+    term needed it as ``n_capped`` (with the units whose summed log weight overflowed the dtype,
+    clipped to ``+-max_float`` by the caller: ``overflow``).
+    """
+    dtype = unit_l.dtype
+    top = xp.asarray(float(xp.finfo(dtype).max), dtype=dtype, device=array_device(unit_l))
+    cap = _log_max(xp, dtype)
+    # Units whose summed log ratio overflowed were clipped by the caller (``overflow``).
+    l = unit_l
+    if overflow is None:
+        overflow = xp.zeros(tuple(unit_l.shape), dtype=xp.bool, device=array_device(unit_l))
+    valid_l = xp.where(unit_valid, l, -xp.inf)
+    z = tempered_log_weights(xp, valid_l, unit_g)  # gamma * l, -inf for weight 0 / invalid
+    # Exponents beyond a quarter of the largest float are weights e^(+-1e37) or more: clip
+    # them there, so that no difference below can overflow (their relative size is 0 or inf
+    # either way; they are counted in n_capped through the scale).
+    quarter = top / 4.0
+    z = xp.where(z == -xp.inf, z, xp.minimum(xp.maximum(z, -quarter), quarter))
+    finite_l = valid_l > -xp.inf
+    l0 = xp.where(finite_l, l, 0.0)
+    log_c = _log_abs(xp, coef)
+    z0 = xp.where(finite_l, z, 0.0)
+    if unit_logp is None:
+        g_pos = unit_g > 0
+        log_h = _log_abs_boxcox(xp, l0, unit_g, z0)
+        # Weight 0: h = -1/g (g > 0); at g = 0, h = -inf, a term that is infinite by definition
+        # (the log-likelihood of a sample the policy cannot produce) and takes no part here.
+        log_h = xp.where(finite_l, log_h, -xp.log(xp.where(g_pos, unit_g, 1.0)))
+        sign_h = xp.where(finite_l, _sign(xp, l0), -1.0)
+        in_scale = unit_valid & (finite_l | g_pos)
+    else:
+        # A summed log-probability can overflow although its log ratio does not: clip it.
+        lp0 = xp.where(unit_valid, unit_logp, 0.0)
+        lp0 = xp.minimum(xp.maximum(lp0, -top), top)
+        log_h = xp.where(finite_l, z + _log_abs(xp, lp0), -xp.inf)  # w = 0: term 0
+        sign_h = _sign(xp, lp0)
+        in_scale = unit_valid
+    log_grad = log_c + z
+    log_term = xp.where(in_scale, xp.maximum(log_c + log_h, log_grad), -xp.inf)
+    if bad_unit is not None:
+        log_term = xp.where(bad_unit, -xp.inf, log_term)
+    counted = log_term > -xp.inf
+    worst = xp.max(xp.reshape(log_term, (-1,)))
+    n_terms = xp.sum(xp.astype(counted, dtype))
+    if reducer is not None:  # one scale for the whole batch: the loss is one sum
+        worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
+    excess = worst + xp.log(xp.where(n_terms > 1, n_terms, 1.0)) - cap
+    scale = xp.where(worst > -xp.inf, xp.maximum(excess, 0.0), 0.0)
+    n_capped = xp.sum(xp.astype(counted & (log_term + (excess - worst) > 0) | overflow, dtype))
+    if reducer is not None:
+        n_capped = reducer.sum(n_capped)
+
+    # Gradient: -coef e^(z - s), in log space where e^(z - s) alone would overflow.
+    shifted = z - scale
+    fits = shifted <= cap
+    direct = coef * xp.exp(xp.minimum(shifted, cap))
+    in_log = _sign(xp, coef) * xp.exp(xp.minimum(log_grad - scale, cap))
+    unit_grad = -xp.where(fits, direct, in_log)
+    unit_grad = xp.where(coef == 0, 0.0, unit_grad)
+
+    # Value terms coef * h * e^-s: the plain product where h is representable.
+    h_fits = (log_h <= cap) & (z0 <= cap)
+    if unit_logp is None:
+        g_div = xp.where(g_pos & h_fits, unit_g, 1.0)  # no overflowing division is formed
+        e = xp.where(finite_l, _expm1_capped(xp, z0), -1.0)
+        h = xp.where(g_pos, e / g_div, valid_l)
+    else:
+        h = xp.where(finite_l, xp.exp(xp.minimum(z0, cap)) * xp.where(h_fits, lp0, 0.0), 0.0)
+    h_safe = xp.where(h_fits & unit_valid & (coef != 0), h, 0.0)
+    plain = coef * (h_safe * xp.exp(-scale))
+    in_log = _sign(xp, coef) * sign_h * xp.exp(xp.minimum(log_c + log_h - scale, cap))
+    terms = xp.where(h_fits, plain, in_log)
+    terms = xp.where(unit_valid & (coef != 0), terms, 0.0)
+    if bad_unit is not None:
+        nan = xp.asarray(xp.nan, dtype=dtype, device=array_device(terms))
+        terms = xp.where(bad_unit, nan, terms)
+        unit_grad = xp.where(bad_unit, nan, unit_grad)
+    return terms, unit_grad, {"n_capped": n_capped, "log_scale": scale}
 
 
 def _given_gamma(

@@ -39,6 +39,7 @@ from ._array import (
     namespace,
     normalize_axis,
     poison,
+    shift_by_max,
 )
 
 __all__ = ["pareto_k_threshold", "psis", "psis_tail_length"]
@@ -249,13 +250,13 @@ def _check_r_eff(r_eff: Any) -> float:
 def _prepare(log_w: Any, axis: int) -> tuple[Namespace, Array, int]:
     """``prepare_log_weights`` without a mask and without its value check.
 
-    The check for NaN and ``+inf`` is made on the row maxima instead (in :func:`_psis_rows`):
-    a row holds NaN or ``+inf`` exactly when its max is NaN or ``+inf`` (the array API's ``max``
-    propagates NaN), which saves four passes over the data.
+    The check for NaN and ``+inf`` is made in :func:`_psis_rows`: on NumPy on the row maxima (a
+    row holds NaN or ``+inf`` exactly when its NumPy max is NaN or ``+inf``), which saves four
+    passes over the data; elsewhere on every entry (XLA's CPU ``max`` may drop a NaN).
     """
-    xp = namespace(log_w)
     if not hasattr(log_w, "shape"):
         raise TypeError(f"log_w must be an array, got {type(log_w).__name__}")
+    xp = namespace(log_w)
     check_real_floating(xp, log_w)
     lw = as_compute_array(xp, log_w)
     axis = normalize_axis(axis, lw.ndim)
@@ -269,8 +270,7 @@ def _prepare(log_w: Any, axis: int) -> tuple[Namespace, Array, int]:
 
 def _shift_rows(xp: Namespace, rows: Array) -> Array:
     """Rows shifted so that their max is 0 (an all ``-inf`` row stays all ``-inf``)."""
-    top = xp.max(rows, axis=-1, keepdims=True)
-    return rows - xp.where(xp.isfinite(top), top, 0.0)
+    return shift_by_max(xp, rows, -1)[0]  # no overflow for rows spanning the float range
 
 
 def _use_argpartition(xp: Namespace) -> bool:
@@ -563,10 +563,15 @@ def _psis_rows(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]
     """PSIS on a ``(B, S)`` array whose rows are batches; returns ``(smoothed, k_hat (B,))``."""
     top = xp.max(rows, axis=-1, keepdims=True)
     # A row holds NaN or +inf exactly when its max is NaN or +inf: one check on (B, 1).
-    check_log_weights(xp, top)
-    # Traced, a row holding NaN or +inf (its max is NaN or +inf) gives NaN everywhere.
-    bad = None if is_concrete(top) else xp.isnan(top) | (top == xp.inf)
-    shifted = rows - xp.where(xp.isfinite(top), top, 0.0)
+    # NumPy's max propagates NaN, so the (B, 1) maxima tell whether a row holds NaN or +inf;
+    # XLA's CPU max does not (it may drop NaN): elsewhere every entry is checked.
+    numpy_max = is_numpy_namespace(xp)
+    check_log_weights(xp, top if numpy_max else rows)
+    # Traced, a row holding NaN or +inf gives NaN everywhere.
+    bad = None
+    if not is_concrete(top):
+        bad = xp.any(xp.isnan(rows) | (rows == xp.inf), axis=-1, keepdims=True)
+    shifted = shift_by_max(xp, rows, -1)[0]  # no overflow for rows spanning the float range
     if tail_len < _MIN_TAIL:
         k_hat = xp.full((rows.shape[0],), xp.inf, dtype=rows.dtype, device=array_device(rows))
         return poison(xp, _normalise_rows(xp, shifted), bad), poison(xp, k_hat, _col(bad))

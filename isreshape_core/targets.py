@@ -30,6 +30,7 @@ from ._array import (
     array_device,
     as_compute_array,
     check_gamma,
+    check_real_floating,
     expand_at_axis,
     is_concrete,
     logsumexp,
@@ -58,6 +59,7 @@ def _prepare(logq: Any, rewards: Any, axis: int) -> tuple[Namespace, Array, Arra
         if not hasattr(x, "shape"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     xp = namespace(logq, rewards)
+    check_real_floating(xp, logq, "logq")
     if tuple(logq.shape) != tuple(rewards.shape):
         raise ValueError(
             f"logq of shape {tuple(logq.shape)} and rewards of shape {tuple(rewards.shape)} must "

@@ -15,6 +15,7 @@ from ._array import (
     check_real_floating,
     is_concrete,
     namespace,
+    safe_sum,
     tempered_log_weights,
 )
 from .objective import _log_max
@@ -123,7 +124,7 @@ def log_weights(
     diff = checked_log_ratio(xp, logp, logq)
     if logp.ndim <= 1 or level == "token":
         return diff
-    total = xp.sum(diff, axis=-1)
+    total = safe_sum(xp, diff, axis=-1)  # +-inf only where the sum is out of range
     if level == "sequence":
         return total
     if mask is None:

@@ -210,12 +210,20 @@ def _fused_loss_and_grad(
         loss_agg_mode=loss_agg_mode,
         form=form,
         group_size=group_size,
+        loss_scale_factor=loss_scale_factor,
+        mask=mask,
     )
 
     # rewards stay (B, 1) for per-sequence rewards: the kernel broadcasts them along the tokens.
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     dtype = logp.dtype
     B, T = logp.shape
+
+    if is_concrete(logq) and bool(xp.any(mask & (logq == xp.inf))):
+        raise ValueError(
+            "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
+            "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
+        )
 
     # --- pass 1 over the tokens: per-sequence statistics --------------------------------------
     stats = row_stats(logp, logq, r, mask, level == "geometric", dtype)

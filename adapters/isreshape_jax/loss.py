@@ -243,8 +243,9 @@ def is_reshape_loss(
     >>> print(np.asarray(grad))  # -T_b r_b / B on every token at gamma = 0
     [[-1. -1.]
      [-2. -2.]]
-    >>> print(sorted(metrics))
-    ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'max_weight', 'sigma2']
+    >>> print(sorted(metrics))  # doctest: +NORMALIZE_WHITESPACE
+    ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'log_scale', 'max_weight', 'n_capped',
+     'n_nonfinite', 'sigma2']
     """
     logp = _as_jax_array(logp, "logp", "(B, T) or (B,)")
     logq = _as_jax_array(logq, "logq", "(B, T) or (B,), like logp")

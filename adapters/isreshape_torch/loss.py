@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from isreshape_core import (
     GAMMA_METHODS,
@@ -27,6 +26,35 @@ from .distributed import resolve_reducer
 __all__ = ["ISReshapeLoss", "is_reshape_loss"]
 
 
+_SECOND_ORDER_MESSAGE = (
+    "is_reshape_loss is first-order only: its gradient with respect to logp is computed by the "
+    "core and enters the graph as a constant, so a second derivative (backward with "
+    "create_graph=True followed by another backward, torch.autograd.grad of a gradient, "
+    "torch.func.hessian) would be silently wrong; differentiate the loss once"
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on a gradient, whose own derivative raises :data:`_SECOND_ORDER_MESSAGE`.
+
+    ``anchor`` (``logp``) only makes the output require grad, so that a second backward reaches
+    this node whether or not the incoming ``grad_output`` requires grad."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:
+        raise RuntimeError(_SECOND_ORDER_MESSAGE)
+
+
 class _AttachGradient(torch.autograd.Function):
     """``loss`` as a function of ``logp`` whose derivative is the precomputed ``grad_logp``.
 
@@ -34,7 +62,7 @@ class _AttachGradient(torch.autograd.Function):
     the value, the backward ``grad_output * grad_logp`` in ``logp``'s dtype. ``setup_context``
     (no ``ctx`` in ``forward``) and ``generate_vmap_rule`` make it usable by ``torch.func``
     transforms. First-order only: the derivative is a constant of the graph, so a second
-    derivative would be silently zero; ``once_differentiable`` makes it an error instead.
+    derivative would be silently zero; it raises a clear error instead (``_FirstOrderOnly``).
     """
 
     generate_vmap_rule = True
@@ -46,14 +74,17 @@ class _AttachGradient(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         logp, _, grad_logp = inputs
-        ctx.save_for_backward(grad_logp)
+        ctx.save_for_backward(grad_logp, logp)
         ctx.logp_dtype = logp.dtype
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        (grad_logp,) = ctx.saved_tensors
-        return (grad_output * grad_logp).to(ctx.logp_dtype), None, None
+        grad_logp, logp = ctx.saved_tensors
+        with torch.no_grad():
+            grad = (grad_output * grad_logp).to(ctx.logp_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+            grad = _FirstOrderOnly.apply(grad, logp)
+        return grad, None, None
 
 
 def _check_tensor(value: Any, name: str, shape_hint: str) -> None:
@@ -185,8 +216,9 @@ def is_reshape_loss(
     >>> loss.backward()
     >>> print(logp.grad.tolist())  # -(T_b / B) r_b w^0 on every token at gamma = 0
     [[-1.0, -1.0], [-2.0, -2.0]]
-    >>> print(sorted(metrics))
-    ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'max_weight', 'sigma2']
+    >>> print(sorted(metrics))  # doctest: +NORMALIZE_WHITESPACE
+    ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'log_scale', 'max_weight', 'n_capped',
+     'n_nonfinite', 'sigma2']
     """
     _check_tensor(logp, "logp", "(B, T) or (B,)")
     _check_tensor(logq, "logq", "(B, T) or (B,), like logp")

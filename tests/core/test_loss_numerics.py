@@ -1,0 +1,167 @@
+"""Numerical safety of the loss (issue 14): for every finite input, in every dtype, the loss and
+every gradient are finite, masked tokens get exactly zero gradient, and where the true values
+are out of range both are divided by one reported factor ``exp(log_scale)``."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from _helpers import to_numpy
+
+import isreshape_core as isr
+
+
+def _loss(xp, lp, lq, r, mask, dtype, **kw):
+    cast = (lambda a: xp.asarray(np.asarray(a, dtype=dtype))) if dtype else xp.asarray
+    loss, grad, metrics = isr.is_reshape_loss_and_grad(
+        cast(lp), cast(lq), cast(r), None if mask is None else xp.asarray(mask), **kw
+    )
+    return to_numpy(loss), to_numpy(grad), {k: to_numpy(v) for k, v in metrics.items()}
+
+
+ISSUE_LP = np.array([[100.0, 0.0], [0.1, 0.0]])
+ISSUE_MASK = np.array([[True, False], [True, True]])
+
+
+@pytest.mark.parametrize("form", ["objective", "reinforce"])
+def test_issue_reproduction_float32_is_finite_and_consistent(xp, form):
+    """The issue's example: sequence 0 has weight e^100, beyond float32."""
+    lq = np.zeros((2, 2))
+    for rewards in ([1.0, 1.0], [0.0, 1.0]):
+        kw = {"gamma": 1.0, "form": form}
+        loss, grad, m = _loss(xp, ISSUE_LP, lq, rewards, ISSUE_MASK, np.float32, **kw)
+        exact, exact_grad, m64 = _loss(xp, ISSUE_LP, lq, rewards, ISSUE_MASK, np.float64, **kw)
+        assert np.isfinite(loss) and np.all(np.isfinite(grad))
+        assert grad[0, 1] == 0.0  # the padding token: exactly 0, not inf * 0
+        assert m64["n_capped"] == 0 and m64["log_scale"] == 0  # float64 holds e^100
+        factor = np.exp(np.float64(m["log_scale"]))
+        # Value and gradient are divided by the same factor: the direction is exact.
+        np.testing.assert_allclose(loss * factor, exact, rtol=2e-5)
+        np.testing.assert_allclose(grad * factor, exact_grad, rtol=2e-5, atol=1e-30)
+        if rewards[0] == 0.0:  # nothing overflows: exact, no rescaling
+            assert m["n_capped"] == 0 and m["log_scale"] == 0
+            np.testing.assert_allclose(loss, exact, rtol=1e-6)
+        else:
+            assert m["n_capped"] == 1 and m["log_scale"] > 0
+
+
+def test_drift_of_0_2_nats_per_token_over_512_tokens(xp):
+    """The issue's default-settings failure: all weights ~e^102, alike, so gamma = 1."""
+    rng = np.random.default_rng(0)
+    lq = rng.normal(-2.0, 0.5, (8, 512))
+    lp = lq + 0.2 + rng.normal(0.0, 1e-3, (8, 512))
+    r = rng.normal(size=8)
+    loss, grad, m = _loss(xp, lp, lq, r, None, np.float32, gamma="ess")
+    exact, exact_grad, _ = _loss(xp, lp, lq, r, None, np.float64, gamma="ess")
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    assert m["n_capped"] == 8
+    factor = np.exp(np.float64(m["log_scale"]))
+    np.testing.assert_allclose(grad * factor, exact_grad, rtol=1e-3)  # float32 log weights
+    np.testing.assert_allclose(loss * factor, exact, rtol=1e-3)
+
+
+EXTREMES = (0.0, 0.5, -3.0, 88.0, -88.0, 1e3, -1e3, 1e30, -1e30, 3e38, -3e38)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_finite_input_gives_a_finite_loss_and_gradient(xp, dtype):
+    rng = np.random.default_rng(5)
+    big = float(np.finfo(dtype).max) / 2
+    values = np.array([v for v in EXTREMES if abs(v) <= big] + [big, -big], dtype=dtype)
+    rewards = np.array([0.0, 1.0, -2.0, 1e30, -1e30], dtype=dtype)
+    for level, form, agg, gamma in itertools.product(
+        ("sequence", "geometric", "token"),
+        ("objective", "reinforce"),
+        ("token-mean", "seq-mean-token-sum"),
+        (0.0, 1e-6, 0.5, 1.0, "ess"),
+    ):
+        lp = rng.choice(values, size=(4, 3))
+        lq = rng.choice(values, size=(4, 3))
+        r = rng.choice(rewards, size=(4,))
+        mask = rng.random((4, 3)) < 0.7
+        loss, grad, m = _loss(
+            xp, lp, lq, r, mask, dtype, gamma=gamma, level=level, form=form, loss_agg_mode=agg
+        )
+        where = (level, form, agg, gamma)
+        assert np.isfinite(loss), where
+        assert np.all(np.isfinite(grad)), where
+        assert np.all(grad[~mask] == 0.0), where
+        assert all(np.all(np.isfinite(v)) for k, v in m.items() if k != "sigma2"), (where, m)
+
+
+def test_exact_where_nothing_overflows(xp):
+    rng = np.random.default_rng(1)
+    lq = rng.normal(-1.0, 0.3, (6, 5))
+    lp = lq + rng.normal(0.0, 0.3, (6, 5))
+    r = rng.normal(size=6)
+    loss, grad, m = _loss(xp, lp, lq, r, None, None, gamma=0.7)
+    assert m["n_capped"] == 0 and m["log_scale"] == 0 and m["n_nonfinite"] == 0
+    l = (lp - lq).sum(axis=-1)
+    want = -np.sum(r * 5 / 30 * np.expm1(0.7 * l) / 0.7)
+    np.testing.assert_allclose(loss, want, rtol=1e-13)
+    np.testing.assert_allclose(grad, np.broadcast_to(-(r / 6 * np.exp(0.7 * l))[:, None], (6, 5)))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, math.nan, math.inf, -math.inf])
+def test_loss_scale_factor_must_be_positive_and_finite(xp, bad):
+    x = xp.asarray(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="loss_scale_factor must be a positive finite number"):
+        isr.is_reshape_loss_and_grad(
+            x,
+            x,
+            xp.asarray(np.ones(2)),
+            loss_agg_mode="seq-mean-token-sum-norm",
+            loss_scale_factor=bad,
+        )
+
+
+def test_loss_argument_messages(xp):
+    x = xp.asarray(np.zeros((2, 3)))
+    r = xp.asarray(np.ones(2))
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\], got 1.5"):
+        isr.is_reshape_loss_and_grad(x, x, r, gamma=1.5)
+    with pytest.raises(TypeError, match="loss_scale_factor must be a positive finite number"):
+        isr.is_reshape_loss_and_grad(x, x, r, loss_scale_factor="2")
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        isr.is_reshape_loss_and_grad(x, x, r, [[True] * 3] * 2)
+    with pytest.raises(TypeError, match="logp must have a real floating dtype"):
+        isr.is_reshape_loss_and_grad(xp.asarray(np.zeros((2, 3), dtype=np.int64)), x, r)
+    lq = xp.asarray(np.array([[0.0, math.inf, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="logq contains \\+inf"):
+        isr.is_reshape_loss_and_grad(x, lq, r, gamma=0.5)
+
+
+@pytest.mark.parametrize("gamma", ["ess", 0.5])
+def test_jax_jit_loss_nan_in_nan_out(gamma):
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    lq = rng.normal(-1.0, 0.3, (4, 5))
+    lp = lq + rng.normal(0.0, 0.5, (4, 5))
+    r = rng.normal(size=4)
+    mask = np.ones((4, 5), dtype=bool)
+    mask[0, 4] = False
+    bad = lp.copy()
+    bad[2, 1] = np.inf  # one +inf token: eagerly an error, traced NaN where it belongs
+
+    def fn(lp_, lq_, r_, m_):
+        return isr.is_reshape_loss_and_grad(lp_, lq_, r_, m_, gamma=gamma)
+
+    loss, grad, m = jax.jit(fn)(*(jnp.asarray(a) for a in (bad, lq, r, mask)))
+    loss, grad = np.asarray(loss), np.asarray(grad)
+    assert np.isnan(loss) and float(m["n_nonfinite"]) == 1
+    assert grad[0, 4] == 0.0  # masked: exactly 0 even so
+    assert np.all(np.isnan(grad[2]))
+    if gamma == "ess":  # the batch gamma is NaN: every gradient is NaN, none plausible
+        assert np.isnan(float(m["gamma"]))
+        assert np.all(np.isnan(np.delete(grad, [(0 * 5 + 4)]).reshape(-1)))
+    else:  # a fixed gamma: the other rows are untouched
+        keep = [0, 1, 3]
+        clean = fn(*(jnp.asarray(a[keep]) for a in (lp, lq, r, mask)))[1]
+        # token-mean: the clean call has 14 tokens, the batch 19.
+        np.testing.assert_allclose(grad[keep] * 19 / 14, np.asarray(clean), rtol=1e-12)
