@@ -74,7 +74,9 @@ def ess(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights; ``-inf`` is weight 0. NaN and ``+inf`` raise (eager inputs).
+        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
+        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
+        ``torch.compile``), where nothing can raise, the row's result is NaN.
     gamma : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Tempering exponent in ``[0, 1]``.
     axis : int

@@ -288,6 +288,8 @@ def is_reshape_loss_and_grad(
     group_size : int, optional
         GRPO groups of ``G`` consecutive responses: one gamma per group (``B % G == 0``).
         Otherwise one gamma for the whole batch (over every shard, with a ``reducer``).
+    loss_scale_factor : float, optional
+        The divisor of ``seq-mean-token-sum-norm`` (default ``T``); a positive finite number.
     reducer : Reducer, optional
         For data-parallel shards of the batch: gamma and the normalisers become global, so every
         shard uses the same gamma and the loss is the loss of the whole batch.
@@ -304,7 +306,24 @@ def is_reshape_loss_and_grad(
         ``sigma2`` (variance of the unit log weights),
         ``ess_ratio`` (at gamma) and ``ess_ratio_at_1`` (means over groups), ``max_weight``
         (largest normalised unit weight), and ``k_hat`` (the largest over groups) for the
-        Pareto methods ``"psis"``, ``"tail"``, ``"combined"``.
+        Pareto methods ``"psis"``, ``"tail"``, ``"combined"``; the numerical-safety counters
+        ``log_scale`` (the ``s`` below, 0 where nothing overflows), ``n_capped`` (units whose
+        term needed it, or whose summed log ratio overflowed the dtype) and ``n_nonfinite``
+        (valid tokens with a NaN or ``+inf`` log ratio or a non-finite reward: 0 on eager
+        inputs, which raise instead).
+
+    Notes
+    -----
+    Numerical safety (docs: concepts, "Numerical safety"). For every finite input in every
+    dtype the loss and the gradient are finite and masked tokens get exactly 0. Where every
+    term and gradient is representable the result is the plain formula, exactly. Otherwise
+    value and gradient are both divided by one factor ``e^s``, the smallest that brings the
+    largest of the ``K`` nonzero terms below ``max_float / K`` (so their sum is finite): the
+    gradient's direction is kept, only its length changes, and ``s`` is reported as
+    ``log_scale``. Unlike a clamp of the log ratio (verl, TRL: ``[-20, 20]``) nothing changes
+    where the values are representable. Traced inputs cannot raise: a NaN or ``+inf`` log ratio
+    or a non-finite reward makes its unit's value and gradient NaN, and every batch statistic
+    it enters (a batch gamma chosen from the weights, hence the whole loss).
 
     Examples
     --------
@@ -332,8 +351,11 @@ def is_reshape_loss_and_grad(
         loss_scale_factor=loss_scale_factor,
         mask=mask,
     )
+    grad_dtype = logp.dtype  # the adapters return the gradient in logp's own dtype
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     dtype = logp.dtype
+    # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
+    cap = min(_log_max(xp, dtype), _log_max(xp, grad_dtype))
     B, T = logp.shape
     r = xp.broadcast_to(r, (B, T))
     maskf = xp.astype(mask, dtype)
@@ -401,7 +423,7 @@ def is_reshape_loss_and_grad(
     if bad_unit is not None:
         bad_unit = bad_unit | xp.isnan(unit_g)
     terms, unit_grad, safety = _scaled_terms(
-        xp, unit_l, unit_valid, unit_g, coef, unit_logp, bad_unit, overflow, reducer
+        xp, unit_l, unit_valid, unit_g, coef, unit_logp, bad_unit, overflow, reducer, cap
     )
     local_value = -xp.sum(terms)
     loss = local_value if reducer is None else reducer.sum(local_value)
@@ -452,6 +474,7 @@ def _scaled_terms(
     bad_unit: Array | None,
     overflow: Array | None,
     reducer: Reducer | None,
+    cap: float,
 ) -> tuple[Array, Array, dict[str, Array]]:
     """The loss terms ``coef_u h_u`` and the unit gradients ``-coef_u w_u^gamma``, finite.
 
@@ -460,13 +483,13 @@ def _scaled_terms(
     term is representable. Otherwise all terms and gradients are divided by one common factor
     ``e^s``, the smallest that brings the largest term of the ``K`` nonzero ones below
     ``max_float / K`` (so that the sum is finite too); a term whose factors overflow on their own
-    is formed in log space. ``s`` is reported as ``log_scale`` and the number of units whose
+    is formed in log space (``max_float`` of the narrower of the compute dtype and logp's own,
+    whose log is ``cap``). ``s`` is reported as ``log_scale`` and the number of units whose
     term needed it as ``n_capped`` (with the units whose summed log weight overflowed the dtype,
     clipped to ``+-max_float`` by the caller: ``overflow``).
     """
     dtype = unit_l.dtype
     top = xp.asarray(float(xp.finfo(dtype).max), dtype=dtype, device=array_device(unit_l))
-    cap = _log_max(xp, dtype)
     # Units whose summed log ratio overflowed were clipped by the caller (``overflow``).
     l = unit_l
     if overflow is None:

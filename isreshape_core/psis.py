@@ -63,7 +63,8 @@ def psis_tail_length(n: int, r_eff: float = 1.0) -> int:
     """Number ``M`` of largest draws whose tail PSIS fits with a generalised Pareto distribution.
 
     ``M = floor(3·sqrt(n / r_eff))`` when ``n·r_eff > 225``, else ``floor(n / 5)``; PSIS smooths
-    only when ``M >= 5``.
+    only when ``M >= 5``. This is arviz-stats' rule; R ``loo`` and legacy ArviZ take the
+    ``ceiling`` instead (one draw more where the bound is not an integer; docs: diagnostics).
 
     Parameters
     ----------

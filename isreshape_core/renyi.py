@@ -154,7 +154,9 @@ def renyi_divergence(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights; ``-inf`` is weight 0. NaN and ``+inf`` raise (eager inputs).
+        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
+        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
+        ``torch.compile``), where nothing can raise, the row's result is NaN.
     alpha : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Order, ``>= 0`` (``inf`` allowed).
     axis : int
@@ -243,7 +245,9 @@ def log_mean_tempered_weight(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights; ``-inf`` is weight 0. NaN and ``+inf`` raise (eager inputs).
+        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
+        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
+        ``torch.compile``), where nothing can raise, the row's result is NaN.
     gamma : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Exponent, finite and ``>= 0`` (values above 1 are allowed, e.g. ``2 gamma``).
     axis : int

@@ -193,7 +193,11 @@ def is_reshape_loss(
     metrics : dict of 0-d detached Tensors (never Python floats)
         ``gamma`` (mean over groups), ``sigma2`` (variance of the unit log weights),
         ``ess_ratio`` (at gamma), ``ess_ratio_at_1``, ``max_weight`` (largest normalised unit
-        weight), ``k_hat`` where the gamma method computes it.
+        weight), ``k_hat`` where the gamma method computes it, and the numerical-safety
+        counters ``log_scale``, ``n_capped``, ``n_nonfinite``
+        (:func:`isreshape_core.is_reshape_loss_and_grad`): the loss and its gradient are
+        finite for every finite input, divided by ``exp(log_scale)`` where the true values are
+        out of range.
 
     References
     ----------
