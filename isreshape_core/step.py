@@ -22,8 +22,8 @@ from ._array import (
     is_concrete,
     logsumexp,
     prepare_log_weights,
-    reduce_max,
     reduce_sum,
+    shift_by_max,
     tempered_log_weights,
 )
 from .ess import kish_ess_from_log
@@ -82,10 +82,12 @@ def tempered_metrics(
     ess_at_gamma = kish_ess_from_log(xp, tempered, axis, stats_reducer)
     ess_at_1 = kish_ess_from_log(xp, masked_l, axis, stats_reducer)
     _, sigma2 = _log_variance_stats(xp, masked_l, axis, stats_reducer)
-    lse = logsumexp(xp, masked_l, axis, reducer=stats_reducer)
+    # Relative to the max (exact at any offset of l): max_weight = 1 / sum e^(l - max).
+    lse = logsumexp(
+        xp, shift_by_max(xp, masked_l, axis, stats_reducer)[0], axis, reducer=stats_reducer
+    )
     informative = lse > -xp.inf
-    top = reduce_max(xp, masked_l, axis, stats_reducer)
-    max_weight = xp.where(informative, xp.exp(top - xp.where(informative, lse, 0.0)), 0.0)
+    max_weight = xp.where(informative, xp.exp(-xp.where(informative, lse, 0.0)), 0.0)
     rows = [gamma, sigma2, ess_at_gamma / n, ess_at_1 / n]
     rows = [xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for v in rows]
     totals = xp.stack(

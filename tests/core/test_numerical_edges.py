@@ -36,6 +36,8 @@ def test_shift_invariant_statistics_are_exact_at_large_offsets(xp, offset):
         "ess_ratio": lambda l: isr.ess_ratio(l, 0.7),
         "max_weight": lambda l: isr.diagnose(l).max_weight,
         "sigma2": lambda l: isr.diagnose(l).sigma2,
+        "step max_weight": lambda l: isr.step_gamma(l[0, ...], 0.3)[1]["max_weight"],
+        "step gamma": lambda l: isr.step_gamma(l[1, ...], 0.3)[0],
     }
     for name, fn in pairs.items():
         np.testing.assert_allclose(
