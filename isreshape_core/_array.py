@@ -235,13 +235,15 @@ def nonfinite_rows(
     Traced code cannot raise; the functions use this to return NaN for such rows
     (:func:`poison`) instead of a plausible finite value.
     """
-    if is_concrete(x):
+    if is_concrete(x) and not is_jax_array(x):
         return None
     bad = xp.isnan(x) | (x == xp.inf)
     if axis is None:
         out = xp.any(bad)
     else:
         out = xp.any(bad, axis=axis)
+    if is_concrete(out):  # eager (also a JAX constant outside a trace): raised already
+        return None
     if reducer is not None:
         out = reducer.max(xp.astype(out, x.dtype)) > 0
     return out
@@ -254,9 +256,10 @@ def traced_bad_rows(
     (``rho_min``, ``gamma_min``, ... broadcast to the batch shape); ``None`` when all are eager."""
     bad = nonfinite_rows(xp, l, axis, reducer)
     for value in params:
-        if hasattr(value, "shape") and not is_concrete(value):
+        if hasattr(value, "shape"):
             nan = xp.isnan(value)
-            bad = nan if bad is None else bad | nan
+            if not is_concrete(nan):  # eager: checked (and raised) already
+                bad = nan if bad is None else bad | nan
     return bad
 
 
@@ -271,8 +274,10 @@ def check_log_weights(xp: Namespace, log_w: Array, name: str = "log_w") -> None:
     """Reject NaN and ``+inf`` (``-inf`` is weight 0 and allowed); eager inputs only."""
     if not is_concrete(log_w):
         return
-    bad = xp.isnan(log_w) | (log_w == xp.inf)
-    if bool(xp.any(bad)):
+    # The result, not only the input, must be concrete: inside jax.jit a constant closed over is
+    # concrete, but what is computed from it is traced (and then NaN rows are made NaN instead).
+    bad = xp.any(xp.isnan(log_w) | (log_w == xp.inf))
+    if is_concrete(bad) and bool(bad):
         raise ValueError(
             f"{name} contains NaN or +inf; log weights must be finite or -inf (weight 0). "
             "Check logp/logq for NaN or use `mask` to drop those samples."
@@ -347,7 +352,8 @@ def broadcast_rewards(xp: Namespace, rewards: Any, like: Array, name: str = "rew
             f"{name} of shape {tuple(rewards.shape)} does not broadcast to the log weights' "
             f"shape {tuple(like.shape)}"
         ) from exc
-    if is_concrete(r) and not bool(xp.all(xp.isfinite(r))):
+    ok = xp.all(xp.isfinite(r)) if is_concrete(r) else None
+    if ok is not None and is_concrete(ok) and not bool(ok):
         raise ValueError(f"{name} contains NaN or inf; rewards must be finite")
     return r
 
@@ -362,7 +368,7 @@ def _check_unit_interval(value: Any, name: str, *, low_open: bool) -> None:
     if hasattr(value, "shape") and is_concrete(value):
         xp = array_namespace(value)
         ok = xp.all((value > 0 if low_open else value >= 0) & (value <= 1))
-        if not bool(ok):
+        if is_concrete(ok) and not bool(ok):
             raise ValueError(f"{name} must lie in {interval} everywhere; got values outside it")
         return
     if not hasattr(value, "shape"):

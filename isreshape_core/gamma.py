@@ -57,7 +57,8 @@ def _check_bounds(gamma_min: Any, gamma_max: Any) -> None:
     arrays = [v for v in (gamma_min, gamma_max) if hasattr(v, "shape")]
     if all(is_concrete(v) for v in arrays):
         xp = namespace(*arrays)
-        if not bool(xp.all(xp.asarray(gamma_min <= gamma_max))):
+        ordered = xp.all(xp.asarray(gamma_min <= gamma_max))
+        if is_concrete(ordered) and not bool(ordered):
             raise ValueError(
                 "gamma_min exceeds gamma_max for some rows; pass gamma_min <= gamma_max everywhere"
             )

@@ -33,8 +33,9 @@ def checked_log_ratio(xp: Namespace, logp: Array, logq: Array) -> Array:
     ``logq = +inf`` claims a probability above 1: it is refused (eager) or made NaN (traced),
     never the weight 0 that ``logp - inf`` would silently give.
     """
-    if is_concrete(logq):
-        if bool(xp.any(logq == xp.inf)):
+    refused = xp.any(logq == xp.inf) if is_concrete(logq) else None
+    if refused is not None and is_concrete(refused):
+        if bool(refused):
             raise ValueError(
                 "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
                 "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
