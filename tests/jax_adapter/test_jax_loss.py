@@ -219,7 +219,16 @@ def test_metrics_are_0d_arrays_with_zero_tangents():
         return is_reshape_loss(lp, lq, r, m)[1]
 
     out, tangents = jax.jvp(metrics, (jnp.asarray(logp),), (jnp.ones(logp.shape),))
-    assert set(out) == {"gamma", "sigma2", "ess_ratio", "ess_ratio_at_1", "max_weight"}
+    assert set(out) == {
+        "gamma",
+        "sigma2",
+        "ess_ratio",
+        "ess_ratio_at_1",
+        "max_weight",
+        "n_capped",
+        "log_scale",
+        "n_nonfinite",
+    }
     for key, value in out.items():
         assert isinstance(value, jax.Array) and value.shape == (), key
         assert float(tangents[key]) == 0.0, key
