@@ -71,6 +71,7 @@ def tests_verl(session: nox.Session) -> None:
         "-m",
         "pytest",
         "tests/integrations/test_verl.py",
+        "tests/integrations/test_versions.py",
         "--doctest-modules",
         "adapters/isreshape_torch/verl.py",
         "-q",
@@ -82,13 +83,14 @@ def tests_verl(session: nox.Session) -> None:
 def tests_trl(session: nox.Session) -> None:
     """The TRL GRPOTrainer integration (a few real steps on a tiny offline GPT-2) and the
     smoke test of experiment 4 (a tiny language model trained through TRL)."""
-    session.install(TORCH, "trl>=1.16,<2")
+    session.install(TORCH, "trl>=1.16,<1.17")
     session.install("-e", ".[test,plot]")
     session.run(
         "python",
         "-m",
         "pytest",
         "tests/integrations/test_trl.py",
+        "tests/integrations/test_versions.py",
         "tests/experiments/test_exp4_smoke.py",
         "--doctest-modules",
         "adapters/isreshape_torch/trl.py",
