@@ -529,9 +529,9 @@ def _scaled_terms(
     n_terms = xp.sum(xp.astype(counted, dtype))
     if reducer is not None:  # one scale for the whole batch: the loss is one sum
         worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
-    excess = worst + xp.log(xp.where(n_terms > 1, n_terms, 1.0)) - cap
-    scale = xp.where(worst > -xp.inf, xp.maximum(excess, 0.0), 0.0)
-    n_capped = xp.sum(xp.astype(counted & (log_term + (excess - worst) > 0) | overflow, dtype))
+    bound = cap - xp.log(xp.where(n_terms > 1, n_terms, 1.0))  # each term below max / K
+    scale = xp.where(worst > -xp.inf, xp.maximum(worst - bound, 0.0), 0.0)
+    n_capped = xp.sum(xp.astype(counted & (log_term > bound) | overflow, dtype))
     if reducer is not None:
         n_capped = reducer.sum(n_capped)
 
