@@ -343,7 +343,11 @@ def gamma_ess(
     # rho_min also when the ratio is recomputed in another order (e.g. fused by a compiler).
     margin = 1.0 + 4.0 * xp.finfo(l.dtype).eps
     rho = _batch_value(xp, rho_min, l, shape)
-    base = n if log_r is None else stats_at(xp.zeros_like(lo))[0]
+    if log_r is None:
+        base = n
+    else:  # ESS_grad(0) = s1^2 / s2 of the weights |r| (w^0 = 1 for every positive weight)
+        s1_zero, s2_zero = stats_at(xp.zeros_like(lo))[:2]
+        base = s1_zero * s1_zero / s2_zero
     needed = xp.minimum(rho * base * margin, base)
     log_needed = xp.log(xp.where(needed > 0, needed, 1.0))
 

@@ -104,3 +104,147 @@ def brute_force_ess(w: np.ndarray) -> float:
     s1 = sum(float(v) for v in w)
     s2 = sum(float(v) ** 2 for v in w)
     return 0.0 if s2 == 0 else s1 * s1 / s2
+
+
+# --------------------------------------------------------------------------------------------
+# Reference computations shared by the core, CuPy and CLI tests. None calls isreshape: plain
+# NumPy and Python sums, brute-force bisections, and arviz-stats for PSIS.
+
+
+def brute_ratio(l, gamma: float, r=None, mask=None) -> float:
+    """Kish's ESS of ``w**gamma`` (times ``|r|`` where given) over the ``n`` unmasked samples, / n.
+
+    1-D ``l``; ``-inf`` is weight 0 at every gamma (``0**0`` is 0 here), Python sums.
+    """
+    l = np.asarray(l, dtype=np.float64)
+    keep = np.ones(l.shape, bool) if mask is None else np.asarray(mask, bool)
+    finite = np.isfinite(l) & keep
+    w = np.zeros_like(l)
+    if finite.any():
+        w[finite] = np.exp(gamma * (l[finite] - l[finite].max()))
+    if r is not None:
+        w = w * np.abs(np.asarray(r, dtype=np.float64))
+    return brute_force_ess(w[keep]) / int(keep.sum())
+
+
+def brute_gamma(l, rho: float, lo: float = 0.0, hi: float = 1.0, iters: int = 200, **kw) -> float:
+    """The largest gamma in ``[lo, hi]`` with ``brute_ratio(l, gamma, **kw) >= rho``, by plain
+    bisection (``lo`` where even ``lo`` misses it). Assumes the ratio is monotone in gamma."""
+    if brute_ratio(l, hi, **kw) >= rho:
+        return hi
+    if brute_ratio(l, lo, **kw) < rho:
+        return lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if brute_ratio(l, mid, **kw) >= rho:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def loop_log_weights(logp, logq, mask=None, level: str = "sequence") -> np.ndarray:
+    """Sequence (summed), geometric (mean) or token log weights by explicit loops over tokens.
+
+    ``(B, T)`` inputs; sequence/geometric give ``(B,)`` (0 for a sequence without a valid
+    token), token gives ``(B, T)`` with 0 at padded positions.
+    """
+    logp, logq = np.asarray(logp, np.float64), np.asarray(logq, np.float64)
+    B, T = logp.shape
+    mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
+    if level == "token":
+        out = np.zeros((B, T))
+        for b in range(B):
+            for t in range(T):
+                if mask[b, t]:
+                    out[b, t] = logp[b, t] - logq[b, t]
+        return out
+    out = np.zeros(B)
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        total = sum(logp[b, t] - logq[b, t] for t in valid)
+        out[b] = total / len(valid) if (level == "geometric" and valid) else total
+    return out
+
+
+def arviz_psis(log_w, r_eff: float = 1.0):
+    """arviz-stats' PSIS of log *weights* along the last axis: ``(smoothed, k_hat)``.
+
+    arviz-stats takes log-likelihoods and smooths their negation (``psislw(-log_w)``).
+    """
+    import pytest
+
+    array_stats = pytest.importorskip("arviz_stats.base").array_stats
+    smoothed, k_hat = array_stats.psislw(-np.asarray(log_w, np.float64), r_eff=r_eff, axis=-1)
+    return np.asarray(smoothed), np.asarray(k_hat)
+
+
+def arviz_gpd_fit(exceedances):
+    """arviz-stats' Zhang-Stephens fit ``(k_hat with the PSIS prior, sigma)`` of sorted
+    exceedances over the cutoff (``_gpdfit``)."""
+    import pytest
+
+    array_stats = pytest.importorskip("arviz_stats.base").array_stats
+    k, sigma = array_stats._gpdfit(np.asarray(exceedances, np.float64))
+    return float(k), float(sigma)
+
+
+def _arviz_k(row) -> float:
+    """arviz-stats' k_hat of one row of log weights; ``inf`` where all weights are equal."""
+    row = np.asarray(row, np.float64)
+    finite = row[np.isfinite(row)]
+    if finite.size == 0 or np.all(finite == finite[0]):
+        return float("inf")
+    return float(arviz_psis(row)[1])
+
+
+def reference_gamma_psis(
+    l, rho: float, mask=None, fallback: float = 0.3, k_threshold: float = 0.7
+) -> tuple[float, float]:
+    """``(gamma, k_hat)`` of the PSIS rule for one row, from arviz-stats' smoothing and
+    brute-force bisections: the ESS gamma of the smoothed weights where ``k_hat <=
+    k_threshold``, ``min(fallback, ESS gamma of the raw weights)`` above it, the raw weights'
+    ESS gamma where no tail can be fitted (fewer than 25 draws). Masked samples are zero
+    weights for PSIS and left out of every ESS."""
+    l = np.asarray(l, np.float64)
+    zeroed = l if mask is None else np.where(mask, l, -np.inf)
+    raw = brute_gamma(l, rho, mask=mask)
+    if l.size < 25:
+        return raw, float("inf")
+    smoothed, k = arviz_psis(zeroed)
+    k = float(k)
+    if k > k_threshold:
+        return min(fallback, raw), k
+    return brute_gamma(smoothed, rho, mask=mask), k
+
+
+def reference_gamma_tail(
+    l, k_target: float = 0.5, gamma_min: float = 0.0, gamma_max: float = 1.0, iters: int = 12
+) -> tuple[float, float]:
+    """``(gamma, k_hat)`` of the tail rule for one row with arviz-stats' k_hat of ``w**gamma``.
+
+    As documented for ``gamma_tail``: start at 1 where ``k_hat <= k_target``, else at
+    ``k_target / k_hat``, clipped to the bounds; keep it where ``k_hat(w**start) <= k_target``,
+    else bisect ``iters`` times on ``[gamma_min, start]`` keeping the feasible end;
+    ``gamma_max`` where no tail can be fitted to ``w``.
+    """
+    l = np.asarray(l, np.float64)
+
+    def k_at(g):
+        return float("inf") if g == 0 else _arviz_k(np.where(np.isfinite(l), g * l, -np.inf))
+
+    k = _arviz_k(l)
+    if not np.isfinite(k):
+        return gamma_max, k
+    start = 1.0 if k <= k_target else k_target / k
+    start = min(max(start, gamma_min), gamma_max)
+    if k_at(start) <= k_target:
+        return start, k
+    a, b = gamma_min, start
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        if k_at(mid) <= k_target:
+            a = mid
+        else:
+            b = mid
+    return a, k

@@ -113,6 +113,37 @@ def test_ess_bounds_and_shift_invariance(xp, l, gamma, shift):
     np.testing.assert_allclose(shifted, e, rtol=1e-9)
 
 
+def test_ess_of_near_equal_weights_is_clipped_to_n(xp):
+    # Weights equal to 1e-9: s1^2 / s2 rounds above n in about a third of the rows; the ESS
+    # must still be at most n (and the ratio at most 1), and equal n to rounding.
+    rng = np.random.default_rng(12)
+    for n in (7, 64, 1000):
+        l = rng.normal(0.0, 1e-9, size=(200, n))
+        for gamma in (0.5, 1.0):
+            e = to_numpy(isr.ess(xp.asarray(l), gamma))
+            assert np.all(e <= n) and np.all(e >= 1.0), (n, e.max() - n)
+            np.testing.assert_allclose(e, n, rtol=1e-12)
+            ratio = to_numpy(isr.ess_ratio(xp.asarray(l), gamma))
+            assert np.all(ratio <= 1.0)
+        r = np.ones(n)
+        g = to_numpy(isr.gradient_ess(xp.asarray(l), xp.asarray(r), 1.0))
+        assert np.all(g <= n)
+
+
+@given(
+    st.sampled_from([1, 7, 40]),  # few shapes: JAX compiles every operation once per shape
+    st.floats(-30, 30),
+    st.floats(1e-12, 1e-6),
+    st.integers(0, 2**32 - 1),
+    st.floats(0, 1),
+)
+def test_ess_bounds_on_near_equal_weights(xp, n, base, scale, seed, gamma):
+    l = base + scale * np.random.default_rng(seed).normal(size=n)
+    e = to_numpy(isr.ess(xp.asarray(l), gamma))
+    assert 1.0 <= e <= n
+    np.testing.assert_allclose(e, n, rtol=1e-9)
+
+
 @given(log_weight_arrays(min_n=2), st.floats(0, 1), st.floats(0, 1))
 def test_ess_is_non_increasing_in_gamma(xp, l, g1, g2):
     lo, hi = min(g1, g2), max(g1, g2)
@@ -139,6 +170,38 @@ def test_gradient_ess_matches_brute_force(xp):
         got = to_numpy(isr.gradient_ess(xp.asarray(l), xp.asarray(r), gamma))
         want = brute_force_ess(brute_tempered(l, gamma) * np.abs(r))
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_gradient_ess_batched_masked_matches_loops(xp):
+    # Rows along axis 1 of a (3, 30, 2) batch, per-row gamma, per-sample rewards with zeros,
+    # a mask, -inf weights, and a row whose every unmasked sample has r = 0 (ESS_grad 0).
+    rng = np.random.default_rng(13)
+    l = rng.normal(0, 1.5, size=(3, 30, 2))
+    l[0, ::4, 1] = -np.inf
+    r = rng.normal(0, 1, size=(3, 30, 2))
+    r[:, ::3, :] = 0.0
+    mask = rng.random((3, 30, 2)) < 0.75
+    r[2, :, 0] = np.where(mask[2, :, 0], 0.0, r[2, :, 0])
+    gamma = np.array([[0.0, 0.3], [0.7, 1.0], [0.5, 0.2]])
+    got = to_numpy(
+        isr.gradient_ess(
+            xp.asarray(l), xp.asarray(r), xp.asarray(gamma), axis=1, mask=xp.asarray(mask)
+        )
+    )
+    want = np.zeros((3, 2))
+    for i in range(3):
+        for j in range(2):
+            keep = mask[i, :, j]
+            w = brute_tempered(l[i, keep, j], gamma[i, j]) * np.abs(r[i, keep, j])
+            want[i, j] = brute_force_ess(w)
+    assert want[2, 0] == 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # Rewards broadcast along the batch: one reward vector for every row.
+    rows = rng.normal(0, 1, size=(4, 25))
+    r1 = rng.normal(0, 1, 25)
+    got = to_numpy(isr.gradient_ess(xp.asarray(rows), xp.asarray(r1), 0.6))
+    want = [brute_force_ess(brute_tempered(row, 0.6) * np.abs(r1)) for row in rows]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_half_precision_inputs_compute_in_float32(xp):

@@ -83,7 +83,10 @@ def test_gamma_ess_matches_brute_force_bisection(xp, rho):
 )
 def test_gamma_ess_is_feasible_and_largest(xp, l, rho):
     g = float(to_numpy(isr.gamma_ess(xp.asarray(l), rho)))
-    assert 0.0 <= g <= 1.0
+    if brute_ratio(l, 1.0) >= rho * (1 + 1e-12):
+        assert g == 1.0  # gamma_max is feasible: it is the largest
+    if brute_ratio(l, 0.0) < rho * (1 - 1e-12):
+        assert g == 0.0  # even gamma_min misses the target: gamma_min
     if brute_ratio(l, 0.0) >= rho:
         assert brute_ratio(l, g) >= rho * (1 - 1e-12)
     if g < 1.0:
@@ -179,9 +182,57 @@ def test_gradient_ess_option(xp):
     g = float(to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, rewards=xp.asarray(r))))
     base = brute_ratio(l, 0.0, r)
     assert brute_ratio(l, g, r) >= 0.3 * base * (1 - 1e-12)
-    assert g > 0.0
+    # The largest feasible gamma: on a grid of 1000 points above it, none meets the target.
+    grid = np.linspace(g, 1.0, 1001)[1:]
+    assert max(brute_ratio(l, t, r) for t in grid) < 0.3 * base
+    assert brute_ratio(l, g + 1e-7, r) < 0.3 * base
+    assert abs(g - brute_gamma_rewards(l, r, 0.3)) < 1e-9
     # Kish's ESS with the same rho and these sparse rewards would be infeasible at gamma = 0.
     assert base < 0.3
+
+
+def brute_gamma_rewards(l, r, rho, mask=None):
+    """The largest gamma with ESS_grad(gamma) >= rho ESS_grad(0), by bisection (monotone here)."""
+    base = brute_ratio_masked(l, 0.0, r, mask)
+    lo, hi = 0.0, 1.0
+    if brute_ratio_masked(l, hi, r, mask) >= rho * base:
+        return hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if brute_ratio_masked(l, mid, r, mask) >= rho * base:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def brute_ratio_masked(l, gamma, r, mask):
+    keep = np.ones(l.shape, bool) if mask is None else mask
+    return brute_ratio(l[keep], gamma, r[keep])
+
+
+def test_gradient_ess_option_batched_and_masked(xp):
+    # Rows of different spread, signed rewards with zeros, a mask whose masked entries hold
+    # garbage: each row's gamma is the largest feasible one for its unmasked samples.
+    rng = np.random.default_rng(17)
+    l = rng.normal(0, 1, (4, 120)) * np.array([[0.5], [1.5], [2.5], [4.0]])
+    r = rng.normal(0, 1, (4, 120)) * (rng.random((4, 120)) < 0.4)
+    mask = rng.random((4, 120)) < 0.8
+    garbage_l = np.where(mask, l, 40.0)
+    garbage_r = np.where(mask, r, 1e6)
+    got = to_numpy(
+        isr.gamma_ess(
+            xp.asarray(garbage_l), 0.5, rewards=xp.asarray(garbage_r), mask=xp.asarray(mask)
+        )
+    )
+    for i in range(4):
+        keep = mask[i]
+        want = brute_gamma_rewards(l[i], r[i], 0.5, keep)
+        assert abs(got[i] - want) < 1e-9, i
+        base = brute_ratio(l[i][keep], 0.0, r[i][keep])
+        grid = np.linspace(got[i], 1.0, 201)[1:] if got[i] < 1.0 else []
+        assert all(brute_ratio(l[i][keep], t, r[i][keep]) < 0.5 * base for t in grid), i
+    assert got[0] == 1.0 and np.all(got[1:] < 1.0)
 
 
 def test_select_gamma_dispatch(xp):
@@ -221,6 +272,15 @@ def test_select_gamma_bad_arguments(xp, kwargs, error, message):
 
 
 def test_float32_in_float32_out(xp):
-    l = xp.asarray(np.random.default_rng(9).normal(0, 2, 300).astype(np.float32))
+    l32 = np.random.default_rng(9).normal(0, 2, 300).astype(np.float32)
+    l = xp.asarray(l32)
+    l64 = l32.astype(np.float64)  # the float32 values, exactly
+    want = {
+        "ess": brute_gamma(l64, 0.3),
+        "closed_form": min(math.sqrt(-math.log(0.3) / np.var(l64, ddof=1)), 1.0),
+    }
     for method in ("ess", "closed_form"):
-        assert isr.select_gamma(l, method=method).dtype == xp.float32
+        got = isr.select_gamma(l, method=method)
+        assert got.dtype == xp.float32
+        # float32 sums over 300 terms: a few float32 ulps of gamma (2**-24 ~ 6e-8 relative).
+        np.testing.assert_allclose(to_numpy(got), want[method], rtol=2e-5)

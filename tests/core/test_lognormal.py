@@ -170,8 +170,11 @@ def test_float32_and_float16_compute_in_float32(xp):
     out = lognormal_ess_ratio(s32, xp.asarray(np.array([0.5, 1.0])))
     assert out.dtype == xp.float64  # float64 gamma promotes
     np.testing.assert_allclose(to_numpy(out), np.exp(-np.array([0.25, 2.0])), rtol=1e-6)
-    h = np.asarray([1.0], dtype=np.float16)
-    assert lognormal_variance(h, 1.0).dtype == np.float32
+    h = np.asarray([1.0, 0.5], dtype=np.float16)
+    var = lognormal_variance(h, 1.0)
+    assert var.dtype == np.float32
+    # sigma2 = 1 and 0.5 are exact in float16: e^0 (e^1 - 1) and e^0 (e^0.5 - 1), float32 ulps.
+    np.testing.assert_allclose(var, np.expm1([1.0, 0.5]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("fn", [lognormal_ess_ratio, lognormal_second_moment, lognormal_variance])

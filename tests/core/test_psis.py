@@ -11,12 +11,13 @@ import math
 import numpy as np
 import pytest
 from _helpers import get_namespace, to_numpy
+from array_api_compat import is_numpy_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import logsumexp as np_logsumexp
 
-from isreshape_core.psis import pareto_k_threshold, psis, psis_tail_length
+from isreshape_core.psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
 
 
 def arviz_psislw(log_w: np.ndarray, axis: int = -1, r_eff: float = 1.0):
@@ -73,6 +74,39 @@ def test_matches_arviz_stats_batched_axis_and_r_eff(xp):
     assert tuple(k_hat.shape) == (3, 2)
     assert_log_close(to_numpy(smoothed), expected, atol=1e-10)
     np.testing.assert_allclose(to_numpy(k_hat), k_expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("n", "r_eff", "tail"), [(300, 0.7, 60), (200, 1.2, 38)])
+def test_r_eff_where_n_and_n_times_r_eff_disagree(xp, n, r_eff, tail):
+    # The tail length branches on n * r_eff > 225: at n = 300, r_eff = 0.7, n > 225 but
+    # n * r_eff = 210, so M = floor(300 / 5) = 60 (not floor(3 sqrt(300 / 0.7)) = 62); at
+    # n = 200, r_eff = 1.2, n * r_eff = 240, so M = floor(3 sqrt(200 / 1.2)) = 38 (not 40).
+    assert psis_tail_length(n, r_eff) == tail
+    log_w = sample_log_w("student_t", (3, n), seed=n + 1)
+    expected, k_expected = arviz_psislw(log_w, r_eff=r_eff)
+    smoothed, k_hat = psis(xp.asarray(log_w), r_eff=r_eff)
+    assert_log_close(to_numpy(smoothed), expected, atol=1e-10)
+    np.testing.assert_allclose(to_numpy(k_hat), k_expected, rtol=0, atol=1e-10)
+
+
+def test_portable_path_puts_values_back_in_place_on_many_rows(xp):
+    # The array-API path (argpartition + indexed update on NumPy and JAX, a full sort undone by
+    # argsort elsewhere), called directly so that it runs in the NumPy session too: every row's
+    # smoothed tail must land at the positions of its draws, compared position by position
+    # (continuous draws: no ties) with arviz-stats.
+    log_w = np.concatenate(
+        [sample_log_w("student_t", (24, 300), seed=23), sample_log_w("normal", (24, 300), 29)]
+    )
+    expected, k_expected = arviz_psislw(log_w)
+    out, k_hat = _psis_rows(xp, xp.asarray(log_w), psis_tail_length(300))
+    np.testing.assert_allclose(to_numpy(out), expected, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(to_numpy(k_hat), k_expected, rtol=0, atol=1e-10)
+    if not is_numpy_namespace(xp):
+        return  # elsewhere float32 takes the path above (test_float32_input_computes_in_float32)
+    # On NumPy float32 takes the portable path through psis itself (the kernel is float64 only).
+    out32, k32 = psis(xp.asarray(log_w, dtype=xp.float32))
+    np.testing.assert_allclose(to_numpy(out32), expected, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(to_numpy(k32), k_expected, rtol=0, atol=2e-3)
 
 
 def test_neg_inf_entries_are_weight_zero_and_the_rest_smoothed(xp):
@@ -141,7 +175,9 @@ def test_pareto_k_threshold_rejects_bad_n(bad):
 
 
 def test_tail_length_formula():
-    for n, r_eff in [(24, 1.0), (25, 1.0), (225, 1.0), (226, 1.0), (4000, 1.0), (1000, 0.3)]:
+    cases = [(24, 1.0), (25, 1.0), (225, 1.0), (226, 1.0), (4000, 1.0), (1000, 0.3)]
+    cases += [(300, 0.7), (200, 1.2), (250, 0.9), (225, 1.001)]  # n > 225 != n r_eff > 225
+    for n, r_eff in cases:
         expected = math.floor(3 * math.sqrt(n / r_eff)) if n * r_eff > 225 else n // 5
         assert psis_tail_length(n, r_eff) == expected
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import brute_force_ess, get_namespace, to_numpy
+from _helpers import (
+    brute_force_ess,
+    brute_gamma,
+    get_namespace,
+    reference_gamma_psis,
+    reference_gamma_tail,
+    to_numpy,
+)
 
-from isreshape_core.gamma import gamma_ess
 from isreshape_core.psis_gamma import gamma_combined, gamma_psis, gamma_tail
 
 SHAPE = (3, 400)  # one shape for most tests: JAX eager compiles once per shape
@@ -51,13 +57,26 @@ def test_gamma_psis_meets_rho_min_on_smoothed_weights(xp):
 
 
 def test_gamma_psis_fallback_on_a_very_heavy_tail(xp):
-    log_w = mixed_rows(1)
+    # Log-Pareto weights with k = 1.25 and k = 2: both far above 0.7. At rho_min = 0.5 the raw
+    # weights' ESS gamma is above the fallback 0.3 in row 1 (gamma = 0.3) and below it in row 2
+    # (gamma = the raw ESS gamma, which differs from the smoothed weights' ESS gamma there).
+    rng = np.random.default_rng(6)
+    n = SHAPE[1]
+    log_w = np.stack([rng.normal(0.0, 1.0, n), rng.exponential(1.25, n), rng.exponential(2.0, n)])
     gamma, k_hat, used = (to_numpy(a) for a in gamma_psis(xp.asarray(log_w), 0.5, fallback=0.3))
-    assert used[2] and k_hat[2] > 0.7
-    # The smaller of 0.3 and the exact ESS gamma on the raw weights: feasible on the raw weights.
-    assert gamma[2] <= 0.3
-    assert ess_ratio_brute(log_w[2], gamma[2]) >= 0.5 - 1e-12
-    assert ess_ratio_brute(log_w[2], gamma[2] + 1e-4) < 0.5 or gamma[2] == 0.3
+    np.testing.assert_array_equal(used, [False, True, True])
+    raw = [brute_gamma(row, 0.5) for row in log_w]
+    smoothed_ref, _ = arviz_psislw(log_w)
+    assert raw[1] > 0.3 > raw[2] + 0.05
+    assert brute_gamma(smoothed_ref[2], 0.5) > raw[2] + 0.02  # the smoothed one is not it
+    assert gamma[1] == 0.3
+    assert abs(gamma[2] - raw[2]) < 1e-9
+    # Row 0 (k_hat 0.38) takes the smoothed weights' ESS gamma, which differs from the raw one.
+    assert abs(gamma[0] - brute_gamma(smoothed_ref[0], 0.5)) < 1e-9
+    assert abs(raw[0] - brute_gamma(smoothed_ref[0], 0.5)) > 1e-3
+    for i in range(3):
+        want, k_want = reference_gamma_psis(log_w[i], 0.5)
+        assert abs(gamma[i] - want) < 1e-9 and k_hat[i] == pytest.approx(k_want, abs=1e-10)
 
 
 def test_gamma_psis_small_samples_and_threshold(xp):
@@ -113,16 +132,45 @@ def test_gamma_tail_bounds_and_degenerate_rows(xp):
     assert float(k_ref) > 0.3 and gamma[1] == 0.0 and np.isposinf(k_gamma[1])
 
 
-def test_gamma_combined_is_the_elementwise_min(xp):
+def test_gamma_combined_against_independent_rules(xp):
+    # The smaller of a brute-force bisection of the ESS and the tail rule run on arviz-stats'
+    # k_hat: rows where either one binds (light tail: neither; moderate: the ESS; heavy: tail).
     log_w = mixed_rows(7)
-    x = xp.asarray(log_w)
-    gamma, k_hat = gamma_combined(x, 0.3, k_target=0.5)
-    expected = np.minimum(to_numpy(gamma_ess(x, 0.3)), to_numpy(gamma_tail(x, k_target=0.5)[0]))
-    np.testing.assert_allclose(to_numpy(gamma), expected, atol=0)
+    gamma, k_hat = (to_numpy(a) for a in gamma_combined(xp.asarray(log_w), 0.3, k_target=0.5))
     _, k_ref = arviz_psislw(log_w)
-    np.testing.assert_allclose(to_numpy(k_hat), k_ref, atol=1e-10)
-    for i in range(3):
-        assert ess_ratio_brute(log_w[i], to_numpy(gamma)[i]) >= 0.3 - 1e-12
+    np.testing.assert_allclose(k_hat, k_ref, atol=1e-10)
+    ess_side = [brute_gamma(row, 0.3) for row in log_w]
+    tail_side = [reference_gamma_tail(row, 0.5)[0] for row in log_w]
+    np.testing.assert_allclose(gamma, np.minimum(ess_side, tail_side), rtol=0, atol=1e-9)
+    assert tail_side[2] < ess_side[2] and ess_side[1] < tail_side[1]
+
+
+def test_select_gamma_pareto_methods_against_independent_rules(xp):
+    # Every branch: a light row (smoothed ESS gamma; tail rule 1), a moderate one, a very heavy
+    # one (PSIS fallback; tail rule below 1), with bounds, and rows too short for a tail fit.
+    from isreshape_core import select_gamma
+
+    log_w = mixed_rows(12)
+    _, k_ref = arviz_psislw(log_w)
+    assert k_ref[0] < 0.5 and k_ref[2] > 0.7
+    x = xp.asarray(log_w)
+    psis_g = to_numpy(select_gamma(x, 0.3, method="psis", gamma_max=0.95))
+    tail_g = to_numpy(select_gamma(x, method="tail", gamma_min=0.05, k_target=0.6))
+    comb_g = to_numpy(select_gamma(x, 0.4, method="combined"))
+    for i, row in enumerate(log_w):
+        want, _ = reference_gamma_psis(np.asarray(row), 0.3)
+        assert abs(psis_g[i] - min(want, 0.95)) < 1e-9, i
+        want_tail, _ = reference_gamma_tail(row, 0.6, gamma_min=0.05)
+        assert abs(tail_g[i] - want_tail) < 1e-9, i
+        want_comb = min(brute_gamma(row, 0.4), reference_gamma_tail(row, 0.5)[0])
+        assert abs(comb_g[i] - want_comb) < 1e-9, i
+    assert tail_g[0] == 1.0 and tail_g[2] < 1.0 and psis_g[0] == 0.95
+    short = np.random.default_rng(13).normal(0.0, 2.0, size=(2, 20))  # S < 25: no k_hat
+    for method, rho in (("psis", 0.3), ("combined", 0.3)):
+        got = to_numpy(select_gamma(xp.asarray(short), rho, method=method))
+        np.testing.assert_allclose(got, [brute_gamma(r, rho) for r in short], atol=1e-9)
+    got = to_numpy(select_gamma(xp.asarray(short), method="tail", gamma_max=0.7))
+    np.testing.assert_array_equal(got, [0.7, 0.7])
 
 
 @pytest.mark.parametrize(
@@ -186,3 +234,5 @@ def test_masked_samples_are_zero_weights_for_psis_and_left_out_of_the_ess(xp):
     # tail: the same as zero weights in place of the masked samples.
     got = to_numpy(gamma_tail(garbage, mask=m)[0])
     np.testing.assert_allclose(got, to_numpy(gamma_tail(xp.asarray(zeroed))[0]))
+    want = [reference_gamma_tail(row)[0] for row in zeroed]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)

@@ -12,7 +12,15 @@ import math
 
 import numpy as np
 import pytest
-from _helpers import to_numpy
+from _helpers import (
+    arviz_psis,
+    brute_gamma,
+    brute_ratio,
+    loop_log_weights,
+    reference_gamma_psis,
+    reference_gamma_tail,
+    to_numpy,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -243,6 +251,57 @@ def test_fused_matches_generic_path(level, gamma, group_size):
         assert set(met_f) == set(met_g)
         for key in met_g:
             np.testing.assert_allclose(met_f[key], met_g[key], rtol=1e-12, atol=1e-14)
+
+
+def _reference_gamma(method, l, valid, rho):
+    """gamma of one row of unit log weights by brute force / arviz-stats (no isreshape code)."""
+    if method == "ess":
+        return brute_gamma(l, rho, mask=valid)
+    if method == "closed_form":
+        return min(math.sqrt(-math.log(rho) / np.var(l[valid], ddof=1)), 1.0)
+    if method == "psis":
+        return reference_gamma_psis(l, rho, mask=valid)[0]
+    tail = reference_gamma_tail(np.where(valid, l, -np.inf))[0]
+    return tail if method == "tail" else min(brute_gamma(l, rho, mask=valid), tail)
+
+
+@pytest.mark.parametrize("level", FUSED_LEVELS)
+@pytest.mark.parametrize(("group_size", "methods"), [(None, GAMMA_METHODS), (30, ("ess", "psis"))])
+def test_fused_gamma_and_metrics_match_independent_references(level, group_size, methods):
+    """The fused path's gamma and metrics against loops, brute-force bisections and arviz-stats
+    (the core path shares the fused path's argument checks and gamma code)."""
+    logp, logq, rewards, mask = make_batch(19, B=60, T=4, spread=1.0)
+    logq[::7] -= np.random.default_rng(20).exponential(2.0, (9, 4))  # a heavier right tail
+    mask[5] = False  # an empty response: a zero weight for PSIS, left out of every ESS
+    l = loop_log_weights(logp, logq, mask, level=level)
+    valid = mask.any(axis=1)
+    groups = [slice(0, 60)] if group_size is None else [slice(0, 30), slice(30, 60)]
+    for method in methods:
+        loss, _, metrics = fused_cpu(
+            logp, logq, rewards, mask, gamma=method, level=level, group_size=group_size
+        )
+        gammas = [_reference_gamma(method, l[g], valid[g], 0.3) for g in groups]
+        np.testing.assert_allclose(metrics["gamma"], np.mean(gammas), rtol=0, atol=1e-9)
+        fixed = np.repeat(gammas, 60 // len(groups))
+        ratio = [brute_ratio(l[g], gm, mask=valid[g]) for g, gm in zip(groups, gammas, strict=True)]
+        np.testing.assert_allclose(metrics["ess_ratio"], np.mean(ratio), rtol=1e-7)
+        at_1 = [brute_ratio(l[g], 1.0, mask=valid[g]) for g in groups]
+        np.testing.assert_allclose(metrics["ess_ratio_at_1"], np.mean(at_1), rtol=1e-10)
+        var = [np.var(l[g][valid[g]], ddof=1) for g in groups]
+        np.testing.assert_allclose(metrics["sigma2"], np.mean(var), rtol=1e-10)
+        w = [np.exp(l[g][valid[g]] - l[g][valid[g]].max()) for g in groups]
+        np.testing.assert_allclose(metrics["max_weight"], max(x.max() / x.sum() for x in w))
+        if method in ("psis", "tail", "combined"):
+            k = [float(arviz_psis(np.where(valid[g], l[g], -np.inf))[1]) for g in groups]
+            np.testing.assert_allclose(metrics["k_hat"], max(k), rtol=1e-10)
+        # The loss at the chosen gamma, one gamma per group, by loops.
+        want = 0.0
+        for b in range(60):
+            if valid[b]:
+                h = math.expm1(fixed[b] * l[b]) / fixed[b] if fixed[b] > 0 else l[b]
+                want -= rewards[b] * h * mask[b].sum() / mask.sum()
+        np.testing.assert_allclose(loss, want, rtol=1e-7)
+    assert metrics["gamma"] < 1.0
 
 
 @given(
