@@ -59,7 +59,7 @@ def is_reshape_loss_and_grad(
     r"""The IS Reshape loss, its exact gradient with respect to ``logp``, and metrics.
 
     The same loss as :func:`isreshape_core.is_reshape_loss_and_grad` and as
-    ``isreshape_torch.is_reshape_loss`` (DESIGN.md section 3, item 1; seed Theorem 2.1): with the
+    ``isreshape_torch.is_reshape_loss`` (:ref:`theory-objective`): with the
     unit log weights ``l_u`` (a sequence's summed or mean token log-ratio, or one token's), a
     per-token reward ``r_bt`` and verl's aggregation coefficients ``c_bt``,
 
@@ -90,8 +90,10 @@ def is_reshape_loss_and_grad(
         Rewards or advantages (signed allowed), per sequence or per token. Required.
     mask : bool array broadcastable to (B, T), optional
         Valid (response) tokens.
-    gamma : {"ess", "closed_form", "psis", "tail", "combined"} or float
-        How to choose gamma (:func:`isreshape_core.select_gamma`), or a fixed value in [0, 1].
+    gamma : {"ess", "closed_form", "psis", "tail", "combined"}, float or array
+        How to choose gamma (:func:`isreshape_core.select_gamma`), a fixed value in [0, 1], or a
+        precomputed gamma array of the inputs' library (0-d, ``(B,)``, or ``(B, T)`` at the
+        token level; e.g. from :func:`isreshape_core.step_gamma`), used as is.
     rho_min : float
         Target ESS ratio, in (0, 1].
     level : {"sequence", "geometric", "token"}

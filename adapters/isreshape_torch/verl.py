@@ -5,8 +5,12 @@ Gamma is chosen **once per optimizer step**: over verl's whole mini-batch on all
 ranks, before the micro-batch loop, by :func:`prepare_step_gamma` (run by the trainer of
 :mod:`isreshape_torch.verl_trainer`), and reaches every micro-batch as a per-sample field
 (``is_reshape_gamma``, or the tempered ``rollout_is_weights``) that travels with its row through
-``balance_batch``, shuffling and dynamic batch size. Usage (bypass mode, IS Reshape as the policy
-loss)::
+``balance_batch``, shuffling and dynamic batch size.
+
+Tested with verl 0.9.1; supports verl >=0.9,<0.10 (``VERL_SUPPORTED``): with another verl (or
+none) the import fails with an ``ImportError`` that names this range.
+
+Usage (bypass mode, IS Reshape as the policy loss)::
 
     export VERL_USE_EXTERNAL_MODULES=isreshape_torch.verl_trainer   # imported by `import verl`
     ISR_CONFIG=isreshape_torch.verl.ISReshapePolicyLossConfig
@@ -65,6 +69,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from isreshape_core._versions import require
+
+#: The verl releases this module supports (tested with 0.9.1); on others its import fails.
+VERL_SUPPORTED = ">=0.9,<0.10"
+require("verl", VERL_SUPPORTED, tested="0.9.1", integration=__name__, extra="verl")
+
 from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config.actor import PolicyLossConfig
 
