@@ -239,7 +239,9 @@ def is_reshape_options(policy_loss_config: Any) -> dict[str, Any]:
         unknown = [
             k
             for k in keys
-            if k.startswith("is_reshape_") and k not in IS_RESHAPE_OPTIONS and k not in _REMOVED_OPTIONS
+            if k.startswith("is_reshape_")
+            and k not in IS_RESHAPE_OPTIONS
+            and k not in _REMOVED_OPTIONS
         ]
         if unknown:
             raise ValueError(
@@ -611,6 +613,9 @@ def _step_gamma_of_units(
     if options["group_by"] == "uid":
         rows, num_groups = _global_group_ids(data, dp_group, log_w.device)
         group_ids = rows[:, None].expand(B, mask.shape[1]).reshape(-1) if token else rows
+    if isinstance(options["gamma"], numbers.Real):
+        gamma = torch.full_like(flat, float(options["gamma"]))
+        return flat, unit_mask, gamma, {"gamma": float(options["gamma"])}
     gamma, metrics = isr.step_gamma(
         flat,
         options["rho_min"],
