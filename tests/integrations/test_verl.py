@@ -578,3 +578,34 @@ def test_one_gamma_per_step_over_two_ranks(name, tmp_path):
                     )
                     ref = core_algos.agg_loss(mat, mk, "seq-mean-token-sum")
                     np.testing.assert_allclose(rec["loss"], ref.item(), rtol=1e-10, atol=1e-12)
+
+
+def test_trainer_registration_and_config_errors():
+    """The trainer ``is_reshape`` through verl's registry, its actor worker, and its start-up
+    checks on verl's own YAML (needs verl's trainer dependencies: skipped without them)."""
+    trainer_mod = pytest.importorskip("isreshape_torch.verl_trainer")
+    import verl
+    from omegaconf import OmegaConf, open_dict
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    assert get_trainer_cls("is_reshape") is trainer_mod.ISReshapeTrainer
+    worker = trainer_mod.ISReshapeActorRolloutRefWorker
+    assert worker.actor_worker_cls is trainer_mod.ISReshapeTrainingWorker
+    cfg = OmegaConf.load(Path(verl.__file__).parent / "trainer/config/_generated_ppo_trainer.yaml")
+    pl = cfg.actor_rollout_ref.actor.policy_loss
+    with open_dict(cfg):
+        pl.is_reshape_rollout_correction = True
+    cfg.algorithm.rollout_correction.bypass_mode = False
+    with open_dict(cfg):
+        cfg.algorithm.rollout_correction.rollout_is = "sequence"  # verl's TIS
+    with pytest.raises(ValueError, match=r"rollout_correction\.rollout_is=null"):
+        trainer_mod._check_config(cfg)
+    cfg.algorithm.rollout_correction.rollout_is = None
+    cfg.actor_rollout_ref.rollout.calculate_log_probs = False
+    with pytest.raises(ValueError, match="calculate_log_probs=true"):
+        trainer_mod._check_config(cfg)
+    cfg.actor_rollout_ref.rollout.calculate_log_probs = True
+    trainer_mod._check_config(cfg)
+    cfg.algorithm.rollout_correction.bypass_mode = True
+    with pytest.raises(ValueError, match="bypass_mode=false"):
+        trainer_mod._check_config(cfg)
