@@ -609,3 +609,72 @@ def test_trainer_registration_and_config_errors():
     cfg.algorithm.rollout_correction.bypass_mode = True
     with pytest.raises(ValueError, match="bypass_mode=false"):
         trainer_mod._check_config(cfg)
+
+
+def test_worker_hook_forward_alignment_and_gamma():
+    """The trainer's actor worker, bypass mode: its extra forward pass (an engine returning the
+    current policy's log-probs over prompt + response, as verl's engines do) is sliced to the
+    response by verl's no_padding_2_padding, and the gamma it writes is the core's step gamma of
+    ``log_prob - old_log_probs`` (one process; needs verl's trainer dependencies)."""
+    trainer_mod = pytest.importorskip("isreshape_torch.verl_trainer")
+    from contextlib import nullcontext
+
+    from verl.utils import tensordict_utils as tu
+
+    from isreshape_torch.verl import GAMMA_FIELD
+
+    lengths, mask, _, old, logp, _, uid = step_batch()
+    prompt_len = 3
+    rows = np.arange(N_ROWS)
+    full = [  # the engine's per-token log-probs of prompt + response, shifted by one as verl's
+        np.concatenate([np.full(prompt_len - 1, 7.0), logp[i, : lengths[i]], [9.0]]) for i in rows
+    ]
+
+    class Engine:  # the three engine methods the hook calls
+        def eval_mode(self, **_):
+            return nullcontext()
+
+        def get_data_parallel_group(self):
+            return None
+
+        def infer_batch(self, data, loss_function=None):
+            assert loss_function is None and not tu.get(data, "calculate_entropy")
+            return {"model_output": {"log_probs": _nested(full, lengths + prompt_len)}}
+
+    td = tu.get_tensordict(
+        tensor_dict={
+            "prompts": _nested(
+                [np.zeros(prompt_len, dtype=np.int64)] * N_ROWS, [prompt_len] * N_ROWS
+            ),
+            "responses": _nested([np.zeros(T_RESP, dtype=np.int64)] * N_ROWS, lengths),
+            "response_mask": _nested(mask, lengths),
+            "old_log_probs": _nested(old, lengths),
+            "uid": uid,
+        }
+    )
+    worker = object.__new__(trainer_mod.ISReshapeTrainingWorker)
+    worker.engine = Engine()
+    worker.engine_config = type(
+        "C",
+        (),
+        {
+            "use_dynamic_bsz": True,
+            "max_token_len_per_gpu": 64,
+            "micro_batch_size_per_gpu": 2,
+            "use_fused_kernels": False,
+        },
+    )()
+    worker.model_config = {}
+    worker.policy_loss_config = {
+        "loss_mode": "is_reshape",
+        "is_reshape_gamma": "ess",
+        "is_reshape_group_by": "uid",
+        "is_reshape_rho_min": 0.9,
+    }
+    metrics = worker._prepare_step(td)
+    lw = isr.log_weights(torch.tensor(logp), torch.tensor(old), torch.tensor(mask))
+    gid = torch.tensor([sorted(set(uid)).index(u) for u in uid])
+    g_ref, m_ref = isr.step_gamma(lw, 0.9, group_ids=gid, num_groups=len(set(uid)))
+    assert float(g_ref.min()) < 1.0
+    np.testing.assert_allclose(td[GAMMA_FIELD].numpy(), g_ref.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(metrics["actor/is_reshape/gamma"], float(m_ref["gamma"]), atol=1e-12)
