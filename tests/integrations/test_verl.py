@@ -4,7 +4,9 @@ The loss registered as ``is_reshape`` is checked, value and gradient, against ve
 ``agg_loss`` applied to the IS Reshape loss matrix written out here in plain torch (autograd
 through ``expm1(gamma l)/gamma``), for every verl aggregation mode, with and without verl's global
 normalisers; gamma against a NumPy ESS computation; the registration through
-``VERL_USE_EXTERNAL_MODULES``; and the options through verl's own config conversion.
+``VERL_USE_EXTERNAL_MODULES``; the options through verl's own config conversion; and gamma
+once per optimizer step over 2 gloo ranks through verl's partitioning, mini-batch iterator and
+dynamic micro-batch split, against the core's ``step_gamma`` of the whole step in one process.
 """
 
 from __future__ import annotations
