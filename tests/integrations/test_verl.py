@@ -4,7 +4,9 @@ The loss registered as ``is_reshape`` is checked, value and gradient, against ve
 ``agg_loss`` applied to the IS Reshape loss matrix written out here in plain torch (autograd
 through ``expm1(gamma l)/gamma``), for every verl aggregation mode, with and without verl's global
 normalisers; gamma against a NumPy ESS computation; the registration through
-``VERL_USE_EXTERNAL_MODULES``; and the options through verl's own config conversion.
+``VERL_USE_EXTERNAL_MODULES``; the options through verl's own config conversion; and gamma
+once per optimizer step over 2 gloo ranks through verl's partitioning, mini-batch iterator and
+dynamic micro-batch split, against the core's ``step_gamma`` of the whole step in one process.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from isreshape_torch.verl import (  # noqa: E402
     ISReshapePolicyLossConfig,
     compute_policy_loss_is_reshape,
     is_reshape_options,
+    prepare_step_gamma,
 )
 
 F64 = torch.float64
@@ -100,11 +103,14 @@ def ours(old, logp, adv, mask, mode, config, weights=None):
 
 
 def config_for(gamma, level, info=None, **extra):
+    """A per-call gamma (``is_reshape_gamma_scope=micro_batch``), as these tests call the loss
+    directly, outside the step hook."""
     return {
         "policy_loss": {
             "loss_mode": "is_reshape",
             "is_reshape_gamma": gamma,
             "is_reshape_level": level,
+            "is_reshape_gamma_scope": "micro_batch",
             **extra,
         },
         "global_batch_info": dict(info or {}),
@@ -312,6 +318,7 @@ def test_options_through_verl_config_conversion():
         actor.policy_loss.is_reshape_rho_min = 0.5
         actor.policy_loss.is_reshape_level = "token"
         actor.policy_loss.is_reshape_gamma_options = {"gamma_min": 0.1}
+        actor.policy_loss.is_reshape_gamma_scope = "micro_batch"
     actor_config = omega_conf_to_dataclass(actor)
     assert isinstance(actor_config.policy_loss, ISReshapePolicyLossConfig)
     assert is_reshape_options(actor_config.policy_loss) == {
@@ -319,8 +326,10 @@ def test_options_through_verl_config_conversion():
         "rho_min": 0.5,
         "level": "token",
         "form": "objective",
-        "group_size": None,
-        "gamma_min": 0.1,
+        "group_by": None,
+        "scope": "micro_batch",
+        "rollout_correction": False,
+        "gamma_options": {"gamma_min": 0.1},
     }
     # and the loss reads them: closed-form gamma clip(sqrt(-log 0.5 / sigma^2), 0.1, 1)
     old, logp, adv, mask = make_batch(seed=9, noise=1.5)
@@ -341,6 +350,18 @@ def test_dictconfig_options_and_defaults():
 
 def test_errors():
     old, logp, adv, mask = make_batch(seed=10)
+    # today's per-call gamma is no longer silent: a gamma method needs the step (or the opt-in)
+    cfg = {"policy_loss": {"loss_mode": "is_reshape", "is_reshape_gamma": "ess"}}
+    with pytest.raises(ValueError, match=r"trainer_mode=is_reshape.*is_reshape_gamma_scope"):
+        ours(old, logp, adv, mask, "token-mean", cfg)
+    # consecutive-row groups are wrong after balance_batch: an error that names the fix
+    cfg = {"policy_loss": {"loss_mode": "is_reshape", "is_reshape_group_size": 4}}
+    with pytest.raises(ValueError, match="is_reshape_group_by=uid"):
+        ours(old, logp, adv, mask, "token-mean", cfg)
+    with pytest.raises(ValueError, match="is_reshape_group_by"):
+        is_reshape_options({"is_reshape_group_by": "prompt"})
+    with pytest.raises(ValueError, match="is_reshape_rollout_correction=false"):
+        prepare_step_gamma(None, {"loss_mode": "is_reshape", "is_reshape_rollout_correction": True})
     with pytest.raises(ValueError, match="is_reshape_rhomin"):
         ours(old, logp, adv, mask, "token-mean", {"policy_loss": {"is_reshape_rhomin": 0.5}})
     with pytest.raises(ValueError, match="loss_agg_mode"):
@@ -355,3 +376,307 @@ def test_errors():
         ours(old, logp, adv, mask, "token-mean", config_for(0.5, "token", info))
     with pytest.raises(ValueError, match="global_batch_size"):
         ours(old, logp, adv, mask, "seq-mean-token-mean", config_for(0.5, "token", info))
+
+
+# ----------------------------------------------------------------------------------------------
+# gamma once per optimizer step: verl's partitioning, mini-batch iterator and micro-batch split,
+# 2 gloo ranks, against the core's step_gamma on the whole step in one process
+
+import socket  # noqa: E402
+
+import isreshape_core as isr  # noqa: E402
+
+N_ROWS, T_RESP, G = 32, 6, 4  # 8 GRPO groups of 4
+
+
+def step_batch():
+    rng = np.random.default_rng(11)
+    lengths = rng.integers(1, T_RESP + 1, N_ROWS)
+    mask = np.arange(T_RESP)[None, :] < lengths[:, None]
+    rollout = np.log(rng.uniform(0.05, 1.0, (N_ROWS, T_RESP)))
+    old = rollout + rng.normal(0, 0.8, (N_ROWS, T_RESP))
+    logp = old + rng.normal(0, 1.0, (N_ROWS, T_RESP))
+    adv = np.repeat(rng.normal(0, 1, (N_ROWS, 1)), T_RESP, 1)
+    uid = [f"prompt-{i // G}" for i in range(N_ROWS)]
+    return lengths, mask, rollout, old, logp, adv, uid
+
+
+def _nested(rows, lengths):
+    return torch.nested.nested_tensor(
+        [torch.as_tensor(r[:n]) for r, n in zip(rows, lengths, strict=True)], layout=torch.jagged
+    )
+
+
+def _rank_td(idx, lengths, mask, rollout, old, logp, adv, uid):
+    from verl.utils import tensordict_utils as tu
+
+    ln = lengths[idx]
+    fields = {
+        "row": torch.as_tensor(idx),
+        "input_ids": _nested([np.zeros(T_RESP + 1, dtype=np.int64)] * len(idx), ln + 1),
+        "response_mask": _nested(mask[idx], ln),
+        "rollout_log_probs": _nested(rollout[idx], ln),
+        "old_log_probs": _nested(old[idx], ln),
+        "advantages": _nested(adv[idx], ln),
+    }
+    return tu.get_tensordict(tensor_dict={**fields, "uid": [uid[i] for i in idx]})
+
+
+def _step_worker(rank, world, port, out_dir, case):
+    import torch.distributed as tdist
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.seqlen_balancing import get_seqlen_balanced_partitions, rearrange_micro_batches
+
+    from isreshape_torch.verl import GAMMA_FIELD, prepare_step_gamma, step_gamma_context
+
+    torch.set_num_threads(1)
+    tdist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    lengths, mask, rollout, old, logp, adv, uid = step_batch()
+    # verl's balance_batch: length-balanced partitions, ignoring uid (groups land on both ranks)
+    parts = get_seqlen_balanced_partitions(list(lengths + 10), k_partitions=world, equal_size=True)
+    td = _rank_td(np.array(sorted(parts[rank])), lengths, mask, rollout, old, logp, adv, uid)
+    cfg = {"loss_mode": "vanilla" if case["rc"] else "is_reshape", **case["cfg"]}
+    out = []
+    minibatches = tu.make_iterator(
+        td, mini_batch_size=len(td) // 2, epochs=1, seed=rank, dataloader_kwargs={"shuffle": True}
+    )
+    for mb in minibatches:
+        rows = mb["row"].numpy()
+        lp = None
+        if not case["rc"]:
+            lp = torch.tensor(np.where(mask[rows], logp[rows], 0.0))[:, : int(lengths[rows].max())]
+        metrics = prepare_step_gamma(mb, cfg, dp_group=tdist.group.WORLD, log_prob=lp)
+        # dp_group=None: verl syncs the micro-batch count on the accelerator (CUDA) only
+        micro, _ = rearrange_micro_batches(mb, max_token_len=2 * (T_RESP + 1), dp_group=None)
+        for m in micro:
+            mrows = m["row"].numpy()
+            rec = {"rows": mrows, "metrics": metrics}
+            if case["rc"]:
+                rec["weights"] = m["rollout_is_weights"].to_padded_tensor(0.0).numpy()
+            else:
+                gamma = m[GAMMA_FIELD]
+                rec["gamma"] = gamma.numpy()
+                o = torch.tensor(old[mrows])
+                lpm = torch.tensor(logp[mrows], requires_grad=True)
+                with step_gamma_context(gamma):
+                    loss, _ = compute_policy_loss_is_reshape(
+                        o,
+                        lpm,
+                        torch.tensor(adv[mrows]),
+                        torch.tensor(mask[mrows]),
+                        "seq-mean-token-sum",
+                        {"policy_loss": cfg},
+                    )
+                rec["loss"] = loss.item()
+            out.append(rec)
+        out[-1]["step_rows"] = rows
+    tdist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STEP_CASES = {
+    "loss_uid": {
+        "rc": False,
+        "cfg": {"is_reshape_gamma": "ess", "is_reshape_group_by": "uid", "is_reshape_rho_min": 0.9},
+    },
+    "loss_step_token": {
+        "rc": False,
+        "cfg": {"is_reshape_gamma": "ess", "is_reshape_level": "token", "is_reshape_rho_min": 0.6},
+    },
+    "rollout_correction_uid": {
+        "rc": True,
+        "cfg": {
+            "is_reshape_rollout_correction": True,
+            "is_reshape_group_by": "uid",
+            "is_reshape_rho_min": 0.9,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_one_gamma_per_step_over_two_ranks(name, tmp_path):
+    """Every micro-batch of a step (2 gloo ranks, verl's balanced partitions, shuffled
+    mini-batches, dynamic micro-batches) uses the gamma that the core's step_gamma chooses on the
+    whole step in one process, per uid group (groups split over ranks and reordered)."""
+    import torch.multiprocessing as mp
+
+    case = STEP_CASES[name]
+    mp.spawn(_step_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2)
+    recs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    _, mask, rollout, old, logp, adv, uid = step_batch()
+    opts = is_reshape_options({"loss_mode": "x", **case["cfg"]})
+    level = opts["level"]
+    for step in range(2):
+        # the rows of step `step` on both ranks: each rank's records, split at its step ends
+        per_rank = []
+        for r in range(2):
+            ends = [i for i, rec in enumerate(recs[r]) if "step_rows" in rec]
+            lo = 0 if step == 0 else ends[0] + 1
+            per_rank.append(recs[r][lo : ends[step] + 1])
+        rows = np.concatenate([rr[-1]["step_rows"] for rr in per_rank])
+        q = torch.tensor(rollout[rows] if case["rc"] else old[rows])
+        p = torch.tensor(old[rows] if case["rc"] else logp[rows])
+        m = torch.tensor(mask[rows])
+        lw = isr.log_weights(p, q, m, level=level)
+        names = sorted({uid[i] for i in rows})
+        gid = torch.tensor([names.index(uid[i]) for i in rows])
+        flat = lw.reshape(-1) if level == "token" else lw
+        umask = m.reshape(-1) if level == "token" else m.any(-1)
+        if level == "token":
+            gid = gid[:, None].expand(m.shape).reshape(-1)
+        kw = {"group_ids": gid, "num_groups": len(names)} if opts["group_by"] else {}
+        g_ref, met_ref = isr.step_gamma(flat, opts["rho_min"], mask=umask, **kw)
+        g_rows = g_ref.reshape(m.shape)[:, 0] if level == "token" else g_ref
+        by_row = dict(zip(rows.tolist(), g_rows.numpy(), strict=True))
+        assert g_rows.min() < 1.0  # the constraint binds: not the trivial gamma = 1
+        assert len(set(np.round(g_rows.numpy(), 9))) > (1 if opts["group_by"] else 0)
+        for rr in per_rank:
+            np.testing.assert_allclose(
+                rr[0]["metrics"].get(
+                    "actor/is_reshape/gamma", rr[0]["metrics"].get("rollout_corr/rollout_is_gamma")
+                ),
+                float(met_ref["gamma"]),
+                rtol=0,
+                atol=1e-12,
+            )
+            for rec in rr:
+                want = np.array([by_row[i] for i in rec["rows"]])
+                if case["rc"]:
+                    lw_rows = isr.log_weights(
+                        torch.tensor(old[rec["rows"]]),
+                        torch.tensor(rollout[rec["rows"]]),
+                        torch.tensor(mask[rec["rows"]]),
+                        level=level,
+                    ).numpy()
+                    w = np.exp(want * lw_rows)[:, None] * mask[rec["rows"]]
+                    got = rec["weights"]
+                    np.testing.assert_allclose(got, w[:, : got.shape[1]], rtol=1e-6, atol=1e-7)
+                else:
+                    np.testing.assert_allclose(rec["gamma"], want, rtol=0, atol=1e-12)
+                    # and the loss used exactly those gammas
+                    o, lp_ = torch.tensor(old[rec["rows"]]), torch.tensor(logp[rec["rows"]])
+                    mk = torch.tensor(mask[rec["rows"]])
+                    mat = torch.stack(
+                        [
+                            reference_loss_mat(
+                                o[i : i + 1],
+                                lp_[i : i + 1],
+                                torch.tensor(adv[rec["rows"]][i : i + 1]),
+                                mk[i : i + 1],
+                                float(want[i]),
+                                level,
+                            )[0]
+                            for i in range(len(want))
+                        ]
+                    )
+                    ref = core_algos.agg_loss(mat, mk, "seq-mean-token-sum")
+                    np.testing.assert_allclose(rec["loss"], ref.item(), rtol=1e-10, atol=1e-12)
+
+
+def test_trainer_registration_and_config_errors():
+    """The trainer ``is_reshape`` through verl's registry, its actor worker, and its start-up
+    checks on verl's own YAML (needs verl's trainer dependencies: skipped without them)."""
+    trainer_mod = pytest.importorskip("isreshape_torch.verl_trainer")
+    import verl
+    from omegaconf import OmegaConf, open_dict
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    assert get_trainer_cls("is_reshape") is trainer_mod.ISReshapeTrainer
+    worker = trainer_mod.ISReshapeActorRolloutRefWorker
+    assert worker.actor_worker_cls is trainer_mod.ISReshapeTrainingWorker
+    cfg = OmegaConf.load(Path(verl.__file__).parent / "trainer/config/_generated_ppo_trainer.yaml")
+    pl = cfg.actor_rollout_ref.actor.policy_loss
+    with open_dict(cfg):
+        pl.is_reshape_rollout_correction = True
+    cfg.algorithm.rollout_correction.bypass_mode = False
+    with open_dict(cfg):
+        cfg.algorithm.rollout_correction.rollout_is = "sequence"  # verl's TIS
+    with pytest.raises(ValueError, match=r"rollout_correction\.rollout_is=null"):
+        trainer_mod._check_config(cfg)
+    cfg.algorithm.rollout_correction.rollout_is = None
+    cfg.actor_rollout_ref.rollout.calculate_log_probs = False
+    with pytest.raises(ValueError, match="calculate_log_probs=true"):
+        trainer_mod._check_config(cfg)
+    cfg.actor_rollout_ref.rollout.calculate_log_probs = True
+    trainer_mod._check_config(cfg)
+    cfg.algorithm.rollout_correction.bypass_mode = True
+    with pytest.raises(ValueError, match="bypass_mode=false"):
+        trainer_mod._check_config(cfg)
+
+
+def test_worker_hook_forward_alignment_and_gamma():
+    """The trainer's actor worker, bypass mode: its extra forward pass (an engine returning the
+    current policy's log-probs over prompt + response, as verl's engines do) is sliced to the
+    response by verl's no_padding_2_padding, and the gamma it writes is the core's step gamma of
+    ``log_prob - old_log_probs`` (one process; needs verl's trainer dependencies)."""
+    trainer_mod = pytest.importorskip("isreshape_torch.verl_trainer")
+    from contextlib import nullcontext
+
+    from verl.utils import tensordict_utils as tu
+
+    from isreshape_torch.verl import GAMMA_FIELD
+
+    lengths, mask, _, old, logp, _, uid = step_batch()
+    prompt_len = 3
+    rows = np.arange(N_ROWS)
+    full = [  # the engine's per-token log-probs of prompt + response, shifted by one as verl's
+        np.concatenate([np.full(prompt_len - 1, 7.0), logp[i, : lengths[i]], [9.0]]) for i in rows
+    ]
+
+    class Engine:  # the three engine methods the hook calls
+        def eval_mode(self, **_):
+            return nullcontext()
+
+        def get_data_parallel_group(self):
+            return None
+
+        def infer_batch(self, data, loss_function=None):
+            assert loss_function is None and not tu.get(data, "calculate_entropy")
+            return {"model_output": {"log_probs": _nested(full, lengths + prompt_len)}}
+
+    td = tu.get_tensordict(
+        tensor_dict={
+            "prompts": _nested(
+                [np.zeros(prompt_len, dtype=np.int64)] * N_ROWS, [prompt_len] * N_ROWS
+            ),
+            "responses": _nested([np.zeros(T_RESP, dtype=np.int64)] * N_ROWS, lengths),
+            "response_mask": _nested(mask, lengths),
+            "old_log_probs": _nested(old, lengths),
+            "uid": uid,
+        }
+    )
+    worker = object.__new__(trainer_mod.ISReshapeTrainingWorker)
+    worker.engine = Engine()
+    worker.engine_config = type(
+        "C",
+        (),
+        {
+            "use_dynamic_bsz": True,
+            "max_token_len_per_gpu": 64,
+            "micro_batch_size_per_gpu": 2,
+            "use_fused_kernels": False,
+        },
+    )()
+    worker.model_config = {}
+    worker.policy_loss_config = {
+        "loss_mode": "is_reshape",
+        "is_reshape_gamma": "ess",
+        "is_reshape_group_by": "uid",
+        "is_reshape_rho_min": 0.9,
+    }
+    metrics = worker._prepare_step(td)
+    lw = isr.log_weights(torch.tensor(logp), torch.tensor(old), torch.tensor(mask))
+    gid = torch.tensor([sorted(set(uid)).index(u) for u in uid])
+    g_ref, m_ref = isr.step_gamma(lw, 0.9, group_ids=gid, num_groups=len(set(uid)))
+    assert float(g_ref.min()) < 1.0
+    np.testing.assert_allclose(td[GAMMA_FIELD].numpy(), g_ref.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(metrics["actor/is_reshape/gamma"], float(m_ref["gamma"]), atol=1e-12)
