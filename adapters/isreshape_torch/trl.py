@@ -24,7 +24,24 @@ generation and optimisation steps are misaligned) and otherwise the current poli
 log-probs (on-policy: ``w = 1``, the loss is REINFORCE). Tokens whose sampling log-prob is NaN
 (vLLM could not score them) take the old/current log-prob instead (ratio 1, as TRL does). IS
 Reshape *is* the importance correction: TRL's ``vllm_importance_sampling_correction`` ratio is not
-applied on top (it would correct twice).
+applied on top (it would correct twice). To keep TRL's own loss and replace only its vLLM
+correction by a tempered weight, see :class:`ISReshapeCorrectionGRPOTrainer`.
+
+**Scope of gamma** (``is_reshape_gamma_scope``). ``"step"`` (default): one gamma per optimizer
+step, chosen before its first micro-batch from the unit log weights of *all* its
+``gradient_accumulation_steps`` micro-batches on all processes (gathered), from the weights the
+loss will use: the current policy (it does not change during gradient accumulation) against the
+behaviour policy. ``"group"``: one gamma per GRPO group (the ``num_generations`` completions of
+one prompt, identified by their row in TRL's generation batch, so they stay a group through TRL's
+shuffling and splitting), over the group's completions in the step. ``"micro_batch"``: each loss
+call chooses its own gamma on its own process (the behaviour of earlier versions; an ablation).
+The step's gamma reaches every micro-batch as a per-sample field ``is_reshape_gamma``. Choosing
+it costs nothing extra on the first optimizer step after a generation (the current policy is the
+one that computed TRL's ``old_per_token_logps``, or, with neither old nor sampling
+log-probabilities, the one that sampled: ``w = 1``); on the later steps that reuse a generation
+batch (``steps_per_generation > gradient_accumulation_steps`` or ``num_iterations > 1``), and with
+sampling log-probs but no old ones, it costs one forward pass without gradient over the step's
+rows.
 
 **Aggregation** (``is_reshape_loss_agg_mode``): ``"dapo"`` (default, TRL's default loss type):
 the token sum divided by the number of completion tokens of the whole generation batch over all
@@ -33,15 +50,15 @@ modes computed by the core on the micro-batch (``"token-mean"``, ``"seq-mean-tok
 ``"seq-mean-token-sum"``, ``"seq-mean-token-sum-norm"``), divided by the gradient accumulation
 steps as TRL's ``bnpo``/``grpo`` losses are.
 
-**Scope of gamma**: one gamma per micro-batch on each process (TRL shuffles the generation batch,
-so GRPO groups are not contiguous in a micro-batch). Not supported (an error at configuration):
-``beta != 0`` (KL term), the entropy bonus, ``top_entropy_quantile < 1`` and
-``off_policy_mask_threshold``; and, since only TRL's own losses read them, a non-default
-``loss_type``, ``importance_sampling_level`` (use ``is_reshape_level``), clip (``epsilon``,
-``epsilon_high``, ``delta``) or SAPO/VESPO setting.
+Not supported (an error at configuration): ``beta != 0`` (KL term), the entropy bonus,
+``top_entropy_quantile < 1`` and ``off_policy_mask_threshold``; and, since only TRL's own losses
+read them, a non-default ``loss_type``, ``importance_sampling_level`` (use ``is_reshape_level``),
+clip (``epsilon``, ``epsilon_high``, ``delta``) or SAPO/VESPO setting.
 
-Reference: DESIGN.md section 6; TRL 1.16 ``trl/trainer/grpo_trainer.py``
-(``GRPOTrainer._compute_loss``, whose structure this follows) and ``grpo_config.py``.
+See the docs pages ``guides/trl.md`` and ``concepts.md``. Reference: TRL 1.16
+``trl/trainer/grpo_trainer.py`` (``GRPOTrainer._prepare_inputs``, whose buffering of
+``steps_per_generation`` micro-batches the step gamma follows, and ``GRPOTrainer._compute_loss``,
+whose structure the loss follows) and ``grpo_config.py``.
 """
 
 from __future__ import annotations
@@ -53,8 +70,17 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from isreshape_core import GAMMA_METHODS, LEVELS, LOSS_AGG_MODES, LOSS_FORMS
+from isreshape_core import (
+    GAMMA_METHODS,
+    LEVELS,
+    LOSS_AGG_MODES,
+    LOSS_FORMS,
+    ess_ratio,
+    log_weights,
+    step_gamma,
+)
 
+from .distributed import TorchDistributedReducer
 from .loss import is_reshape_loss
 
 __all__ = ["ISReshapeGRPOConfig", "ISReshapeGRPOTrainer"]
@@ -63,6 +89,8 @@ __all__ = ["ISReshapeGRPOConfig", "ISReshapeGRPOTrainer"]
 TRL_LOSS_AGG_MODES = ("dapo", *LOSS_AGG_MODES)
 #: Values of ``ISReshapeGRPOConfig.is_reshape_behavior``.
 BEHAVIORS = ("auto", "sampling", "old")
+#: Values of ``ISReshapeGRPOConfig.is_reshape_gamma_scope``.
+GAMMA_SCOPES = ("step", "group", "micro_batch")
 
 # Inputs that TRL's own _compute_loss forwards to _get_per_token_logps_and_entropies.
 _MODEL_INPUT_KEYS = (
@@ -102,7 +130,9 @@ class ISReshapeGRPOConfig(GRPOConfig):
 
     The loss is ``-L_gamma`` with ``L_gamma = agg(A · expm1(gamma l_u)/gamma)``, ``l_u`` the log
     importance weights of the policy against the behaviour policy at ``is_reshape_level``, and
-    gamma chosen per micro-batch from their effective sample size (DESIGN.md 3, items 1-4).
+    gamma chosen from their effective sample size over each optimizer step (or each GRPO group
+    of the step, or each micro-batch: ``is_reshape_gamma_scope``); see ``concepts.md`` and
+    ``choosing-gamma.md`` in the docs.
 
     Attributes
     ----------
@@ -124,11 +154,19 @@ class ISReshapeGRPOConfig(GRPOConfig):
         ``"auto"``, ``"sampling"`` (the inference engine's log-probs; an error without vLLM) or
         ``"old"`` (the old policy's, as TRL's ratio uses).
     is_reshape_gamma_min, is_reshape_gamma_max : float, optional
-        Bounds on gamma passed to :func:`isreshape_core.select_gamma`.
+        Bounds on gamma passed to :func:`isreshape_core.step_gamma` (or, per micro-batch,
+        :func:`isreshape_core.select_gamma`).
+    is_reshape_gamma_scope : str
+        ``"step"`` (default: one gamma per optimizer step over all its micro-batches and
+        processes), ``"group"`` (one per GRPO group of the step) or ``"micro_batch"`` (each loss
+        call its own, on its own process). ``"step"`` and ``"group"`` need
+        ``steps_per_generation`` to be a multiple of ``gradient_accumulation_steps`` (TRL's
+        default makes them equal), so that every micro-batch of a step is generated before the
+        step begins.
 
     References
     ----------
-    DESIGN.md sections 3 and 6; TRL 1.16 ``GRPOConfig``.
+    TRL 1.16 ``GRPOConfig``.
 
     Examples
     --------
@@ -167,6 +205,9 @@ class ISReshapeGRPOConfig(GRPOConfig):
     is_reshape_gamma_max: float | None = field(
         default=None, metadata={"help": "Upper bound on gamma."}
     )
+    is_reshape_gamma_scope: str = field(
+        default="step", metadata={"help": f"Where gamma is chosen, one of {GAMMA_SCOPES}."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,6 +236,7 @@ class ISReshapeGRPOConfig(GRPOConfig):
             ("is_reshape_form", LOSS_FORMS),
             ("is_reshape_loss_agg_mode", TRL_LOSS_AGG_MODES),
             ("is_reshape_behavior", BEHAVIORS),
+            ("is_reshape_gamma_scope", GAMMA_SCOPES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -211,6 +253,18 @@ class ISReshapeGRPOConfig(GRPOConfig):
                     f"ISReshapeGRPOConfig does not support {name}={getattr(self, name)!r}; set "
                     f"{name}={fix}"
                 )
+        accumulation = self.gradient_accumulation_steps
+        if (
+            self.is_reshape_gamma_scope != "micro_batch"
+            and self.steps_per_generation % accumulation != 0
+        ):
+            raise ValueError(
+                f"is_reshape_gamma_scope={self.is_reshape_gamma_scope!r} chooses gamma before an "
+                "optimizer step over all its micro-batches, so every micro-batch must be generated "
+                f"by then: steps_per_generation ({self.steps_per_generation}) must be a multiple "
+                f"of gradient_accumulation_steps ({accumulation}); set steps_per_generation="
+                f"{accumulation} (TRL's default) or is_reshape_gamma_scope='micro_batch'"
+            )
         defaults = GRPOConfig.__dataclass_fields__
         for name, instead in _IGNORED_GRPO_FIELDS.items():
             if name in defaults and getattr(self, name) != defaults[name].default:
@@ -228,15 +282,26 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
     (``None`` gives its defaults). Per micro-batch, with per-token log-probs ``log pi`` (TRL's
     helper), behaviour log-probs ``log mu`` (see the module notes), advantages ``A`` (B,) or
     (B, T) and the completion mask, the loss is
-    ``is_reshape_loss(log pi, log mu, A, mask, ...)`` (gradient ``-c A w_u^gamma grad log pi``,
-    seed Theorem 2.1), normalised as ``is_reshape_loss_agg_mode`` says. Logged per step (means
-    over processes; ``max_weight`` the maximum): ``is_reshape/gamma``, ``is_reshape/ess_ratio``,
-    ``is_reshape/ess_ratio_at_1``, ``is_reshape/sigma2``, ``is_reshape/max_weight``,
-    ``is_reshape/k_hat`` (Pareto methods), and TRL's ``entropy``.
+    ``is_reshape_loss(log pi, log mu, A, mask, gamma=...)`` (gradient
+    ``-c A w_u^gamma grad log pi``), normalised as ``is_reshape_loss_agg_mode`` says. Gamma is the
+    step's (or the GRPO group's), chosen in ``_prepare_inputs`` before the step's first
+    micro-batch by :func:`isreshape_core.step_gamma` over the unit log weights of the whole step
+    gathered from every process, and stored per sample as ``inputs["is_reshape_gamma"]``
+    (``is_reshape_gamma_scope="micro_batch"``: chosen by each loss call instead).
+
+    Logged: ``is_reshape/gamma`` once per loss call (the gamma that call used, mean over
+    processes); once per optimizer step, ``is_reshape/ess_ratio_pooled`` (ESS/n of the tempered
+    weights ``w_u^gamma_u`` of every unit of the step on every process, computed from the
+    log-probabilities of the loss calls themselves) and, with the step scopes, the selection's
+    ``is_reshape/ess_ratio`` and ``is_reshape/ess_ratio_at_1`` (means over groups),
+    ``is_reshape/sigma2``, ``is_reshape/max_weight`` (maximum) and ``is_reshape/k_hat`` (Pareto
+    methods); with ``"micro_batch"``, those of every call (means over processes, ``max_weight``
+    the maximum). And TRL's ``entropy``.
 
     References
     ----------
-    DESIGN.md sections 3 and 6; TRL 1.16 ``GRPOTrainer._compute_loss``.
+    TRL 1.16 ``GRPOTrainer._prepare_inputs`` and ``GRPOTrainer._compute_loss``; the docs pages
+    ``guides/trl.md`` and ``concepts.md``.
 
     Examples
     --------
@@ -257,6 +322,122 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
                 f"Reshape options), got {type(args).__name__}"
             )
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        # True from a new generation batch until the step that starts on it has chosen gamma:
+        # until then the policy is the one that computed the batch's log-probs.
+        self._is_reshape_fresh = False
+        # (tempered unit log weights, their mask) of the current step's loss calls.
+        self._is_reshape_step_units: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- the step's gamma ----------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        # TRL normalises rewards over rows [G k, G (k+1)) of the batch gathered from every
+        # process (process p holds rows p B .. p B + B - 1): that row index // G is the group.
+        mode = "train" if self.model.training else "eval"
+        size = self.num_generations if mode == "train" else self.num_generations_eval
+        rows = output["prompt_ids"].shape[0]
+        first = self.accelerator.process_index * rows
+        index = torch.arange(first, first + rows, device=output["prompt_ids"].device)
+        output["is_reshape_group_id"] = torch.div(index, size, rounding_mode="floor")
+        return output
+
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        if not self.model.training or self.args.is_reshape_gamma_scope == "micro_batch":
+            return super()._prepare_inputs(generation_batch)
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self._buffered_inputs is not buffered:
+            self._is_reshape_fresh = True
+        accumulation = self.args.gradient_accumulation_steps
+        if self._step % accumulation == 0:
+            first = self._step % self.args.steps_per_generation
+            self._set_step_gamma(self._buffered_inputs[first : first + accumulation])
+            self._is_reshape_fresh = False
+        return inputs
+
+    def _current_log_probs(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The current policy's per-token log-probs of a buffered micro-batch, without gradient."""
+        old = inputs.get("old_per_token_logps")
+        if self._is_reshape_fresh and old is not None:
+            return old
+        if self._is_reshape_fresh and inputs.get("sampling_per_token_logps") is None:
+            # The policy sampled these completions and has not changed since: w = 1.
+            return torch.zeros(inputs["completion_ids"].shape, device=self.accelerator.device)
+        completion_ids = inputs["completion_ids"]
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+                torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                completion_ids.size(1),
+                batch_size=self.args.per_device_train_batch_size,
+                **{k: inputs.get(k) for k in _MODEL_INPUT_KEYS},
+            )
+        return logps
+
+    def _unit_log_weights(
+        self, inputs: dict[str, Any], logp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat unit log weights ``log pi - log mu``, their mask and group ids (detached)."""
+        mask = _loss_mask(inputs)
+        logp = logp.detach()
+        level = self.args.is_reshape_level
+        l_u = log_weights(logp, self._behavior_log_probs(inputs, logp), mask, level=level)
+        groups = inputs["is_reshape_group_id"]
+        if level == "token":
+            valid, groups = mask, groups[:, None].expand_as(mask)
+        else:
+            valid = mask.any(-1)
+        return l_u.reshape(-1), valid.reshape(-1), groups.reshape(-1)
+
+    def _gather_units(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Each process's tensors padded to the longest and concatenated in process order."""
+        out = []
+        for t in tensors:
+            t = self.accelerator.pad_across_processes(t, dim=0, pad_index=0)
+            out.append(self.accelerator.gather(t))
+        return out
+
+    def _set_step_gamma(self, batches: list[dict[str, Any]]) -> None:
+        """Chooses the step's gamma over ``batches`` on every process; stores it per sample."""
+        args = self.args
+        parts = [self._unit_log_weights(b, self._current_log_probs(b)) for b in batches]
+        l_u, valid, groups = (torch.cat(p) for p in zip(*parts, strict=True))
+        l_all, valid_all, groups_all = self._gather_units(l_u, valid, groups)
+        by_group = args.is_reshape_gamma_scope == "group"
+        num_groups = args.generation_batch_size // self.num_generations if by_group else 1
+        ids = groups_all if by_group else torch.zeros_like(groups_all)
+        gamma, metrics = step_gamma(
+            l_all,
+            args.is_reshape_rho_min,
+            method=args.is_reshape_gamma,
+            mask=valid_all,
+            group_ids=ids if by_group else None,
+            num_groups=num_groups if by_group else None,
+            **self._gamma_options(),
+        )
+        # Every unit of a group (of the step) has that group's gamma: one value per group.
+        table = torch.zeros(num_groups, dtype=gamma.dtype, device=gamma.device)
+        table = table.index_put((ids[valid_all],), gamma[valid_all])
+        for b in batches:
+            rows = (
+                b["is_reshape_group_id"] if by_group else torch.zeros_like(b["is_reshape_group_id"])
+            )
+            b["is_reshape_gamma"] = table[rows]
+        for name, value in metrics.items():
+            if name not in ("gamma", "ess_ratio_pooled"):  # logged per call / from the loss calls
+                self._metrics["train"][f"is_reshape/{name}"].append(float(value))
+
+    def _gamma_options(self) -> dict[str, float]:
+        options = {}
+        if self.args.is_reshape_gamma_min is not None:
+            options["gamma_min"] = self.args.is_reshape_gamma_min
+        if self.args.is_reshape_gamma_max is not None:
+            options["gamma_max"] = self.args.is_reshape_gamma_max
+        return options
+
+    # -- the loss ------------------------------------------------------------------------------
 
     def _behavior_log_probs(
         self, inputs: dict[str, Any], per_token_logps: torch.Tensor
@@ -277,82 +458,120 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
+        mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        logits_to_keep = completion_ids.size(1)
-        mask = (
-            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        )
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
-            input_ids,
-            attention_mask,
-            logits_to_keep,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{k: inputs.get(k) for k in _MODEL_INPUT_KEYS},
         )
         logq = self._behavior_log_probs(inputs, per_token_logps)
-        gamma_options = {}
-        if args.is_reshape_gamma_min is not None:
-            gamma_options["gamma_min"] = args.is_reshape_gamma_min
-        if args.is_reshape_gamma_max is not None:
-            gamma_options["gamma_max"] = args.is_reshape_gamma_max
+        bool_mask = _loss_mask(inputs)
+        scoped = mode == "train" and args.is_reshape_gamma_scope != "micro_batch"
+        if scoped:
+            if "is_reshape_gamma" not in inputs:
+                raise KeyError(
+                    "inputs['is_reshape_gamma'] is missing: with is_reshape_gamma_scope="
+                    f"{args.is_reshape_gamma_scope!r} ISReshapeGRPOTrainer._prepare_inputs sets "
+                    "it before the step's first micro-batch; call _compute_loss on inputs it "
+                    "returned, or use is_reshape_gamma_scope='micro_batch'"
+                )
+            gamma_kwargs: dict[str, Any] = {"gamma": inputs["is_reshape_gamma"]}
+        else:
+            gamma_kwargs = {
+                "gamma": args.is_reshape_gamma,
+                "rho_min": args.is_reshape_rho_min,
+                **self._gamma_options(),
+            }
         agg = args.is_reshape_loss_agg_mode
-        bool_mask = mask > 0
         loss, metrics = is_reshape_loss(
             per_token_logps,
             logq,
             inputs["advantages"],
             bool_mask,
-            gamma=args.is_reshape_gamma,
-            rho_min=args.is_reshape_rho_min,
             level=args.is_reshape_level,
             form=args.is_reshape_form,
             loss_agg_mode="token-mean" if agg == "dapo" else agg,
             loss_scale_factor=args.is_reshape_loss_scale_factor,
             distributed=False,
-            **gamma_options,
+            **gamma_kwargs,
         )
-        mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if agg == "dapo":
-            # TRL's dapo normaliser (GRPOTrainer._compute_loss): the tokens of the generation
-            # batch over all processes, per accumulation window. The core's token-mean divides
-            # by this micro-batch's tokens: rescale (the loss is linear in the coefficients).
-            normalizer = (
-                inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            )
-            if mode == "train":
-                normalizer = normalizer * accumulation / args.steps_per_generation
-            local = bool_mask.sum().to(loss.dtype).clamp(min=1.0)
-            loss = loss * (local / normalizer.to(loss.dtype))
-        else:
-            loss = loss / accumulation
+        loss = self._normalise(loss, inputs, bool_mask, mode)
         if self.aux_loss_enabled:
+            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss).mean().item()
             )
-        self._log_is_reshape_metrics(mode, metrics, entropies, bool_mask)
+        if scoped:
+            valid_rows = bool_mask.any(-1)
+            used = inputs["is_reshape_gamma"].detach().float()
+            used = torch.where(valid_rows, used, torch.nan).nanmean()
+            self._log_reduced(mode, {"gamma": used})
+            gamma_used = inputs["is_reshape_gamma"]
+        else:
+            self._log_reduced(mode, metrics)
+            gamma_used = metrics["gamma"]
+        if mode == "train":
+            self._record_step_units(inputs, per_token_logps, gamma_used)
+        self._log_entropy(mode, entropies, bool_mask)
         return loss
 
-    def _log_is_reshape_metrics(
-        self,
-        mode: str,
-        metrics: dict[str, torch.Tensor],
-        entropies: torch.Tensor,
-        mask: torch.Tensor,
+    def _normalise(
+        self, loss: torch.Tensor, inputs: dict[str, Any], mask: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.args.is_reshape_loss_agg_mode != "dapo":
+            return loss / accumulation
+        # TRL's dapo normaliser (GRPOTrainer._compute_loss): the tokens of the generation batch
+        # over all processes, per accumulation window. The core's token-mean divides by this
+        # micro-batch's tokens: rescale (the loss is linear in the coefficients).
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        local = mask.sum().to(loss.dtype).clamp(min=1.0)
+        return loss * (local / normalizer.to(loss.dtype))
+
+    def _record_step_units(
+        self, inputs: dict[str, Any], per_token_logps: torch.Tensor, gamma: torch.Tensor
     ) -> None:
+        """Keeps this call's tempered weights; after the step's last call, logs their ESS/n."""
+        l_u, valid, _ = self._unit_log_weights(inputs, per_token_logps)
+        gamma = gamma.detach().to(l_u.dtype)
+        if gamma.ndim == 1 and self.args.is_reshape_level == "token":
+            gamma = gamma[:, None].expand(inputs["completion_mask"].shape)
+        self._is_reshape_step_units.append((gamma.reshape(-1) * l_u, valid))
+        if (self._step + 1) % self.args.gradient_accumulation_steps != 0:
+            return
+        tempered, valid = (torch.cat(p) for p in zip(*self._is_reshape_step_units, strict=True))
+        self._is_reshape_step_units = []
+        reducer = TorchDistributedReducer() if self.accelerator.num_processes > 1 else None
+        pooled = ess_ratio(tempered, mask=valid, reducer=reducer)
+        self._metrics["train"]["is_reshape/ess_ratio_pooled"].append(float(pooled))
+
+    def _log_reduced(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():
             gathered = self.accelerator.gather(value.detach().float().reshape(1))
             reduced = gathered.max() if name == "max_weight" else gathered.nanmean()
             self._metrics[mode][f"is_reshape/{name}"].append(reduced.item())
+
+    def _log_entropy(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor) -> None:
         m = mask.to(entropies.dtype)
         totals = self.accelerator.reduce(
             torch.stack([(entropies.detach() * m).sum(), m.sum()]), reduction="sum"
         )
         entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
         self._metrics[mode]["entropy"].append(entropy if math.isfinite(entropy) else float("nan"))
+
+
+def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
+    """The tokens TRL's loss counts: the completion mask, times the tool mask if any (bool)."""
+    mask = inputs["completion_mask"]
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    return mask > 0

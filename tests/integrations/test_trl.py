@@ -3,7 +3,10 @@
 A tiny GPT-2 (2 layers, built from a config) with a character tokenizer (``tokenizers``) trains
 offline on CPU for a few real ``GRPOTrainer`` steps; ``_compute_loss`` is checked, value and
 parameter gradient, against the loss written out here in plain torch (log-softmax of the logits,
-``expm1(gamma l)/gamma``, TRL's normalisers), and gamma against a NumPy ESS computation.
+``expm1(gamma l)/gamma``, TRL's normalisers), and gamma against a NumPy ESS computation. The step
+gamma (one per optimizer step of 4 micro-batches, over 1 and 2 processes) is checked against the
+core's :func:`isreshape_core.step_gamma` of the whole step in one process
+(``trl_step_gamma_run.py`` runs and records the training).
 """
 
 from __future__ import annotations
@@ -216,7 +219,10 @@ def grads(model, loss):
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     # float32 (TRL's default config autocasts to bfloat16 on CPU too; the trained fixture keeps it)
-    t = make_trainer(tmp_path_factory.mktemp("direct"), bf16=False)
+    # Each call chooses its gamma (the step scopes read it from the inputs: tested below).
+    t = make_trainer(
+        tmp_path_factory.mktemp("direct"), bf16=False, is_reshape_gamma_scope="micro_batch"
+    )
     t.model.train()
     t.current_gradient_accumulation_steps = 2
     return t
@@ -335,3 +341,222 @@ def test_config_validation(tmp_path):
             args=GRPOConfig(**base),
             processing_class=tok,
         )
+
+
+def test_compute_loss_uses_the_stored_gamma(trainer):
+    """With a step scope the loss takes gamma from inputs["is_reshape_gamma"], as is."""
+    trainer.args.is_reshape_gamma_scope = "step"
+    trainer.args.is_reshape_loss_agg_mode = "dapo"
+    trainer.args.is_reshape_level = "sequence"
+    trainer.args.is_reshape_gamma = "ess"
+    try:
+        inputs = synthetic_inputs(trainer, seed=4, stale=0.8)
+        with pytest.raises(KeyError, match="is_reshape_gamma"):
+            trainer._compute_loss(trainer.model, inputs)
+        inputs["is_reshape_gamma"] = torch.full((4,), 0.37)
+        inputs["is_reshape_group_id"] = torch.zeros(4, dtype=torch.long)
+        loss = trainer._compute_loss(trainer.model, inputs)
+        assert trainer._metrics["train"]["is_reshape/gamma"][-1] == pytest.approx(0.37)
+        ref = reference_loss(trainer, inputs, 0.37, "sequence", "dapo", accumulation=2)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    finally:
+        trainer.args.is_reshape_gamma_scope = "micro_batch"
+        trainer._is_reshape_step_units = []
+
+
+# ----------------------------------------------------------------------------------------------
+# One gamma per optimizer step (gradient_accumulation_steps=4), over 1 and 2 processes
+
+
+def _units(record, logp_key, level):
+    """Unit log weights, validity and group ids of one recorded micro-batch (plain torch)."""
+    m = record["mask"]
+    d = torch.where(m, record[logp_key] - record["behaviour"], 0.0)
+    if level == "token":
+        return d.reshape(-1), m.reshape(-1), record["group"][:, None].expand_as(m).reshape(-1)
+    return d.sum(-1), m.any(-1), record["group"]
+
+
+def _gathered(ranks, logp_key, level):
+    """Each rank's units padded to the longest and concatenated in rank order, as gathered."""
+    parts = [
+        [torch.cat(x) for x in zip(*(_units(r, logp_key, level) for r in recs), strict=True)]
+        for recs in ranks
+    ]
+    longest = max(p[0].numel() for p in parts)
+    padded = [[torch.nn.functional.pad(t, (0, longest - t.numel())) for t in p] for p in parts]
+    return [torch.cat(x) for x in zip(*padded, strict=True)]
+
+
+def check_step_gamma(runs, scope, level, accumulation=4, rho_min=0.9, generations=4):
+    """The properties of the step gamma on the records of every process (``runs``, rank order)."""
+    from isreshape_core import step_gamma
+
+    steps = sorted({c["step"] for c in runs[0]["calls"]})
+    assert len(steps) == 4
+    by_group = scope == "group"
+    num_groups = 4 * len(runs)  # each process's 16 rows are 4 prompts x 4 completions
+    for s in steps:
+        sel = [[r for r in run["selection"] if r["step"] == s] for run in runs]
+        calls = [[c for c in run["calls"] if c["step"] == s] for run in runs]
+        assert all(len(x) == accumulation for x in sel + calls)
+        # The core's gamma of the whole step in one process, over the gathered batch.
+        l_all, valid, groups = _gathered(sel, "current", level)
+        ref, _ = step_gamma(
+            l_all,
+            rho_min,
+            method="ess",
+            mask=valid,
+            group_ids=groups if by_group else None,
+            num_groups=num_groups if by_group else None,
+        )
+        table = {int(g): float(v) for g, v, ok in zip(groups, ref, valid, strict=True) if ok}
+        used = []
+        for rank_calls in calls:
+            for c in rank_calls:
+                expected = torch.tensor(
+                    [table[int(g)] if by_group else float(ref[valid][0]) for g in c["group"]],
+                    dtype=torch.float64,
+                )
+                torch.testing.assert_close(c["gamma"].double(), expected, rtol=0, atol=1e-12)
+                used.append(c["gamma"])
+                assert c["logged_gamma"] == pytest.approx(float(c["gamma"].double().mean()))
+        used = torch.cat(used)
+        if not by_group:
+            assert torch.unique(used).numel() == 1  # the same gamma in every micro-batch
+        else:
+            assert torch.unique(used).numel() > 1  # groups differ (noisy weights)
+        assert float(used.min()) < 1.0  # the weights are not trivial
+        # Gamma was chosen from the weights the loss calls used (same micro-batches, in order).
+        l_loss, valid_loss, groups_loss = _gathered(calls, "logp", level)
+        torch.testing.assert_close(l_loss, l_all, rtol=0, atol=2e-5)
+        assert torch.equal(valid_loss, valid) and torch.equal(groups_loss, groups)
+        # GRPO groups survive TRL's shuffling and splitting: a group is one prompt, and the step
+        # (here the whole generation batch) holds its `generations` completions.
+        prompts: dict[int, set] = {}
+        for rank_calls in calls:
+            for c in rank_calls:
+                for g, p in zip(c["group"].tolist(), c["prompt_ids"].tolist(), strict=True):
+                    prompts.setdefault(g, set()).add(tuple(p))
+        assert all(len(p) == 1 for p in prompts.values())
+        ids = torch.cat([c["group"] for rank_calls in calls for c in rank_calls])
+        assert sorted(torch.bincount(ids).tolist()) == [generations] * num_groups
+        assert any(
+            not torch.equal(c["group"], c["group"].sort().values) or c["group"].unique().numel() > 1
+            for rank_calls in calls
+            for c in rank_calls
+        )  # micro-batches mix groups: the rows were shuffled, groups are not consecutive rows
+        # The ESS/n that the loss calls realised over the whole step (logged once per step).
+        g_units = []
+        for rank_calls in calls:
+            for c in rank_calls:
+                g = c["gamma"].double()
+                g_units.append(
+                    g[:, None].expand_as(c["mask"]).reshape(-1) if level == "token" else g
+                )
+        g_units = _gathered_like(g_units, calls, level)
+        x = (g_units * l_loss.double())[valid].numpy()
+        w = np.exp(x - x.max())
+        pooled = w.sum() ** 2 / (w**2).sum() / x.size
+        logged = [
+            e["is_reshape/ess_ratio_pooled"]
+            for e in runs[0]["log_history"]
+            if "is_reshape/ess_ratio_pooled" in e
+        ]
+        assert logged[steps.index(s)] == pytest.approx(pooled, rel=1e-5)
+        if not by_group:
+            assert pooled >= rho_min - 1e-5
+        else:  # each group's ESS/n at its gamma
+            for k in torch.unique(groups[valid]).tolist():
+                mk = (groups == k) & valid
+                xk = (g_units * l_loss.double())[mk].numpy()
+                wk = np.exp(xk - xk.max())
+                assert wk.sum() ** 2 / (wk**2).sum() / xk.size >= rho_min - 1e-4
+    for run in runs[1:]:
+        assert [e.get("is_reshape/gamma") for e in run["log_history"]] == [
+            e.get("is_reshape/gamma") for e in runs[0]["log_history"]
+        ]
+
+
+def _gathered_like(per_call, calls, level):
+    """Per-call unit tensors laid out as :func:`_gathered` lays out the units."""
+    it = iter(per_call)
+    parts = [torch.cat([next(it) for _ in rank_calls]) for rank_calls in calls]
+    longest = max(p.numel() for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, longest - p.numel())) for p in parts])
+
+
+@pytest.mark.parametrize(
+    "scope, level", [("step", "sequence"), ("group", "sequence"), ("step", "token")]
+)
+def test_one_gamma_per_optimizer_step_one_process(tmp_path, scope, level):
+    import trl_step_gamma_run as runner
+
+    trainer = runner.run(str(tmp_path), scope, level)
+    check_step_gamma(
+        [
+            {
+                "selection": trainer.selection,
+                "calls": trainer.calls,
+                "log_history": trainer.state.log_history,
+            }
+        ],
+        scope,
+        level,
+    )
+
+
+def test_micro_batch_scope_is_the_ablation(tmp_path):
+    """Per-call gammas (the earlier behaviour) differ within one optimizer step."""
+    import trl_step_gamma_run as runner
+
+    trainer = runner.run(str(tmp_path), "micro_batch", "sequence")
+    spread = []
+    for s in range(4):
+        gammas = [c["logged_gamma"] for c in trainer.calls if c["step"] == s]
+        assert len(gammas) == 4
+        spread.append(max(gammas) - min(gammas))
+    assert max(spread) > 0.05
+    logged = [
+        e["is_reshape/ess_ratio_pooled"]
+        for e in trainer.state.log_history
+        if "is_reshape/ess_ratio_pooled" in e
+    ]
+    assert len(logged) == 4
+
+
+def test_one_gamma_per_optimizer_step_two_processes(tmp_path):
+    """Two CPU processes (torchrun, gloo): the same gamma on both, that of the gathered step."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("trl_step_gamma_run.py")
+    for scope in ("step", "group"):
+        out = tmp_path / scope
+        out.mkdir()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(script),
+            str(out),
+            scope,
+            "sequence",
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        assert all(r["world"] == 2 for r in runs)
+        check_step_gamma(runs, scope, "sequence")
