@@ -16,8 +16,9 @@ from .psis import pareto_k_threshold, psis, psis_tail_length
 from .psis_gamma import gamma_combined, gamma_psis, gamma_tail
 from .renyi import log_mean_tempered_weight, renyi_divergence
 from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
+from .step import step_gamma
 from .targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
-from .weights import LEVELS, log_weights
+from .weights import LEVELS, log_weights, tempered_weights
 
 __version__ = "0.1.0.dev0"
 
@@ -60,5 +61,7 @@ __all__ = [
     "select_gamma",
     "sensitivity_guard",
     "stationary_log_probs",
+    "step_gamma",
     "target_log_probs",
+    "tempered_weights",
 ]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal
 
-from . import psis_gamma
+from array_api_compat import array_namespace
+
 from ._array import (
     Array,
     Namespace,
@@ -21,18 +22,17 @@ from ._array import (
     array_device,
     as_compute_array,
     broadcast_mask,
+    check_gamma,
     check_log_weights,
     check_rho_min,
     is_concrete,
-    logsumexp,
     namespace,
-    reduce_max,
     reduce_sum,
     tempered_log_weights,
 )
-from .ess import kish_ess_from_log
-from .gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
+from .gamma import GAMMA_METHODS
 from .objective import _exp_capped, _expm1_capped
+from .step import choose_gamma, tempered_metrics
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -53,7 +53,6 @@ LOSS_AGG_MODES = (
 #: ``-stop_grad(w^gamma) r log pi``. Both have the gradient ``-r w^gamma grad log pi``.
 LOSS_FORMS = ("objective", "reinforce")
 _LEVELS = ("sequence", "geometric", "token")
-_PARETO_METHODS = {"psis": "gamma_psis", "tail": "gamma_tail", "combined": "gamma_combined"}
 
 
 def _check_choice(value: Any, name: str, choices: tuple) -> None:
@@ -90,6 +89,36 @@ def _aggregation_weights(
     return m / scale
 
 
+def _check_gamma_array(gamma: Array, logp: Any, level: Any, group_size: Any) -> None:
+    """A precomputed gamma: 0-d, one per sequence ``(B,)`` or, at the token level, one per
+    token ``(B, T)``; real, in [0, 1] (eager inputs), not combined with ``group_size``."""
+    if group_size is not None:
+        raise ValueError(
+            "gamma is an array and group_size is given: a precomputed gamma already carries one "
+            "value per group (step_gamma with group_ids); pass group_size=None"
+        )
+    if not hasattr(logp, "shape"):
+        return  # logp's own check reports it
+    shapes = [(), tuple(logp.shape[:1])]
+    if level == "token":
+        shapes.append(tuple(logp.shape))
+    if tuple(gamma.shape) not in shapes:
+        raise ValueError(
+            f"gamma as an array must have shape () or (B,) = {tuple(logp.shape[:1])}"
+            + (f" or (B, T) = {tuple(logp.shape)}" if level == "token" else "")
+            + f" for level={level!r}; got {tuple(gamma.shape)}"
+        )
+    xp = array_namespace(gamma)
+    if not xp.isdtype(gamma.dtype, "real floating"):
+        raise TypeError(f"gamma as an array must have a real floating dtype, got {gamma.dtype}")
+    if array_namespace(logp) is not xp:
+        raise TypeError(
+            f"gamma is a {type(gamma).__name__} but logp a {type(logp).__name__}; pass gamma as "
+            "an array of logp's library"
+        )
+    check_gamma(gamma, "gamma")
+
+
 def check_loss_arguments(
     logp: Any,
     logq: Any,
@@ -110,8 +139,14 @@ def check_loss_arguments(
     _check_choice(form, "form", LOSS_FORMS)
     if isinstance(gamma, str):
         _check_choice(gamma, "gamma", GAMMA_METHODS)
+    elif hasattr(gamma, "shape"):
+        _check_gamma_array(gamma, logp, level, group_size)
     elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
-        raise TypeError(f"gamma must be a method name or a number in [0, 1], got {gamma!r}")
+        raise TypeError(
+            f"gamma must be a method name, a number in [0, 1] or an array of them, got {gamma!r}"
+        )
+    else:
+        check_gamma(gamma, "gamma")
     check_rho_min(rho_min)
     if rewards is None:
         raise TypeError(
@@ -215,10 +250,14 @@ def is_reshape_loss_and_grad(
         Rewards or advantages (signed allowed), per sequence or per token. Required.
     mask : bool array (B, T), optional
         Valid (response) tokens.
-    gamma : {"ess", "closed_form", "psis", "tail", "combined"} or float
-        How to choose gamma (:func:`select_gamma`), or a fixed value in [0, 1].
+    gamma : {"ess", "closed_form", "psis", "tail", "combined"}, float or array
+        How to choose gamma (:func:`select_gamma`), a fixed value in [0, 1], or a precomputed
+        gamma array (e.g. from :func:`step_gamma`, one gamma for the whole optimizer step): 0-d,
+        one per sequence ``(B,)``, or at ``level="token"`` one per token ``(B, T)``; in [0, 1],
+        used as is and carrying no gradient (not combined with ``group_size``). The same array
+        gives the same result as the same number.
     rho_min : float
-        Target ESS ratio.
+        Target ESS ratio (unused with a fixed or precomputed gamma).
     level : {"sequence", "geometric", "token"}
     loss_agg_mode : one of :data:`LOSS_AGG_MODES`
         verl's: ``token-mean`` (default), ``seq-mean-token-sum``, ``seq-mean-token-mean``,
@@ -239,7 +278,8 @@ def is_reshape_loss_and_grad(
     grad_logp : array, the shape of ``logp``
         ``d loss / d logp`` (float32 or float64).
     metrics : dict of 0-d arrays
-        ``gamma`` (mean over groups), ``sigma2`` (variance of the unit log weights),
+        ``gamma`` (mean over groups; for a precomputed gamma its mean over the valid units),
+        ``sigma2`` (variance of the unit log weights),
         ``ess_ratio`` (at gamma) and ``ess_ratio_at_1`` (means over groups), ``max_weight``
         (largest normalised unit weight), and ``k_hat`` (the largest over groups) for the
         Pareto methods ``"psis"``, ``"tail"``, ``"combined"``.
@@ -291,47 +331,13 @@ def is_reshape_loss_and_grad(
             unit_l = unit_l / xp.where(n_tok > 0, n_tok, 1.0)
         unit_valid = n_tok > 0  # (B,)
 
-    # --- gamma from the detached unit log weights --------------------------------------------
-    if group_size is None:
-        flat_l = xp.reshape(unit_l, (-1,))
-        flat_valid = xp.reshape(unit_valid, (-1,))
-        gamma_axis_l, gamma_axis_mask, gamma_reducer = flat_l, flat_valid, reducer
+    # --- gamma: precomputed, or chosen from the detached unit log weights --------------------
+    if hasattr(gamma, "shape"):
+        unit_g, metrics = _given_gamma(xp, gamma, unit_l, unit_valid, reducer)
     else:
-        n_groups = B // group_size
-        shape = (n_groups, -1)
-        gamma_axis_l = xp.reshape(unit_l, shape)
-        gamma_axis_mask = xp.reshape(unit_valid, shape)
-        gamma_reducer = None  # a group lives on one shard
-    k_hat = None
-    if gamma in _PARETO_METHODS:
-        if gamma_reducer is not None:
-            raise ValueError(
-                f"gamma={gamma!r} needs the whole sample on one process (PSIS sorts it); with a "
-                "reducer use group_size (groups live on one shard) or gamma='ess'"
-            )
-        # Called directly (not through select_gamma) to keep k_hat for the metrics.
-        rule = getattr(psis_gamma, _PARETO_METHODS[gamma])
-        args = (gamma_axis_l,) if gamma == "tail" else (gamma_axis_l, rho_min)
-        g, k_hat = rule(*args, axis=-1, mask=gamma_axis_mask, **gamma_options)[:2]
-    else:
-        g = select_gamma(
-            gamma_axis_l,
-            rho_min,
-            method=gamma,
-            axis=-1,
-            mask=gamma_axis_mask,
-            reducer=gamma_reducer,
-            **gamma_options,
+        unit_g, metrics = _chosen_gamma(
+            xp, unit_l, unit_valid, gamma, rho_min, group_size, reducer, gamma_options
         )
-    masked_l = xp.where(gamma_axis_mask, gamma_axis_l, -xp.inf)
-    g_row = g[..., None] if g.ndim else g
-    # Per-unit gamma, broadcast back to the units' shape.
-    unit_g = xp.reshape(xp.broadcast_to(g_row, masked_l.shape), tuple(unit_l.shape))
-
-    # --- metrics (detached statistics of the unit weights) -----------------------------------
-    metrics = _metrics(xp, masked_l, g, gamma_reducer, reducer if gamma_reducer is None else None)
-    if k_hat is not None:
-        metrics["k_hat"] = xp.max(k_hat)  # the worst group's (Pareto methods run unsharded)
 
     # --- value and gradient ------------------------------------------------------------------
     c = _aggregation_weights(xp, mask, dtype, loss_agg_mode, loss_scale_factor, reducer)
@@ -371,46 +377,51 @@ def is_reshape_loss_and_grad(
     return loss, grad, metrics
 
 
-def _metrics(
-    xp: Namespace,
-    masked_l: Array,
-    gamma: Array,
-    stats_reducer: Reducer | None,
-    merge_reducer: Reducer | None,
-) -> dict[str, Array]:
-    """0-d summaries of the unit log weights ``masked_l`` (rows = groups, -inf = invalid).
+def _given_gamma(
+    xp: Namespace, gamma: Array, unit_l: Array, unit_valid: Array, reducer: Reducer | None
+) -> tuple[Array, dict[str, Array]]:
+    """A precomputed gamma (0-d, per sequence or per token) broadcast to the units' shape, and
+    the metrics of the unit weights tempered by it (``gamma``: its mean over the valid units)."""
+    g = as_compute_array(xp, gamma, unit_l.dtype)
+    if g.ndim == 1 and unit_l.ndim == 2:  # one gamma per sequence at the token level
+        g = g[:, None]
+    unit_g = xp.broadcast_to(g, tuple(unit_l.shape))
+    masked_l = xp.reshape(xp.where(unit_valid, unit_l, -xp.inf), (1, -1))
+    flat_g = xp.reshape(unit_g, (1, -1))
+    valid = masked_l > -xp.inf
+    totals = xp.stack([xp.sum(xp.where(valid, flat_g, 0.0)), xp.sum(xp.astype(valid, g.dtype))])
+    if reducer is not None:
+        totals = reducer.sum(totals)
+    mean_g = totals[0] / xp.where(totals[1] > 0, totals[1], 1.0)
+    tempered = tempered_log_weights(xp, masked_l, flat_g)
+    return unit_g, tempered_metrics(xp, masked_l, tempered, mean_g, reducer, None)
 
-    ``stats_reducer`` merges the samples of a row across shards (one batch-wide gamma);
-    ``merge_reducer`` merges the per-row summaries across shards (groups live on one shard), so
-    that every shard reports the metrics of the whole batch.
-    """
-    axis = -1
-    count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, stats_reducer)
-    n = xp.where(count > 0, count, 1.0)
-    g_row = gamma[..., None] if gamma.ndim else gamma
-    z = tempered_log_weights(xp, masked_l, g_row)
-    ess_at_gamma = kish_ess_from_log(xp, z, axis, stats_reducer)
-    ess_at_1 = kish_ess_from_log(xp, masked_l, axis, stats_reducer)
-    _, sigma2 = _log_variance_stats(xp, masked_l, axis, stats_reducer)
-    lse = logsumexp(xp, masked_l, axis, reducer=stats_reducer)
-    informative = lse > -xp.inf
-    top = reduce_max(xp, masked_l, axis, stats_reducer)
-    max_weight = xp.where(informative, xp.exp(top - xp.where(informative, lse, 0.0)), 0.0)
-    rows = [gamma, sigma2, ess_at_gamma / n, ess_at_1 / n]
-    rows = [xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for v in rows]
-    totals = xp.stack(
-        [xp.sum(v) for v in rows]
-        + [xp.asarray(rows[0].shape[0] * 1.0, dtype=n.dtype, device=array_device(n))]
-    )
-    worst = xp.max(max_weight)
-    if merge_reducer is not None:
-        totals = merge_reducer.sum(totals)
-        worst = merge_reducer.max(worst)
-    means = totals[:4] / totals[4]
-    return {
-        "gamma": means[0],
-        "sigma2": means[1],
-        "ess_ratio": means[2],
-        "ess_ratio_at_1": means[3],
-        "max_weight": worst,
-    }
+
+def _chosen_gamma(
+    xp: Namespace,
+    unit_l: Array,
+    unit_valid: Array,
+    method: Any,
+    rho_min: Any,
+    group_size: int | None,
+    reducer: Reducer | None,
+    gamma_options: dict[str, Any],
+) -> tuple[Array, dict[str, Array]]:
+    """Gamma per unit by a method (or a fixed number), per batch or per group of
+    ``group_size`` consecutive rows, and the metrics of the unit weights."""
+    if group_size is None:
+        rows_l = xp.reshape(unit_l, (1, -1))
+        rows_valid = xp.reshape(unit_valid, (1, -1))
+        stats_reducer, merge_reducer = reducer, None
+    else:
+        shape = (unit_l.shape[0] // group_size, -1)
+        rows_l, rows_valid = xp.reshape(unit_l, shape), xp.reshape(unit_valid, shape)
+        stats_reducer, merge_reducer = None, reducer  # a group lives on one shard
+    g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, stats_reducer, gamma_options)
+    masked_l = xp.where(rows_valid, rows_l, -xp.inf)
+    tempered = tempered_log_weights(xp, masked_l, g[:, None])
+    metrics = tempered_metrics(xp, masked_l, tempered, g, stats_reducer, merge_reducer)
+    if k_hat is not None:
+        metrics["k_hat"] = xp.max(k_hat)  # the worst group's (Pareto methods run unsharded)
+    unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
+    return unit_g, metrics

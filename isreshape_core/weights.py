@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from ._array import Array, as_compute_array, broadcast_mask, check_log_weights, namespace
+from ._array import (
+    Array,
+    as_compute_array,
+    broadcast_mask,
+    check_gamma,
+    check_log_weights,
+    namespace,
+    tempered_log_weights,
+)
+from .objective import _log_max
 
-__all__ = ["LEVELS", "log_weights"]
+__all__ = ["LEVELS", "log_weights", "tempered_weights"]
 
 LEVELS = ("sequence", "geometric", "token")
 
@@ -92,3 +101,51 @@ def log_weights(
         return total / logp.shape[-1]
     count = xp.sum(xp.astype(mask, diff.dtype), axis=-1)
     return total / xp.where(count > 0, count, 1.0)
+
+
+def tempered_weights(log_w: Array, gamma: Any, *, mask: Array | None = None) -> Array:
+    r"""Tempered importance weights :math:`w^\gamma = \exp(\gamma l)`, finite for every input.
+
+    The behaviour correction of decoupled PPO with IS Reshape: verl, AReaL and TRL multiply their
+    trust-region loss by a correction ``pi_old / mu`` truncated at a fixed cap; tempering it by a
+    gamma chosen from the ESS of the step (:func:`step_gamma`) bounds its variance instead. The
+    exponent ``gamma * l`` is capped a little below ``log(finfo(dtype).max)`` (about 88.7 in
+    float32, 709.8 in float64), so the result is finite; the value is exact wherever
+    ``w^gamma`` is representable. ``-inf`` log weights and masked entries give 0 (``0^0`` is 0
+    here: a sample of weight 0 never counts).
+
+    Parameters
+    ----------
+    log_w : array
+        Log importance weights ``l`` (e.g. ``log_weights(old_logp, rollout_logp, mask)``).
+    gamma : float or array broadcastable to ``log_w``, in [0, 1]
+        Exponent, e.g. the per-unit gamma of :func:`step_gamma`.
+    mask : bool array broadcastable to ``log_w``, optional
+        Valid entries; the others give 0.
+
+    Returns
+    -------
+    array, ``log_w``'s shape, float32 or float64
+        ``w^gamma``, carrying no information about ``gamma``'s gradient (treat it as data).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> print(tempered_weights(np.log(np.array([4.0, 0.25, 1.0])), 0.5))
+    [2.  0.5 1. ]
+    >>> w = tempered_weights(np.array([1000.0, -np.inf]), 1.0)  # capped, and weight 0
+    >>> print(np.isfinite(w), w[0] > 1e308, w[1])
+    [ True  True] True 0.0
+    """
+    if not hasattr(log_w, "shape"):
+        raise TypeError(f"log_w must be an array, got {type(log_w).__name__}")
+    check_gamma(gamma, "gamma")
+    xp = namespace(log_w, mask)
+    l = as_compute_array(xp, log_w)
+    mask = broadcast_mask(xp, mask, l.shape)
+    if mask is not None:
+        l = xp.where(mask, l, -xp.inf)
+    check_log_weights(xp, l, "log_w")
+    g = as_compute_array(xp, gamma, l.dtype, like=l)
+    z = tempered_log_weights(xp, l, g)
+    return xp.exp(xp.minimum(z, _log_max(xp, l.dtype)))

@@ -90,8 +90,10 @@ def is_reshape_loss_and_grad(
         Rewards or advantages (signed allowed), per sequence or per token. Required.
     mask : bool array broadcastable to (B, T), optional
         Valid (response) tokens.
-    gamma : {"ess", "closed_form", "psis", "tail", "combined"} or float
-        How to choose gamma (:func:`isreshape_core.select_gamma`), or a fixed value in [0, 1].
+    gamma : {"ess", "closed_form", "psis", "tail", "combined"}, float or array
+        How to choose gamma (:func:`isreshape_core.select_gamma`), a fixed value in [0, 1], or a
+        precomputed gamma array of the inputs' library (0-d, ``(B,)``, or ``(B, T)`` at the
+        token level; e.g. from :func:`isreshape_core.step_gamma`), used as is.
     rho_min : float
         Target ESS ratio, in (0, 1].
     level : {"sequence", "geometric", "token"}

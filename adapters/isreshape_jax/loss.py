@@ -173,8 +173,11 @@ def is_reshape_loss(
         Rewards or advantages (signed allowed), per sequence or per token. Required.
     mask : bool jax.Array (B, T), optional
         Valid (response) tokens; convert a 0/1 float mask with ``mask > 0``.
-    gamma : {"ess", "closed_form", ...} or float in [0, 1]
-        How to choose gamma (:func:`isreshape_core.select_gamma`), or a fixed value.
+    gamma : {"ess", "closed_form", ...}, float in [0, 1] or array
+        How to choose gamma (:func:`isreshape_core.select_gamma`), a fixed value, or a
+        precomputed gamma array (0-d, ``(B,)``, or ``(B, T)`` at the token level; e.g. the
+        optimizer step's gamma from :func:`isreshape_core.step_gamma`), which may be traced and
+        carries no gradient (see :func:`isreshape_core.is_reshape_loss_and_grad`).
     rho_min : float or 0-d array in (0, 1]
         Least acceptable ESS ratio.
     level : {"sequence", "geometric", "token"}
@@ -263,7 +266,9 @@ def is_reshape_loss(
 
     # Array-valued options travel as arguments of the custom_jvp function (they may be tracers
     # of an enclosing jit/grad); the rest are static and closed over.
-    options = {"rho_min": rho_min, **gamma_options}
+    if isinstance(gamma, np.ndarray):
+        gamma = jnp.asarray(gamma)
+    options = {"gamma": gamma, "rho_min": rho_min, **gamma_options}
     dynamic = {k: v for k, v in options.items() if isinstance(v, (jax.Array, np.ndarray))}
     static = {k: v for k, v in options.items() if k not in dynamic}
 
@@ -273,7 +278,6 @@ def is_reshape_loss(
             lax.stop_gradient(logq_),
             lax.stop_gradient(rewards_),
             mask_,
-            gamma=gamma,
             level=level,
             loss_agg_mode=loss_agg_mode,
             form=form,

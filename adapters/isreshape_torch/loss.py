@@ -117,8 +117,11 @@ def is_reshape_loss(
         Rewards or advantages (signed allowed), per sequence or per token. Required.
     mask : bool Tensor (B, T), optional
         Valid (response) tokens; a 0/1 float mask must be converted (``mask > 0``).
-    gamma : {"ess", "closed_form", ...} or float in [0, 1]
-        How to choose gamma (:func:`isreshape_core.select_gamma`), or a fixed value.
+    gamma : {"ess", "closed_form", ...}, float in [0, 1] or Tensor
+        How to choose gamma (:func:`isreshape_core.select_gamma`), a fixed value, or a
+        precomputed gamma Tensor on ``logp``'s device (0-d, ``(B,)``, or ``(B, T)`` at the token
+        level), e.g. the optimizer step's gamma from :func:`isreshape_core.step_gamma`; it is
+        detached and used as is (see :func:`isreshape_core.is_reshape_loss_and_grad`).
     rho_min : float in (0, 1]
         Least acceptable ESS ratio.
     level : {"sequence", "geometric", "token"}
@@ -192,7 +195,11 @@ def is_reshape_loss(
         _check_tensor(mask, "mask", "(B, T), boolean")
     if not logp.dtype.is_floating_point:
         raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
-    for name, value in (("logq", logq), ("rewards", rewards), ("mask", mask)):
+    if hasattr(gamma, "shape"):
+        _check_tensor(gamma, "gamma", "() or (B,) (a precomputed gamma)")
+        gamma = gamma.detach()
+    tensors = (("logq", logq), ("rewards", rewards), ("mask", mask))
+    for name, value in (*tensors, ("gamma", gamma if hasattr(gamma, "shape") else None)):
         if value is not None and value.device != logp.device:
             raise ValueError(
                 f"{name} is on {value.device} but logp is on {logp.device}; move every input "
@@ -296,9 +303,13 @@ class ISReshapeLoss(torch.nn.Module):
         logq: torch.Tensor,
         rewards: torch.Tensor,
         mask: torch.Tensor | None = None,
+        gamma: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``is_reshape_loss(logp, logq, rewards, mask, **options)``."""
-        return is_reshape_loss(logp, logq, rewards, mask, **self.options)
+        """``is_reshape_loss(logp, logq, rewards, mask, **options)``; a ``gamma`` Tensor given
+        here (the step's gamma) replaces the configured gamma for this call."""
+        if gamma is None:
+            return is_reshape_loss(logp, logq, rewards, mask, **self.options)
+        return is_reshape_loss(logp, logq, rewards, mask, **{**self.options, "gamma": gamma})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -220,7 +220,7 @@ def test_large_log_ratios_in_bfloat16_do_not_overflow():
         ({"level": "seq"}, ValueError, "level must be one of"),
         ({"form": "ppo"}, ValueError, "form must be one of"),
         ({"gamma": "bisection"}, ValueError, "gamma must be one of"),
-        ({"gamma": 1.5}, ValueError, "method must lie in"),
+        ({"gamma": 1.5}, ValueError, "gamma must lie in"),
         ({"rho_min": 0.0}, ValueError, "rho_min"),
     ],
 )

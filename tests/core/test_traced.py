@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from array_api_compat import array_namespace
 
 import isreshape_core as isr
 
@@ -21,7 +22,18 @@ def functions():
         "gamma_closed_form": lambda l, m: isr.gamma_closed_form(l, 0.3, mask=m),
         "select_gamma_fixed": lambda l, m: isr.select_gamma(l, method=0.5, mask=m),
         "log_weights": lambda l, m: isr.log_weights(l, 0.5 * l, m, level="geometric"),
+        "step_gamma": lambda l, m: isr.step_gamma(l[0], 0.3, mask=m[0])[0],
+        "step_gamma_groups": lambda l, m: isr.step_gamma(
+            l[0], 0.3, mask=m[0], group_ids=_ids(m[1]), num_groups=2
+        )[0],
+        "tempered_weights": lambda l, m: isr.tempered_weights(l, 0.5, mask=m),
     }
+
+
+def _ids(m):
+    """Group indices 0/1 built inside the traced function, from a boolean row."""
+    xp = array_namespace(m)
+    return xp.astype(m, xp.int64)
 
 
 def inputs():

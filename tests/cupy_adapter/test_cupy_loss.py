@@ -448,3 +448,30 @@ def test_fused_matches_torch_adapter(level, mode, form):
         np.testing.assert_allclose(
             metrics[key], t_metrics[key].detach().numpy(), rtol=1e-12, atol=1e-14
         )
+
+
+@pytest.mark.parametrize("level", FUSED_LEVELS)
+def test_fused_precomputed_gamma_matches_generic_path(level):
+    logp, logq, rewards, mask = make_batch(17, B=8, T=5, spread=0.8)
+    gammas = np.linspace(0.0, 1.0, 8)
+    for mode in LOSS_AGG_MODES:
+        opts = dict(gamma=gammas, level=level, loss_agg_mode=mode)
+        loss_f, grad_f, met_f = fused_cpu(logp, logq, rewards, mask, **opts)
+        loss_g, grad_g, met_g = is_reshape_loss_and_grad(logp, logq, rewards, mask, **opts)
+        by_rows = sum(
+            is_reshape_loss_and_grad(
+                logp,
+                logq,
+                np.where(np.arange(8) == b, rewards, 0.0),
+                mask,
+                gamma=float(gammas[b]),
+                level=level,
+                loss_agg_mode=mode,
+            )[0]
+            for b in range(8)
+        )
+        np.testing.assert_allclose(loss_f, by_rows, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(loss_g, by_rows, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(grad_f, grad_g, rtol=1e-12, atol=1e-15)
+        for key in met_g:
+            np.testing.assert_allclose(met_f[key], met_g[key], rtol=1e-12, atol=1e-14)

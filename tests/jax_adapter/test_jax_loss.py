@@ -372,3 +372,35 @@ def test_errors_name_the_argument():
         is_reshape_loss(jnp.asarray(bad), lq, r, m)
     # Under a transformation the values are not inspected (no host sync).
     jax.jit(lambda x: is_reshape_loss(x, lq, r, m)[0])(lp)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_precomputed_gamma_array_traced_under_jit(level):
+    logp, logq, rewards, mask = make_batch(31, B=6, T=4, spread=1.0)
+    args = [jnp.asarray(a) for a in (logp, logq, rewards, mask)]
+    gammas = jnp.asarray([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+    def f(lp, g):
+        return is_reshape_loss(lp, *args[1:], gamma=g, level=level)
+
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(args[0], gammas)
+
+    def want(lp):  # row b's terms at gamma_b, with the whole batch's normaliser
+        total = 0.0
+        for b in range(6):
+            r_b = jnp.zeros_like(args[2]).at[b].set(args[2][b])
+            total = total + reference_loss(
+                lp, args[1], r_b, args[3], float(gammas[b]), level, "token-mean"
+            )
+        return total
+
+    np.testing.assert_allclose(float(loss), float(want(args[0])), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(want)(args[0])), rtol=1e-11)
+    # The gradient with respect to gamma is zero: gamma is data.
+    g_grad = jax.grad(lambda g: f(args[0], g)[0])(gammas)
+    np.testing.assert_array_equal(np.asarray(g_grad), 0.0)
+    # NumPy gammas are accepted and equal the number.
+    by_number = is_reshape_loss(*args, gamma=0.5, level=level)[0]
+    by_array = is_reshape_loss(*args, gamma=np.asarray(0.5), level=level)[0]
+    assert float(by_array) == float(by_number)
+    assert metrics["gamma"].shape == ()

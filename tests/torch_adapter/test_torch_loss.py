@@ -510,3 +510,53 @@ def test_errors(change, error, message):
 def test_module_rejects_bad_options_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ISReshapeLoss(**kwargs)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_precomputed_gamma_tensor_matches_plain_torch_and_carries_no_gradient(level):
+    logp, logq, rewards, mask = make_batch(21, B=6, T=5, noise=1.0)
+    gammas = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=F64, requires_grad=True)
+    loss, metrics = is_reshape_loss(logp, logq, rewards, mask, gamma=gammas, level=level)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert gammas.grad is None and not metrics["gamma"].requires_grad
+    # Row b's terms of the plain-torch loss at gamma_b, with the whole batch's normaliser.
+    want = 0.0
+    for b in range(6):
+        r_b = torch.zeros_like(rewards)
+        r_b[b] = rewards[b]
+        g_b = gammas[b].item()
+        want = want + reference_loss(logp, logq, r_b, mask, g_b, level, "token-mean")
+    (want_grad,) = torch.autograd.grad(want, logp)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+    # A 0-d tensor is the same as the number, through the module's per-call gamma too.
+    by_number = ISReshapeLoss(gamma=0.3, level=level)(logp, logq, rewards, mask)
+    by_tensor = ISReshapeLoss(level=level)(
+        logp, logq, rewards, mask, gamma=torch.tensor(0.3, dtype=F64)
+    )
+    torch.testing.assert_close(by_tensor[0], by_number[0], rtol=0, atol=0)
+
+
+def test_precomputed_gamma_compiles_without_graph_break():
+    logp, logq, rewards, mask = make_batch(22, B=8, T=4)
+    gammas = torch.linspace(0.1, 0.9, 8, dtype=F64)
+
+    def fn(lp, lq, r, m, g):
+        return is_reshape_loss(lp, lq, r, m, gamma=g, level="sequence")
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(logp, logq, rewards, mask, gammas)
+    assert explained.graph_break_count == 0
+    eager = fn(logp, logq, rewards, mask, gammas)[0]
+    compiled = torch.compile(fn, fullgraph=True)(logp, logq, rewards, mask, gammas)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+def test_precomputed_gamma_errors():
+    logp, logq, rewards, mask = make_batch(23)
+    with pytest.raises(TypeError, match=r"gamma must be a torch\.Tensor"):
+        is_reshape_loss(logp, logq, rewards, mask, gamma=np.full(6, 0.5))
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\]"):
+        is_reshape_loss(logp, logq, rewards, mask, gamma=torch.full((6,), 1.5, dtype=F64))
+    with pytest.raises(ValueError, match="gamma is on meta"):
+        is_reshape_loss(logp, logq, rewards, mask, gamma=torch.zeros(6, device="meta"))

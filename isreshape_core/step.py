@@ -1,0 +1,251 @@
+"""Gamma for a whole optimizer step, and the statistics of tempered unit weights.
+
+A training framework calls the loss once per micro-batch, and one optimizer step sums many such
+calls over many data-parallel ranks. :func:`step_gamma` chooses gamma once, from the unit log
+weights of the whole step (sharded over ranks through a :class:`Reducer`), per batch or per
+GRPO group given by a group index; the loss then takes the result as a precomputed ``gamma``
+array (:func:`is_reshape_loss_and_grad`), so that every micro-batch of the step uses it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from . import psis_gamma
+from ._array import (
+    Array,
+    Namespace,
+    Reducer,
+    array_device,
+    check_rho_min,
+    is_concrete,
+    logsumexp,
+    prepare_log_weights,
+    reduce_max,
+    reduce_sum,
+    tempered_log_weights,
+)
+from .ess import kish_ess_from_log
+from .gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
+
+__all__ = ["step_gamma"]
+
+_PARETO_METHODS = {"psis": "gamma_psis", "tail": "gamma_tail", "combined": "gamma_combined"}
+
+
+def choose_gamma(
+    l: Array,
+    valid: Array,
+    rho_min: Any,
+    method: str,
+    reducer: Reducer | None,
+    options: dict[str, Any],
+) -> tuple[Array, Array | None]:
+    """Gamma of every row of ``l`` (samples along the last axis, ``valid`` marks them) by a
+    named method, and the Pareto ``k_hat`` of each row for the Pareto methods (else ``None``)."""
+    if method in _PARETO_METHODS:
+        if reducer is not None:
+            raise ValueError(
+                f"gamma={method!r} needs the whole sample on one process (PSIS sorts it); with a "
+                "reducer use gamma='ess' or 'closed_form', or gather the log weights first"
+            )
+        # Called directly (not through select_gamma) to keep k_hat for the metrics.
+        rule = getattr(psis_gamma, _PARETO_METHODS[method])
+        args = (l,) if method == "tail" else (l, rho_min)
+        g, k_hat = rule(*args, axis=-1, mask=valid, **options)[:2]
+        return g, k_hat
+    g = select_gamma(l, rho_min, method=method, axis=-1, mask=valid, reducer=reducer, **options)
+    return g, None
+
+
+def tempered_metrics(
+    xp: Namespace,
+    masked_l: Array,
+    tempered: Array,
+    gamma: Array,
+    stats_reducer: Reducer | None,
+    merge_reducer: Reducer | None,
+) -> dict[str, Array]:
+    """0-d summaries of unit log weights ``masked_l`` (rows = groups, ``-inf`` = invalid) and of
+    their tempered log weights ``tempered`` (``gamma * l`` per unit, same shape).
+
+    ``gamma`` holds one value per row (the row means for per-unit gammas). ``stats_reducer``
+    merges the samples of a row across shards (rows spread over shards); ``merge_reducer``
+    merges the per-row summaries across shards (rows that live on one shard), so that every shard
+    reports the metrics of the whole batch. ``gamma``, ``sigma2``, ``ess_ratio`` and
+    ``ess_ratio_at_1`` are means over rows, ``max_weight`` the largest normalised unit weight.
+    """
+    axis = -1
+    count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, stats_reducer)
+    n = xp.where(count > 0, count, 1.0)
+    ess_at_gamma = kish_ess_from_log(xp, tempered, axis, stats_reducer)
+    ess_at_1 = kish_ess_from_log(xp, masked_l, axis, stats_reducer)
+    _, sigma2 = _log_variance_stats(xp, masked_l, axis, stats_reducer)
+    lse = logsumexp(xp, masked_l, axis, reducer=stats_reducer)
+    informative = lse > -xp.inf
+    top = reduce_max(xp, masked_l, axis, stats_reducer)
+    max_weight = xp.where(informative, xp.exp(top - xp.where(informative, lse, 0.0)), 0.0)
+    rows = [gamma, sigma2, ess_at_gamma / n, ess_at_1 / n]
+    rows = [xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for v in rows]
+    totals = xp.stack(
+        [xp.sum(v) for v in rows]
+        + [xp.asarray(rows[0].shape[0] * 1.0, dtype=n.dtype, device=array_device(n))]
+    )
+    worst = xp.max(max_weight)
+    if merge_reducer is not None:
+        totals = merge_reducer.sum(totals)
+        worst = merge_reducer.max(worst)
+    means = totals[:4] / totals[4]
+    return {
+        "gamma": means[0],
+        "sigma2": means[1],
+        "ess_ratio": means[2],
+        "ess_ratio_at_1": means[3],
+        "max_weight": worst,
+    }
+
+
+def _check_groups(xp: Namespace, group_ids: Any, num_groups: Any, n: int) -> None:
+    if num_groups is None:
+        raise TypeError(
+            "group_ids needs num_groups (the number of groups, the same on every shard)"
+        )
+    if (
+        not isinstance(num_groups, numbers.Integral)
+        or isinstance(num_groups, bool)
+        or num_groups <= 0
+    ):
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if not hasattr(group_ids, "shape"):
+        raise TypeError(f"group_ids must be an integer array of shape ({n},), got {group_ids!r}")
+    if tuple(group_ids.shape) != (n,):
+        raise ValueError(
+            f"group_ids must have one group index per unit, shape ({n},); got "
+            f"{tuple(group_ids.shape)}"
+        )
+    if not xp.isdtype(group_ids.dtype, "integral"):
+        raise TypeError(
+            f"group_ids must have an integer dtype, got {group_ids.dtype}; map the group keys "
+            "(e.g. verl's uid strings) to integers 0 .. num_groups - 1 first"
+        )
+    if (
+        is_concrete(group_ids)
+        and n
+        and not bool(xp.all((group_ids >= 0) & (group_ids < num_groups)))
+    ):
+        raise ValueError(f"group_ids must lie in [0, num_groups) = [0, {num_groups})")
+
+
+def step_gamma(
+    log_w: Array,
+    rho_min: Any = 0.3,
+    *,
+    method: str = "ess",
+    mask: Array | None = None,
+    group_ids: Array | None = None,
+    num_groups: int | None = None,
+    reducer: Reducer | None = None,
+    **gamma_options: Any,
+) -> tuple[Array, dict[str, Array]]:
+    r"""Gamma for a whole optimizer step, per batch or per group, for every unit of the step.
+
+    The loss of one step is a sum over micro-batches and data-parallel ranks; gamma chosen
+    inside each loss call sees one micro-batch only, which rarely holds the tail of the weights,
+    so the step the optimizer takes has far less ESS than the target. This function chooses gamma
+    from the unit log weights ``l_u`` of the *whole* step (this shard's part, merged over shards
+    by ``reducer``):
+
+    .. math::
+
+        \gamma_g = \max\{\gamma \in [\gamma_{\min}, \gamma_{\max}] :
+        \mathrm{ESS}_g(\gamma)/n_g \ge \rho_{\min}\}, \qquad
+        \mathrm{ESS}_g(\gamma) = \frac{(\sum_{u \in g} w_u^\gamma)^2}{\sum_{u\in g} w_u^{2\gamma}}
+
+    for each group ``g`` (the whole step is one group without ``group_ids``), by ``method``
+    (:func:`select_gamma`). Pass the returned per-unit gamma to the loss of each micro-batch
+    (``is_reshape_loss_and_grad(..., gamma=gamma[rows])``). See the docs page *Distributed
+    training* for where the frameworks hold a step's data.
+
+    Parameters
+    ----------
+    log_w : array (n,)
+        Unit log weights of this shard's part of the step, e.g.
+        ``log_weights(logp, logq, mask, level="sequence")``; at ``level="token"`` flatten the
+        tokens (and the mask).
+    rho_min : float or 0-d array in (0, 1]
+        Least acceptable ESS ratio.
+    method : {"ess", "closed_form", "psis", "tail", "combined"}
+        The rule (:func:`select_gamma`); the Pareto rules need the whole step on one process.
+    mask : bool array (n,), optional
+        Valid units (padding rows, empty sequences).
+    group_ids : integer array (n,), optional
+        The group of each unit, in ``[0, num_groups)`` (GRPO: the prompt's index, e.g. verl's
+        ``uid`` mapped to integers; the same index means the same group on every shard). Groups
+        need not be contiguous and may be split across shards. Costs ``O(num_groups * n)``.
+    num_groups : int, optional
+        Number of groups (required with ``group_ids``; the same on every shard).
+    reducer : Reducer, optional
+        Merges the statistics over the data-parallel shards of the step.
+    **gamma_options
+        ``gamma_min``, ``gamma_max``, ``max_iter``, ... of :func:`select_gamma`.
+
+    Returns
+    -------
+    gamma : array (n,)
+        Each unit's gamma (its group's, or the step's), detached, in ``log_w``'s dtype.
+    metrics : dict of 0-d arrays, the whole step over all shards
+        ``gamma``, ``ess_ratio`` (at gamma), ``ess_ratio_at_1``, ``sigma2``: means over groups;
+        ``ess_ratio_pooled``: ESS/n of all the step's tempered weights ``w_u^{gamma_u}``
+        together; ``max_weight``: the largest normalised weight of a group; ``k_hat`` (Pareto
+        methods): the largest over groups.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l = np.random.default_rng(0).normal(0.0, 2.0, size=1024)
+    >>> gamma, metrics = step_gamma(l, 0.3)
+    >>> print(gamma.shape, bool(np.all(gamma == gamma[0])), np.round(metrics["ess_ratio"], 3))
+    (1024,) True 0.3
+    >>> ids = np.arange(1024) % 4  # four groups, interleaved
+    >>> g4, _ = step_gamma(l, 0.3, group_ids=ids, num_groups=4)
+    >>> print(len(np.unique(g4)), bool(np.all(g4[ids == 2] == g4[2])))
+    4 True
+    """
+    if not isinstance(method, str) or method not in GAMMA_METHODS:
+        raise ValueError(f"method must be one of {GAMMA_METHODS}, got {method!r}")
+    check_rho_min(rho_min)
+    if not hasattr(log_w, "shape") or log_w.ndim != 1:
+        shape = getattr(log_w, "shape", None)
+        raise ValueError(
+            f"log_w must be a 1-d array of unit log weights (n,), got shape {shape}; flatten "
+            "token-level weights (and their mask) first"
+        )
+    xp, l, valid, _ = prepare_log_weights(log_w, axis=-1, mask=mask)
+    n = l.shape[0]
+    if valid is None:
+        valid = xp.ones(l.shape, dtype=xp.bool, device=array_device(l))
+    if group_ids is None:
+        if num_groups is not None:
+            raise TypeError("num_groups is given without group_ids; pass both or neither")
+        rows_l, rows_valid = l[None, :], valid[None, :]
+    else:
+        _check_groups(xp, group_ids, num_groups, n)
+        ids = xp.asarray(group_ids, device=array_device(l))
+        member = (
+            ids[None, :] == xp.arange(num_groups, dtype=ids.dtype, device=array_device(l))[:, None]
+        )
+        rows_valid = member & valid[None, :]
+        rows_l = xp.broadcast_to(l[None, :], tuple(rows_valid.shape))
+    g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, reducer, gamma_options)
+    unit_g = g[0] * xp.ones_like(l) if group_ids is None else xp.take(g, ids)
+    masked_rows = xp.where(rows_valid, rows_l, -xp.inf)
+    tempered_rows = tempered_log_weights(xp, masked_rows, g[:, None])
+    metrics = tempered_metrics(xp, masked_rows, tempered_rows, g, reducer, None)
+    pooled = tempered_log_weights(xp, xp.where(valid, l, -xp.inf), unit_g)
+    total = reduce_sum(xp, xp.astype(valid, l.dtype), 0, reducer)
+    pooled_ess = kish_ess_from_log(xp, pooled, 0, reducer)
+    metrics["ess_ratio_pooled"] = pooled_ess / xp.where(total > 0, total, 1.0)
+    if k_hat is not None:
+        metrics["k_hat"] = xp.max(k_hat)
+    return unit_g, metrics
