@@ -343,7 +343,7 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
         return output
 
     def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
-        if not self.model.training or self.args.is_reshape_gamma_scope == "micro_batch":
+        if not (self.model.training and self._step_scoped()):
             return super()._prepare_inputs(generation_batch)
         buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
@@ -384,7 +384,9 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
         logp = logp.detach()
         level = self.args.is_reshape_level
         l_u = log_weights(logp, self._behavior_log_probs(inputs, logp), mask, level=level)
-        groups = inputs["is_reshape_group_id"]
+        groups = inputs.get("is_reshape_group_id")
+        if groups is None:  # not from a generation batch (only the ESS of the step is needed)
+            groups = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         if level == "token":
             valid, groups = mask, groups[:, None].expand_as(mask)
         else:
@@ -406,8 +408,11 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
         l_u, valid, groups = (torch.cat(p) for p in zip(*parts, strict=True))
         l_all, valid_all, groups_all = self._gather_units(l_u, valid, groups)
         by_group = args.is_reshape_gamma_scope == "group"
-        num_groups = args.generation_batch_size // self.num_generations if by_group else 1
-        ids = groups_all if by_group else torch.zeros_like(groups_all)
+        if by_group:  # the groups present in this step, numbered 0 .. K-1 (the same everywhere)
+            present, ids = torch.unique(groups_all, return_inverse=True)
+            num_groups = present.numel()
+        else:
+            ids, num_groups = torch.zeros_like(groups_all), 1
         gamma, metrics = step_gamma(
             l_all,
             args.is_reshape_rho_min,
@@ -421,13 +426,19 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
         table = torch.zeros(num_groups, dtype=gamma.dtype, device=gamma.device)
         table = table.index_put((ids[valid_all],), gamma[valid_all])
         for b in batches:
-            rows = (
-                b["is_reshape_group_id"] if by_group else torch.zeros_like(b["is_reshape_group_id"])
-            )
+            rows = b["is_reshape_group_id"]
+            rows = torch.searchsorted(present, rows) if by_group else torch.zeros_like(rows)
             b["is_reshape_gamma"] = table[rows]
         for name, value in metrics.items():
             if name not in ("gamma", "ess_ratio_pooled"):  # logged per call / from the loss calls
                 self._metrics["train"][f"is_reshape/{name}"].append(float(value))
+
+    def _step_scoped(self) -> bool:
+        """Whether gamma is chosen per step (or group) before the step; a fixed number is not."""
+        args = self.args
+        return args.is_reshape_gamma_scope != "micro_batch" and isinstance(
+            args.is_reshape_gamma, str
+        )
 
     def _gamma_options(self) -> dict[str, float]:
         options = {}
@@ -472,7 +483,7 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
         )
         logq = self._behavior_log_probs(inputs, per_token_logps)
         bool_mask = _loss_mask(inputs)
-        scoped = mode == "train" and args.is_reshape_gamma_scope != "micro_batch"
+        scoped = mode == "train" and self._step_scoped()
         if scoped:
             if "is_reshape_gamma" not in inputs:
                 raise KeyError(

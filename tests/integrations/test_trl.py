@@ -308,6 +308,27 @@ def test_behaviour_log_probs_choice(trainer):
     trainer.args.is_reshape_behavior = "auto"
 
 
+def test_compute_loss_uses_the_stored_gamma(trainer):
+    """With a step scope the loss takes gamma from inputs["is_reshape_gamma"], as is."""
+    trainer.args.is_reshape_gamma_scope = "step"
+    trainer.args.is_reshape_loss_agg_mode = "dapo"
+    trainer.args.is_reshape_level = "sequence"
+    trainer.args.is_reshape_gamma = "ess"
+    try:
+        inputs = synthetic_inputs(trainer, seed=4, stale=0.8)
+        with pytest.raises(KeyError, match="is_reshape_gamma"):
+            trainer._compute_loss(trainer.model, inputs)
+        inputs["is_reshape_gamma"] = torch.full((4,), 0.37)
+        inputs["is_reshape_group_id"] = torch.zeros(4, dtype=torch.long)
+        loss = trainer._compute_loss(trainer.model, inputs)
+        assert trainer._metrics["train"]["is_reshape/gamma"][-1] == pytest.approx(0.37)
+        ref = reference_loss(trainer, inputs, 0.37, "sequence", "dapo", accumulation=2)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    finally:
+        trainer.args.is_reshape_gamma_scope = "micro_batch"
+        trainer._is_reshape_step_units = []
+
+
 def test_config_validation(tmp_path):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     assert ISReshapeGRPOConfig(**base, is_reshape_gamma="0.25").is_reshape_gamma == 0.25
@@ -341,27 +362,6 @@ def test_config_validation(tmp_path):
             args=GRPOConfig(**base),
             processing_class=tok,
         )
-
-
-def test_compute_loss_uses_the_stored_gamma(trainer):
-    """With a step scope the loss takes gamma from inputs["is_reshape_gamma"], as is."""
-    trainer.args.is_reshape_gamma_scope = "step"
-    trainer.args.is_reshape_loss_agg_mode = "dapo"
-    trainer.args.is_reshape_level = "sequence"
-    trainer.args.is_reshape_gamma = "ess"
-    try:
-        inputs = synthetic_inputs(trainer, seed=4, stale=0.8)
-        with pytest.raises(KeyError, match="is_reshape_gamma"):
-            trainer._compute_loss(trainer.model, inputs)
-        inputs["is_reshape_gamma"] = torch.full((4,), 0.37)
-        inputs["is_reshape_group_id"] = torch.zeros(4, dtype=torch.long)
-        loss = trainer._compute_loss(trainer.model, inputs)
-        assert trainer._metrics["train"]["is_reshape/gamma"][-1] == pytest.approx(0.37)
-        ref = reference_loss(trainer, inputs, 0.37, "sequence", "dapo", accumulation=2)
-        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
-    finally:
-        trainer.args.is_reshape_gamma_scope = "micro_batch"
-        trainer._is_reshape_step_units = []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +420,9 @@ def check_step_gamma(runs, scope, level, accumulation=4, rho_min=0.9, generation
                 )
                 torch.testing.assert_close(c["gamma"].double(), expected, rtol=0, atol=1e-12)
                 used.append(c["gamma"])
-                assert c["logged_gamma"] == pytest.approx(float(c["gamma"].double().mean()))
+        for i in range(accumulation):  # logged per call: the mean over processes of their means
+            means = [float(rc[i]["gamma"][rc[i]["mask"].any(-1)].double().mean()) for rc in calls]
+            assert all(rc[i]["logged_gamma"] == pytest.approx(np.mean(means)) for rc in calls)
         used = torch.cat(used)
         if not by_group:
             assert torch.unique(used).numel() == 1  # the same gamma in every micro-batch
