@@ -78,12 +78,18 @@ from isreshape_core import (
     ess_ratio,
     log_weights,
     step_gamma,
+    tempered_weights,
 )
 
 from .distributed import TorchDistributedReducer
 from .loss import is_reshape_loss
 
-__all__ = ["ISReshapeGRPOConfig", "ISReshapeGRPOTrainer"]
+__all__ = [
+    "ISReshapeCorrectionGRPOConfig",
+    "ISReshapeCorrectionGRPOTrainer",
+    "ISReshapeGRPOConfig",
+    "ISReshapeGRPOTrainer",
+]
 
 #: Values of ``ISReshapeGRPOConfig.is_reshape_loss_agg_mode``.
 TRL_LOSS_AGG_MODES = ("dapo", *LOSS_AGG_MODES)
@@ -331,16 +337,7 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
     # -- the step's gamma ----------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
-        # TRL normalises rewards over rows [G k, G (k+1)) of the batch gathered from every
-        # process (process p holds rows p B .. p B + B - 1): that row index // G is the group.
-        mode = "train" if self.model.training else "eval"
-        size = self.num_generations if mode == "train" else self.num_generations_eval
-        rows = output["prompt_ids"].shape[0]
-        first = self.accelerator.process_index * rows
-        index = torch.arange(first, first + rows, device=output["prompt_ids"].device)
-        output["is_reshape_group_id"] = torch.div(index, size, rounding_mode="floor")
-        return output
+        return _add_group_ids(self, super()._generate_and_score_completions(inputs))
 
     def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
         if not (self.model.training and self._step_scoped()):
@@ -393,42 +390,24 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
             valid = mask.any(-1)
         return l_u.reshape(-1), valid.reshape(-1), groups.reshape(-1)
 
-    def _gather_units(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Each process's tensors padded to the longest and concatenated in process order."""
-        out = []
-        for t in tensors:
-            t = self.accelerator.pad_across_processes(t, dim=0, pad_index=0)
-            out.append(self.accelerator.gather(t))
-        return out
-
     def _set_step_gamma(self, batches: list[dict[str, Any]]) -> None:
         """Chooses the step's gamma over ``batches`` on every process; stores it per sample."""
-        args = self.args
         parts = [self._unit_log_weights(b, self._current_log_probs(b)) for b in batches]
         l_u, valid, groups = (torch.cat(p) for p in zip(*parts, strict=True))
-        l_all, valid_all, groups_all = self._gather_units(l_u, valid, groups)
-        by_group = args.is_reshape_gamma_scope == "group"
-        if by_group:  # the groups present in this step, numbered 0 .. K-1 (the same everywhere)
-            present, ids = torch.unique(groups_all, return_inverse=True)
-            num_groups = present.numel()
-        else:
-            ids, num_groups = torch.zeros_like(groups_all), 1
-        gamma, metrics = step_gamma(
-            l_all,
-            args.is_reshape_rho_min,
-            method=args.is_reshape_gamma,
-            mask=valid_all,
-            group_ids=ids if by_group else None,
-            num_groups=num_groups if by_group else None,
-            **self._gamma_options(),
-        )
-        # Every unit of a group (of the step) has that group's gamma: one value per group.
-        table = torch.zeros(num_groups, dtype=gamma.dtype, device=gamma.device)
-        table = table.index_put((ids[valid_all],), gamma[valid_all])
+        by_group = self.args.is_reshape_gamma_scope == "group"
+        gamma, metrics = _choose_gamma(self, l_u, valid, groups, by_group)
+        token = self.args.is_reshape_level == "token"
+        start = 0
         for b in batches:
-            rows = b["is_reshape_group_id"]
-            rows = torch.searchsorted(present, rows) if by_group else torch.zeros_like(rows)
-            b["is_reshape_gamma"] = table[rows]
+            shape = b["completion_mask"].shape
+            n = shape[0] * shape[1] if token else shape[0]
+            # every unit of a row has the row's group's (or the step's) gamma
+            b["is_reshape_gamma"] = (
+                gamma[start : start + n].reshape(shape)[:, 0]
+                if token
+                else (gamma[start : start + n])
+            )
+            start += n
         for name, value in metrics.items():
             if name not in ("gamma", "ess_ratio_pooled"):  # logged per call / from the loss calls
                 self._metrics["train"][f"is_reshape/{name}"].append(float(value))
@@ -586,3 +565,261 @@ def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
     return mask > 0
+
+
+def _add_group_ids(trainer: GRPOTrainer, output: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``is_reshape_group_id``: each row's GRPO group, an index that survives shuffling.
+
+    TRL normalises rewards over rows ``[G k, G (k+1))`` of the batch gathered from every process
+    (process ``p`` holds rows ``p B .. p B + B - 1``): that row index ``// G`` is the group.
+    """
+    mode = "train" if trainer.model.training else "eval"
+    size = trainer.num_generations if mode == "train" else trainer.num_generations_eval
+    rows = output["prompt_ids"].shape[0]
+    first = trainer.accelerator.process_index * rows
+    index = torch.arange(first, first + rows, device=output["prompt_ids"].device)
+    output["is_reshape_group_id"] = torch.div(index, size, rounding_mode="floor")
+    return output
+
+
+def _gather_padded(trainer: GRPOTrainer, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each process's 1-d tensors padded to the longest and concatenated in process order."""
+    out = []
+    for t in tensors:
+        t = trainer.accelerator.pad_across_processes(t, dim=0, pad_index=0)
+        out.append(trainer.accelerator.gather(t))
+    return out
+
+
+def _choose_gamma(
+    trainer: GRPOTrainer,
+    l_u: torch.Tensor,
+    valid: torch.Tensor,
+    groups: torch.Tensor,
+    by_group: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gamma of each local unit, chosen over the units of every process (gathered), by
+    :func:`isreshape_core.step_gamma` per step or per group present; and the step's metrics."""
+    args = trainer.args
+    l_all, valid_all, groups_all = _gather_padded(trainer, l_u, valid, groups)
+    if by_group:  # the groups present, numbered 0 .. K-1 (the same on every process)
+        present, ids = torch.unique(groups_all, return_inverse=True)
+        num_groups = present.numel()
+    else:
+        ids, num_groups = torch.zeros_like(groups_all), 1
+    options = {}
+    if args.is_reshape_gamma_min is not None:
+        options["gamma_min"] = args.is_reshape_gamma_min
+    if args.is_reshape_gamma_max is not None:
+        options["gamma_max"] = args.is_reshape_gamma_max
+    gamma, metrics = step_gamma(
+        l_all,
+        args.is_reshape_rho_min,
+        method=args.is_reshape_gamma,
+        mask=valid_all,
+        group_ids=ids if by_group else None,
+        num_groups=num_groups if by_group else None,
+        **options,
+    )
+    n_max = l_all.shape[0] // trainer.accelerator.num_processes
+    start = trainer.accelerator.process_index * n_max
+    return gamma[start : start + l_u.shape[0]], metrics
+
+
+@dataclass
+class ISReshapeCorrectionGRPOConfig(GRPOConfig):
+    r"""TRL's ``GRPOConfig`` with the tempered behaviour correction of IS Reshape.
+
+    TRL's own loss (``loss_type``: ``grpo``, ``dapo``, ``cispo``, ``sapo``, ``vespo``, ... with
+    its clip or gate, ``importance_sampling_level`` ``"sequence"`` for GSPO) is kept; only its
+    vLLM importance-sampling correction ``pi_old / mu`` (``vllm_importance_sampling_correction``,
+    truncated or masked at ``vllm_importance_sampling_clip_max``) is replaced by the tempered
+    weight ``(pi_old / mu)^gamma``, gamma chosen from the effective sample size of these weights
+    over each optimizer step (all its micro-batches and processes). The level follows
+    ``vllm_importance_sampling_mode``: ``token_*`` one weight per token, ``sequence_*`` one per
+    sequence; its truncate/mask part and the clip bounds do not apply (an error if set).
+
+    Attributes
+    ----------
+    is_reshape_gamma : str
+        ``"ess"`` (default), ``"closed_form"``, ``"psis"``, ``"tail"`` or ``"combined"``.
+    is_reshape_rho_min : float
+        Least acceptable ESS ratio of the step's behaviour weights, in (0, 1].
+    is_reshape_gamma_scope : str
+        ``"step"`` (default) or ``"group"`` (one gamma per GRPO group of the step).
+    is_reshape_gamma_min, is_reshape_gamma_max : float, optional
+        Bounds on gamma.
+
+    Examples
+    --------
+    >>> args = ISReshapeCorrectionGRPOConfig(output_dir="/tmp/isrc", use_cpu=True,
+    ...                                      report_to="none")
+    >>> print(args.is_reshape_gamma, args.vllm_importance_sampling_mode)
+    ess sequence_mask
+    """
+
+    is_reshape_gamma: str = field(
+        default="ess", metadata={"help": f"Gamma method, one of {GAMMA_METHODS}."}
+    )
+    is_reshape_rho_min: float = field(
+        default=0.3, metadata={"help": "Least acceptable ESS ratio, in (0, 1]."}
+    )
+    is_reshape_gamma_scope: str = field(
+        default="step", metadata={"help": "Where gamma is chosen: 'step' or 'group'."}
+    )
+    is_reshape_gamma_min: float | None = field(
+        default=None, metadata={"help": "Lower bound on gamma."}
+    )
+    is_reshape_gamma_max: float | None = field(
+        default=None, metadata={"help": "Upper bound on gamma."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.is_reshape_gamma not in GAMMA_METHODS:
+            raise ValueError(
+                f"is_reshape_gamma must be one of {GAMMA_METHODS}, got {self.is_reshape_gamma!r}"
+            )
+        if not (0.0 < float(self.is_reshape_rho_min) <= 1.0):
+            raise ValueError(
+                f"is_reshape_rho_min must lie in (0, 1], got {self.is_reshape_rho_min!r}"
+            )
+        if self.is_reshape_gamma_scope not in ("step", "group"):
+            raise ValueError(
+                "is_reshape_gamma_scope must be 'step' or 'group', got "
+                f"{self.is_reshape_gamma_scope!r}"
+            )
+        if not self.vllm_importance_sampling_correction:
+            raise ValueError(
+                "ISReshapeCorrectionGRPOConfig tempers TRL's vLLM importance-sampling correction; "
+                "set vllm_importance_sampling_correction=True (or use GRPOConfig without it)"
+            )
+        defaults = GRPOConfig.__dataclass_fields__
+        for name in ("vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min"):
+            if getattr(self, name) != defaults[name].default:
+                raise ValueError(
+                    f"ISReshapeCorrectionGRPOConfig ignores {name}={getattr(self, name)!r}: gamma, "
+                    "not a clip, bounds the behaviour weights (set is_reshape_rho_min); leave "
+                    f"{name} at its default {defaults[name].default!r}"
+                )
+        if self.steps_per_generation % self.gradient_accumulation_steps != 0:
+            raise ValueError(
+                f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) so that each "
+                "optimizer step lies in one generation batch; set steps_per_generation="
+                f"{self.gradient_accumulation_steps} (TRL's default)"
+            )
+
+
+class ISReshapeCorrectionGRPOTrainer(GRPOTrainer):
+    r"""TRL's ``GRPOTrainer`` and its loss, with ``(pi_old/mu)^gamma`` as the vLLM correction.
+
+    TRL computes, per generation batch, the behaviour log-ratio ``l = log pi_old - log mu`` of
+    the trainer's recomputed log-probs (``old_per_token_logps``) against the inference engine's
+    (``sampling_per_token_logps``), and multiplies its per-token loss by
+    ``inputs["importance_sampling_ratio"]`` (``GRPOTrainer._compute_loss``). This trainer
+    overrides only ``_prepare_inputs``: after TRL has shuffled and split a new generation batch,
+    it replaces that ratio in every micro-batch by ``exp(gamma l_u)`` (token or sequence units,
+    as ``vllm_importance_sampling_mode`` says; NaN sampling log-probs count 0, as in TRL), with
+    one gamma per optimizer step (or per GRPO group of the step), chosen by
+    :func:`isreshape_core.step_gamma` from the step's ``l_u`` on all processes. These weights do
+    not depend on the current policy, so gamma is exact for every step that reuses the batch
+    (``num_iterations > 1``), and choosing it costs no forward pass. ``_compute_loss`` is TRL's.
+
+    Logged once per optimizer step: ``sampling/is_reshape/gamma``,
+    ``sampling/is_reshape/ess_ratio`` (pooled ESS/n of the step's tempered weights),
+    ``sampling/is_reshape/ess_ratio_at_1`` and ``sampling/is_reshape/max_weight``; TRL's
+    ``sampling/importance_sampling_ratio/{min,mean,max}`` describe the tempered weights. Needs
+    TRL's correction (``use_vllm=True``, ``vllm_importance_sampling_correction=True``).
+
+    Examples
+    --------
+    >>> from trl import GRPOTrainer
+    >>> print(issubclass(ISReshapeCorrectionGRPOTrainer, GRPOTrainer))
+    True
+    """
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: Any = None, **kwargs: Any):
+        if not isinstance(args, ISReshapeCorrectionGRPOConfig):
+            raise TypeError(
+                "args must be an isreshape_torch.trl.ISReshapeCorrectionGRPOConfig, got "
+                f"{type(args).__name__}"
+            )
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        return _add_group_ids(self, super()._generate_and_score_completions(inputs))
+
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        if not self.model.training:
+            inputs = super()._prepare_inputs(generation_batch)
+            self._drop_trl_ratio_stats("eval")
+            self._log_correction("eval", self._temper([inputs]))
+            return inputs
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self._buffered_inputs is not buffered:
+            self._drop_trl_ratio_stats("train")
+            accumulation = self.args.gradient_accumulation_steps
+            self._is_reshape_step_metrics = {
+                first: self._temper(self._buffered_inputs[first : first + accumulation])
+                for first in range(0, self.args.steps_per_generation, accumulation)
+            }
+        if self._step % self.args.gradient_accumulation_steps == 0:  # a step starts: its metrics
+            first = self._step % self.args.steps_per_generation
+            self._log_correction("train", self._is_reshape_step_metrics[first])
+        return inputs
+
+    def _drop_trl_ratio_stats(self, mode: str) -> None:
+        """Removes the entries TRL just logged for its own (truncated) ratio."""
+        for name in ("min", "mean", "max"):
+            entries = self._metrics[mode].get(f"sampling/importance_sampling_ratio/{name}")
+            if entries:
+                entries.pop()
+
+    def _temper(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """Replaces TRL's ratio in ``batches`` (one optimizer step) by the tempered weight;
+        returns the step's metrics."""
+        token = self.vllm_importance_sampling_mode.startswith("token")
+        units, valid, groups = [], [], []
+        for b in batches:
+            if "importance_sampling_ratio" not in b:
+                raise ValueError(
+                    "TRL computed no importance_sampling_ratio: ISReshapeCorrectionGRPOTrainer "
+                    "needs use_vllm=True and vllm_importance_sampling_correction=True"
+                )
+            mask = _loss_mask(b)
+            diff = torch.nan_to_num(
+                (b["old_per_token_logps"] - b["sampling_per_token_logps"]) * mask, nan=0.0
+            )
+            b["_is_reshape_log_ratio"] = diff if token else diff.sum(-1)
+            units.append(b["_is_reshape_log_ratio"].reshape(-1))
+            valid.append((mask if token else mask.any(-1)).reshape(-1))
+            g = b["is_reshape_group_id"]
+            groups.append((g[:, None].expand_as(mask) if token else g).reshape(-1))
+        l_u, ok = torch.cat(units), torch.cat(valid)
+        by_group = self.args.is_reshape_gamma_scope == "group"
+        gamma, metrics = _choose_gamma(self, l_u, ok, torch.cat(groups), by_group)
+        tempered = tempered_weights(l_u, gamma, mask=ok)
+        start = 0
+        for b in batches:
+            l_b = b.pop("_is_reshape_log_ratio")
+            w = tempered[start : start + l_b.numel()].reshape(l_b.shape)
+            start += l_b.numel()
+            b["importance_sampling_ratio"] = w if token else w[:, None]
+        w = tempered[ok] if bool(ok.any()) else tempered.new_full((1,), torch.nan)
+        gather = self.accelerator.gather
+        return {
+            "sampling/is_reshape/gamma": float(metrics["gamma"]),
+            "sampling/is_reshape/ess_ratio": float(metrics["ess_ratio_pooled"]),
+            "sampling/is_reshape/ess_ratio_at_1": float(metrics["ess_ratio_at_1"]),
+            "sampling/is_reshape/max_weight": float(metrics["max_weight"]),
+            # TRL's names, for the tempered weights
+            "sampling/importance_sampling_ratio/min": float(gather(w.min().reshape(1)).min()),
+            "sampling/importance_sampling_ratio/mean": float(gather(w.mean().reshape(1)).mean()),
+            "sampling/importance_sampling_ratio/max": float(gather(w.max().reshape(1)).max()),
+        }
+
+    def _log_correction(self, mode: str, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)

@@ -110,6 +110,17 @@ METHODS: tuple[tuple[str, str, type, dict[str, Any]], ...] = (
         {"is_reshape_gamma": "ess", "is_reshape_rho_min": 0.3, "is_reshape_level": "sequence"},
     ),
     (
+        "isreshape_micro",
+        "IS Reshape, ESS gamma per micro-batch of 8 (ablation)",
+        ISReshapeGRPOTrainer,
+        {
+            "is_reshape_gamma": "ess",
+            "is_reshape_rho_min": 0.3,
+            "is_reshape_level": "sequence",
+            "is_reshape_gamma_scope": "micro_batch",
+        },
+    ),
+    (
         "isreshape_gamma1",
         "IS Reshape, gamma fixed at 1, sequence level (ablation)",
         ISReshapeGRPOTrainer,
@@ -134,12 +145,29 @@ FULL: dict[str, Any] = {
     "steps": 300,
     "eval_every": 10,
     "batch": 32,
+    "accumulation": 4,  # micro-batches of 8 completions
     "generations": 8,
     "staleness": {"mild": 4, "strong": 300},  # strong: one generation batch for all 300 steps
     "lr_grid": (2.5e-4, 5e-4, 1e-3, 2e-3),
     "tune_seeds": (1000,),
     "eval_seeds": (0, 1, 2),
     "mc_samples_per_prompt": 200,
+}
+#: ``--step-gamma``: the IS Reshape rows only, at the learning rates that the tuning of the full
+#: run chose (the micro-batch ablation takes ours'); the TRL rows are those of the full run.
+STEP_GAMMA: dict[str, Any] = {
+    **FULL,
+    "methods": ("isreshape", "isreshape_micro", "isreshape_gamma1"),
+    "tune_seeds": (),
+    "lr_grid": (5e-4, 1e-3),
+    "lr_fixed": {
+        "isreshape/mild": 5e-4,
+        "isreshape/strong": 1e-3,
+        "isreshape_micro/mild": 5e-4,
+        "isreshape_micro/strong": 1e-3,
+        "isreshape_gamma1/mild": 5e-4,
+        "isreshape_gamma1/strong": 5e-4,
+    },
 }
 SMOKE: dict[str, Any] = {
     "behaviour_steps": 20,
@@ -149,6 +177,7 @@ SMOKE: dict[str, Any] = {
     "steps": 4,
     "eval_every": 2,
     "batch": 16,
+    "accumulation": 2,
     "generations": 4,
     "staleness": {"mild": 2, "strong": 4},  # strong: never refreshed, as in FULL
     "lr_grid": (1e-2,),  # a single rate: no tuning runs
@@ -328,9 +357,11 @@ def make_trainer(
     model.load_state_dict(behaviour)
     shared = {
         "output_dir": output_dir,
-        "per_device_train_batch_size": setting["batch"],
+        "per_device_train_batch_size": setting["batch"] // setting["accumulation"],
+        "gradient_accumulation_steps": setting["accumulation"],
         "num_generations": setting["generations"],
-        "steps_per_generation": staleness,
+        # S optimiser steps per generation batch, each of `accumulation` micro-batches
+        "steps_per_generation": staleness * setting["accumulation"],
         "num_iterations": 1,
         "max_completion_length": MAX_COMPLETION_LENGTH,
         "max_steps": setting["steps"],
@@ -398,6 +429,12 @@ def train_once(
         out["gamma_mean"] = float(gamma.mean())
         out["gamma_below_1_share"] = float((gamma < 1.0 - 1e-6).mean())
         out["ess_ratio_min"] = float(min(e["is_reshape/ess_ratio"] for e in logs))
+        # ESS/n of the tempered weights of each whole optimiser step, from the loss calls
+        pooled = [e["is_reshape/ess_ratio_pooled"] for e in logs]
+        out["ess_pooled_per_step"] = pooled
+        out["ess_pooled_min"] = float(min(pooled))
+        out["ess_pooled_mean"] = float(np.mean(pooled))
+        out["steps_below_rho_min"] = int(sum(p < 0.3 - 1e-6 for p in pooled))
         out["ess_ratio_at_1_mean"] = float(np.mean([e["is_reshape/ess_ratio_at_1"] for e in logs]))
         out["ess_ratio_at_1_min"] = float(min(e["is_reshape/ess_ratio_at_1"] for e in logs))
     out["seconds"] = time.perf_counter() - start
@@ -443,10 +480,13 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
                 }
             )
         for level, staleness in setting["staleness"].items():
-            for method, label, _, _ in METHODS:
+            for method, label, _, _ in _methods(setting):
                 start = time.perf_counter()
                 scores: dict[str, float] = {}
-                if tune:
+                fixed = setting.get("lr_fixed", {}).get(f"{method}/{level}")
+                if fixed is not None:
+                    lr = float(fixed)
+                elif tune:
                     for lr in setting["lr_grid"]:
                         tuned = [
                             train_once(method, staleness, lr, s, behaviours[s], setting, workdir)
@@ -479,12 +519,22 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
                     "curve_mean": np.mean([r["curve"] for r in evaluated], 0).tolist(),
                     "seconds": time.perf_counter() - start,
                 }
-                for key in ("gamma_mean", "gamma_below_1_share", "ess_ratio_at_1_mean"):
+                for key in (
+                    "gamma_mean",
+                    "gamma_below_1_share",
+                    "ess_ratio_at_1_mean",
+                    "ess_pooled_mean",
+                ):
                     if key in evaluated[0]:
                         row[key] = float(np.mean([r[key] for r in evaluated]))
-                for key in ("ess_ratio_min", "ess_ratio_at_1_min"):
+                for key in ("ess_ratio_min", "ess_ratio_at_1_min", "ess_pooled_min"):
                     if key in evaluated[0]:
                         row[key] = float(min(r[key] for r in evaluated))
+                if "steps_below_rho_min" in evaluated[0]:
+                    row["steps_below_rho_min"] = int(
+                        sum(r["steps_below_rho_min"] for r in evaluated)
+                    )
+                    row["steps_logged"] = int(sum(len(r["ess_pooled_per_step"]) for r in evaluated))
                 rows.append(row)
                 progress(
                     f"{level:>6} (S={staleness:>2})  {label:<46} lr {lr:g}  final "
@@ -511,7 +561,7 @@ def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
     mu = [result["behaviour_reward"][str(s)] for s in setting["eval_seeds"]]
     cell = f"{np.mean(mu):.3f} ± {_std(mu):.3f} [{min(mu):.3f}, {max(mu):.3f}]"
     lines.append("| behaviour policy mu (start) | " + " | ".join([cell] * len(levels)) + " |")
-    for method, label, _, _ in METHODS:
+    for method, label, _, _ in _methods(setting):
         cells = []
         for lv in levels:
             r = next(x for x in rows if x["method"] == method and x["level"] == lv)
@@ -523,17 +573,26 @@ def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
     lines += [
         "",
         "| ours | staleness | mean gamma | steps with gamma < 1 | mean ESS/n at gamma 1 | "
-        "least ESS/n at gamma 1 | least ESS/n at chosen gamma |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "least ESS/n at gamma 1 | pooled ESS/n of a step: mean | least | steps below "
+        "rho_min |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "gamma_mean" in r:
             lines.append(
                 f"| {r['label']} | {r['level']} | {r['gamma_mean']:.3f} | "
                 f"{100 * r['gamma_below_1_share']:.1f}% | {r['ess_ratio_at_1_mean']:.3f} | "
-                f"{r['ess_ratio_at_1_min']:.3f} | {r['ess_ratio_min']:.3f} |"
+                f"{r['ess_ratio_at_1_min']:.3f} | {r['ess_pooled_mean']:.3f} | "
+                f"{r['ess_pooled_min']:.3f} | {r['steps_below_rho_min']} of "
+                f"{r['steps_logged']} |"
             )
     return "\n".join(lines)
+
+
+def _methods(setting: dict[str, Any]) -> tuple[tuple[str, str, type, dict[str, Any]], ...]:
+    """The rows of :data:`METHODS` that ``setting`` runs (all unless it names them)."""
+    keep = setting.get("methods")
+    return tuple(m for m in METHODS if keep is None or m[0] in keep)
 
 
 def _std(values: Sequence[float]) -> float:
@@ -551,7 +610,7 @@ def plot(result: dict[str, Any], setting: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(levels), figsize=(6 * len(levels), 4.5), sharey=True)
     mu = np.mean([result["behaviour_reward"][str(s)] for s in setting["eval_seeds"]])
     for ax, lv in zip(np.atleast_1d(axes), levels, strict=True):
-        for method, label, _, _ in METHODS:
+        for method, label, _, _ in _methods(setting):
             r = next(x for x in result["rows"] if x["method"] == method and x["level"] == lv)
             per_seed = np.array(
                 [
@@ -591,9 +650,15 @@ def _jsonable(setting: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny setting (a few seconds)")
+    parser.add_argument(
+        "--step-gamma",
+        action="store_true",
+        help="the IS Reshape rows only, at the full run's tuned learning rates",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    setting = SMOKE if args.smoke else FULL
+    setting = SMOKE if args.smoke else STEP_GAMMA if args.step_gamma else FULL
+    name = f"{NAME}_step_gamma" if args.step_gamma else NAME
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     start = time.perf_counter()
@@ -602,7 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(result, setting)
     lr_note = (
-        f"learning rate tuned per cell from {list(setting['lr_grid'])} on seed(s) "
+        "learning rates fixed at those the full run's tuning chose (not tuned here)"
+        if "lr_fixed" in setting
+        else f"learning rate tuned per cell from {list(setting['lr_grid'])} on seed(s) "
         f"{list(setting['tune_seeds'])} (mean of the last quarter of the curve)"
         if len(setting["lr_grid"]) > 1
         else f"learning rate {setting['lr_grid'][0]:g} (not tuned)"
@@ -616,10 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{elapsed:.0f} s on {platform.machine()} ({platform.python_version()}, torch "
         f"{torch.__version__}, 1 thread, {os.cpu_count()} CPUs)."
     )
-    (args.out / f"{NAME}.md").write_text(f"{meta}\n\n{table}\n")
+    (args.out / f"{name}.md").write_text(f"{meta}\n\n{table}\n")
     payload = {
         "setting": _jsonable(setting),
-        "methods": {key: {"label": label, **extra} for key, label, _, extra in METHODS},
+        "methods": {key: {"label": label, **extra} for key, label, _, extra in _methods(setting)},
         "seconds": elapsed,
         "platform": {
             "machine": platform.machine(),
@@ -632,8 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         **result,
     }
-    (args.out / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
-    plot(result, setting, args.out / f"{NAME}.png")
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    plot(result, setting, args.out / f"{name}.png")
     print(meta)
     print(table)
     return 0

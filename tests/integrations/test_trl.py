@@ -562,3 +562,157 @@ def test_one_gamma_per_optimizer_step_two_processes(tmp_path):
         runs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
         assert all(r["world"] == 2 for r in runs)
         check_step_gamma(runs, scope, "sequence")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tempered behaviour correction (pi_old/mu)^gamma under TRL's own loss
+
+
+class FakeEngine:
+    """Stands in for vLLM (not installable on CPU), through TRL's ``rollout_func`` hook.
+
+    The engine is a copy of the initial policy with perturbed weights (as an inference engine
+    with other numerics, or weights synced late, would be): it samples the completions and
+    returns their log-probabilities, so TRL's ``sampling_per_token_logps`` differ from its
+    recomputed ``old_per_token_logps`` and TRL's vLLM correction ``pi_old/mu`` is not 1.
+    """
+
+    def __init__(self, model, tokenizer, max_length, noise=0.3, seed=0):
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=gen))
+        self.tokenizer, self.max_length, self.gen = tokenizer, max_length, gen
+        self.sync_weights = lambda: None  # the engine keeps its own weights
+
+    @torch.no_grad()
+    def __call__(self, prompts, trainer):
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
+        eos = self.tokenizer.eos_token_id
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            seq, comp, lps = list(ids), [], []
+            for _ in range(self.max_length):
+                logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                logp = torch.log_softmax(logits, -1)
+                tok = int(torch.multinomial(logp.exp(), 1, generator=self.gen))
+                seq.append(tok), comp.append(tok), lps.append(float(logp[tok]))
+                if tok == eos:
+                    break
+            out["prompt_ids"].append(ids)
+            out["completion_ids"].append(comp)
+            out["logprobs"].append(lps)
+        return out
+
+
+def correction_trainer(tmp_path, mode, scope="step"):
+    from isreshape_torch.trl import ISReshapeCorrectionGRPOConfig, ISReshapeCorrectionGRPOTrainer
+
+    class Recording(ISReshapeCorrectionGRPOTrainer):
+        def __init__(self, *a, engine, **k):
+            super().__init__(*a, rollout_func=engine, **k)
+            # TRL applies its correction only with vLLM: the fake engine plays vLLM's part.
+            self.use_vllm, self.vllm_generation, self._last_loaded_step = True, engine, -1
+            self.calls = []
+
+        def _compute_loss(self, model, inputs):
+            keys = ("importance_sampling_ratio", "old_per_token_logps", "sampling_per_token_logps")
+            record = {k: inputs[k].clone() for k in keys}
+            record.update(step=self._step // 2, mask=inputs["completion_mask"] > 0)
+            record["group"] = inputs["is_reshape_group_id"].clone()
+            self.calls.append(record)
+            return super()._compute_loss(model, inputs)
+
+    tokenizer = char_tokenizer()
+    model = tiny_gpt2(tokenizer)
+    args = ISReshapeCorrectionGRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+        max_completion_length=6,
+        max_steps=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        vllm_importance_sampling_mode=mode,
+        is_reshape_rho_min=0.9,
+        is_reshape_gamma_scope=scope,
+    )
+    return Recording(
+        model=model,
+        reward_funcs=count_a,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": ["ab", "ba", "cab", "bc"] * 8}),
+        processing_class=tokenizer,
+        engine=FakeEngine(model, tokenizer, 6),
+    )
+
+
+@pytest.mark.parametrize("mode", ["sequence_mask", "token_truncate"])
+def test_tempered_behaviour_correction_under_trls_loss(tmp_path, mode):
+    from trl import GRPOTrainer
+
+    from isreshape_core import step_gamma
+    from isreshape_torch.trl import ISReshapeCorrectionGRPOTrainer
+
+    # TRL's loss is kept as is: only the ratio it multiplies by is replaced.
+    assert ISReshapeCorrectionGRPOTrainer._compute_loss is GRPOTrainer._compute_loss
+    trainer = correction_trainer(tmp_path, mode)
+    trainer.train()
+    token = mode.startswith("token")
+    gammas = []
+    for s in range(4):
+        calls = [c for c in trainer.calls if c["step"] == s]
+        assert len(calls) == 2
+        diffs = [
+            torch.nan_to_num(
+                (c["old_per_token_logps"] - c["sampling_per_token_logps"]) * c["mask"], nan=0.0
+            )
+            for c in calls
+        ]
+        units = [d if token else d.sum(-1) for d in diffs]
+        valid = [c["mask"] if token else c["mask"].any(-1) for c in calls]
+        l_all = torch.cat([u.reshape(-1) for u in units])
+        v_all = torch.cat([v.reshape(-1) for v in valid])
+        ref, _ = step_gamma(l_all, 0.9, mask=v_all)  # the whole step in one process
+        g = float(ref[0])
+        gammas.append(g)
+        for c, u, v in zip(calls, units, valid, strict=True):
+            expected = torch.where(v, torch.exp(g * u), 0.0)
+            ratio = c["importance_sampling_ratio"]
+            torch.testing.assert_close(ratio if token else ratio[:, 0], expected, rtol=1e-6, atol=0)
+        x = (g * l_all[v_all]).double().numpy()
+        w = np.exp(x - x.max())
+        assert w.sum() ** 2 / (w**2).sum() / x.size >= 0.9 - 1e-5
+    assert min(gammas) < 1.0  # the engine's weights are not trivial: gamma binds
+    assert gammas[0] == gammas[1] and gammas[2] == gammas[3]  # num_iterations=2 reuses a step
+    logs = [e for e in trainer.state.log_history if "sampling/is_reshape/gamma" in e]
+    assert len(logs) == 4
+    for e, g in zip(logs, gammas, strict=True):
+        assert e["sampling/is_reshape/gamma"] == pytest.approx(g)
+        assert e["sampling/is_reshape/ess_ratio"] >= 0.9 - 1e-5
+
+
+def test_correction_config_validation(tmp_path):
+    from isreshape_torch.trl import ISReshapeCorrectionGRPOConfig
+
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_correction=True"):
+        ISReshapeCorrectionGRPOConfig(**base, vllm_importance_sampling_correction=False)
+    with pytest.raises(ValueError, match="ignores vllm_importance_sampling_clip_max"):
+        ISReshapeCorrectionGRPOConfig(**base, vllm_importance_sampling_clip_max=5.0)
+    with pytest.raises(ValueError, match="is_reshape_gamma"):
+        ISReshapeCorrectionGRPOConfig(**base, is_reshape_gamma="0.5")
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        ISReshapeCorrectionGRPOConfig(**base, gradient_accumulation_steps=4, steps_per_generation=2)
