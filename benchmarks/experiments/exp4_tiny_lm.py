@@ -1,6 +1,7 @@
 """Experiment 4: a tiny language model trained from stale samples with TRL's GRPOTrainer.
 
-Usage: ``python benchmarks/experiments/exp4_tiny_lm.py [--smoke] [--out DIR]``.
+Usage: ``python benchmarks/experiments/exp4_tiny_lm.py [--smoke | --step-gamma | --composition]
+[--out DIR]``.
 
 **Task.** Single-digit addition: the 100 prompts ``"a+b="`` (a, b in 0..9); a completion is the
 answer's digits followed by ``<eos>`` (2 or 3 tokens, ``max_completion_length`` 3); the reward is 1
@@ -18,27 +19,29 @@ gets the correct answer with probability 0.5, otherwise a uniformly drawn wrong 
 Adam, lr 3e-3, 500 full-batch steps), which leaves an expected reward of about 0.25-0.3.
 
 **RL from stale samples.** Then 300 optimiser steps of TRL 1.16's ``GRPOTrainer`` (4 prompts x 8
-completions = 32 completions a step, group-normalised advantages, Adam with constant learning
-rate, gradient clipping at 1, ``beta=0``, float32). Staleness comes from TRL's
-``steps_per_generation`` S: one generation batch of 32·S completions, sampled by the current
-policy, is shuffled and split over the next S optimiser steps, so the k-th slice is k updates
-stale; TRL computes ``old_per_token_logps`` with the sampling model at generation time, so every
-loss's ratio is exactly ``pi_theta / mu`` with ``mu`` the policy that sampled the data. Two levels:
-``mild`` S = 4 (lags 0-3) and ``strong`` S = 300, i.e. never refreshed: one batch of 9600
-completions sampled from the behaviour policy at step 0 feeds all 300 updates (lags 0-299;
-learning from a fixed log of the behaviour policy). Every completion is used once
-(``num_iterations=1``), so both levels see the same number of samples and updates.
+completions = 32 completions a step, as 4 micro-batches of 8 (``gradient_accumulation_steps`` 4),
+group-normalised advantages, Adam with constant learning rate, gradient clipping at 1, ``beta=0``,
+float32). Staleness comes from TRL's ``steps_per_generation`` (4 S micro-batches): one generation
+batch of 32·S completions, sampled by the current policy, is shuffled and split over the next S
+optimiser steps, so the k-th slice is k updates stale; TRL computes ``old_per_token_logps`` with
+the sampling model at generation time, so every loss's ratio is exactly ``pi_theta / mu`` with
+``mu`` the policy that sampled the data. Two levels: ``mild`` S = 4 (lags 0-3) and ``strong`` S =
+300, i.e. never refreshed: one batch of 9600 completions sampled from the behaviour policy at step
+0 feeds all 300 updates (lags 0-299; learning from a fixed log of the behaviour policy). Every
+completion is used once (``num_iterations=1``), so both levels see the same number of samples and
+updates.
 
 **Methods.** Ours: ``ISReshapeGRPOTrainer`` with gamma ``"ess"`` and ``rho_min`` 0.3 (the
 defaults), TRL's ``dapo`` token normaliser, at the ``sequence`` level (the default): the reward is
-a sequence reward, and ``prod_t pi/mu`` is the importance weight that makes it unbiased. An
-ablation row runs the same trainer with gamma fixed at 1 (plain sequence-level importance
-sampling), which shows what the adaptive choice of gamma adds. Baselines: ``GRPOTrainer`` with
-``loss_type`` ``grpo`` (token-level clip, epsilon 0.2), ``dapo`` (clip-higher, epsilons 0.2/0.28 as
-the DAPO paper recommends), ``cispo`` (weights capped at ``epsilon_high`` 5, the value TRL's
-documentation recommends; TRL's default cap would be 0.2) and ``vespo`` (TRL's defaults; token
-log-ratios summed into a sequence weight). Everything else is TRL's default and identical across
-methods.
+a sequence reward, and ``prod_t pi/mu`` is the importance weight that makes it unbiased; one gamma
+per optimiser step (``is_reshape_gamma_scope="step"``, the default). Ablations: gamma chosen by
+each loss call from its micro-batch of 8 (``"micro_batch"``), and gamma fixed at 1 (plain
+sequence-level importance sampling), which shows what the adaptive choice of gamma adds. Baselines:
+``GRPOTrainer`` with ``loss_type`` ``grpo`` (token-level clip, epsilon 0.2), ``dapo`` (clip-higher,
+epsilons 0.2/0.28 as the DAPO paper recommends), ``cispo`` (weights capped at ``epsilon_high`` 5,
+the value TRL's documentation recommends; TRL's default cap would be 0.2) and ``vespo`` (TRL's
+defaults; token log-ratios summed into a sequence weight). Everything else is TRL's default and
+identical across methods.
 
 **Tuning and seeds.** For each (method, staleness) the learning rate is chosen from
 :data:`FULL` ``lr_grid`` = (2.5e-4, 5e-4, 1e-3, 2e-3), the same grid for every method, by the
@@ -49,12 +52,20 @@ the exact expected reward after the last step, mean, standard deviation and min-
 seeds; the curves (every 10 steps); for ours the logged gamma and ESS ratios.
 
 Writes ``exp4_tiny_lm.{md,json,png}`` to ``--out`` (default ``benchmarks/experiments/results``).
-Runtime: 84 training runs (6 methods x 2 staleness levels x (4 tuning + 3 evaluation)); measured
-1037 s (17.3 minutes) on 2 CPU cores with one torch thread, plus a few seconds of start-up (the
-JSON records the time). The ``strong`` runs take about 3.5 times as long per step as the ``mild``
-ones: TRL's dataloader fetches the whole generation batch (32·S prompts) at every optimiser step.
-``--smoke``: a few seconds.
-"""
+Runtime: the full run is now 112 training runs (8 methods x 2 staleness levels x (4 tuning + 3
+evaluation)); its last measurement, 1037 s (17.3 minutes) on 2 CPU cores with one torch thread, was
+of 84 runs with one micro-batch of 32 a step, before the micro-batches of 8 and the per-micro-batch
+ablation (the full run has not been repeated since; one strong-staleness run of ours now takes
+about 2 minutes: the step gamma's extra forward pass over each reused step). The ``strong`` runs
+take about 3.5 times as long per step as the ``mild`` ones: TRL's dataloader fetches the whole
+generation batch (32·S prompts) at every optimiser step. ``--smoke``: a few seconds.
+``--step-gamma`` reruns the three IS Reshape rows only, at the learning rates the full run's tuning
+chose, and records the pooled ESS/n of every optimiser step (``exp4_tiny_lm_step_gamma.*``).
+``--composition`` (``exp4_tiny_lm_composition.*``): TRL's own ``dapo`` and ``cispo`` losses behind
+a :class:`LaggingEngine` (an inference engine whose weights are synced every S optimiser steps, S =
+8 or never), each with TRL's vLLM correction (its default ``sequence_mask`` at 3) or with
+``ISReshapeCorrectionGRPOTrainer``'s tempered correction ``(pi_old/mu)^gamma``; 2 seeds, the
+learning rates tuned for those losses in the full run."""
 
 from __future__ import annotations
 
@@ -91,7 +102,12 @@ for _path in (ROOT, ROOT / "adapters"):  # run as a script from a checkout, inst
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from isreshape_torch.trl import ISReshapeGRPOConfig, ISReshapeGRPOTrainer  # noqa: E402
+from isreshape_torch.trl import (  # noqa: E402
+    ISReshapeCorrectionGRPOConfig,
+    ISReshapeCorrectionGRPOTrainer,
+    ISReshapeGRPOConfig,
+    ISReshapeGRPOTrainer,
+)
 
 NAME = "exp4_tiny_lm"
 SPECIALS = ("<pad>", "<eos>", "<unk>")
@@ -108,6 +124,17 @@ METHODS: tuple[tuple[str, str, type, dict[str, Any]], ...] = (
         "IS Reshape, ESS gamma, sequence level (ours)",
         ISReshapeGRPOTrainer,
         {"is_reshape_gamma": "ess", "is_reshape_rho_min": 0.3, "is_reshape_level": "sequence"},
+    ),
+    (
+        "isreshape_micro",
+        "IS Reshape, ESS gamma per micro-batch of 8 (ablation)",
+        ISReshapeGRPOTrainer,
+        {
+            "is_reshape_gamma": "ess",
+            "is_reshape_rho_min": 0.3,
+            "is_reshape_level": "sequence",
+            "is_reshape_gamma_scope": "micro_batch",
+        },
     ),
     (
         "isreshape_gamma1",
@@ -134,12 +161,147 @@ FULL: dict[str, Any] = {
     "steps": 300,
     "eval_every": 10,
     "batch": 32,
+    "accumulation": 4,  # micro-batches of 8 completions
     "generations": 8,
     "staleness": {"mild": 4, "strong": 300},  # strong: one generation batch for all 300 steps
     "lr_grid": (2.5e-4, 5e-4, 1e-3, 2e-3),
     "tune_seeds": (1000,),
     "eval_seeds": (0, 1, 2),
     "mc_samples_per_prompt": 200,
+}
+
+
+class LaggingEngine:
+    """A stand-in for an inference engine (vLLM) whose weights lag the trainer's.
+
+    Passed to TRL as ``rollout_func`` (TRL's hook for custom generation): it samples the
+    completions of every prompt from its own copy of the policy at temperature 1 (the plain
+    softmax, as TRL's sampling here) and returns their log-probabilities, which TRL keeps as
+    ``sampling_per_token_logps``. Its weights are copied from the trainer every ``sync_every``
+    optimiser steps, so the completions come from a policy up to ``sync_every - 1`` updates old
+    (asynchronous RL), while TRL's ``old_per_token_logps`` are the current policy's: TRL's vLLM
+    correction ``pi_old / mu`` carries all the staleness.
+    """
+
+    def __init__(self, model: torch.nn.Module, sync_every: int, seed: int):
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        self.sync_every, self.synced_at = sync_every, 0
+        self.generator = torch.Generator().manual_seed(10_000 + seed)
+
+    def sync_weights(self) -> None:  # TRL calls this before generating; syncing is ours
+        pass
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], trainer: GRPOTrainer) -> dict[str, Any]:
+        step = trainer.state.global_step
+        if step - self.synced_at >= self.sync_every:
+            self.model.load_state_dict(trainer.model.state_dict())
+            self.synced_at = step
+        prompt_ids = [encode(p) for p in prompts]
+        seq = torch.tensor(prompt_ids)  # every prompt "a+b=" has 4 tokens
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        tokens, logps = [], []
+        for _ in range(MAX_COMPLETION_LENGTH):
+            logp = torch.log_softmax(self.model(input_ids=seq).logits[:, -1].float(), -1)
+            tok = torch.multinomial(logp.exp(), 1, generator=self.generator)[:, 0]
+            tokens.append(tok), logps.append(logp.gather(-1, tok[:, None])[:, 0])
+            seq = torch.cat([seq, tok[:, None]], 1)
+            done = done | (tok == EOS)
+            if bool(done.all()):
+                break
+        completions, completion_logps = [], []
+        for i in range(len(prompts)):
+            ids, lps = [], []
+            for tok, lp in zip(tokens, logps, strict=True):
+                ids.append(int(tok[i])), lps.append(float(lp[i]))
+                if ids[-1] == EOS:
+                    break
+            completions.append(ids), completion_logps.append(lps)
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completions,
+            "logprobs": completion_logps,
+        }
+
+
+class _EngineMixin:
+    """TRL applies its vLLM correction only with ``use_vllm``: the lagging engine plays vLLM."""
+
+    def __init__(self, *args: Any, engine: LaggingEngine, **kwargs: Any):
+        super().__init__(*args, rollout_func=engine, **kwargs)
+        self.use_vllm, self.vllm_generation, self._last_loaded_step = True, engine, -1
+
+
+class EngineGRPOTrainer(_EngineMixin, GRPOTrainer):
+    """TRL's trainer, loss and vLLM correction, with completions from a :class:`LaggingEngine`."""
+
+
+class EngineCorrectionTrainer(_EngineMixin, ISReshapeCorrectionGRPOTrainer):
+    """TRL's loss with the tempered correction, completions from a :class:`LaggingEngine`."""
+
+
+#: Item 3 of the composition: TRL's own losses with TRL's vLLM correction (its default
+#: ``sequence_mask``: a sequence whose ratio pi_old/mu lies outside [0, 3] is dropped) against the
+#: same losses with the tempered correction (pi_old/mu)^gamma, gamma from the ESS of the step.
+COMPOSITION_METHODS: tuple[tuple[str, str, type, dict[str, Any]], ...] = (
+    (
+        "dapo_trl_is",
+        "TRL dapo + TRL's correction (sequence_mask, 3)",
+        EngineGRPOTrainer,
+        {"loss_type": "dapo", "epsilon_high": 0.28},
+    ),
+    (
+        "dapo_tempered",
+        "TRL dapo + tempered correction (ours)",
+        EngineCorrectionTrainer,
+        {"loss_type": "dapo", "epsilon_high": 0.28, "is_reshape_rho_min": 0.3},
+    ),
+    (
+        "cispo_trl_is",
+        "TRL cispo + TRL's correction (sequence_mask, 3)",
+        EngineGRPOTrainer,
+        {"loss_type": "cispo", "epsilon_high": 5.0},
+    ),
+    (
+        "cispo_tempered",
+        "TRL cispo + tempered correction (ours)",
+        EngineCorrectionTrainer,
+        {"loss_type": "cispo", "epsilon_high": 5.0, "is_reshape_rho_min": 0.3},
+    ),
+)
+#: ``--composition``: a lagging inference engine (weights synced every S optimiser steps), TRL's
+#: losses at the learning rates the full run's tuning chose for them (dapo 1e-3, cispo 5e-4).
+COMPOSITION: dict[str, Any] = {
+    **FULL,
+    "method_table": "composition",
+    "staleness": {"lag 8": 8, "never synced": 300},
+    "tune_seeds": (),
+    "eval_seeds": (0, 1),
+    "lr_grid": (5e-4, 1e-3),
+    "lr_fixed": {
+        f"{m}/{lv}": (1e-3 if m.startswith("dapo") else 5e-4)
+        for m, *_ in COMPOSITION_METHODS
+        for lv in ("lag 8", "never synced")
+    },
+}
+
+#: ``--step-gamma``: the IS Reshape rows only, at the learning rates that the tuning of the full
+#: run chose (the micro-batch ablation takes ours'); the TRL rows are those of the full run.
+STEP_GAMMA: dict[str, Any] = {
+    **FULL,
+    "methods": ("isreshape", "isreshape_micro", "isreshape_gamma1"),
+    "tune_seeds": (),
+    "lr_grid": (5e-4, 1e-3),
+    "lr_fixed": {
+        "isreshape/mild": 5e-4,
+        "isreshape/strong": 1e-3,
+        "isreshape_micro/mild": 5e-4,
+        "isreshape_micro/strong": 1e-3,
+        "isreshape_gamma1/mild": 5e-4,
+        "isreshape_gamma1/strong": 5e-4,
+    },
 }
 SMOKE: dict[str, Any] = {
     "behaviour_steps": 20,
@@ -149,6 +311,7 @@ SMOKE: dict[str, Any] = {
     "steps": 4,
     "eval_every": 2,
     "batch": 16,
+    "accumulation": 2,
     "generations": 4,
     "staleness": {"mild": 2, "strong": 4},  # strong: never refreshed, as in FULL
     "lr_grid": (1e-2,),  # a single rate: no tuning runs
@@ -323,14 +486,18 @@ def make_trainer(
     callbacks: Sequence[transformers.TrainerCallback] = (),
 ) -> GRPOTrainer:
     """A TRL trainer for ``method`` starting from the behaviour policy, ``staleness`` = S."""
-    _, _, trainer_cls, extra = next(m for m in METHODS if m[0] == method)
+    _, _, trainer_cls, extra = next(m for m in METHODS + COMPOSITION_METHODS if m[0] == method)
+    engine = issubclass(trainer_cls, _EngineMixin)
     model = build_model(seed, setting["width"])
     model.load_state_dict(behaviour)
     shared = {
         "output_dir": output_dir,
-        "per_device_train_batch_size": setting["batch"],
+        "per_device_train_batch_size": setting["batch"] // setting["accumulation"],
+        "gradient_accumulation_steps": setting["accumulation"],
         "num_generations": setting["generations"],
-        "steps_per_generation": staleness,
+        # S optimiser steps per generation batch, each of `accumulation` micro-batches
+        # (with an engine, S is its sync interval and every step generates)
+        "steps_per_generation": (1 if engine else staleness) * setting["accumulation"],
         "num_iterations": 1,
         "max_completion_length": MAX_COMPLETION_LENGTH,
         "max_steps": setting["steps"],
@@ -349,8 +516,12 @@ def make_trainer(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
-    config_cls = ISReshapeGRPOConfig if trainer_cls is ISReshapeGRPOTrainer else GRPOConfig
+    config_cls = {
+        ISReshapeGRPOTrainer: ISReshapeGRPOConfig,
+        EngineCorrectionTrainer: ISReshapeCorrectionGRPOConfig,
+    }.get(trainer_cls, GRPOConfig)
     args = config_cls(**shared, **extra)
+    engine_kwargs = {"engine": LaggingEngine(model, staleness, seed)} if engine else {}
     dataset = datasets.Dataset.from_dict({"prompt": list(PROMPTS) * DATASET_REPEATS})
     trainer = trainer_cls(
         model=model,
@@ -359,6 +530,7 @@ def make_trainer(
         train_dataset=dataset,
         processing_class=TOKENIZER,
         callbacks=list(callbacks),
+        **engine_kwargs,
     )
     trainer.remove_callback(transformers.PrinterCallback)
     return trainer
@@ -398,8 +570,28 @@ def train_once(
         out["gamma_mean"] = float(gamma.mean())
         out["gamma_below_1_share"] = float((gamma < 1.0 - 1e-6).mean())
         out["ess_ratio_min"] = float(min(e["is_reshape/ess_ratio"] for e in logs))
+        # ESS/n of the tempered weights of each whole optimiser step, from the loss calls
+        pooled = [e["is_reshape/ess_ratio_pooled"] for e in logs]
+        out["ess_pooled_per_step"] = pooled
+        out["ess_pooled_min"] = float(min(pooled))
+        out["ess_pooled_mean"] = float(np.mean(pooled))
+        out["steps_below_rho_min"] = int(sum(p < 0.3 - 1e-6 for p in pooled))
         out["ess_ratio_at_1_mean"] = float(np.mean([e["is_reshape/ess_ratio_at_1"] for e in logs]))
         out["ess_ratio_at_1_min"] = float(min(e["is_reshape/ess_ratio_at_1"] for e in logs))
+    corr = [e for e in trainer.state.log_history if "sampling/is_reshape/gamma" in e]
+    if corr:
+        out["correction_gamma_mean"] = float(
+            np.mean([e["sampling/is_reshape/gamma"] for e in corr])
+        )
+        out["correction_ess_min"] = float(min(e["sampling/is_reshape/ess_ratio"] for e in corr))
+        out["correction_ess_at_1_mean"] = float(
+            np.mean([e["sampling/is_reshape/ess_ratio_at_1"] for e in corr])
+        )
+    ratio = [e for e in trainer.state.log_history if "sampling/importance_sampling_ratio/mean" in e]
+    if ratio:
+        out["ratio_mean"] = float(
+            np.mean([e["sampling/importance_sampling_ratio/mean"] for e in ratio])
+        )
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -443,10 +635,13 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
                 }
             )
         for level, staleness in setting["staleness"].items():
-            for method, label, _, _ in METHODS:
+            for method, label, _, _ in _methods(setting):
                 start = time.perf_counter()
                 scores: dict[str, float] = {}
-                if tune:
+                fixed = setting.get("lr_fixed", {}).get(f"{method}/{level}")
+                if fixed is not None:
+                    lr = float(fixed)
+                elif tune:
                     for lr in setting["lr_grid"]:
                         tuned = [
                             train_once(method, staleness, lr, s, behaviours[s], setting, workdir)
@@ -479,12 +674,30 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
                     "curve_mean": np.mean([r["curve"] for r in evaluated], 0).tolist(),
                     "seconds": time.perf_counter() - start,
                 }
-                for key in ("gamma_mean", "gamma_below_1_share", "ess_ratio_at_1_mean"):
+                for key in (
+                    "gamma_mean",
+                    "gamma_below_1_share",
+                    "ess_ratio_at_1_mean",
+                    "ess_pooled_mean",
+                    "correction_gamma_mean",
+                    "correction_ess_at_1_mean",
+                    "ratio_mean",
+                ):
                     if key in evaluated[0]:
                         row[key] = float(np.mean([r[key] for r in evaluated]))
-                for key in ("ess_ratio_min", "ess_ratio_at_1_min"):
+                for key in (
+                    "ess_ratio_min",
+                    "ess_ratio_at_1_min",
+                    "ess_pooled_min",
+                    "correction_ess_min",
+                ):
                     if key in evaluated[0]:
                         row[key] = float(min(r[key] for r in evaluated))
+                if "steps_below_rho_min" in evaluated[0]:
+                    row["steps_below_rho_min"] = int(
+                        sum(r["steps_below_rho_min"] for r in evaluated)
+                    )
+                    row["steps_logged"] = int(sum(len(r["ess_pooled_per_step"]) for r in evaluated))
                 rows.append(row)
                 progress(
                     f"{level:>6} (S={staleness:>2})  {label:<46} lr {lr:g}  final "
@@ -511,7 +724,7 @@ def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
     mu = [result["behaviour_reward"][str(s)] for s in setting["eval_seeds"]]
     cell = f"{np.mean(mu):.3f} ± {_std(mu):.3f} [{min(mu):.3f}, {max(mu):.3f}]"
     lines.append("| behaviour policy mu (start) | " + " | ".join([cell] * len(levels)) + " |")
-    for method, label, _, _ in METHODS:
+    for method, label, _, _ in _methods(setting):
         cells = []
         for lv in levels:
             r = next(x for x in rows if x["method"] == method and x["level"] == lv)
@@ -523,17 +736,46 @@ def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
     lines += [
         "",
         "| ours | staleness | mean gamma | steps with gamma < 1 | mean ESS/n at gamma 1 | "
-        "least ESS/n at gamma 1 | least ESS/n at chosen gamma |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "least ESS/n at gamma 1 | pooled ESS/n of a step: mean | least | steps below "
+        "rho_min |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "gamma_mean" in r:
             lines.append(
                 f"| {r['label']} | {r['level']} | {r['gamma_mean']:.3f} | "
                 f"{100 * r['gamma_below_1_share']:.1f}% | {r['ess_ratio_at_1_mean']:.3f} | "
-                f"{r['ess_ratio_at_1_min']:.3f} | {r['ess_ratio_min']:.3f} |"
+                f"{r['ess_ratio_at_1_min']:.3f} | {r['ess_pooled_mean']:.3f} | "
+                f"{r['ess_pooled_min']:.3f} | {r['steps_below_rho_min']} of "
+                f"{r['steps_logged']} |"
             )
+    if any("ratio_mean" in r for r in rows):
+        lines += [
+            "",
+            "| correction | staleness | mean correction weight | mean gamma | mean ESS/n at "
+            "gamma 1 | least ESS/n at gamma |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in rows:
+            if "ratio_mean" in r:
+                tempered = "correction_gamma_mean" in r
+                lines.append(
+                    f"| {r['label']} | {r['level']} | {r['ratio_mean']:.3f} | "
+                    + (
+                        f"{r['correction_gamma_mean']:.3f} | {r['correction_ess_at_1_mean']:.3f} | "
+                        f"{r['correction_ess_min']:.3f} |"
+                        if tempered
+                        else "- | - | - |"
+                    )
+                )
     return "\n".join(lines)
+
+
+def _methods(setting: dict[str, Any]) -> tuple[tuple[str, str, type, dict[str, Any]], ...]:
+    """The rows of :data:`METHODS` that ``setting`` runs (all unless it names them)."""
+    keep = setting.get("methods")
+    table = COMPOSITION_METHODS if setting.get("method_table") == "composition" else METHODS
+    return tuple(m for m in table if keep is None or m[0] in keep)
 
 
 def _std(values: Sequence[float]) -> float:
@@ -551,7 +793,7 @@ def plot(result: dict[str, Any], setting: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(levels), figsize=(6 * len(levels), 4.5), sharey=True)
     mu = np.mean([result["behaviour_reward"][str(s)] for s in setting["eval_seeds"]])
     for ax, lv in zip(np.atleast_1d(axes), levels, strict=True):
-        for method, label, _, _ in METHODS:
+        for method, label, _, _ in _methods(setting):
             r = next(x for x in result["rows"] if x["method"] == method and x["level"] == lv)
             per_seed = np.array(
                 [
@@ -591,9 +833,34 @@ def _jsonable(setting: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny setting (a few seconds)")
+    parser.add_argument(
+        "--step-gamma",
+        action="store_true",
+        help="the IS Reshape rows only, at the full run's tuned learning rates",
+    )
+    parser.add_argument(
+        "--composition",
+        action="store_true",
+        help="TRL's losses with TRL's or the tempered correction, behind a lagging engine",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    setting = SMOKE if args.smoke else FULL
+    setting = (
+        SMOKE
+        if args.smoke
+        else STEP_GAMMA
+        if args.step_gamma
+        else COMPOSITION
+        if args.composition
+        else FULL
+    )
+    name = (
+        f"{NAME}_step_gamma"
+        if args.step_gamma
+        else f"{NAME}_composition"
+        if args.composition
+        else NAME
+    )
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     start = time.perf_counter()
@@ -602,7 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(result, setting)
     lr_note = (
-        f"learning rate tuned per cell from {list(setting['lr_grid'])} on seed(s) "
+        "learning rates fixed at those the full run's tuning chose (not tuned here)"
+        if "lr_fixed" in setting
+        else f"learning rate tuned per cell from {list(setting['lr_grid'])} on seed(s) "
         f"{list(setting['tune_seeds'])} (mean of the last quarter of the curve)"
         if len(setting["lr_grid"]) > 1
         else f"learning rate {setting['lr_grid'][0]:g} (not tuned)"
@@ -616,10 +885,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{elapsed:.0f} s on {platform.machine()} ({platform.python_version()}, torch "
         f"{torch.__version__}, 1 thread, {os.cpu_count()} CPUs)."
     )
-    (args.out / f"{NAME}.md").write_text(f"{meta}\n\n{table}\n")
+    (args.out / f"{name}.md").write_text(f"{meta}\n\n{table}\n")
     payload = {
         "setting": _jsonable(setting),
-        "methods": {key: {"label": label, **extra} for key, label, _, extra in METHODS},
+        "methods": {key: {"label": label, **extra} for key, label, _, extra in _methods(setting)},
         "seconds": elapsed,
         "platform": {
             "machine": platform.machine(),
@@ -632,8 +901,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         **result,
     }
-    (args.out / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
-    plot(result, setting, args.out / f"{NAME}.png")
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    plot(result, setting, args.out / f"{name}.png")
     print(meta)
     print(table)
     return 0

@@ -82,6 +82,11 @@ def test_every_method_staleness_and_seed_is_reported(smoke, exp4):
             assert 0.0 < row["ess_ratio_min"] <= 1.0
             if row["method"] == "isreshape_gamma1":  # the ablation never tempers
                 assert row["gamma_mean"] == 1.0 and row["gamma_below_1_share"] == 0.0
+            # the ESS/n of every whole optimiser step is recorded; ours keeps it >= rho_min
+            assert row["steps_logged"] == setting["steps"] * len(setting["eval_seeds"])
+            assert 0.0 < row["ess_pooled_min"] <= row["ess_pooled_mean"] <= 1.0
+            if row["method"] == "isreshape":
+                assert row["steps_below_rho_min"] == 0 and row["ess_pooled_min"] >= 0.3 - 1e-6
         else:
             assert "gamma_mean" not in row
     for run in evals:
