@@ -52,15 +52,14 @@ _LEVELS = ("token", "geometric", "sequence")
 
 
 def _truncated_ess_ratio(xp: Namespace, l: Array, t: Array, top: Array, n: Array, reducer):
-    """Kish ESS / n of ``min(exp(l), exp(t))`` (``-inf`` entries are weight 0), scaled by the
-    largest truncated weight ``exp(min(top, t))`` so that nothing overflows."""
-    z = xp.minimum(l, t) - xp.minimum(top, t)
-    e = xp.exp(z)
-    sums = xp.stack([xp.sum(e), xp.sum(e * e)])
+    """Kish ESS / n of ``min(exp(l), exp(t))`` along the last axis (``-inf`` entries are weight
+    0), scaled by the largest truncated weight ``exp(min(top, t))`` so that nothing overflows."""
+    e = xp.exp(xp.minimum(l, t[..., None]) - xp.minimum(top, t)[..., None])
+    sums = xp.stack([xp.sum(e, axis=-1), xp.sum(e * e, axis=-1)])
     if reducer is not None:
         sums = reducer.sum(sums)
-    s2 = xp.where(sums[1] > 0, sums[1], 1.0)
-    return sums[0] * sums[0] / s2 / n
+    s2 = xp.where(sums[1, ...] > 0, sums[1, ...], 1.0)
+    return sums[0, ...] * sums[0, ...] / s2 / n
 
 
 def ess_truncation_cap(
@@ -89,11 +88,12 @@ def ess_truncation_cap(
 
     Parameters
     ----------
-    log_w : array (n,)
-        Unit log weights of the step (this shard's part), e.g. ``log pi_prox - log mu`` per token
-        (flattened) or per sequence.
+    log_w : array (..., n)
+        Unit log weights of the step (this shard's part), samples along the last axis, e.g.
+        ``log pi_prox - log mu`` per token (flattened) or per sequence; leading axes are
+        independent batches (one cap each).
     rho_min : float in (0, 1]
-    mask : bool array (n,), optional
+    mask : bool array broadcastable to ``log_w``, optional
         Valid units.
     reducer : Reducer, optional
         Merges the sums over data-parallel shards (two collectives per halving).
@@ -102,8 +102,8 @@ def ess_truncation_cap(
 
     Returns
     -------
-    0-d array
-        ``log c*`` (``-inf`` when there is no valid unit), detached.
+    array (...)
+        ``log c*`` per batch (``-inf`` where there is no valid unit), detached.
 
     Examples
     --------
@@ -114,19 +114,19 @@ def ess_truncation_cap(
     >>> print(np.round(np.exp(t), 4), np.round(v.sum() ** 2 / (v * v).sum() / 4, 4))
     1.9533 0.9
     """
-    if not hasattr(log_w, "shape") or log_w.ndim != 1:
+    if not hasattr(log_w, "shape") or log_w.ndim < 1:
         raise ValueError(
-            f"log_w must be a 1-d array of unit log weights (n,), got shape "
-            f"{getattr(log_w, 'shape', None)}; flatten token-level weights (and the mask) first"
+            f"log_w must be an array of unit log weights (..., n), got shape "
+            f"{getattr(log_w, 'shape', None)}"
         )
     check_rho_min(rho_min)
     if not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     xp, l, _, _ = prepare_log_weights(log_w, axis=-1, mask=mask)
     valid = l > -xp.inf
-    n = reduce_sum(xp, xp.astype(valid, l.dtype), 0, reducer)
-    top = reduce_max(xp, l, 0, reducer)
-    bottom = -reduce_max(xp, xp.where(valid, -l, -xp.inf), 0, reducer)
+    n = reduce_sum(xp, xp.astype(valid, l.dtype), -1, reducer)
+    top = reduce_max(xp, l, -1, reducer)
+    bottom = -reduce_max(xp, xp.where(valid, -l, -xp.inf), -1, reducer)
     any_valid = n > 0
     n = xp.where(any_valid, n, 1.0)
     top_s = xp.where(any_valid, top, 0.0)

@@ -7,5 +7,6 @@ value-plus-derivative and registers the exact gradient with :func:`jax.custom_jv
 """
 
 from .loss import AxisReducer, is_reshape_loss
+from .trust_region import decoupled_ppo_loss
 
-__all__ = ["AxisReducer", "is_reshape_loss"]
+__all__ = ["AxisReducer", "decoupled_ppo_loss", "is_reshape_loss"]

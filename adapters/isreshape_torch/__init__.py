@@ -7,5 +7,12 @@ autograd; :class:`TorchDistributedReducer` merges the statistics of data-paralle
 
 from .distributed import TorchDistributedReducer, resolve_reducer
 from .loss import ISReshapeLoss, is_reshape_loss
+from .trust_region import decoupled_ppo_loss
 
-__all__ = ["ISReshapeLoss", "TorchDistributedReducer", "is_reshape_loss", "resolve_reducer"]
+__all__ = [
+    "ISReshapeLoss",
+    "TorchDistributedReducer",
+    "decoupled_ppo_loss",
+    "is_reshape_loss",
+    "resolve_reducer",
+]

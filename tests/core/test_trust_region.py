@@ -52,8 +52,9 @@ def test_ess_truncation_cap_untruncated_when_feasible_masked_and_sharded(xp):
     # a huge weight does not overflow and is truncated
     t2 = to_numpy(isr.ess_truncation_cap(xp.asarray(np.array([0.0, 0.0, 0.0, 800.0])), 0.9))
     np.testing.assert_allclose(np.exp(t2), 1.9533, rtol=1e-4)
-    with pytest.raises(ValueError, match="1-d"):
-        isr.ess_truncation_cap(xp.asarray(np.zeros((2, 2))), 0.3)
+    rows = np.random.default_rng(5).normal(0.0, 1.5, (3, 40))  # one cap per row
+    caps = to_numpy(isr.ess_truncation_cap(xp.asarray(rows), 0.4))
+    np.testing.assert_allclose(caps, [brute_force_cap(r, 0.4) for r in rows], atol=1e-9)
 
 
 def reference_decoupled(lp, lprox, lq, adv, mask, behaviour, gamma, cap, low, high, level):
