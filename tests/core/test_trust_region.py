@@ -170,3 +170,27 @@ def test_decoupled_ppo_argument_errors(xp):
         isr.decoupled_ppo_loss_and_grad(args[0], args[1][:, :2], args[2], args[3])
     with pytest.raises(TypeError, match="advantages"):
         isr.decoupled_ppo_loss_and_grad(args[0], args[1], args[2], None)
+
+
+@pytest.mark.parametrize("behaviour", ["tempered", "truncated"])
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_decoupled_ppo_sharded_equals_the_whole_batch(behaviour, loss_agg_mode):
+    from test_reducer import run_sharded
+
+    lp, lprox, lq, adv, mask = make(6, B=9, T=6)
+    lprox = lq + np.random.default_rng(7).normal(0, 2.0, lq.shape)
+    kw = dict(behaviour=behaviour, loss_agg_mode=loss_agg_mode)
+    loss, grad, metrics = isr.decoupled_ppo_loss_and_grad(lp, lprox, lq, adv, mask, **kw)
+    rows = np.split(np.arange(9), [2, 6])  # uneven shards of rows
+
+    def shard(ix, reducer):
+        return isr.decoupled_ppo_loss_and_grad(
+            lp[ix], lprox[ix], lq[ix], adv[ix], mask[ix], reducer=reducer, **kw
+        )
+
+    results = run_sharded(shard, rows)
+    for ix, (s_loss, s_grad, s_metrics) in zip(rows, results, strict=True):
+        np.testing.assert_allclose(s_loss, loss, rtol=1e-10)
+        np.testing.assert_allclose(s_grad, grad[ix], rtol=1e-10, atol=1e-15)
+        for name, value in metrics.items():
+            np.testing.assert_allclose(s_metrics[name], value, rtol=1e-9, err_msg=name)
