@@ -48,3 +48,23 @@ def test_decoupled_ppo_loss_matches_plain_jax_grad(behaviour):
     np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(jax.jit(jax.grad(ours))(x), jax.grad(plain)(x), rtol=1e-9,
                                atol=1e-13)  # fmt: skip
+
+
+def test_decoupled_ppo_loss_over_a_named_axis_equals_the_whole_batch():
+    lp, lprox, lq, adv, mask = batch(4, B=6)
+    whole = lambda x: decoupled_ppo_loss(x, lprox, lq, adv, mask, behaviour="truncated")[0]  # noqa: E731
+
+    def sharded(x):
+        def one(x_, p_, q_, a_, m_):
+            return decoupled_ppo_loss(x_, p_, q_, a_, m_, behaviour="truncated", axis_name="i")[0]
+
+        shards = [v.reshape(3, 2, -1) for v in (x, lprox, lq, adv, mask)]
+        return jax.vmap(one, axis_name="i")(*shards)  # every shard returns the global loss
+
+    x = jnp.asarray(lp)
+    losses = sharded(x)
+    np.testing.assert_allclose(losses, np.full(3, whole(x)), rtol=1e-10)
+    # Each shard's loss carries the gradient of the global loss with respect to its own slice
+    # (as under torch.distributed), so the sum over shards gives the whole batch's gradient.
+    g = jax.grad(lambda y: sharded(y).sum())(x)
+    np.testing.assert_allclose(g, jax.grad(whole)(x), rtol=1e-9, atol=1e-13)
