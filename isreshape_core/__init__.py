@@ -18,11 +18,17 @@ from .renyi import log_mean_tempered_weight, renyi_divergence
 from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
 from .step import step_gamma
 from .targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
+from .trust_region import (
+    BEHAVIOUR_CORRECTIONS,
+    decoupled_ppo_loss_and_grad,
+    ess_truncation_cap,
+)
 from .weights import LEVELS, log_weights, tempered_weights
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BEHAVIOUR_CORRECTIONS",
     "GAMMA_METHODS",
     "LEVELS",
     "LOSS_AGG_MODES",
@@ -32,9 +38,11 @@ __all__ = [
     "Reducer",
     "bias",
     "cosine_warmup",
+    "decoupled_ppo_loss_and_grad",
     "diagnose",
     "ess",
     "ess_ratio",
+    "ess_truncation_cap",
     "gamma_closed_form",
     "gamma_combined",
     "gamma_ess",

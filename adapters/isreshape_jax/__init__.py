@@ -11,5 +11,6 @@ from isreshape_core._versions import require
 require("jax", ">=0.4.35", tested="0.10.2", integration=__name__, extra="jax")
 
 from .loss import AxisReducer, is_reshape_loss
+from .trust_region import decoupled_ppo_loss
 
-__all__ = ["AxisReducer", "is_reshape_loss"]
+__all__ = ["AxisReducer", "decoupled_ppo_loss", "is_reshape_loss"]

@@ -11,5 +11,12 @@ require("torch", ">=2.5", tested="2.13.0", integration=__name__, extra="torch")
 
 from .distributed import TorchDistributedReducer, resolve_reducer
 from .loss import ISReshapeLoss, is_reshape_loss
+from .trust_region import decoupled_ppo_loss
 
-__all__ = ["ISReshapeLoss", "TorchDistributedReducer", "is_reshape_loss", "resolve_reducer"]
+__all__ = [
+    "ISReshapeLoss",
+    "TorchDistributedReducer",
+    "decoupled_ppo_loss",
+    "is_reshape_loss",
+    "resolve_reducer",
+]

@@ -1,0 +1,101 @@
+"""Decoupled PPO with an ESS-controlled behaviour correction, for JAX.
+
+The math lives in :func:`isreshape_core.decoupled_ppo_loss_and_grad`; this module registers its
+exact gradient with respect to ``logp`` with :func:`jax.custom_jvp`, as
+:func:`isreshape_jax.is_reshape_loss` does. See the docs page *When to use IS Reshape*.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from isreshape_core import decoupled_ppo_loss_and_grad
+
+from .loss import AxisReducer, _as_jax_array, _varying_axes
+
+__all__ = ["decoupled_ppo_loss"]
+
+
+def decoupled_ppo_loss(
+    logp: jax.Array,
+    logp_prox: jax.Array,
+    logq: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    axis_name: Any = None,
+    **options: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Decoupled PPO-clip on ``pi/pi_prox`` times an ESS-controlled correction of ``pi_prox/mu``.
+
+    See :func:`isreshape_core.decoupled_ppo_loss_and_grad` for the formula and the options
+    (``behaviour``, ``gamma``, ``cap``, ``rho_min``, ``clip_ratio``, ``level``,
+    ``loss_agg_mode``, ...). Only ``logp`` carries gradient (a ``custom_jvp``; works under
+    ``jit``, ``grad`` and ``vmap``). ``axis_name``: a named data-parallel axis (``shard_map``,
+    ``pmap``) over which the correction's gamma or cap and the normalisers become global.
+
+    Returns
+    -------
+    loss : 0-d array
+    metrics : dict of 0-d arrays
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> logp = jnp.log(jnp.array([[0.5, 0.5]]))
+    >>> logq = jnp.log(jnp.array([[0.25, 0.5]]))
+    >>> f = lambda lp: decoupled_ppo_loss(lp, logp, logq, jnp.array([1.0]), gamma=1.0)[0]
+    >>> print(jax.grad(f)(logp))  # -c b A
+    [[-1.  -0.5]]
+    """
+    logp = _as_jax_array(logp, "logp", "(B, T) or (B,)")
+    logp_prox = _as_jax_array(logp_prox, "logp_prox", "(B, T) or (B,), like logp")
+    logq = _as_jax_array(logq, "logq", "(B, T) or (B,), like logp")
+    advantages = _as_jax_array(advantages, "advantages", "(B,) or (B, T)")
+    if mask is not None:
+        mask = _as_jax_array(mask, "mask", "(B, T), boolean")
+    if not jnp.issubdtype(logp.dtype, jnp.floating):
+        raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
+    reducer = None if axis_name is None else AxisReducer(axis_name)
+    if isinstance(options.get("gamma"), np.ndarray):
+        options["gamma"] = jnp.asarray(options["gamma"])
+    dynamic = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in options.items() if k not in dynamic}
+
+    def core(logp_, prox_, logq_, adv_, mask_, dynamic_):
+        return decoupled_ppo_loss_and_grad(
+            lax.stop_gradient(logp_),
+            lax.stop_gradient(prox_),
+            lax.stop_gradient(logq_),
+            lax.stop_gradient(adv_),
+            mask_,
+            reducer=reducer,
+            **static,
+            **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
+        )
+
+    @jax.custom_jvp
+    def loss_and_metrics(*args):
+        loss, _, metrics = core(*args)
+        return loss, metrics
+
+    @loss_and_metrics.defjvp
+    def _jvp(primals, tangents):
+        loss, grad_logp, metrics = core(*primals)
+        tangent = jnp.sum(grad_logp * tangents[0])
+        if axis_name is not None:
+            # The loss is the psum of the shards' values: its tangent sums their contributions.
+            names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+            extra = _varying_axes(tangent) - _varying_axes(loss)
+            summed = tuple(n for n in names if n in extra)
+            if summed:
+                tangent = lax.psum(tangent, summed)
+        tangent = tangent.astype(loss.dtype)
+        return (loss, metrics), (tangent, jax.tree.map(jnp.zeros_like, metrics))
+
+    return loss_and_metrics(logp, logp_prox, logq, advantages, mask, dynamic)
