@@ -1,15 +1,16 @@
-"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``docs`` and ``lint``.
+"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``tests_tunix``, ``docs``,
+``lint``.
 
 Plain ``nox`` runs them all, and is what CI runs (``.ci/run``); each array backend runs in its own
-virtual environment with the ``xp`` fixture restricted to it, and the verl and TRL integrations
-have their own environments because they pull large frameworks.
+virtual environment with the ``xp`` fixture restricted to it, and the verl, TRL and Tunix
+integrations have their own environments because they pull large frameworks.
 """
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "docs", "tests", "tests_verl", "tests_trl"]
+nox.options.sessions = ["lint", "docs", "tests", "tests_verl", "tests_trl", "tests_tunix"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -33,6 +34,8 @@ DOCTESTS = {
     ],
     "jax": ["adapters/isreshape_jax"],
 }
+# The Tunix release isreshape_jax.tunix is tested with (its TUNIX_TESTED).
+TUNIX = "google-tunix==0.1.7"
 ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -94,6 +97,26 @@ def tests_trl(session: nox.Session) -> None:
         "adapters/isreshape_torch/trl.py",
         "-q",
         env={"ISRESHAPE_XP": "numpy", **ENV},
+    )
+
+
+@nox.session
+def tests_tunix(session: nox.Session) -> None:
+    """The Tunix GRPO learner integration (real optimizer steps of a tiny Qwen3 built from a
+    config, a character tokenizer, offline on CPU), against the Tunix release it is tested with."""
+    session.install(TUNIX)
+    session.install("-e", ".", "pytest>=8", "hypothesis>=6.100")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/integrations/test_tunix.py",
+        "--doctest-modules",
+        "adapters/isreshape_jax/tunix.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        env={"ISRESHAPE_XP": "numpy", "JAX_PLATFORMS": "cpu", **ENV},
     )
 
 

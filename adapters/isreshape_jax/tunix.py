@@ -258,6 +258,12 @@ class ISReshapeTrainExample(grpo_learner.TrainExample):
         :func:`isreshape_core.step_gamma`.
     is_reshape_metrics : dict of 0-d jax.Arrays
         The step's metrics (``gamma``, ``ess_ratio``, ...), reported by every micro-batch.
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> print([f.name for f in dataclasses.fields(ISReshapeTrainExample)][-2:])
+    ['is_reshape_gamma', 'is_reshape_metrics']
     """
 
     is_reshape_gamma: jax.Array | None = None
