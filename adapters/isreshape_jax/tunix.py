@@ -303,6 +303,8 @@ def is_reshape_policy_loss_fn(
     ``is_reshape_loss(log pi, log mu, A, mask, ...)``, gradient ``-c A w_u^gamma grad log pi``,
     normalised as Tunix's ``loss_agg_mode``. Gamma is the example's precomputed step gamma
     (:class:`ISReshapeTrainExample`) when it has one, else chosen from this micro-batch.
+    Train through :class:`ISReshapeGRPOLearner`, which attaches the step gamma and logs the
+    metrics this loss returns.
 
     Parameters
     ----------

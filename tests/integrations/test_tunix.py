@@ -252,6 +252,49 @@ def test_one_gamma_per_optimizer_step_from_all_its_samples(trained):
     assert split_differs
 
 
+@pytest.mark.parametrize(
+    ("level", "per_group"), [("token", False), ("geometric", False), ("sequence", True)]
+)
+def test_step_gamma_levels_and_groups(trained, monkeypatch, level, per_group):
+    """The step gamma at every level, and per GRPO group (the num_generations consecutive
+    responses to one prompt), against brute-force ESS searches over the step's units."""
+    learner, cluster, _, records = trained
+    (ex0, params), (ex1, _) = steps_of(records)[3]
+    config = ISReshapeGRPOConfig(
+        num_generations=NUM_GENERATIONS,
+        num_iterations=2,
+        is_reshape_level=level,
+        is_reshape_per_group=per_group,
+        is_reshape_rho_min=0.9,
+    )
+    config.temperature = TEMPERATURE
+    monkeypatch.setattr(learner, "algo_config", config)
+    model = cluster.actor_trainer.model
+    saved = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    nnx.update(model, params)
+    try:
+        gammas, metrics = learner._step_gamma([ex0, ex1])
+    finally:
+        nnx.update(model, saved)
+    units = [unit_log_weights(reference_logps(params, ex), ex, level) for ex in (ex0, ex1)]
+    g = np.concatenate([np.asarray(x).reshape(-1) for x in gammas])
+    l = np.concatenate([u[0].reshape(-1) for u in units])
+    valid = np.concatenate([u[1].reshape(-1) for u in units])
+    if not per_group:
+        assert gammas[0].shape == np.shape(units[0][0]) and np.all(g == g[0])
+        assert abs(g[0] - ess_gamma(l[valid], 0.9)) <= 2e-4
+        assert float(metrics["gamma"]) == pytest.approx(g[0])
+        return
+    chosen = []
+    for group in range(len(l) // NUM_GENERATIONS):
+        rows = slice(group * NUM_GENERATIONS, (group + 1) * NUM_GENERATIONS)
+        assert np.all(g[rows] == g[rows][0])
+        if valid[rows].any():
+            assert abs(g[rows][0] - ess_gamma(l[rows][valid[rows]], 0.9)) <= 2e-4
+            chosen.append(g[rows][0])
+    assert len(set(np.round(chosen, 4))) > 1  # the groups differ
+
+
 # ----------------------------------------------------------------------------------------------
 # the registered loss against a plain-JAX reference
 
