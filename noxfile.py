@@ -1,16 +1,20 @@
-"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``tests_tunix``, ``docs``,
-``lint``.
+"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``tests_tunix``,
+``tests_package``, ``docs`` and ``lint``.
 
-Plain ``nox`` runs them all, and is what CI runs (``.ci/run``); each array backend runs in its own
-virtual environment with the ``xp`` fixture restricted to it, and the verl, TRL and Tunix
-integrations have their own environments because they pull large frameworks.
+Plain ``nox`` runs all but ``tests(backend='cupy')``, and is what CI runs (``.ci/run``, no GPU);
+each array backend runs in its own virtual environment with the ``xp`` fixture restricted to it,
+and the verl, TRL and Tunix integrations have their own environments because they pull large
+frameworks.
+``tests(backend='cupy')`` needs an NVIDIA GPU and is run by name; without one it stops at once.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import nox
 
-nox.options.sessions = ["lint", "docs", "tests", "tests_verl", "tests_trl", "tests_tunix"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -22,7 +26,19 @@ BACKEND_REQUIREMENTS = {
     "strict": [],
     "torch": [TORCH],
     "jax": ["jax>=0.4.35", "optax>=0.2.4"],
+    "cupy": ["cupy-cuda12x>=13"],
 }
+# The backends that need no GPU: the ones plain ``nox`` (and CI) runs.
+CPU_BACKENDS = ["numpy", "strict", "torch", "jax"]
+nox.options.sessions = [
+    "lint",
+    "docs",
+    *[f"tests(backend='{backend}')" for backend in CPU_BACKENDS],
+    "tests_verl",
+    "tests_trl",
+    "tests_tunix",
+    "tests_package",
+]
 # The docstring examples run once, in the session that has their framework.
 DOCTESTS = {
     "numpy": ["isreshape_core", "isreshape_cli", "adapters/isreshape_cupy"],
@@ -33,6 +49,7 @@ DOCTESTS = {
         "adapters/isreshape_torch/distributed.py",
     ],
     "jax": ["adapters/isreshape_jax"],
+    "cupy": [],
 }
 # The Tunix release isreshape_jax.tunix is tested with (its TUNIX_TESTED).
 TUNIX = "google-tunix==0.1.7"
@@ -42,15 +59,43 @@ ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 @nox.session
 @nox.parametrize("backend", list(BACKEND_REQUIREMENTS))
 def tests(session: nox.Session, backend: str) -> None:
-    """Run the test suite with the ``xp`` fixture restricted to one array backend."""
+    """Run the test suite with the ``xp`` fixture restricted to one array backend.
+
+    ``cupy`` runs on an NVIDIA GPU, the CuPy adapter's GPU tests included; on a machine without
+    one it is skipped at once, with one line (a missing GPU is the machine's, not a failure)."""
+    if backend == "cupy" and not nvidia_gpus():
+        session.skip("tests(backend='cupy') needs an NVIDIA GPU: nvidia-smi lists none here")
     if BACKEND_REQUIREMENTS[backend]:
         session.install(*BACKEND_REQUIREMENTS[backend])
     session.install("-e", ".[test,plot]")
     doctests = ["--doctest-modules", *DOCTESTS[backend]] if DOCTESTS[backend] else []
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    if backend == "cupy":
+        # The GPU tests skip where CuPy sees no device: make that an error here instead.
+        session.run("python", "-c", CUPY_SEES_GPU)
     session.run(
         "python", "-m", "pytest", "tests", *doctests, *args, env={"ISRESHAPE_XP": backend, **ENV}
     )
+
+
+CUPY_SEES_GPU = (
+    "import cupy, sys; cupy.is_available() or sys.exit("
+    "'CuPy sees no CUDA device although nvidia-smi lists one: check the driver and that "
+    "cupy-cuda12x matches its CUDA version')"
+)
+
+
+def nvidia_gpus() -> list[str]:
+    """The GPUs that ``nvidia-smi -L`` lists (none where it is missing or fails)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in listing.splitlines() if line.startswith("GPU ")]
 
 
 @nox.session
@@ -74,6 +119,7 @@ def tests_verl(session: nox.Session) -> None:
         "-m",
         "pytest",
         "tests/integrations/test_verl.py",
+        "tests/integrations/test_integration_versions.py",
         "--doctest-modules",
         "adapters/isreshape_torch/verl.py",
         "-q",
@@ -85,13 +131,14 @@ def tests_verl(session: nox.Session) -> None:
 def tests_trl(session: nox.Session) -> None:
     """The TRL GRPOTrainer integration (a few real steps on a tiny offline GPT-2) and the
     smoke test of experiment 4 (a tiny language model trained through TRL)."""
-    session.install(TORCH, "trl>=1.16,<2")
+    session.install(TORCH, "trl>=1.16,<1.17")
     session.install("-e", ".[test,plot]")
     session.run(
         "python",
         "-m",
         "pytest",
         "tests/integrations/test_trl.py",
+        "tests/integrations/test_integration_versions.py",
         "tests/experiments/test_exp4_smoke.py",
         "--doctest-modules",
         "adapters/isreshape_torch/trl.py",
@@ -117,6 +164,28 @@ def tests_tunix(session: nox.Session) -> None:
         "-p",
         "no:cacheprovider",
         env={"ISRESHAPE_XP": "numpy", "JAX_PLATFORMS": "cpu", **ENV},
+    )
+
+
+@nox.session
+def tests_package(session: nox.Session) -> None:
+    """Build the sdist and, from it, the wheel (``python -m build``); install the wheel, not
+    editable, into a fresh virtual environment without torch, JAX or CuPy; import the five
+    packages there and run the ``isreshape`` command (``tests/package``)."""
+    # The tests' conftest needs numpy and hypothesis; the package is not installed in this one.
+    session.install("build>=1.2", "pytest>=8", "hypothesis>=6.100", "numpy>=1.26")
+    dist = session.create_tmp() + "/dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", dist, ".")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/package",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        env={"ISRESHAPE_DIST": dist},
     )
 
 

@@ -9,9 +9,10 @@ a finite bandit with ``C`` contexts and ``K`` actions (Bernoulli rewards with un
 A tabular softmax policy ``pi_theta(a|c) = softmax(theta[c])_a`` is trained on that fixed log
 with Adam on the IS Reshape loss, ``-mean(r expm1(gamma l)/gamma)`` with
 ``l = log pi - log mu``, where every minibatch picks the largest ``gamma`` whose effective
-sample size stays above ``rho_min`` of the batch (``gamma="ess"``, DESIGN.md 3, item 4). Early
-on ``pi = mu`` and ``gamma = 1`` (plain importance sampling); as ``pi`` moves away from ``mu``
-the weights spread and gamma falls, which bounds the variance of the gradient.
+sample size stays above ``rho_min`` of the batch (``gamma="ess"``; docs/theory.md, "The
+exact-ESS gamma"). Early on ``pi = mu`` and ``gamma = 1`` (plain importance sampling); as ``pi``
+moves away from ``mu`` the weights spread and gamma falls, which bounds the variance of the
+gradient.
 
 Each epoch is one jitted call (shuffle, ``lax.scan`` over the minibatches, Adam updates) and
 prints the policy's true expected reward, the mean gamma and the ESS ratios (at gamma and at 1).
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ),
     }
     gamma_final = float(last["gamma"])
-    # What the loss trains towards at that gamma with infinite data (DESIGN.md 3, item 9).
+    # What the loss trains towards at that gamma with infinite data (docs/theory.md, "Finite
+    # supports").
     stationary = isr.stationary_log_probs(log_mu, mean_reward, min(gamma_final, 1.0))
     summary[f"loss maximiser mu r^(1/(1-g)), g={gamma_final:.2f}"] = float(
         expected_reward(stationary, mean_reward)

@@ -1,10 +1,10 @@
 """Quick start: diagnose a heavy-tailed batch of importance weights and compare gamma rules.
 
 Run with ``python examples/quickstart.py`` (numpy only). It draws two synthetic batches of log
-importance weights, ``l = log pi - log mu``: one log-normal (the model behind the seed's closed
-form) and one with Student-t(3) tails, as stale samples give. For each it prints the diagnostics
-report and the gamma that every method of ``select_gamma`` picks, with the ESS ratio that gamma
-actually delivers against the target ``rho_min``.
+importance weights, ``l = log pi - log mu``: one log-normal (the model behind the closed-form
+gamma; docs/theory.md, "The closed form") and one with Student-t(3) tails, as stale samples give.
+For each it prints the diagnostics report and the gamma that every method of ``select_gamma``
+picks, with the ESS ratio that gamma actually delivers against the target ``rho_min``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ What each method maximises on a batch of samples ``(x_i, a_i)``, ``l_i = log pi 
 ``sft`` (gamma 0)          ``mean(r_i · l_i)`` = reward-weighted SFT, ``L_0``
 ``is_pg`` (gamma 1)        ``mean(r_i · (w_i - 1))`` = importance-sampled PG, ``L_1``
 ``fixed_0.5``              ``L_0.5 = mean(r_i · expm1(0.5·l_i) / 0.5)``
-``closed_form``            ``L_gamma``, gamma from the seed's closed form (rho_min = 0.3)
+``closed_form``            ``L_gamma``, gamma from the paper's closed form (rho_min = 0.3)
 ``ess``                    ``L_gamma``, gamma = the exact empirical-ESS rule (rho_min = 0.3)
 ``psis``                   ``L_gamma``, gamma = PSIS rule (rho_min = 0.3, fallback 0.3)
 ``ess_adv``                ``L_gamma`` on the advantages ``A_i``, gamma = exact-ESS rule
@@ -33,7 +33,7 @@ What each method maximises on a batch of samples ``(x_i, a_i)``, ``l_i = log pi 
 ========================  =============================================================
 
 The IS Reshape family (the first six) uses the raw positive reward, as the loss is defined for
-(DESIGN.md 3, item 1; its fixed point ``mu·r^(1/(1-gamma))`` needs ``r > 0``); PPO-clip and
+(:ref:`theory-objective`; its fixed point ``mu·r^(1/(1-gamma))`` needs ``r > 0``); PPO-clip and
 truncated IS use the group-baseline advantage, as GRPO, verl and TRL use them (``ess_adv`` is the
 exact-ESS rule on the same advantages, to separate the effect of the baseline). The gradient with
 respect to the logits of context ``x`` is ``sum_i c_i (onehot(a_i) - pi(.|x))`` over the samples
@@ -200,8 +200,8 @@ def simulate(
 ) -> RunResult:
     """Train one method on every (seed, learning rate) pair at once, vectorised over runs.
 
-    The draws (contexts and the uniforms that pick arms by inverse CDF) depend only on the seed
-    and the step, so every method and learning rate sees the same random numbers (common random
+    The draws (contexts and the uniforms that pick arms by inverse CDF) depend only on the random
+    seed and the step, so every method and learning rate sees the same random numbers (common random
     numbers), and the comparison between methods is paired.
     """
     if staleness is not None and (not isinstance(staleness, int) or staleness < 1):

@@ -1,6 +1,6 @@
-"""Diagnostics of a batch of importance weights and a verdict on them (DESIGN.md 3, item 10).
+"""Diagnostics of a batch of importance weights and a verdict on them (:ref:`theory-diagnostics`).
 
-The seed's section 8.3 asks whether the log-normal model behind the closed-form gamma holds and
+The paper's section 8.3 asks whether the log-normal model behind the closed-form gamma holds and
 what to do when it does not. :func:`diagnose` answers with a :class:`Diagnostics` report whose
 fields are arrays of the input's namespace (batched like the input) and whose ``str`` is a table.
 """
@@ -38,9 +38,9 @@ VERDICTS = {
     4: ("empty", "no sample with positive weight: nothing to diagnose"),
 }
 
-#: Excess kurtosis above which the tail is called heavy (seed section 8.3).
+#: Excess kurtosis above which the tail is called heavy (the paper's section 8.3).
 HEAVY_KURTOSIS = 3.0
-#: Var(log w) above which the behaviour policy is called stale (seed section 8.3).
+#: Var(log w) above which the behaviour policy is called stale (the paper's section 8.3).
 REFRESH_SIGMA2 = 10.0
 
 
@@ -65,7 +65,8 @@ class Diagnostics:
     ess_ratio_at_gamma : array
         ``ESS(gamma) / n`` at that gamma.
     gamma_closed_form, ess_ratio_at_closed_form : array
-        The seed's closed-form gamma and the ESS ratio it actually delivers.
+        The closed-form gamma (:func:`isreshape_core.gamma_closed_form`) and the ESS ratio it
+        actually delivers.
     rho_min : float
     verdict_code : int array
         A key of :data:`VERDICTS`: 4 empty, else 3 severe (even ``gamma = 0`` misses
@@ -231,9 +232,10 @@ def diagnose(
 
     Computes, per row along ``axis``: ``n``, ``sigma^2``, skewness, excess kurtosis, the largest
     normalised weight, ``ESS(1)/n``, the exact ESS gamma for ``rho_min`` and the ESS ratio it
-    delivers, the seed's closed-form gamma and the ESS ratio *it* delivers (the honest test of the
+    delivers, the closed-form gamma and the ESS ratio *it* delivers (the honest test of the
     log-normal model), the Shapiro–Wilk p-value where SciPy is present, and a verdict
-    (see :class:`Diagnostics` and :data:`VERDICTS`; the thresholds are the seed's section 8.3).
+    (see :class:`Diagnostics`, :data:`VERDICTS` and :ref:`theory-diagnostics`; the thresholds are
+    the paper's, section 8.3).
 
     Parameters
     ----------

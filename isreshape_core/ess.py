@@ -1,4 +1,4 @@
-"""Effective sample size of tempered importance weights ``w**gamma`` (DESIGN.md 3, item 2)."""
+"""Effective sample size of tempered importance weights ``w**gamma`` (:ref:`theory-ess`)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def ess(
         \mathrm{ESS}(\gamma) = \frac{(\sum_i w_i^\gamma)^2}{\sum_i w_i^{2\gamma}}
         = \exp\big(2\,\mathrm{LSE}(\gamma l) - \mathrm{LSE}(2\gamma l)\big)
 
-    computed from ``l = log w`` without forming ``w``. Properties (DESIGN.md section 3 item 2):
+    computed from ``l = log w`` without forming ``w``. Properties (:ref:`theory-ess`):
     ``1 <= ESS <= n``; invariant to adding a constant to ``l``; non-increasing in ``gamma``.
     A sample with ``l = -inf`` (weight 0) or masked out never counts, at ``gamma = 0`` included
     (``0**0`` is not 1 here), so ``ESS(0)`` is the number of positive weights.
@@ -148,10 +148,10 @@ def gradient_ess(
 
         \mathrm{ESS}_\nabla(\gamma) = \frac{(\sum_i w_i^\gamma |r_i|)^2}{\sum_i w_i^{2\gamma} r_i^2}
 
-    The gradient of the IS Reshape loss is ``-mean(r w^gamma grad log pi)`` (seed Theorem 2.1):
+    The loss's gradient is ``-mean(r w^gamma grad log pi)`` (:ref:`theory-objective`):
     samples with ``r = 0`` carry no gradient, and large ``|r|`` concentrates it even at
     ``gamma = 0``. ``ESS_grad(0)`` is the ESS of the rewards alone; ``ESS_grad`` need not be
-    monotone in ``gamma`` (DESIGN.md section 3 item 2).
+    monotone in ``gamma`` (:ref:`theory-gradient-ess`).
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
-"""Choosing the tempering exponent gamma from the importance weights (DESIGN.md 3, items 3-4, 12).
+"""Choosing the tempering exponent gamma from the importance weights (:ref:`theory-gamma-ess`).
 
-- :func:`gamma_closed_form`: the seed's Theorem 8.1, exact only for log-normal weights;
+- :func:`gamma_closed_form`: the paper's Theorem 8.1, exact only for log-normal weights;
 - :func:`gamma_ess`: the default, the largest gamma whose empirical ESS ratio meets ``rho_min``;
 - :func:`select_gamma`: one entry point for every method, a fixed number included.
 
@@ -96,7 +96,7 @@ def gamma_closed_form(
     gamma_max: Any = 1.0,
     reducer: Reducer | None = None,
 ) -> Array:
-    r"""The seed's closed-form gamma (Theorem 8.1), exact only for log-normal weights.
+    r"""The paper's closed-form gamma (Theorem 8.1), exact only for log-normal weights.
 
     If ``l ~ Normal(m, sigma^2)`` then ``ESS(gamma)/n ~ exp(-sigma^2 gamma^2)``, so
 
@@ -107,8 +107,9 @@ def gamma_closed_form(
 
     and ``gamma* = gamma_max`` where ``sigma^2 = 0`` or fewer than 2 finite log weights. One pass,
     O(n). ``-inf`` log weights (weight 0) are left out of ``sigma^2``: the log-normal model
-    describes the positive weights. Under heavy tails it overestimates gamma badly (DESIGN.md 3,
-    item 3: Student-t(3) log weights at n = 4096 give ESS/n < 0.001): prefer :func:`gamma_ess`.
+    describes the positive weights. Under heavy tails it overestimates gamma badly (Student-t(3)
+    log weights at n = 4096 give ESS/n < 0.001; :ref:`theory-closed-form`): prefer
+    :func:`gamma_ess`.
 
     Parameters
     ----------
@@ -119,7 +120,7 @@ def gamma_closed_form(
     axis, mask
         As in :func:`ess`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
-        Bounds; ``gamma_max`` may be a warm-up schedule's value (DESIGN.md 3, item 11).
+        Bounds; ``gamma_max`` may be a warm-up schedule's value (:ref:`theory-schedules`).
     reducer : Reducer, optional
         Combines the partial statistics of every shard when the samples are split over
         processes (:class:`isreshape_core.Reducer`); the result is then the same on every shard.
@@ -207,7 +208,7 @@ def gamma_ess(
         \mathrm{ESS}(\gamma) / n \ge \rho_{\min}\}
 
     ``ESS(gamma)`` is non-increasing in gamma, so the set is an interval and its right end is
-    unique (DESIGN.md 3, item 4). It is found with ``max_iter`` iterations of safeguarded Newton
+    unique (:ref:`theory-gamma-ess`). It is found with ``max_iter`` iterations of safeguarded Newton
     on ``log ESS`` in the variable ``gamma^2`` (exact in one step for log-normal weights), started
     from the closed form, inside a bracket ``[lo, hi]`` with ``ESS(lo)/n >= rho_min >
     ESS(hi)/n``; a Newton step that leaves the bracket or does not halve the previous step is
@@ -355,8 +356,8 @@ def select_gamma(
         Least acceptable ESS ratio (ignored by a fixed number and by ``"tail"``).
     method : {"ess", "closed_form", "psis", "tail", "combined"} or float in [0, 1]
         ``"ess"`` (default): :func:`gamma_ess`; ``"closed_form"``: :func:`gamma_closed_form`
-        (the seed's); ``"psis"``, ``"tail"``, ``"combined"``: the Pareto-smoothed rules
-        (DESIGN.md 3, item 6); a number: that gamma for every row.
+        (the paper's); ``"psis"``, ``"tail"``, ``"combined"``: the Pareto-smoothed rules
+        (:ref:`theory-pareto-gamma`); a number: that gamma for every row.
     axis, mask, gamma_min, gamma_max
         As in :func:`gamma_ess`. Every method's result is clipped to ``[gamma_min, gamma_max]``,
         so a warm-up schedule passed as ``gamma_max`` gives ``min(schedule(step), gamma*)``.

@@ -1,11 +1,11 @@
-"""The log-normal model of importance weights (DESIGN.md section 3 item 8; seed Theorems 6.4, 7.2).
+"""The log-normal model of importance weights (:ref:`theory-lognormal`).
 
-Under the seed's Assumption 6.3 the log weight ``l = log w`` is ``Normal(-sigma2/2, sigma2)``, so
+Under the paper's Assumption 6.3 the log weight ``l = log w`` is ``Normal(-sigma2/2, sigma2)``, so
 that ``E_mu[w] = 1``. Then ``w**gamma`` is log-normal with log-mean ``-gamma*sigma2/2`` and
 log-variance ``gamma**2 * sigma2``, and every moment has a closed form:
 
 - ``E[w**gamma]      = exp(sigma2 * gamma * (gamma - 1) / 2)``
-- ``E[w**(2*gamma)]  = exp(sigma2 * gamma * (2*gamma - 1))``   (the second moment, seed's ``V``)
+- ``E[w**(2*gamma)]  = exp(sigma2 * gamma * (2*gamma - 1))``   (the second moment, paper's ``V``)
 - ``ESS_gamma / n   -> E[w**gamma]**2 / E[w**(2*gamma)] = exp(-sigma2 * gamma**2)``
 - ``Var(w**gamma)    = exp(sigma2 * gamma * (gamma - 1)) * expm1(sigma2 * gamma**2)``
 
@@ -92,7 +92,7 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
               = e^{-\sigma^2 \gamma^2}, \qquad \log w \sim N(-\sigma^2/2, \sigma^2).
 
     The ratio does not depend on the mean of ``log w``; it is the population limit of Kish's ESS
-    divided by ``n``, and the model behind the closed-form gamma (DESIGN.md item 3).
+    divided by ``n``, and the model behind the closed-form gamma (:ref:`theory-closed-form`).
 
     Parameters
     ----------
@@ -114,7 +114,7 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
 
     References
     ----------
-    DESIGN.md section 3 item 8; seed Theorem 7.2.
+    :ref:`theory-lognormal`; the paper's Theorem 7.2.
 
     Examples
     --------
@@ -129,7 +129,7 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
 
 
 def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> float | Array:
-    r"""Second moment of tempered weights under the log-normal model, the seed's ``V(gamma)``.
+    r"""Second moment of tempered weights under the log-normal model, the paper's ``V(gamma)``.
 
     .. math:: V(\gamma) = E_\mu[w^{2\gamma}] = e^{\sigma^2 \gamma (2\gamma - 1)},
               \qquad \log w \sim N(-\sigma^2/2, \sigma^2) \ (\text{so } E_\mu[w] = 1).
@@ -140,7 +140,7 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
     (see :func:`lognormal_variance`) is 0 at ``gamma = 0``, its smallest value, and the relative
     variance ``Var(w**gamma) / E[w**gamma]**2 = exp(sigma2 gamma**2) - 1`` grows on all of
     ``[0, 1]``. (For weights with ``log w ~ N(0, sigma2)`` instead, the variance is
-    ``exp(sigma2 gamma**2) (exp(sigma2 gamma**2) - 1)``, also smallest at ``gamma = 0``.) The seed's
+    ``exp(sigma2 gamma**2) (exp(sigma2 gamma**2) - 1)``, smallest at ``gamma = 0`` too.) The paper's
     trade-off ``MSE(gamma) = Bias(gamma)**2 + V(gamma)/n`` therefore uses ``V`` as a proxy for the
     variance of the weights: it is a heuristic, not an exact mean squared error.
 
@@ -164,7 +164,7 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
 
     References
     ----------
-    DESIGN.md section 3 item 8; seed Theorem 6.4 and Corollary 6.5; seed Theorem 5.3's second
+    :ref:`theory-lognormal`; the paper's Theorem 6.4 and Corollary 6.5; its Theorem 5.3's second
     moment ``E[w**(2 gamma)] = exp((2 gamma - 1) D_{2 gamma})``.
 
     Examples
@@ -211,7 +211,7 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
 
     References
     ----------
-    DESIGN.md section 3 item 8 (the variance is smallest at ``gamma = 0``, so ``MSE = Bias**2 +
+    :ref:`theory-lognormal` (the variance is smallest at ``gamma = 0``, so ``MSE = Bias**2 +
     V/n`` is a heuristic); moments of the log-normal distribution.
 
     Examples

@@ -1,6 +1,6 @@
 """The IS Reshape loss on token log-probabilities: value, exact gradient and metrics.
 
-This is what the adapters wrap (DESIGN.md sections 4-5): given the trained policy's and the
+This is what the adapters wrap: given the trained policy's and the
 behaviour policy's token log-probabilities, rewards and a mask, it forms the log weights at the
 chosen level, picks gamma per batch or per group from the detached weights, and returns the
 aggregated loss ``-L_gamma``, its gradient with respect to ``logp`` (exact at ``gamma = 0``:
@@ -237,7 +237,7 @@ def is_reshape_loss_and_grad(
         \log\pi_{u(b,t)} \quad(\text{reinforce}),
 
     and both have the gradient ``d loss / d logp_bt = -sum_{t'} c_bt' r_bt' w_u^gamma
-    d l_u / d logp_bt`` (seed Theorem 2.1; DESIGN.md 3, item 1): exact at ``gamma = 0``, where the
+    d l_u / d logp_bt`` (:ref:`theory-objective`): exact at ``gamma = 0``, where the
     objective form is reward-weighted log-likelihood. ``gamma`` is chosen from the detached unit
     log weights and carries no gradient.
 

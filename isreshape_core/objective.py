@@ -1,9 +1,9 @@
-"""The IS Reshape objective ``L_gamma`` and its derivatives (DESIGN.md section 3, item 1).
+"""The IS Reshape objective ``L_gamma`` and its derivatives (:ref:`theory-objective`).
 
 ``L_gamma = mean(r * expm1(gamma * l) / gamma)`` with ``l = log w = logp - logq``. It equals the
-seed's ``(E[w**gamma r] - E[r]) / gamma`` (seed section 2.5) and is continuous at ``gamma = 0``,
+paper's ``(E[w**gamma r] - E[r]) / gamma`` (its section 2.5) and is continuous at ``gamma = 0``,
 where it is ``mean(r * l)``. Its derivative with respect to ``l`` is exactly ``r * w**gamma`` for
-every ``gamma`` in ``[0, 1]`` (seed Theorem 2.1), so no ``1/gamma`` appears in any gradient.
+every ``gamma`` in ``[0, 1]`` (the paper's Theorem 2.1), so no ``1/gamma`` appears in any gradient.
 
 The core exposes values and derivatives only; the adapters register the derivatives with their
 autograd and detach ``gamma`` and the REINFORCE weights ``w**gamma``.
@@ -241,7 +241,7 @@ def objective(
 
     References
     ----------
-    DESIGN.md section 3 item 1; seed section 2.5 (``L_gamma``, Theorem 2.1); the Box-Cox
+    :ref:`theory-objective`; the paper's section 2.5 (``L_gamma``, Theorem 2.1); the Box-Cox
     transform ``(w**gamma - 1)/gamma`` (Box & Cox, 1964).
 
     Examples
@@ -285,7 +285,7 @@ def objective_grad(
     only where ``gamma * l`` exceeds ``log`` of the largest float, that is, where the value of
     :func:`objective` itself is out of range. With ``"none"`` each entry is the derivative of
     its own term. Chain rule for the policy: ``d l / d logp = 1``, so the policy gradient is
-    ``mean(r w**gamma grad log pi)`` (seed Theorem 2.1).
+    ``mean(r w**gamma grad log pi)`` (the paper's Theorem 2.1).
 
     Parameters
     ----------
@@ -299,7 +299,7 @@ def objective_grad(
 
     References
     ----------
-    DESIGN.md section 3 item 1; seed Theorem 2.1.
+    :ref:`theory-objective`; the paper's Theorem 2.1.
 
     Examples
     --------
@@ -355,7 +355,7 @@ def reinforce_objective(
     :func:`reinforce_objective_grad`, the derivative with respect to ``logp`` with ``w**gamma``
     held constant; the adapters detach ``w**gamma`` (and ``gamma``). Its gradient equals that
     of :func:`objective` because ``d l / d logp = 1`` (``l = logp - logq``); its value does not
-    equal ``L_gamma`` (DESIGN.md section 3 item 1, seed section 2.6, form B).
+    equal ``L_gamma`` (:ref:`theory-objective`; the paper's section 2.6, form B).
 
     A term is 0 where ``w**gamma = 0`` (``l = -inf`` or masked), where ``r = 0`` or where
     ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``.
@@ -375,7 +375,7 @@ def reinforce_objective(
 
     References
     ----------
-    DESIGN.md section 3 item 1; seed section 2.6 (form B), Williams (1992) REINFORCE.
+    :ref:`theory-objective`; the paper's section 2.6 (form B); Williams (1992) REINFORCE.
 
     Examples
     --------
@@ -427,7 +427,7 @@ def reinforce_objective_grad(
 
     References
     ----------
-    DESIGN.md section 3 item 1; seed Theorem 2.1 and section 2.6.
+    :ref:`theory-objective`; the paper's Theorem 2.1 and section 2.6.
 
     Examples
     --------

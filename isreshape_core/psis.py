@@ -1,6 +1,6 @@
 """Pareto-smoothed importance sampling (PSIS) and the Pareto ``k_hat`` diagnostic.
 
-DESIGN.md section 3 item 5. The algorithm follows Vehtari, Simpson, Gelman, Yao and Gabry,
+:ref:`theory-psis`. The algorithm follows Vehtari, Simpson, Gelman, Yao and Gabry,
 "Pareto smoothed importance sampling", JMLR 25 (2024), and reproduces the Python reference,
 arviz-stats' ``psislw`` (``arviz_stats.base.diagnostics`` ``_psislw``/``_ps_tail``/``_gpdfit``/
 ``_gpinv``, version 0.8), step for step; the generalised Pareto fit is the empirical Bayes method
@@ -76,7 +76,7 @@ def psis_tail_length(n: int, r_eff: float = 1.0) -> int:
 
     References
     ----------
-    DESIGN.md section 3 item 5; Vehtari et al. (2024), section 3; arviz-stats ``_get_ps_tails``.
+    :ref:`theory-psis`; Vehtari et al. (2024), section 3; arviz-stats ``_get_ps_tails``.
 
     Examples
     --------
@@ -111,7 +111,7 @@ def pareto_k_threshold(n: Any) -> Any:
 
     References
     ----------
-    DESIGN.md section 3 item 5; Vehtari et al. (2024), section 3.2.4 (eq. for the sample size
+    :ref:`theory-psis`; Vehtari et al. (2024), section 3.2.4 (eq. for the sample size
     dependent threshold); R ``loo::ps_khat_threshold``.
 
     Examples
@@ -193,7 +193,7 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
 
     References
     ----------
-    DESIGN.md section 3 item 5; Vehtari, Simpson, Gelman, Yao & Gabry, JMLR 25 (2024);
+    :ref:`theory-psis`; Vehtari, Simpson, Gelman, Yao & Gabry, JMLR 25 (2024);
     Zhang & Stephens, Technometrics 51 (2009); arviz-stats ``psislw``; R ``loo::psis``.
 
     Examples

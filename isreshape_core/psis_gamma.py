@@ -1,4 +1,4 @@
-"""Gamma from Pareto-smoothed importance sampling and from the Pareto tail (DESIGN.md 3, item 6).
+"""Gamma from Pareto-smoothed importance sampling and from the Pareto tail.
 
 - :func:`gamma_psis`: the exact ESS gamma on the PSIS-smoothed log weights where ``k_hat`` is
   acceptable, else a conservative fallback (flagged);
@@ -6,7 +6,8 @@
   ``w^gamma`` itself;
 - :func:`gamma_combined`: the smaller of the exact ESS gamma and the tail rule.
 
-None of these is in the seed; they are this project's additions (DESIGN.md 3, item 6).
+None of these is in the paper the theory starts from; they are this library's additions
+(:ref:`theory-pareto-gamma`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def gamma_psis(
     where ``gamma_ESS`` is :func:`isreshape_core.gamma_ess`, the largest gamma in
     ``[gamma_min, gamma_max]`` whose ESS ratio is at least ``rho_min``. The fallback is the
     smaller of the fixed value and the exact ESS gamma on the raw log weights, because a fixed
-    0.3 alone can leave ESS/n near 0.001 on heavy tails (DESIGN.md 3, item 6).
+    0.3 alone can leave ESS/n near 0.001 on heavy tails (:ref:`theory-correction-fallback`).
 
     Parameters
     ----------
@@ -127,7 +128,7 @@ def gamma_psis(
 
     References
     ----------
-    DESIGN.md section 3 items 4-6; Vehtari et al., "Pareto smoothed importance sampling",
+    :ref:`theory-pareto-gamma`; Vehtari et al., "Pareto smoothed importance sampling",
     JMLR 25 (2024).
 
     Examples
@@ -249,7 +250,7 @@ def gamma_tail(
     So the returned ``gamma`` satisfies ``k_hat(w^gamma) <= k_target``, or equals ``gamma_min``
     (where no bisection point met the target); it is the largest such gamma to within
     ``gamma_0 / 2**max_iter`` where ``k_hat(w^gamma)`` is monotone in gamma. ``k < 1/2`` means
-    the weights have a finite variance (DESIGN.md 3, item 6).
+    the weights have a finite variance (:ref:`theory-pareto-gamma`).
 
     Parameters
     ----------
@@ -281,7 +282,7 @@ def gamma_tail(
 
     References
     ----------
-    DESIGN.md section 3 item 6; Vehtari et al., JMLR 25 (2024), section 3 (``k < 1/2``:
+    :ref:`theory-pareto-gamma`; Vehtari et al., JMLR 25 (2024), section 3 (``k < 1/2``:
     finite variance).
 
     Examples
@@ -352,7 +353,7 @@ def gamma_combined(
 
     References
     ----------
-    DESIGN.md section 3 items 4 and 6.
+    :ref:`theory-gamma-ess`; :ref:`theory-pareto-gamma`.
 
     Examples
     --------

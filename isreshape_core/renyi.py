@@ -1,9 +1,9 @@
-"""Rényi divergence estimates from log importance weights (DESIGN.md section 3, item 7).
+"""Rényi divergence estimates from log importance weights (:ref:`theory-renyi`).
 
-``D_alpha(pi || mu) = log E_mu[w**alpha] / (alpha - 1)`` (seed Definition 5.1), estimated from
-samples of ``mu`` with ``l = log w``. The identity of seed Theorem 5.2,
+``D_alpha(pi || mu) = log E_mu[w**alpha] / (alpha - 1)`` (the paper's Definition 5.1), estimated
+from samples of ``mu`` with ``l = log w``. The identity of the paper's Theorem 5.2,
 ``E_mu[w**gamma] = exp((gamma - 1) D_gamma(pi || mu))``, links it to the tempered weights of the
-IS Reshape loss; ``E_mu[w**(2 gamma)]`` drives the variance (seed Corollary 5.4).
+IS Reshape loss; ``E_mu[w**(2 gamma)]`` drives the variance (its Corollary 5.4).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def renyi_divergence(
 
     References
     ----------
-    DESIGN.md section 3 item 7; seed Definition 5.1 and Theorem 5.2; Rényi (1961); van Erven &
+    :ref:`theory-renyi`; the paper's Definition 5.1 and Theorem 5.2; Rényi (1961); van Erven &
     Harremoës, "Rényi divergence and Kullback-Leibler divergence", IEEE Trans. Inf. Theory 60
     (2014), Theorems 3 and 5 (monotone in the order; ``alpha = 0, 1, inf`` limits).
 
@@ -224,10 +224,11 @@ def log_mean_tempered_weight(
         = (\gamma - 1)\,\hat D_\gamma ,
 
     where ``hat D_gamma`` is the plain :func:`renyi_divergence` estimate (``gamma != 1``): the
-    sample version of seed Theorem 5.2, ``E_mu[w**gamma] = exp((gamma - 1) D_gamma(pi || mu))``.
+    sample version of the paper's Theorem 5.2,
+    ``E_mu[w**gamma] = exp((gamma - 1) D_gamma(pi || mu))``.
     ``gamma = 2 gamma'`` gives the second moment ``mean(w**(2 gamma'))`` of the tempered weights
-    that drives the variance of the IS Reshape gradient (seed Corollary 5.4; DESIGN.md section 3
-    items 7 and 8: a second moment, not the variance).
+    that drives the variance of the IS Reshape gradient (the paper's Corollary 5.4: a second
+    moment, not the variance; :ref:`theory-correction-second-moment`).
 
     A ``-inf`` or masked sample is weight 0 for every ``gamma``, 0 included (``0**0`` is not 1
     here), so ``gamma = 0`` gives ``log(n_pos / n)``. A row without a positive weight, or
@@ -251,7 +252,7 @@ def log_mean_tempered_weight(
 
     References
     ----------
-    DESIGN.md section 3 item 7; seed Theorem 5.2 and Corollary 5.4.
+    :ref:`theory-renyi`; the paper's Theorem 5.2 and Corollary 5.4.
 
     Examples
     --------

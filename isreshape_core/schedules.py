@@ -1,6 +1,8 @@
-"""Warm-up schedules for the upper bound of gamma and the sensitivity guard (DESIGN.md 3, item 11).
+"""Warm-up schedules for the upper bound of gamma and the sensitivity guard.
 
-In the seed's "training trick" view (section 4.5), gamma < 1 controls variance and should rise
+See :ref:`theory-schedules`.
+
+In the paper's "training trick" view (section 4.5), gamma < 1 controls variance and should rise
 towards 1 as training proceeds (0.3 -> 1.0, like a learning-rate warm-up). A schedule gives the
 upper bound; the adaptive gamma of the batch is then ``min(schedule(step), gamma*)``:
 pass ``gamma_max=schedule(step)`` to :func:`select_gamma`.
@@ -94,7 +96,7 @@ def cosine_warmup(
 def sensitivity_guard(gamma: Any, tau: Any, s_max: float = 10.0) -> Any:
     r"""Cap the reward sensitivity ``gamma / tau`` at ``s_max``: ``min(gamma, s_max * tau)``.
 
-    The seed (section 8.5) reads ``gamma / tau`` as the sensitivity of the target
+    The paper (section 8.5) reads ``gamma / tau`` as the sensitivity of the target
     ``p_gamma ∝ mu^(1-gamma) r^(1-gamma) exp(gamma r / tau)`` to reward differences; a small
     temperature with a large gamma makes the target extremely peaked. ``gamma`` and ``tau`` may be
     numbers or arrays (broadcast).

@@ -4,7 +4,8 @@ A training framework calls the loss once per micro-batch, and one optimizer step
 calls over many data-parallel ranks. :func:`step_gamma` chooses gamma once, from the unit log
 weights of the whole step (sharded over ranks through a :class:`Reducer`), per batch or per
 GRPO group given by a group index; the loss then takes the result as a precomputed ``gamma``
-array (:func:`is_reshape_loss_and_grad`), so that every micro-batch of the step uses it.
+array (:func:`is_reshape_loss_and_grad`), so that every micro-batch of the step uses it
+(:ref:`theory-step`).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Finite-support analysis: target distributions, bias and MSE (DESIGN.md section 3 item 9).
+"""Finite-support analysis: target distributions, bias and MSE (:ref:`theory-finite-support`).
 
 On a finite support of ``K`` outcomes (bandits, tests, teaching) the behaviour policy ``mu`` is
 given by its log-probabilities ``logq`` and the reward ``r >= 0`` of each outcome is read as an
 unnormalised distribution. Two families of distributions are exposed:
 
-- the seed's geometric target (Definition 4.1, Theorem 4.2)
+- the paper's geometric target (Definition 4.1, Theorem 4.2)
   ``p_gamma ∝ (mu r)**(1 - gamma) * exp(gamma r / tau)``, the e-geodesic between
   ``p_0 = mu r / Z_0`` and ``p_1 = exp(r / tau) / Z_1``;
-- the correction of DESIGN.md: the policy that maximises the loss
+- the correction (:ref:`theory-correction-target`): the policy that maximises the loss
   ``L_gamma(pi) = sum_y mu r ((pi/mu)**gamma - 1)/gamma`` is ``pi ∝ mu r**(1/(1 - gamma))``:
-  ``tau`` does not enter the loss and the exponent of ``mu`` stays 1, so the seed's picture of
+  ``tau`` does not enter the loss and the exponent of ``mu`` stays 1, so the paper's picture of
   gamma moving the learned policy away from ``mu`` along ``mu**(1 - gamma)`` holds for
   ``p_gamma``, not for what the loss trains.
 
@@ -233,7 +233,7 @@ def target_log_probs(
     *,
     axis: int = -1,
 ) -> Array:
-    r"""The seed's geometric target distribution ``p_gamma`` on a finite support, in log space.
+    r"""The paper's geometric target distribution ``p_gamma`` on a finite support, in log space.
 
     .. math::
         \log p_\gamma = (1-\gamma)\log\mu + f_\gamma(r) - \mathrm{LSE}(\ldots), \qquad
@@ -241,10 +241,10 @@ def target_log_probs(
 
     i.e. ``p_gamma ∝ p_0**(1 - gamma) * p_1**gamma`` with ``p_0 = mu r / Z_0`` (reward-weighted
     SFT) and ``p_1 = exp(r / tau) / Z_1`` (entropy-regularised RL). It is the unique minimiser of
-    ``(1 - gamma) KL(p || p_0) + gamma KL(p || p_1)`` (seed Theorem 4.2), the e-geodesic
-    (exponential connection) between ``p_0`` and ``p_1`` -- not the Fisher-Rao geodesic that seed
-    Proposition 4.3 calls it. It is *not* what the loss ``L_gamma`` trains towards; that is
-    :func:`stationary_log_probs`.
+    ``(1 - gamma) KL(p || p_0) + gamma KL(p || p_1)`` (the paper's Theorem 4.2), the e-geodesic
+    (exponential connection) between ``p_0`` and ``p_1`` -- not the Fisher-Rao geodesic that the
+    paper's Proposition 4.3 calls it (:ref:`theory-correction-geodesic`). It is *not* what the
+    loss ``L_gamma`` trains towards; that is :func:`stationary_log_probs`.
 
     Limits: at ``gamma = 1`` the terms ``(1 - gamma) log mu`` and ``(1 - gamma) log r`` are 0 even
     where ``logq = -inf`` or ``r = 0`` (the result is ``log softmax(r / tau)``); for
@@ -284,7 +284,7 @@ def target_log_probs(
 
     References
     ----------
-    DESIGN.md section 3 item 9; seed Definition 4.1, Theorem 4.2, Proposition 4.4.
+    :ref:`theory-finite-support`; the paper's Definition 4.1, Theorem 4.2, Proposition 4.4.
 
     Examples
     --------
@@ -327,9 +327,9 @@ def stationary_log_probs(
 
     and, at ``gamma = 1`` (the ``gamma -> 1`` limit), ``mu`` restricted to the argmax set of ``r``
     among the outcomes with ``mu > 0``, renormalised. At ``gamma = 0`` the loss is
-    ``sum mu r log(pi / mu)`` and the maximiser is ``mu r / Z_0``, the seed's ``p_0``.
+    ``sum mu r log(pi / mu)`` and the maximiser is ``mu r / Z_0``, the paper's ``p_0``.
 
-    This is DESIGN.md's correction of the seed: ``tau`` does not enter the loss, and the exponent
+    This corrects the paper: ``tau`` does not enter the loss, and the exponent
     of ``mu`` stays 1, so for ``0 < gamma < 1`` the maximiser differs from the geometric target
     :func:`target_log_probs` (it sharpens ``r`` instead of moving away from ``mu``). Computed as
     ``logq + (log r - max log r) / (1 - gamma) - LSE(...)``, stable as ``gamma -> 1``.
@@ -363,7 +363,7 @@ def stationary_log_probs(
 
     References
     ----------
-    DESIGN.md section 3 item 9 (correction); the first-order condition
+    :ref:`theory-finite-support`, :ref:`theory-correction-target`; the first-order condition
     ``r (pi / mu)**(gamma - 1) = lambda`` of the concave program on the simplex.
 
     Examples
@@ -398,7 +398,7 @@ def bias(
     *,
     axis: int = -1,
 ) -> Array:
-    r"""The seed's bias of tempering: ``KL(p_1 || p_gamma)`` on a finite support.
+    r"""The paper's bias of tempering: ``KL(p_1 || p_gamma)`` on a finite support.
 
     .. math::
         \mathrm{Bias}(\gamma) = D_{KL}(p_1 \,\|\, p_\gamma)
@@ -406,7 +406,7 @@ def bias(
 
     with ``p_gamma`` the geometric target of :func:`target_log_probs`. It is non-increasing in
     gamma, with derivative ``E_{p_gamma}[h] - E_{p_1}[h] <= 0``, ``h = log(p_1 / p_0)`` (this
-    completes the proof of seed Theorem 6.2), strictly decreasing when ``p_0 != p_1``, and 0 at
+    completes the proof of the paper's Theorem 6.2), strictly decreasing where ``p_0 != p_1``, 0 at
     ``gamma = 1``. When some ``r = 0`` or some ``mu = 0`` (``logq = -inf``), ``p_gamma`` misses an
     outcome that ``p_1`` charges and the bias is ``+inf`` for every ``gamma < 1`` (also for rows
     where ``mu r = 0`` everywhere); it is still 0 at ``gamma = 1``.
@@ -437,7 +437,7 @@ def bias(
 
     References
     ----------
-    DESIGN.md section 3 item 9; seed Definition 6.1 and Theorem 6.2.
+    :ref:`theory-finite-support`; the paper's Definition 6.1 and Theorem 6.2.
 
     Examples
     --------
@@ -469,7 +469,7 @@ def mse(
     *,
     axis: int = -1,
 ) -> Array:
-    r"""The seed's bias-variance trade-off ``Bias(gamma)**2 + V(gamma) / n`` (a heuristic).
+    r"""The paper's bias-variance trade-off ``Bias(gamma)**2 + V(gamma) / n`` (a heuristic).
 
     .. math::
         \mathrm{MSE}(\gamma) = D_{KL}(p_1 \,\|\, p_\gamma)^2
@@ -480,7 +480,7 @@ def mse(
     :func:`~isreshape_core.lognormal.lognormal_second_moment`. This is a heuristic, not a mean
     squared error: a KL divergence is squared and added to a second moment (not a variance; the
     variance of ``w**gamma`` is smallest at ``gamma = 0``). Use it for teaching and for rough
-    comparisons; the per-batch gamma of the library comes from the ESS (DESIGN.md items 2-4).
+    comparisons; the per-batch gamma of the library comes from the ESS (:ref:`theory-gamma-ess`).
 
     Parameters
     ----------
@@ -504,7 +504,7 @@ def mse(
 
     References
     ----------
-    DESIGN.md section 3 items 8-9; seed section 6.4.
+    :ref:`theory-finite-support`; :ref:`theory-lognormal`; the paper's section 6.4.
 
     Examples
     --------
@@ -570,7 +570,7 @@ def mse_optimal_gamma(
 
     References
     ----------
-    DESIGN.md section 3 item 9; seed section 6.4 ("an optimal gamma balances the two").
+    :ref:`theory-finite-support`; the paper's section 6.4 ("an optimal gamma balances the two").
 
     Examples
     --------

@@ -53,7 +53,7 @@ def log_weights(
     Returns
     -------
     array
-        The log weights, float32 or float64, in the namespace of the inputs (DESIGN.md section 2).
+        The log weights, float32 or float64, in the namespace of the inputs (:ref:`theory-levels`).
 
     Raises
     ------

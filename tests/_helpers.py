@@ -7,24 +7,46 @@ import os
 
 import numpy as np
 
-ALL_BACKENDS = ("numpy", "strict", "torch", "jax")
+ALL_BACKENDS = ("numpy", "strict", "torch", "jax", "cupy")
+
+
+def _usable(name: str, module: str) -> bool:
+    """Whether the backend's module is installed (and, for CuPy, sees a CUDA device: its wheel
+    imports without one and fails at the first array)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:  # a folder named like the module is no install
+        return False
+    if name == "cupy":
+        import cupy
+
+        return bool(cupy.is_available())
+    return True
 
 
 def available_backends() -> list[str]:
     """Backends to run the ``xp`` fixture on: ``ISRESHAPE_XP`` (comma-separated) or every one
-    that is installed."""
+    that is installed (CuPy: with a GPU)."""
     requested = os.environ.get("ISRESHAPE_XP")
     names = [b.strip() for b in requested.split(",")] if requested else list(ALL_BACKENDS)
-    modules = {"numpy": "numpy", "strict": "array_api_strict", "torch": "torch", "jax": "jax"}
+    modules = {
+        "numpy": "numpy",
+        "strict": "array_api_strict",
+        "torch": "torch",
+        "jax": "jax",
+        "cupy": "cupy",
+    }
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"ISRESHAPE_XP names unknown backends {unknown}; known: {ALL_BACKENDS}")
     out = []
     for name in names:
-        if importlib.util.find_spec(modules[name]) is not None:
+        if _usable(name, modules[name]):
             out.append(name)
         elif requested:
-            raise RuntimeError(f"ISRESHAPE_XP asks for {name!r}, which is not installed")
+            raise RuntimeError(
+                f"ISRESHAPE_XP asks for {name!r}, which is not installed"
+                + (" or sees no CUDA device" if name == "cupy" else "")
+            )
     return out
 
 
@@ -52,6 +74,10 @@ def get_namespace(name: str):
         import jax.numpy as xp
 
         return xp
+    if name == "cupy":
+        import array_api_compat.cupy as xp
+
+        return xp
     raise ValueError(name)
 
 
@@ -68,6 +94,8 @@ def to_numpy(x) -> np.ndarray:
         return np.asarray(x._array)
     if mod.startswith("torch"):
         return x.detach().cpu().numpy()
+    if mod.startswith("cupy"):  # no implicit conversion from device memory
+        return x.get()
     return np.asarray(x)
 
 

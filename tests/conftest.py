@@ -26,5 +26,5 @@ settings.load_profile("isreshape")
 
 @pytest.fixture(params=available_backends())
 def xp(request):
-    """An array-API namespace: numpy, array-api-strict, torch or jax, all in float64."""
+    """An array-API namespace: numpy, array-api-strict, torch, jax or cupy, all in float64."""
     return get_namespace(request.param)

@@ -1,6 +1,6 @@
 """Fused CUDA kernels of the IS Reshape loss (the two passes over the tokens), and their mirrors.
 
-The loss touches every token twice (DESIGN.md section 4, ``isreshape_cupy``):
+The loss touches every token twice:
 
 1. **Row statistics** (one :class:`cupy.ReductionKernel` launch, one read of ``logp``, ``logq``,
    ``mask`` and the rewards): for every sequence ``b``, with ``m`` the mask and the sums

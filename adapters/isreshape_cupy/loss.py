@@ -59,7 +59,7 @@ def is_reshape_loss_and_grad(
     r"""The IS Reshape loss, its exact gradient with respect to ``logp``, and metrics.
 
     The same loss as :func:`isreshape_core.is_reshape_loss_and_grad` and as
-    ``isreshape_torch.is_reshape_loss`` (DESIGN.md section 3, item 1; seed Theorem 2.1): with the
+    ``isreshape_torch.is_reshape_loss`` (:ref:`theory-objective`): with the
     unit log weights ``l_u`` (a sequence's summed or mean token log-ratio, or one token's), a
     per-token reward ``r_bt`` and verl's aggregation coefficients ``c_bt``,
 

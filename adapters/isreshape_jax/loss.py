@@ -2,7 +2,7 @@
 
 The math lives in :func:`isreshape_core.is_reshape_loss_and_grad`; this module calls it on the
 inputs and registers its exact gradient with respect to ``logp`` as a :func:`jax.custom_jvp`
-rule (DESIGN.md section 4): the tangent of the loss is ``sum(grad_logp * logp_dot)``, linear in
+rule: the tangent of the loss is ``sum(grad_logp * logp_dot)``, linear in
 ``logp_dot``, so reverse mode (``jax.grad``, ``jax.value_and_grad``, ``jax.vjp``) follows by
 transposition. Nothing is pulled to the host, so the loss runs under ``jax.jit``, ``jax.vmap``,
 inside ``optax`` training steps and, with ``axis_name``, inside ``shard_map`` or ``pmap`` over a
@@ -34,7 +34,7 @@ class AxisReducer:
     Inside ``jax.shard_map``, ``jax.pmap`` or ``jax.vmap(..., axis_name=...)``, ``sum(x)`` and
     ``max(x)`` return the element-wise sum and maximum of the shards' partial results ``x``
     over ``axis_name`` (``lax.psum``, ``lax.pmax``), so that the core's mergeable statistics
-    (counts, sums of shifted exponentials, maxima: DESIGN.md section 4) are those of the global
+    (counts, sums of shifted exponentials, maxima: :ref:`theory-groups`) are those of the global
     batch. ``x`` passes through ``lax.stop_gradient`` first: statistics carry no gradient.
 
     Parameters
@@ -142,12 +142,12 @@ def is_reshape_loss(
         \frac{\partial\,\text{loss}}{\partial \log\pi_{bt}} =
         -\sum_{t'} c_{bt'}\, r_{bt'}\, w_u^{\gamma}\, \frac{\partial l_u}{\partial \log\pi_{bt}}
 
-    (``form="objective"``, the Box-Cox form of DESIGN.md 3, item 1; ``gamma = 0`` is the limit
+    (``form="objective"``, the Box-Cox form of :ref:`theory-objective`; ``gamma = 0`` is the limit
     ``-sum c r l_u``, reward-weighted SFT). ``form="reinforce"`` is
     ``-sum c r stop_grad(w_u^gamma) log pi_u``, with the same gradient. ``gamma`` is chosen per
     batch (or per GRPO group) from the log weights (default: the largest gamma whose ESS ratio
     is at least ``rho_min``) and carries no gradient. The derivative is the core's exact rule
-    ``r w^gamma`` (seed Theorem 2.1), registered with :func:`jax.custom_jvp`: the tangent is
+    ``r w^gamma`` (the paper's Theorem 2.1), registered with :func:`jax.custom_jvp`: the tangent is
     ``sum(grad_logp * logp_dot)`` (no ``1/gamma``, exact at ``gamma = 0``), and reverse mode
     is its transpose. The metrics have zero tangents.
 
@@ -220,7 +220,7 @@ def is_reshape_loss(
 
     References
     ----------
-    DESIGN.md section 3, items 1-4 and 12, sections 4-5; seed Theorems 2.1 and 8.1;
+    :ref:`theory-objective`, :ref:`theory-gamma-ess`, :ref:`theory-groups`;
     verl ``core_algos.agg_loss`` for the aggregation modes; JAX's "Custom derivative rules"
     guide for ``custom_jvp``.
 

@@ -42,8 +42,9 @@ default is 0.04, this config's is 0), and non-default values of the settings tha
 clipped losses read (``epsilon``, ``epsilon_high``, ``epsilon_c``, ``loss_algo``); and, at the
 learner, sequence packing (``max_seq_token_per_tpu``).
 
-Tested with google-tunix 0.1.7 (``TUNIX_TESTED``); importing this module with a version outside
-``TUNIX_SUPPORTED`` raises ``ImportError``. See the docs page *Tunix*.
+Tested with google-tunix 0.1.7; supports google-tunix >=0.1.7,<0.1.8 (``TUNIX_SUPPORTED``: the
+learner hooks into Tunix's data queue, not a public interface); with another version, or none,
+importing this module raises ``ImportError`` naming the range. See the docs page *Tunix*.
 
 References: Tunix 0.1.7 ``tunix/rl/algo_core.py`` (``grpo_loss_fn``, whose structure the loss
 follows; ``aggregate_loss`` in ``tunix/rl/common.py``), ``tunix/rl/rl_learner.py``
@@ -55,8 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.metadata
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,36 +66,24 @@ import numpy as np
 from flax import nnx
 
 from isreshape_core import GAMMA_METHODS, LEVELS, LOSS_FORMS, log_weights, step_gamma
+from isreshape_core._versions import require
 
 from .loss import is_reshape_loss
 
 #: The Tunix release this integration is tested with.
 TUNIX_TESTED = "0.1.7"
-#: The supported ``google-tunix`` versions: ``>= 0.1.7, < 0.2`` (the learner hooks into
-#: Tunix's data queue, which is not a public interface).
-TUNIX_SUPPORTED = ((0, 1, 7), (0, 2, 0))
-
-
-def _check_tunix_version() -> str:
-    try:
-        version = importlib.metadata.version("google-tunix")
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError(
-            "isreshape_jax.tunix needs Tunix: pip install 'google-tunix>=0.1.7,<0.2' "
-            f"(tested with {TUNIX_TESTED})"
-        ) from None
-    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-    low, high = TUNIX_SUPPORTED
-    if not (low <= parts < high):
-        raise ImportError(
-            f"isreshape_jax.tunix supports google-tunix >=0.1.7,<0.2 (tested with "
-            f"{TUNIX_TESTED}), found {version}; install a supported version, e.g. "
-            f"pip install 'google-tunix=={TUNIX_TESTED}'"
-        )
-    return version
-
-
-TUNIX_VERSION = _check_tunix_version()
+#: The Tunix releases this module supports; on others its import fails. The learner hooks into
+#: Tunix's data queue (``RLLearner._prepare_data``), which is not a public interface and changed
+#: between 0.1.x releases, so only the tested release series is admitted.
+TUNIX_SUPPORTED = ">=0.1.7,<0.1.8"
+TUNIX_VERSION = require(
+    "google-tunix",
+    TUNIX_SUPPORTED,
+    tested=TUNIX_TESTED,
+    integration=__name__,
+    extra="tunix",
+    module="tunix",
+)
 
 from tunix.rl import common, function_registry  # noqa: E402
 from tunix.rl import rl_cluster as rl_cluster_lib  # noqa: E402

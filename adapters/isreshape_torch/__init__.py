@@ -5,6 +5,10 @@ the core's value-plus-derivative on detached tensors and register the exact grad
 autograd; :class:`TorchDistributedReducer` merges the statistics of data-parallel ranks.
 """
 
+from isreshape_core._versions import require
+
+require("torch", ">=2.5", tested="2.13.0", integration=__name__, extra="torch")
+
 from .distributed import TorchDistributedReducer, resolve_reducer
 from .loss import ISReshapeLoss, is_reshape_loss
 

@@ -1,8 +1,8 @@
 """Data-parallel statistics for the IS Reshape loss over ``torch.distributed``.
 
 When every data-parallel rank holds a slice of the batch, gamma, the ESS statistics and the loss
-normalisers must be those of the *global* batch (DESIGN.md section 4: "gamma must be the same on
-every data-parallel rank and equal to what one process would compute on the whole batch"). The
+normalisers must be those of the *global* batch (:ref:`theory-groups`: gamma is the same on every
+data-parallel rank and equal to what one process would compute on the whole batch). The
 core merges partial reductions through a :class:`isreshape_core.Reducer`; this module provides
 one that all-reduces over a process group, and :func:`resolve_reducer`, which turns the loss's
 ``distributed=`` option into a reducer and a world size.

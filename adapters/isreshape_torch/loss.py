@@ -2,7 +2,7 @@
 
 The math lives in :func:`isreshape_core.is_reshape_loss_and_grad`; this module calls it on
 detached inputs and attaches its exact gradient with respect to ``logp`` through a
-``torch.autograd.Function`` (DESIGN.md section 4). Nothing here pulls a value to the host, so the
+``torch.autograd.Function``. Nothing here pulls a value to the host, so the
 loss compiles with ``torch.compile(fullgraph=True)`` and runs under ``torch.func.grad`` and
 ``torch.func.vmap``.
 """
@@ -94,13 +94,13 @@ def is_reshape_loss(
         \frac{\partial\,\text{loss}}{\partial \log\pi_{bt}} =
         -\sum_{t'} c_{bt'}\, r_{bt'}\, w_u^{\gamma}\, \frac{\partial l_u}{\partial \log\pi_{bt}}
 
-    (``form="objective"``, the Box-Cox form of DESIGN.md 3, item 1; ``gamma = 0`` is the limit
+    (``form="objective"``, the Box-Cox form of :ref:`theory-objective`; ``gamma = 0`` is the limit
     ``-sum c r l_u``, reward-weighted SFT). ``form="reinforce"`` is
     ``-sum c r stop_grad(w_u^gamma) log pi_u``, with the same gradient. ``gamma`` is chosen per
     batch (or per GRPO group) from the *detached* log weights (default: the largest gamma whose
     ESS ratio is at least ``rho_min``) and carries no gradient. The gradient is the core's exact
-    derivative rule ``r w^gamma`` (seed Theorem 2.1), registered in a ``torch.autograd.Function``:
-    no ``1/gamma``, exact at ``gamma = 0``.
+    derivative rule ``r w^gamma`` (:ref:`theory-objective`), registered in a
+    ``torch.autograd.Function``: no ``1/gamma``, exact at ``gamma = 0``.
 
     **Only** ``logp`` **carries gradient**: ``logq``, ``rewards`` and ``mask`` are detached and
     treated as constants (the behaviour policy and the advantages are data), and so is gamma.
@@ -166,7 +166,7 @@ def is_reshape_loss(
 
     References
     ----------
-    DESIGN.md section 3, items 1-4 and 12, sections 4-5; seed Theorems 2.1 and 8.1;
+    :ref:`theory-objective`, :ref:`theory-gamma-ess`, :ref:`theory-groups`;
     verl ``core_algos.agg_loss`` for the aggregation modes.
 
     Examples
@@ -240,7 +240,7 @@ class ISReshapeLoss(torch.nn.Module):
     ``forward(logp, logq, rewards, mask=None)`` returns ``(loss, metrics)``; see
     :func:`is_reshape_loss` for the formula, the shapes, the options and the treatment of
     ``torch.distributed`` (only ``logp`` carries gradient). The module has no parameters or
-    buffers. Reference: DESIGN.md sections 3-5.
+    buffers. Reference: :ref:`theory-objective`.
 
     Examples
     --------

@@ -7,6 +7,10 @@ log-probabilities that TRL already gathered, and hands both to
 :func:`isreshape_torch.is_reshape_loss`. Everything else (generation, rewards, group-normalised
 advantages, vLLM, logging) is TRL's.
 
+Tested with TRL 1.16.0; supports TRL >=1.16,<1.17 (``TRL_SUPPORTED``: the trainer overrides
+TRL's private ``_compute_loss``): with another TRL (or none) the import fails with an
+``ImportError`` that names this range.
+
 Usage::
 
     from isreshape_torch.trl import ISReshapeGRPOConfig, ISReshapeGRPOTrainer
@@ -51,6 +55,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from isreshape_core._versions import require
+
+#: The TRL releases this module supports (tested with 1.16.0); on others its import fails.
+TRL_SUPPORTED = ">=1.16,<1.17"
+require("trl", TRL_SUPPORTED, tested="1.16.0", integration=__name__, extra="trl")
+
 from trl import GRPOConfig, GRPOTrainer
 
 from isreshape_core import GAMMA_METHODS, LEVELS, LOSS_AGG_MODES, LOSS_FORMS

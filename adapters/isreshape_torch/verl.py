@@ -1,5 +1,8 @@
 """The IS Reshape policy loss for verl (0.9.x): importing this module registers ``is_reshape``.
 
+Tested with verl 0.9.1; supports verl >=0.9,<0.10 (``VERL_SUPPORTED``): with another verl (or
+none) the import fails with an ``ImportError`` that names this range.
+
 Usage (verl's PPO/GRPO trainer; options in the actor's policy-loss config)::
 
     export VERL_USE_EXTERNAL_MODULES=isreshape_torch.verl   # imported by `import verl`
@@ -56,6 +59,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from isreshape_core._versions import require
+
+#: The verl releases this module supports (tested with 0.9.1); on others its import fails.
+VERL_SUPPORTED = ">=0.9,<0.10"
+require("verl", VERL_SUPPORTED, tested="0.9.1", integration=__name__, extra="verl")
+
 from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config.actor import PolicyLossConfig
 

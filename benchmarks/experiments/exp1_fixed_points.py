@@ -14,7 +14,7 @@ started at ``mu``, maximises ``L_gamma(pi) = E_mu[r · expm1(gamma·l)/gamma]``,
   averaged over the last half (Polyak), as stochastic training would.
 
 The learned policy is compared with the loss's maximiser ``stationary_log_probs``
-(``mu·r^(1/(1-gamma))``, DESIGN.md 3 item 9) and with the seed's geometric target
+(``mu·r^(1/(1-gamma))``, docs/theory.md#theory-finite-support) and with the paper's geometric target
 ``target_log_probs`` (``p_gamma``, at ``tau = 1`` and ``tau = 0.1``): ``KL(learned || target)``,
 median and largest over the 20 problems. Writes ``exp1_fixed_points.{md,json,png}``. About 30 s
 on 2 CPU cores.

@@ -76,7 +76,7 @@ def test_step_gamma_per_group_by_index_not_by_position(xp):
     g_perm, _ = isr.step_gamma(
         xp.asarray(l[perm]), 0.3, group_ids=xp.asarray(ids[perm]), num_groups=G
     )
-    np.testing.assert_allclose(to_numpy(g_perm), g[perm], rtol=1e-14)  # sums reordered
+    np.testing.assert_allclose(to_numpy(g_perm), g[perm], rtol=1e-12)  # sums reordered
 
 
 def test_step_gamma_mask_removes_units():

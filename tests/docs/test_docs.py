@@ -7,12 +7,17 @@
   framework is installed) and print what the page says they print;
 - ``mkdocs build --strict`` succeeds (no warning, no broken link or anchor) and the site has an
   entry for every public name and the experiments' figures (where mkdocs is installed: the
-  ``docs`` nox session).
+  ``docs`` nox session);
+- the built HTML, as a reader sees it, holds no reStructuredText mark left unconverted (a role
+  such as ``:math:`` or ``:func:``, a ``.. math::`` block) and no reference to a document that does
+  not ship (``DESIGN.md``, ``shared/``, ``seeds/``, or the seed paper without a link to the theory
+  page that presents it).
 """
 
 from __future__ import annotations
 
 import ast
+import html
 import importlib.util
 import re
 import subprocess
@@ -132,29 +137,132 @@ def test_getting_started_example_prints_what_the_page_says(index, framework):
     assert ess[-1] >= 0.3 - 5e-4
 
 
-def test_site_builds_strictly_with_every_public_name(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site built by ``mkdocs build --strict`` (skipped where mkdocs is not installed)."""
     for module in ("mkdocs", "mkdocstrings", "material"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install 'isreshape[docs]')")
-    site = tmp_path / "site"
+    home = tmp_path_factory.mktemp("home")
+    site = home / "site"
     run = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "", "HOME": str(tmp_path)},
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "", "HOME": str(home)},
         timeout=600,
     )
     assert run.returncode == 0, run.stderr
     assert "WARNING" not in run.stderr, run.stderr
-    html = "".join(p.read_text() for p in (site / "api").rglob("*.html"))
-    assert "::: " not in html  # every reference entry was rendered
+    return site
+
+
+def test_site_builds_strictly_with_every_public_name(site):
+    html_text = "".join(p.read_text() for p in (site / "api").rglob("*.html"))
+    assert "::: " not in html_text  # every reference entry was rendered
     for package, path in PACKAGES.items():
         for name in _module_all(path):
-            assert re.search(rf'id="{re.escape(package)}\.(?:\w+\.)?{name}"', html), (package, name)
-    assert "$$" not in html and ".. math::" not in html  # maths converted for MathJax
-    assert "``" not in html and ":func:" not in html  # reST marks converted (docs/griffe_rst.py)
+            assert re.search(rf'id="{re.escape(package)}\.(?:\w+\.)?{name}"', html_text), (
+                package,
+                name,
+            )
     figures = {p.name for p in (site / "results").glob("*.png")}
     assert {"exp1_fixed_points.png", "exp2_gamma_rules.png", "exp3_staleness.png"} <= figures
     experiments = (site / "experiments" / "index.html").read_text()
     assert 'src="../results/exp1_fixed_points.png"' in experiments
+
+
+# What a reader must never see in the built site.
+_ROLE = re.compile(r"(?<![\w:]):(?:math|func|class|mod|meth|attr|data|ref|obj|exc|doc|py:\w+):")
+_UNSHIPPED = re.compile(r"\bDESIGN\b|DESIGN\.md|\bshared/|\bseeds/")
+_SEED = re.compile(
+    r"\bthe seed\b(?!s)|\bseed(?:'s|\u2019s)|\bseed (?:paper|theorem|proposition|definition|"
+    r"corollary|assumption|section)",
+    re.IGNORECASE,
+)
+_THEORY_LINK = re.compile(r'<a\b[^>]*\bhref="(?:[^"]*/)?theory/(?:#[^"]*)?"[^>]*>.*?</a>', re.S)
+_DROP = re.compile(r"<(script|style)\b.*?</\1>", re.S | re.I)
+_TAG = re.compile(r"<[^>]+>")
+
+
+def _reader_text(page: str) -> str:
+    """The text of an HTML page as a reader sees it: no scripts, no tags, entities decoded."""
+    return html.unescape(_TAG.sub("", _DROP.sub(" ", page)))
+
+
+def site_problems(page: str) -> list[str]:
+    """Leftover reST marks and references to documents that do not ship, in one HTML page.
+
+    "The seed" (the paper the theory starts from) may be named only inside a link to the theory
+    page, which presents it.
+    """
+    problems = []
+    text = _reader_text(page)
+    unlinked = _reader_text(_THEORY_LINK.sub(" ", page))
+    for pattern, what, where in (
+        (_ROLE, "reST role", text),
+        (_UNSHIPPED, "document that does not ship", text),
+        (_SEED, "the seed without a link to the theory page", unlinked),
+    ):
+        for m in pattern.finditer(where):
+            context = " ".join(where[max(m.start() - 60, 0) : m.end() + 60].split())
+            problems.append(f"{what}: {m[0]!r} in ...{context}...")
+    if ".. math::" in text or "$$" in text or "``" in text:
+        problems.append("a .. math:: block, $$ or a double backtick left unconverted")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "<p>:math:<code>l_b = \\sum_t m_{bt}</code></p>",
+        "<p>see :func:`gamma_ess`</p>",
+        "<li>:class:<code>Reducer</code> and :data:<code>VERDICTS</code></li>",
+        "<p>(DESIGN.md section 3 item 5)</p>",
+        "<p>in <code>shared/seeds/</code></p>",
+        "<p>the seed's closed form</p>",
+        "<p>(seed Theorem 2.1)</p>",
+        '<p><a href="../concepts/">the seed</a></p>',
+        "<p>.. math:: x</p>",
+    ],
+)
+def test_site_problems_finds_what_is_planted(planted):
+    assert site_problems(f"<html><body>{planted}</body></html>")
+
+
+@pytest.mark.parametrize(
+    "clean",
+    [
+        '<p>the closed form of <a href="../../theory/#theory-paper">the seed</a></p>',
+        '<p>the <span class="arithmatex">\\(l_b = \\sum_t m_{bt}\\)</span></p>',
+        "<p>10 evaluation seeds; the random seed; <code>--seed</code></p>",
+        "<p>axis: data: the key</p>",
+    ],
+)
+def test_site_problems_passes_clean_pages(clean):
+    assert site_problems(f"<html><body>{clean}</body></html>") == []
+
+
+def test_built_pages_show_no_rest_markup_and_cite_only_shipped_documents(site):
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 15
+    found = [f"{p.relative_to(site)}: {q}" for p in pages for q in site_problems(p.read_text())]
+    assert not found, "\n".join(found)
+
+
+def test_inline_math_and_cross_references_render(site):
+    core = (site / "api" / "core" / "index.html").read_text()
+    # The :math: roles of log_weights, as MathJax (arithmatex) spans with their TeX intact.
+    assert (
+        '<span class="arithmatex">\\(l_b = \\sum_t m_{bt} (\\log p_{bt} - \\log q_{bt})\\)</span>'
+        in core
+    )
+    # :func: roles link to the entries of the reference; :ref: roles to the theory page.
+    assert re.search(
+        r'<a class="autorefs autorefs-internal"[^>]*href="#isreshape_core\.gamma_ess"', core
+    )
+    assert re.search(r'href="\.\./\.\./theory/#theory-objective"', core)
+    assert (site / "theory" / "index.html").is_file()
+    # MathJax is served by the site itself, so the maths renders offline.
+    assert (site / "javascripts" / "mathjax" / "tex-mml-chtml.js").is_file()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import os
 
 import numpy as np
@@ -426,10 +427,20 @@ def test_learner_checks_its_config(trained):
 
 
 def test_version_check(monkeypatch):
+    assert isr_tunix.TUNIX_SUPPORTED == ">=0.1.7,<0.1.8" and isr_tunix.TUNIX_TESTED == "0.1.7"
     assert isr_tunix.TUNIX_VERSION == importlib.metadata.version("google-tunix")
-    for bad in ["0.1.6", "0.2.0", "1.0.0"]:
-        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=bad: v)
-        with pytest.raises(ImportError, match=rf">=0.1.7,<0.2.*found {bad}"):
-            isr_tunix._check_tunix_version()
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.9")
-    assert isr_tunix._check_tunix_version() == "0.1.9"
+    real = importlib.metadata.version
+    origin = importlib.util.find_spec("isreshape_jax.tunix").origin
+    for bad in ["0.1.6", "0.1.8", "0.2.0"]:
+        monkeypatch.setattr(
+            importlib.metadata, "version", lambda d, v=bad: v if d == "google-tunix" else real(d)
+        )
+        # a fresh copy of the module (the imported one stays registered with Tunix)
+        spec = importlib.util.spec_from_file_location("isreshape_jax.tunix_probe", origin)
+        probe = importlib.util.module_from_spec(spec)
+        with pytest.raises(ImportError) as info:
+            spec.loader.exec_module(probe)
+        message = str(info.value)
+        assert "supports google-tunix >=0.1.7,<0.1.8 (tested with 0.1.7)" in message
+        assert f"found google-tunix {bad}" in message and "isreshape[tunix]" in message
+        assert not hasattr(probe, "ISReshapeGRPOLearner")  # stopped before Tunix is imported

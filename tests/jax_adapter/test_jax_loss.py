@@ -404,3 +404,38 @@ def test_precomputed_gamma_array_traced_under_jit(level):
     by_array = is_reshape_loss(*args, gamma=np.asarray(0.5), level=level)[0]
     assert float(by_array) == float(by_number)
     assert metrics["gamma"].shape == ()
+
+
+def test_step_gamma_over_a_named_axis_feeds_every_shards_loss():
+    """The step's gamma computed over a vmapped data axis (AxisReducer) equals the one-process
+    gamma of the whole step (groups by index, split over the shards), and the shards' losses with
+    it sum to the whole step's loss."""
+    import isreshape_core as isr
+
+    shards, B, T, G = 4, 16, 5, 3
+    logp, logq, rewards, mask = make_batch(41, B=B, T=T, spread=1.5)
+    ids = np.random.default_rng(41).integers(0, G, B)
+    l = isr.log_weights(logp, logq, mask)
+    whole_g, whole_m = isr.step_gamma(l, 0.7, group_ids=ids, num_groups=G)
+    assert len(np.unique(whole_g)) > 1
+    whole_loss = is_reshape_loss(
+        *(jnp.asarray(a) for a in (logp, logq, rewards, mask)), gamma=jnp.asarray(whole_g)
+    )[0]
+
+    def shard(lp, lq, r, m, gid):
+        reducer = AxisReducer("data")
+        g, metrics = isr.step_gamma(
+            isr.log_weights(lp, lq, m), 0.7, group_ids=gid, num_groups=G, reducer=reducer
+        )
+        loss, _ = is_reshape_loss(lp, lq, r, m, gamma=g, axis_name="data")
+        return g, metrics, loss
+
+    split = [
+        jnp.asarray(a.reshape(shards, B // shards, *a.shape[1:]))
+        for a in (logp, logq, rewards, mask, ids)
+    ]
+    g, metrics, loss = jax.jit(jax.vmap(shard, axis_name="data"))(*split)
+    np.testing.assert_allclose(np.asarray(g).reshape(B), whole_g, rtol=1e-12)
+    for key, value in whole_m.items():
+        np.testing.assert_allclose(np.asarray(metrics[key]), float(value), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(loss), float(whole_loss), rtol=1e-12)
