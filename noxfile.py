@@ -1,9 +1,10 @@
-"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``tests_package``, ``docs``
-and ``lint``.
+"""Nox sessions: ``tests(backend)``, ``tests_verl``, ``tests_trl``, ``tests_tunix``,
+``tests_package``, ``docs`` and ``lint``.
 
 Plain ``nox`` runs all but ``tests(backend='cupy')``, and is what CI runs (``.ci/run``, no GPU);
 each array backend runs in its own virtual environment with the ``xp`` fixture restricted to it,
-and the verl and TRL integrations have their own environments because they pull large frameworks.
+and the verl, TRL and Tunix integrations have their own environments because they pull large
+frameworks.
 ``tests(backend='cupy')`` needs an NVIDIA GPU and is run by name; without one it stops at once.
 """
 
@@ -35,6 +36,7 @@ nox.options.sessions = [
     *[f"tests(backend='{backend}')" for backend in CPU_BACKENDS],
     "tests_verl",
     "tests_trl",
+    "tests_tunix",
     "tests_package",
 ]
 # The docstring examples run once, in the session that has their framework.
@@ -46,9 +48,12 @@ DOCTESTS = {
         "adapters/isreshape_torch/loss.py",
         "adapters/isreshape_torch/distributed.py",
     ],
-    "jax": ["adapters/isreshape_jax"],
+    # isreshape_jax/tunix.py needs Tunix: its examples run in tests_tunix.
+    "jax": ["adapters/isreshape_jax/__init__.py", "adapters/isreshape_jax/loss.py"],
     "cupy": [],
 }
+# The Tunix release isreshape_jax.tunix is tested with (its TUNIX_TESTED).
+TUNIX = "google-tunix==0.1.7"
 ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -140,6 +145,26 @@ def tests_trl(session: nox.Session) -> None:
         "adapters/isreshape_torch/trl.py",
         "-q",
         env={"ISRESHAPE_XP": "numpy", **ENV},
+    )
+
+
+@nox.session
+def tests_tunix(session: nox.Session) -> None:
+    """The Tunix GRPO learner integration (real optimizer steps of a tiny Qwen3 built from a
+    config, a character tokenizer, offline on CPU), against the Tunix release it is tested with."""
+    session.install(TUNIX)
+    session.install("-e", ".", "pytest>=8", "hypothesis>=6.100")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/integrations/test_tunix.py",
+        "--doctest-modules",
+        "adapters/isreshape_jax/tunix.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        env={"ISRESHAPE_XP": "numpy", "JAX_PLATFORMS": "cpu", **ENV},
     )
 
 

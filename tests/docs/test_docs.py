@@ -35,6 +35,7 @@ PACKAGES = {
     "isreshape_torch.verl": ROOT / "adapters" / "isreshape_torch" / "verl.py",
     "isreshape_torch.trl": ROOT / "adapters" / "isreshape_torch" / "trl.py",
     "isreshape_jax": ROOT / "adapters" / "isreshape_jax" / "__init__.py",
+    "isreshape_jax.tunix": ROOT / "adapters" / "isreshape_jax" / "tunix.py",
     "isreshape_cupy": ROOT / "adapters" / "isreshape_cupy" / "__init__.py",
 }
 
