@@ -543,6 +543,13 @@ def is_reshape_ppo_loss(config: Any, model_output: Any, data: Any, dp_group: Any
     -------
     (loss, metrics)
         As verl's ``ppo_loss``.
+
+    Examples
+    --------
+    The IS Reshape trainer installs it on verl's actor engine; by hand (``engine`` a verl
+    training engine, after :func:`prepare_step_gamma` wrote the step's gamma into the batch):
+
+    >>> engine.set_loss_fn(is_reshape_ppo_loss)  # doctest: +SKIP
     """
     from verl.workers.utils.losses import ppo_loss
 
