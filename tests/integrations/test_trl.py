@@ -6,7 +6,7 @@ parameter gradient, against the loss written out here in plain torch (log-softma
 ``expm1(gamma l)/gamma``, TRL's normalisers), and gamma against a NumPy ESS computation. The step
 gamma (one per optimizer step of 4 micro-batches, over 1 and 2 processes) is checked against the
 core's :func:`isreshape_core.step_gamma` of the whole step in one process
-(``trl_step_gamma_run.py`` runs and records the training).
+(``_trl_step_gamma_run.py`` runs and records the training).
 """
 
 from __future__ import annotations
@@ -492,7 +492,7 @@ def _gathered_like(per_call, calls, level):
     "scope, level", [("step", "sequence"), ("group", "sequence"), ("step", "token")]
 )
 def test_one_gamma_per_optimizer_step_one_process(tmp_path, scope, level):
-    import trl_step_gamma_run as runner
+    import _trl_step_gamma_run as runner
 
     trainer = runner.run(str(tmp_path), scope, level)
     check_step_gamma(
@@ -510,7 +510,7 @@ def test_one_gamma_per_optimizer_step_one_process(tmp_path, scope, level):
 
 def test_micro_batch_scope_is_the_ablation(tmp_path):
     """Per-call gammas (the earlier behaviour) differ within one optimizer step."""
-    import trl_step_gamma_run as runner
+    import _trl_step_gamma_run as runner
 
     trainer = runner.run(str(tmp_path), "micro_batch", "sequence")
     spread = []
@@ -534,7 +534,7 @@ def test_one_gamma_per_optimizer_step_two_processes(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).with_name("trl_step_gamma_run.py")
+    script = Path(__file__).with_name("_trl_step_gamma_run.py")
     for scope in ("step", "group"):
         out = tmp_path / scope
         out.mkdir()

@@ -1,7 +1,7 @@
 """A real TRL run that records how ISReshapeGRPOTrainer chooses and uses the step's gamma.
 
 Used by ``test_trl.py`` in-process (one process) and as a script under ``torchrun`` (two CPU
-processes, gloo): ``python -m torch.distributed.run --nproc_per_node 2 trl_step_gamma_run.py OUT
+processes, gloo): ``python -m torch.distributed.run --nproc_per_node 2 _trl_step_gamma_run.py OUT
 SCOPE LEVEL``. Every process saves ``OUT/rank{r}.pt``: what each step's gamma was chosen from
 (``selection``), what every loss call used (``calls``) and TRL's log history.
 
