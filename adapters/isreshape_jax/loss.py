@@ -99,6 +99,43 @@ def _varying_axes(x: jax.Array) -> frozenset:
     return frozenset(vma or ())
 
 
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(dynamic, static)``: array-valued options travel as arguments of the ``custom_jvp``
+    function (they may be tracers of an enclosing ``jit``/``grad``); the rest are closed over."""
+    dynamic = {k: v for k, v in options.items() if isinstance(v, (jax.Array, np.ndarray))}
+    return dynamic, {k: v for k, v in options.items() if k not in dynamic}
+
+
+def with_exact_gradient(core: Any, axis_name: AxisName | None) -> Any:
+    """``(loss, metrics)`` of ``core(logp, *rest)`` as a :func:`jax.custom_jvp` function whose
+    tangent is ``sum(grad_logp * logp_dot)``, ``grad_logp`` the core's exact derivative.
+
+    ``core`` returns ``(loss, grad_logp, metrics)``; the metrics get zero tangents. Inside
+    ``shard_map`` the loss is the psum of the shards' values, invariant over ``axis_name``: its
+    tangent is the sum of the shards' contributions (the varying axes must agree too).
+    """
+
+    @jax.custom_jvp
+    def loss_and_metrics(*args):
+        loss, _, metrics = core(*args)
+        return loss, metrics
+
+    @loss_and_metrics.defjvp
+    def _jvp(primals, tangents):
+        loss, grad_logp, metrics = core(*primals)
+        tangent = jnp.sum(grad_logp * tangents[0])
+        if axis_name is not None:
+            names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+            extra = _varying_axes(tangent) - _varying_axes(loss)
+            summed = tuple(n for n in names if n in extra)
+            if summed:
+                tangent = lax.psum(tangent, summed)
+        tangent = tangent.astype(loss.dtype)
+        return (loss, metrics), (tangent, jax.tree.map(jnp.zeros_like, metrics))
+
+    return loss_and_metrics
+
+
 def _merge_group_metrics(metrics: dict[str, jax.Array], axis_name: AxisName) -> dict:
     """Per-shard group metrics (means over the shard's groups, a maximum) as global ones.
 
@@ -265,13 +302,9 @@ def is_reshape_loss(
     if axis_name is not None:
         reducer = AxisReducer(axis_name)
 
-    # Array-valued options travel as arguments of the custom_jvp function (they may be tracers
-    # of an enclosing jit/grad); the rest are static and closed over.
     if isinstance(gamma, np.ndarray):
         gamma = jnp.asarray(gamma)
-    options = {"gamma": gamma, "rho_min": rho_min, **gamma_options}
-    dynamic = {k: v for k, v in options.items() if isinstance(v, (jax.Array, np.ndarray))}
-    static = {k: v for k, v in options.items() if k not in dynamic}
+    dynamic, static = split_options({"gamma": gamma, "rho_min": rho_min, **gamma_options})
 
     def core(logp_, logq_, rewards_, mask_, dynamic_):
         return is_reshape_loss_and_grad(
@@ -289,27 +322,7 @@ def is_reshape_loss(
             **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
         )
 
-    @jax.custom_jvp
-    def loss_and_metrics(logp_, logq_, rewards_, mask_, dynamic_):
-        loss, _, metrics = core(logp_, logq_, rewards_, mask_, dynamic_)
-        return loss, metrics
-
-    @loss_and_metrics.defjvp
-    def _jvp(primals, tangents):
-        logp_dot = tangents[0]
-        loss, grad_logp, metrics = core(*primals)
-        tangent = jnp.sum(grad_logp * logp_dot)
-        if axis_name is not None:
-            # In shard_map the loss is the psum of the shards' values, invariant over the axis:
-            # its tangent is the sum of the shards' contributions (the types must agree too).
-            names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-            extra = _varying_axes(tangent) - _varying_axes(loss)
-            summed = tuple(n for n in names if n in extra)
-            if summed:
-                tangent = lax.psum(tangent, summed)
-        tangent = tangent.astype(loss.dtype)
-        return (loss, metrics), (tangent, jax.tree.map(jnp.zeros_like, metrics))
-
+    loss_and_metrics = with_exact_gradient(core, axis_name)
     try:
         loss, metrics = loss_and_metrics(logp, logq, rewards, mask, dynamic)
     except NameError as exc:

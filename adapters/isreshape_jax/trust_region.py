@@ -16,7 +16,7 @@ from jax import lax
 
 from isreshape_core import decoupled_ppo_loss_and_grad
 
-from .loss import AxisReducer, _as_jax_array, _varying_axes
+from .loss import AxisReducer, _as_jax_array, split_options, with_exact_gradient
 
 __all__ = ["decoupled_ppo_loss"]
 
@@ -64,8 +64,7 @@ def decoupled_ppo_loss(
     reducer = None if axis_name is None else AxisReducer(axis_name)
     if isinstance(options.get("gamma"), np.ndarray):
         options["gamma"] = jnp.asarray(options["gamma"])
-    dynamic = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
-    static = {k: v for k, v in options.items() if k not in dynamic}
+    dynamic, static = split_options(options)
 
     def core(logp_, prox_, logq_, adv_, mask_, dynamic_):
         return decoupled_ppo_loss_and_grad(
@@ -79,23 +78,5 @@ def decoupled_ppo_loss(
             **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
         )
 
-    @jax.custom_jvp
-    def loss_and_metrics(*args):
-        loss, _, metrics = core(*args)
-        return loss, metrics
-
-    @loss_and_metrics.defjvp
-    def _jvp(primals, tangents):
-        loss, grad_logp, metrics = core(*primals)
-        tangent = jnp.sum(grad_logp * tangents[0])
-        if axis_name is not None:
-            # The loss is the psum of the shards' values: its tangent sums their contributions.
-            names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-            extra = _varying_axes(tangent) - _varying_axes(loss)
-            summed = tuple(n for n in names if n in extra)
-            if summed:
-                tangent = lax.psum(tangent, summed)
-        tangent = tangent.astype(loss.dtype)
-        return (loss, metrics), (tangent, jax.tree.map(jnp.zeros_like, metrics))
-
+    loss_and_metrics = with_exact_gradient(core, axis_name)
     return loss_and_metrics(logp, logp_prox, logq, advantages, mask, dynamic)
