@@ -33,6 +33,7 @@ from ._array import (
     traced_bad_rows,
 )
 from ._ess import log_abs
+from ._ess_grid import grid_plan, largest_feasible_gamma, polish_feasible_end
 from ._objective import _log_max
 
 __all__ = ["GAMMA_METHODS", "gamma_closed_form", "gamma_ess", "select_gamma"]
@@ -42,6 +43,9 @@ GAMMA_METHODS = ("ess", "closed_form", "psis", "tail", "combined")
 # Newton steps aim this fraction past the predicted root, so that the iterates land on both sides
 # of it and the feasible end of the bracket (the value returned) converges too.
 _OVERSHOOT = 0.02
+# Newton iterations where the candidate grid would be too large (token-level gamma over many
+# tokens); see gamma_ess.
+_NEWTON_ITERATIONS = 12
 
 
 def _check_bounds(gamma_min: Any, gamma_max: Any) -> None:
@@ -235,6 +239,52 @@ def _ess_and_slope(
     return s1, s2, log_ess, slope
 
 
+def _newton_search(
+    xp: Namespace,
+    stats_at: Any,
+    needed: Array,
+    lo: Array,
+    hi: Array,
+    start: Array,
+    iterations: int,
+    polish: Any,
+) -> tuple[Array, Array, Array]:
+    """``(gamma, hi_feasible, lo_infeasible)`` by safeguarded Newton on ``log ESS`` in
+    ``gamma^2`` inside the bracket ``[lo, hi]``; ``gamma`` is the bracket's feasible end (``hi``
+    where ``hi`` itself is feasible). ``stats_at(g)`` gives ``(s1, s2, log ESS, slope)`` at ``g``;
+    ``polish(x, lo)`` moves the feasible end ``lo`` up to the last iterate ``x``.
+    """
+    log_needed = xp.log(xp.where(needed > 0, needed, 1.0))
+
+    def meets(s1, s2):
+        # ESS = s1^2 / s2 >= needed, without the division (the margin covers the rounding).
+        return s1 * s1 >= needed * s2
+
+    done_hi = meets(*stats_at(hi)[:2])  # even gamma_max is feasible
+    infeasible = ~meets(*stats_at(lo)[:2])  # even gamma_min misses the target
+    x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
+    step_old = hi - lo
+    for _ in range(iterations):
+        s1, s2, log_ess, slope = stats_at(x)
+        f = log_ess - log_needed
+        feasible = meets(s1, s2)
+        # x always lies in [lo, hi]: it is a Newton point inside the bracket or its midpoint.
+        lo = xp.where(feasible, x, lo)
+        hi = xp.where(feasible, hi, x)
+        # Newton on F(u) = log ESS - target with u = gamma^2: du = -F / (dF/dgamma / (2 gamma)).
+        has_slope = (slope < 0) & (x > 0)
+        du = -f * 2.0 * x / xp.where(has_slope, slope, -1.0)
+        u = x * x + (1.0 + _OVERSHOOT) * du
+        candidate = xp.sqrt(xp.where(u > 0, u, 0.0))
+        step = xp.abs(candidate - x)
+        newton_ok = has_slope & (candidate > lo) & (candidate < hi) & (step <= 0.5 * step_old)
+        x_next = xp.where(newton_ok, candidate, 0.5 * (lo + hi))
+        step_old = xp.where(newton_ok, step, 0.5 * (hi - lo))
+        x = x_next
+    lo = polish(xp.minimum(xp.maximum(x, lo), hi), lo)
+    return xp.where(done_hi, hi, lo), done_hi, infeasible
+
+
 def gamma_ess(
     log_w: Array,
     rho_min: Any = 0.3,
@@ -243,7 +293,7 @@ def gamma_ess(
     mask: Array | None = None,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
-    max_iter: int = 12,
+    max_iter: int | None = None,
     rewards: Array | None = None,
     reducer: Reducer | None = None,
 ) -> Array:
@@ -255,14 +305,26 @@ def gamma_ess(
         \mathrm{ESS}(\gamma) / n \ge \rho_{\min}\}
 
     ``ESS(gamma)`` is non-increasing in gamma, so the set is an interval and its right end is
-    unique (:ref:`theory-gamma-ess`). It is found with ``max_iter`` iterations of safeguarded Newton
-    on ``log ESS`` in the variable ``gamma^2`` (exact in one step for log-normal weights), started
-    from the closed form, inside a bracket ``[lo, hi]`` with ``ESS(lo)/n >= rho_min >
-    ESS(hi)/n``; a Newton step that leaves the bracket or does not halve the previous step is
-    replaced by bisection. The iteration count is fixed (no data-dependent control flow), so it
-    traces under ``jax.jit`` and ``torch.compile``; one iteration costs one exponential per sample.
-    The result is the feasible end ``lo``: it always satisfies the constraint, or is ``gamma_min``
-    where even ``gamma_min`` misses it. No distributional assumption.
+    unique (:ref:`theory-gamma-ess`). Two searches find it, both inside a bracket ``[lo, hi]``
+    with ``ESS(lo)/n >= rho_min > ESS(hi)/n``, both with a fixed amount of work (no
+    data-dependent control flow, so they trace under ``jax.jit`` and ``torch.compile``):
+
+    - a **candidate grid** (the default for up to 2048 samples in all rows, without a
+      ``reducer``): each pass tests 16 to 512 values of gamma spread over the bracket at once and
+      keeps the interval after the largest feasible one; 3 passes in float32, 6 in float64 (at
+      512 candidates) leave a bracket narrower than ``2**-24`` and ``2**-48``. A few large array
+      operations instead of a dozen sequential rounds of small ones: what a sequence-level
+      loss, whose statistics are a few dozen numbers, pays for in kernel launches;
+    - **safeguarded Newton** (larger batches, a ``reducer``, or an explicit ``max_iter``):
+      ``max_iter`` iterations (default 12) on ``log ESS`` in the variable ``gamma^2`` (exact in
+      one step for log-normal weights), started from the closed form; a step that leaves the
+      bracket or does not halve the previous one is replaced by bisection; one exponential per
+      sample an iteration. A last pass tests points just below the final iterate, so that the
+      feasible end catches up with it.
+
+    The two agree to about 1e-13 in float64. The result is always a value that passed the test
+    ``ESS(gamma) >= rho_min n`` (with a margin of a few ulps), or ``gamma_min`` where even
+    ``gamma_min`` misses it. No distributional assumption.
 
     Rows without a positive weight (fully masked, or all ``-inf``) carry no information and get
     ``gamma_max``.
@@ -275,12 +337,11 @@ def gamma_ess(
     axis, mask
         As in :func:`ess`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
-    max_iter : int
-        Newton/bisection iterations after the two end-point checks. Bisection alone would give a
-        bracket of width ``(gamma_max - gamma_min) / 2**max_iter``; Newton converges to rounding in
-        a median of about 6 iterations on log-normal and Student-t weights; at the default 12,
-        the largest distance to a 200-step bisection over 300 mixed test batches was 2e-10
-        (2e-9 at 10, 2e-14 at 16).
+    max_iter : int, optional
+        Forces the Newton search with this many iterations after the two end-point checks.
+        ``None`` (default): the grid where it applies, else Newton with 12. Bisection alone would
+        give a bracket of width ``(gamma_max - gamma_min) / 2**max_iter``; Newton converges to
+        rounding in a median of about 6 iterations on log-normal and Student-t weights.
     rewards : array broadcastable to ``log_w``, optional
         Use the gradient ESS of ``w^gamma |r|`` (:func:`gradient_ess`) instead of Kish's ESS of
         ``w^gamma``. The constraint is then relative to what the rewards alone allow,
@@ -308,8 +369,8 @@ def gamma_ess(
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_rho_min(rho_min)
     _check_bounds(gamma_min, gamma_max)
-    if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if max_iter is not None and (not isinstance(max_iter, numbers.Integral) or max_iter < 0):
+        raise ValueError(f"max_iter must be None or a non-negative int, got {max_iter!r}")
     bad = traced_bad_rows(xp, l, axis, rho_min, gamma_min, gamma_max, reducer=reducer)
     log_r = None
     if rewards is not None:
@@ -349,38 +410,37 @@ def gamma_ess(
         s1_zero, s2_zero = stats_at(xp.zeros_like(lo))[:2]
         base = s1_zero * s1_zero / s2_zero
     needed = xp.minimum(rho * base * margin, base)
-    log_needed = xp.log(xp.where(needed > 0, needed, 1.0))
 
-    def meets(s1, s2):
-        # ESS = s1^2 / s2 >= needed, without the division (the margin covers the rounding).
-        return s1 * s1 >= needed * s2
+    # Shards may hold different numbers of samples, and the grid's size follows it: with a
+    # reducer every shard takes the Newton path, whose collectives have the same shape everywhere.
+    plan = grid_plan(math.prod(tuple(l.shape)), xp.finfo(l.dtype).bits)
+    last = (lambda a: a) if axis == l.ndim - 1 else (lambda a: xp.moveaxis(a, axis, -1))
+    if max_iter is None and plan is not None and reducer is None:
+        gamma, done_hi, infeasible = largest_feasible_gamma(
+            xp,
+            last(d),
+            last(offset),
+            needed,
+            lo,
+            hi,
+            candidates=plan[0],
+            passes=plan[1],
+            top_is_zero=top_is_zero,
+        )
+        gamma = xp.where(done_hi, hi, gamma)
+    else:
+        start = _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
+        iterations = _NEWTON_ITERATIONS if max_iter is None else max_iter
+        last_d, last_offset = last(d), last(offset)
 
-    done_hi = meets(*stats_at(hi)[:2])  # even gamma_max is feasible
-    infeasible = ~meets(*stats_at(lo)[:2])  # even gamma_min misses the target
+        def polish(x, lo):
+            return polish_feasible_end(
+                xp, x, lo, last_d, last_offset, needed, reducer=reducer, top_is_zero=top_is_zero
+            )
 
-    start = _closed_form(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
-    x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
-    step_old = hi - lo
-    for _ in range(max_iter):
-        s1, s2, log_ess, slope = stats_at(x)
-        f = log_ess - log_needed
-        feasible = meets(s1, s2)
-        # x always lies in [lo, hi]: it is a Newton point inside the bracket or its midpoint.
-        lo = xp.where(feasible, x, lo)
-        hi = xp.where(feasible, hi, x)
-        # Newton on F(u) = log ESS - target with u = gamma^2: du = -F / (dF/dgamma / (2 gamma)).
-        has_slope = (slope < 0) & (x > 0)
-        du = -f * 2.0 * x / xp.where(has_slope, slope, -1.0)
-        u = x * x + (1.0 + _OVERSHOOT) * du
-        candidate = xp.sqrt(xp.where(u > 0, u, 0.0))
-        step = xp.abs(candidate - x)
-        newton_ok = has_slope & (candidate > lo) & (candidate < hi) & (step <= 0.5 * step_old)
-        bisect = 0.5 * (lo + hi)
-        x_next = xp.where(newton_ok, candidate, bisect)
-        step_old = xp.where(newton_ok, step, 0.5 * (hi - lo))
-        x = x_next
-
-    gamma = xp.where(done_hi, hi, lo)
+        gamma, done_hi, infeasible = _newton_search(
+            xp, stats_at, needed, lo, hi, start, iterations, polish
+        )
     gamma = xp.where(infeasible & ~done_hi, _batch_value(xp, gamma_min, l, shape), gamma)
     gamma = xp.where(informative, gamma, _batch_value(xp, gamma_max, l, shape))
     return poison(xp, gamma, bad)

@@ -1,0 +1,167 @@
+"""The largest gamma whose ESS meets its target, by a few passes over a grid of candidates.
+
+:func:`isreshape_core.gamma_ess` needs the right end of ``{gamma : ESS(gamma) >= needed}``.
+Newton steps are sequential: each one costs a round of small kernels (and a collective when the
+samples are sharded), and a dozen of them dominate the cost of a sequence-level loss, where the
+statistics are only a few dozen numbers. Here each pass tests ``k`` candidates spread over the
+current bracket at once, in one exponential over a ``(..., k, n)`` array, and keeps the interval
+between the largest feasible candidate and the next one: ``passes`` passes shrink the bracket by
+about ``k**passes``, with no data-dependent control flow, so the search traces under ``jax.jit``
+and ``torch.compile``. The result is always a candidate that passed the test, so it meets the
+constraint exactly as the Newton search's feasible end does (:ref:`theory-gamma-ess`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._array import Array, Namespace, Reducer, reduce_max
+
+__all__ = [
+    "GRID_ELEMENTS",
+    "feasible_candidates",
+    "grid_plan",
+    "largest_feasible_gamma",
+    "polish_feasible_end",
+]
+
+#: Candidates times samples evaluated per pass at most; beyond it (token-level gamma over a
+#: large batch) the Newton search, with one candidate per step, does less arithmetic.
+GRID_ELEMENTS = 2**15
+_MAX_CANDIDATES = 512
+_MIN_CANDIDATES = 16
+
+
+def grid_plan(size: int, dtype_bits: int) -> tuple[int, int] | None:
+    """``(candidates, passes)`` for ``size`` samples in all rows, or ``None`` where the grid
+    would need fewer than 16 candidates a pass (then Newton is cheaper).
+
+    The passes bring the bracket below ``2**-48`` (float64: 4e-15) or ``2**-24`` (float32 and
+    narrower: under the dtype's rounding).
+    """
+    k = _MAX_CANDIDATES
+    while k > _MIN_CANDIDATES and k * size > GRID_ELEMENTS:
+        k //= 2
+    if k * size > GRID_ELEMENTS:
+        return None
+    bits = 48 if dtype_bits >= 64 else 24
+    return k, math.ceil(bits * math.log(2.0) / math.log(k - 1))
+
+
+def feasible_candidates(
+    xp: Namespace,
+    g: Array,
+    d: Array,
+    offset: Array,
+    needed: Array,
+    reducer: Reducer | None,
+    shift: bool,
+) -> Array:
+    """Whether each candidate ``g`` (..., k, 1) meets ``s1^2 >= needed s2`` for the weights
+    ``e = exp(g d + offset - max)``; without ``shift`` the max is known to be 0 and not taken."""
+    z = g * d + offset
+    if shift:
+        m = reduce_max(xp, z, -1, reducer, keepdims=True)
+        z = z - xp.where(xp.isfinite(m), m, 0.0)
+    e = xp.exp(z)
+    s1 = xp.sum(e, axis=-1, keepdims=True)
+    s2 = xp.sum(e * e, axis=-1, keepdims=True)
+    if reducer is not None:
+        sums = reducer.sum(xp.stack([s1, s2]))
+        s1, s2 = sums[0, ...], sums[1, ...]
+    return s1 * s1 >= needed * s2
+
+
+def largest_feasible_gamma(
+    xp: Namespace,
+    d: Array,
+    offset: Array,
+    needed: Array,
+    lo: Array,
+    hi: Array,
+    *,
+    candidates: int,
+    passes: int,
+    reducer: Reducer | None = None,
+    top_is_zero: bool = True,
+) -> tuple[Array, Array, Array]:
+    """``(gamma, hi_feasible, lo_infeasible)`` for samples along the last axis of ``d``.
+
+    ``d`` (..., n) is the log weight relative to its row maximum (0 for a zero weight),
+    ``offset`` (..., n) is ``-inf`` for a zero weight and ``log|r|`` (or 0) otherwise;
+    ``top_is_zero`` says that ``offset`` is 0 or ``-inf`` (Kish's ESS), so that the largest
+    exponent is ``g max(d) = 0`` and no max is taken, as in the Newton search.
+    ``needed``, ``lo``, ``hi`` have the batch shape ``(...)``. ``gamma`` is the largest tested
+    candidate found feasible, within ``(hi - lo) / ((candidates - 1) candidates**(passes - 1))``
+    of the right end of the feasible set where the ESS is monotone in gamma; ``hi_feasible`` and
+    ``lo_infeasible`` say where an end of ``[lo, hi]`` decides the answer.
+    """
+    dtype = d.dtype
+    device = getattr(d, "device", None)
+    d = xp.expand_dims(d, axis=-2)
+    offset = xp.expand_dims(offset, axis=-2)
+    shift = not top_is_zero
+    needed = xp.reshape(needed, (*needed.shape, 1, 1))
+    # The first pass includes both ends, each exactly: (1 - t) lo + t hi.
+    t = xp.reshape(xp.linspace(0.0, 1.0, candidates, dtype=dtype, device=device), (-1, 1))
+    lo = xp.reshape(lo, (*lo.shape, 1, 1))
+    hi = xp.reshape(hi, (*hi.shape, 1, 1))
+    none = xp.asarray(-1.0, dtype=dtype, device=device)
+    feasible = feasible_candidates(xp, (1.0 - t) * lo + t * hi, d, offset, needed, reducer, shift)
+    first = xp.max(xp.where(feasible, t, none), axis=-2, keepdims=True)
+    lo_infeasible = first < 0.0
+    hi_feasible = first >= 1.0
+    width = hi - lo
+    lo = xp.where(lo_infeasible, lo, (1.0 - first) * lo + first * hi)
+    width = width / (candidates - 1)
+    # Later passes test [lo, lo + width): lo is known feasible, lo + width is not.
+    t = t * ((candidates - 1) / candidates)
+    for _ in range(passes - 1):
+        feasible = feasible_candidates(xp, lo + width * t, d, offset, needed, reducer, shift)
+        step = xp.max(xp.where(feasible, t, none), axis=-2, keepdims=True)
+        lo = lo + width * step
+        width = width / candidates
+    squeeze = (-2, -1)
+    return (
+        xp.squeeze(lo, axis=squeeze),
+        xp.squeeze(hi_feasible, axis=squeeze),
+        xp.squeeze(lo_infeasible, axis=squeeze),
+    )
+
+
+def polish_feasible_end(
+    xp: Namespace,
+    x: Array,
+    lo: Array,
+    d: Array,
+    offset: Array,
+    needed: Array,
+    *,
+    reducer: Reducer | None = None,
+    top_is_zero: bool = True,
+) -> Array:
+    """The largest feasible of ``lo`` and ``x (1 - 2^-j)``, ``j`` in 0, 20, 24, ..., 48.
+
+    A converged Newton iterate ``x`` lies within rounding of the root, on either side, while the
+    feasible end ``lo`` of its bracket may lag behind; one pass over points just below ``x``
+    brings the feasible end to the root as closely as the grid search does, so that both
+    searches (a sharded batch takes this one) agree far below ``1e-10``. Shapes as in
+    :func:`largest_feasible_gamma`; ``x`` and ``lo`` have the batch shape.
+    """
+    dtype = d.dtype
+    device = getattr(d, "device", None)
+    shrink = [1.0] + [1.0 - 2.0**-j for j in range(20, 52, 4)]
+    t = xp.reshape(xp.asarray(shrink, dtype=dtype, device=device), (-1, 1))
+    x = xp.reshape(x, (*x.shape, 1, 1))
+    candidates = x * t
+    feasible = feasible_candidates(
+        xp,
+        candidates,
+        xp.expand_dims(d, axis=-2),
+        xp.expand_dims(offset, axis=-2),
+        xp.reshape(needed, (*needed.shape, 1, 1)),
+        reducer,
+        not top_is_zero,
+    )
+    best = xp.max(xp.where(feasible, candidates, -1.0), axis=(-2, -1))
+    return xp.maximum(best, lo)

@@ -1,0 +1,127 @@
+"""Tests of isreshape_core/_ess_grid.py: the candidate-grid search of gamma_ess against a
+brute-force bisection, against the Newton search, and its plan and operator count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _helpers import to_numpy
+
+import isreshape_core as isr
+from isreshape_core._ess_grid import GRID_ELEMENTS, grid_plan
+
+
+def bisection_gamma(l, rho, r=None, iters=200):
+    """The largest gamma in [0, 1] with Kish's (or the gradient) ESS >= rho times its value at
+    gamma 0, by bisection on float64 NumPy sums."""
+    l = np.asarray(l, dtype=np.float64)
+    a = np.ones_like(l) if r is None else np.abs(r)
+
+    def ess(g):
+        e = np.exp(g * (l - l.max())) * a
+        return e.sum() ** 2 / (e * e).sum()
+
+    target = rho * ess(0.0)
+    if ess(1.0) >= target:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ess(mid) >= target else (lo, mid)
+    return lo
+
+
+def batches(seed, count):
+    """Log weights of mixed shapes and tails: normal, Student-t(3), log-Pareto."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        n = int(rng.choice([4, 16, 64, 256, 2048]))
+        s = rng.uniform(0.3, 8.0)
+        kind = i % 3
+        if kind == 0:
+            l = rng.normal(0.0, s, n)
+        elif kind == 1:
+            l = rng.standard_t(3, n) * s
+        else:
+            l = np.log(rng.pareto(rng.uniform(0.6, 3.0), n) + 1e-3) * s
+        yield l, float(rng.uniform(0.05, 0.9)), (rng.normal(size=n) if i % 4 == 0 else None)
+
+
+def test_grid_gamma_equals_bisection(xp):
+    for l, rho, r in batches(0, 40):
+        rewards = None if r is None else xp.asarray(r)
+        got = float(to_numpy(isr.gamma_ess(xp.asarray(l), rho, rewards=rewards)))
+        assert abs(got - bisection_gamma(l, rho, r)) < 1e-12, (l.size, rho)
+
+
+def test_grid_and_newton_searches_agree(xp):
+    # A sharded batch takes the Newton search: both must give the same gamma.
+    for l, rho, r in batches(1, 40):
+        rewards = None if r is None else xp.asarray(r)
+        grid = isr.gamma_ess(xp.asarray(l), rho, rewards=rewards)
+        newton = isr.gamma_ess(xp.asarray(l), rho, rewards=rewards, max_iter=12)
+        assert abs(float(to_numpy(grid)) - float(to_numpy(newton))) < 1e-12
+
+
+def test_grid_gamma_is_feasible_and_tight(xp):
+    for l, rho, _ in batches(2, 30):
+        g = float(to_numpy(isr.gamma_ess(xp.asarray(l), rho)))
+        assert float(to_numpy(isr.ess_ratio(xp.asarray(l), g))) >= rho
+        if g < 1.0:
+            assert float(to_numpy(isr.ess_ratio(xp.asarray(l), g + 1e-9))) < rho
+
+
+def test_grid_rows_axis_and_bounds(xp):
+    rng = np.random.default_rng(3)
+    l = rng.normal(0.0, 2.5, (6, 40))
+    lo = np.linspace(0.0, 0.3, 6)
+    hi = np.linspace(0.5, 1.0, 6)
+    got = to_numpy(
+        isr.gamma_ess(
+            xp.asarray(l.T), 0.3, axis=0, gamma_min=xp.asarray(lo), gamma_max=xp.asarray(hi)
+        )
+    )
+    for i in range(6):
+        want = min(max(bisection_gamma(l[i], 0.3), lo[i]), hi[i])
+        assert abs(got[i] - want) < 1e-12
+
+
+def test_grid_float32_within_rounding():
+    l = np.random.default_rng(4).standard_t(3, 64) * 2.0
+    g32 = isr.gamma_ess(l.astype(np.float32), 0.3)
+    assert g32.dtype == np.float32
+    assert abs(float(g32) - bisection_gamma(l.astype(np.float32), 0.3)) < 4e-7
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 500, 2048])
+@pytest.mark.parametrize("bits", [32, 64])
+def test_grid_plan_bounds_work_and_bracket(size, bits):
+    k, passes = grid_plan(size, bits)
+    assert 16 <= k <= 512 and k * size <= GRID_ELEMENTS
+    # The first pass divides the bracket by k - 1, every later one by k.
+    width = 1.0 / ((k - 1) * k ** (passes - 1))
+    assert width <= 2.0 ** (-48 if bits == 64 else -24)
+    assert grid_plan(GRID_ELEMENTS // 16 + 1, bits) is None
+
+
+def test_grid_search_uses_few_operators():
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    l = torch.as_tensor(np.random.default_rng(5).normal(0.0, 2.0, 64), dtype=torch.float32)
+    counts = {}
+    for name, kw in (("grid", {}), ("newton", {"max_iter": 12})):
+        with Count() as c:
+            isr.gamma_ess(l, 0.3, **kw)
+        counts[name] = c.n
+    # Three passes of about 15 operators plus the set-up, against 14 rounds of about 60.
+    assert counts["grid"] <= 140 and counts["grid"] * 5 < counts["newton"], counts
