@@ -21,35 +21,15 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ._array import Array, Namespace, array_device, check_gamma, is_concrete, namespace
+from ._lib.checks import check_gamma, check_in_interval
+from ._lib.namespace import Array, Namespace, array_device, namespace
 
 __all__ = ["lognormal_ess_ratio", "lognormal_second_moment", "lognormal_variance"]
 
 
-def _check_sigma2(sigma2: Any) -> None:
-    """``sigma2`` must be a finite number >= 0 (checked on concrete arrays only)."""
-    name = "sigma2"
-    if isinstance(sigma2, numbers.Real) and not isinstance(sigma2, bool):
-        if not (math.isfinite(sigma2) and sigma2 >= 0):
-            raise ValueError(
-                f"{name} (the variance of the log weights) must be finite and >= 0, got {sigma2!r}"
-            )
-        return
-    if not hasattr(sigma2, "shape"):
-        raise TypeError(f"{name} must be a real number or an array, got {type(sigma2).__name__}")
-    if is_concrete(sigma2):
-        xp = namespace(sigma2)
-        ok = xp.all(xp.isfinite(sigma2) & (sigma2 >= 0))
-        if not bool(ok):
-            raise ValueError(
-                f"{name} (the variance of the log weights) must be finite and >= 0 everywhere; "
-                "got negative, NaN or infinite values"
-            )
-
-
-def _prepare(sigma2: Any, gamma: Any) -> tuple[Namespace | None, Any, Any]:
+def _common_arrays(sigma2: Any, gamma: Any) -> tuple[Namespace | None, Any, Any]:
     """Validate; return ``(None, float, float)`` for two numbers, else ``(xp, array, array)``."""
-    _check_sigma2(sigma2)
+    check_in_interval(sigma2, "sigma2", 0.0, meaning="the variance of the log weights")
     check_gamma(gamma)
     # NumPy scalars are numbers here (they have a ``shape`` but no array namespace).
     sigma2, gamma = (float(a) if isinstance(a, numbers.Real) else a for a in (sigma2, gamma))
@@ -81,7 +61,7 @@ def _exp(xp: Namespace | None, e: Any) -> Any:
 
 
 def _apply(sigma2: Any, gamma: Any, exponent: Callable[[Any, Any], Any]) -> Any:
-    xp, s, g = _prepare(sigma2, gamma)
+    xp, s, g = _common_arrays(sigma2, gamma)
     return _exp(xp, exponent(s, g))
 
 
@@ -222,7 +202,7 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
     >>> print(np.round(np.asarray(lognormal_variance(1.0, g)), 4))
     [0.     0.2212 1.7183]
     """
-    xp, s, g = _prepare(sigma2, gamma)
+    xp, s, g = _common_arrays(sigma2, gamma)
     b = s * g * g
     if xp is None:
         if b == 0.0:

@@ -16,25 +16,16 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace
 
-from ._array import (
-    Array,
-    Namespace,
-    Reducer,
-    array_device,
-    as_compute_array,
-    broadcast_mask,
-    check_gamma,
-    check_mask_type,
-    check_real_floating,
-    check_rho_min,
-    is_concrete,
-    namespace,
-    reduce_sum,
-    safe_sum,
-    tempered_log_weights,
-)
-from ._gamma import GAMMA_METHODS
-from ._objective import _expm1_capped, _log_max
+from ._lib.checks import check_gamma, check_mask_type, check_real_floating, check_rho_min
+from ._lib.dtypes import as_compute_array
+from ._lib.dtypes import log_max as _log_max
+from ._lib.inputs import broadcast_mask
+from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.numerics import expm1_capped as _expm1_capped
+from ._lib.numerics import safe_sum, tempered_log_weights
+from ._lib.reduce import Reducer, reduce_sum
+from ._lib.tracing import is_concrete
+from ._select import GAMMA_METHODS
 from ._step import choose_gamma, tempered_metrics
 from ._weights import checked_log_ratio
 
