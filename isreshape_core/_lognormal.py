@@ -99,7 +99,7 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._lognormal import lognormal_ess_ratio
+    >>> from isreshape_core import lognormal_ess_ratio
     >>> print(round(lognormal_ess_ratio(2.0, 0.5), 4))
     0.6065
     >>> print(np.round(np.asarray(lognormal_ess_ratio(np.array([0.0, 1.0, 4.0]), 1.0)), 4))
@@ -126,10 +126,8 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
 
     Parameters
     ----------
-    sigma2 : float or array
-        Variance of the log importance weights, ``>= 0``.
-    gamma : float or array
-        Tempering exponent in ``[0, 1]``; broadcast against ``sigma2``.
+    sigma2, gamma : float or array
+        As in :func:`lognormal_ess_ratio`.
 
     Returns
     -------
@@ -150,7 +148,7 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._lognormal import lognormal_second_moment
+    >>> from isreshape_core import lognormal_second_moment
     >>> g = np.array([0.0, 0.25, 0.5, 1.0])
     >>> print(np.round(np.asarray(lognormal_second_moment(1.0, g)), 4))
     [1.     0.8825 1.     2.7183]
@@ -173,10 +171,8 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
 
     Parameters
     ----------
-    sigma2 : float or array
-        Variance of the log importance weights, ``>= 0``.
-    gamma : float or array
-        Tempering exponent in ``[0, 1]``; broadcast against ``sigma2``.
+    sigma2, gamma : float or array
+        As in :func:`lognormal_ess_ratio`.
 
     Returns
     -------
@@ -197,7 +193,7 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._lognormal import lognormal_variance
+    >>> from isreshape_core import lognormal_variance
     >>> g = np.array([0.0, 0.5, 1.0])
     >>> print(np.round(np.asarray(lognormal_variance(1.0, g)), 4))
     [0.     0.2212 1.7183]

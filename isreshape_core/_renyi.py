@@ -120,9 +120,7 @@ def renyi_divergence(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
-        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
-        ``torch.compile``), where nothing can raise, the row's result is NaN.
+        Log importance weights, as in :func:`isreshape_core.ess`.
     alpha : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Order, ``>= 0`` (``inf`` allowed).
     axis : int
@@ -212,15 +210,11 @@ def log_mean_tempered_weight(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
-        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
-        ``torch.compile``), where nothing can raise, the row's result is NaN.
+        Log importance weights, as in :func:`isreshape_core.ess`.
     gamma : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Exponent, finite and ``>= 0`` (values above 1 are allowed, e.g. ``2 gamma``).
-    axis : int
-        The sample axis; the other axes are batch axes.
-    mask : bool array broadcastable to ``log_w.shape``, optional
-        False removes a sample (it does not count in ``n``).
+    axis, mask
+        As in :func:`renyi_divergence`.
 
     Returns
     -------

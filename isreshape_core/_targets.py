@@ -131,7 +131,7 @@ def _normalize(xp: Namespace, u: Array, axis: int) -> tuple[Array, Array]:
 def _geometric(
     xp: Namespace, logq: Array, log_r: Array, rewards: Array, gamma: Array, tau: Array, axis: int
 ) -> tuple[Array, Array]:
-    """Seed's p_gamma in log space and the per-row "defined" flag."""
+    """The geometric target p_gamma in log space and the per-row "defined" flag."""
     a = logq + log_r  # log(mu r): finite or -inf, never NaN (no +inf in either term)
     zero_mass = a == -xp.inf
     # (1 - gamma) log(mu r), with the gamma = 1 limit 0 (not 0 * -inf) where mu r = 0.
@@ -251,7 +251,7 @@ def target_log_probs(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import target_log_probs
+    >>> from isreshape_core import target_log_probs
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> print(np.round(np.exp(target_log_probs(logq, r, 0.0, 1.0)), 4))  # mu r / Z0
@@ -327,7 +327,7 @@ def stationary_log_probs(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import stationary_log_probs
+    >>> from isreshape_core import stationary_log_probs
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> print(np.round(np.exp(stationary_log_probs(logq, r, 0.5)), 4))  # ∝ mu r**2
@@ -400,7 +400,7 @@ def bias(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import bias
+    >>> from isreshape_core import bias
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> gammas = np.array([0.0, 0.5, 1.0])  # one gamma per row of a batch of three
@@ -463,7 +463,7 @@ def mse(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import mse
+    >>> from isreshape_core import mse
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> lq, rr = np.tile(logq, (3, 1)), np.tile(r, (3, 1))
@@ -522,7 +522,7 @@ def mse_optimal_gamma(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import mse_optimal_gamma
+    >>> from isreshape_core import mse_optimal_gamma
     >>> logq = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
     >>> r = np.array([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
     >>> print(np.round(np.asarray(mse_optimal_gamma(logq, r, 1.0, 1.0, 100)), 4))
