@@ -33,12 +33,12 @@ from ._lib.tracing import is_concrete
 from ._loss import LOSS_AGG_MODES, _aggregation_weights
 from ._select import GAMMA_METHODS
 from ._step import step_gamma
+from ._weights import LEVELS as _LEVELS
 
 __all__ = ["BEHAVIOUR_CORRECTIONS", "decoupled_ppo_loss_and_grad", "ess_truncation_cap"]
 
 #: How :func:`decoupled_ppo_loss_and_grad` corrects for the behaviour policy.
 BEHAVIOUR_CORRECTIONS = ("tempered", "truncated", "none")
-_LEVELS = ("token", "geometric", "sequence")
 
 
 def _truncated_ess_ratio(xp: Namespace, l: Array, t: Array, top: Array, n: Array, reducer):
