@@ -43,7 +43,9 @@ def closed_form_gamma(
     lo = batch_param(xp, gamma_min, l, shape)
     hi = batch_param(xp, gamma_max, l, shape)
     log_rho = xp.log(batch_param(xp, rho_min, l, shape))
-    usable = (count >= 2) & (var > 0)
+    # A variance so small that -log(rho_min) / var overflows gives gamma_max, without a warning.
+    tiny = var < -log_rho / float(xp.finfo(var.dtype).max)
+    usable = (count >= 2) & (var > 0) & ~tiny
     gamma = xp.sqrt(-log_rho / xp.where(usable, var, 1.0))
     gamma = xp.where(usable, gamma, hi)
     return xp.minimum(xp.maximum(gamma, lo), hi)
