@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from ._array import Array, Namespace, Reducer, reduce_max
+from ._lib.namespace import Array, Namespace
+from ._lib.reduce import Reducer, reduce_max
 
 __all__ = [
     "GRID_ELEMENTS",
@@ -84,17 +85,18 @@ def largest_feasible_gamma(
     passes: int,
     reducer: Reducer | None = None,
     top_is_zero: bool = True,
-) -> tuple[Array, Array, Array]:
-    """``(gamma, hi_feasible, lo_infeasible)`` for samples along the last axis of ``d``.
+) -> Array:
+    """The largest ``g`` in ``[lo, hi]`` with ``ESS(g) >= needed`` (``lo`` where none is), for
+    samples along the last axis of ``d``.
 
     ``d`` (..., n) is the log weight relative to its row maximum (0 for a zero weight),
     ``offset`` (..., n) is ``-inf`` for a zero weight and ``log|r|`` (or 0) otherwise;
     ``top_is_zero`` says that ``offset`` is 0 or ``-inf`` (Kish's ESS), so that the largest
     exponent is ``g max(d) = 0`` and no max is taken, as in the Newton search.
-    ``needed``, ``lo``, ``hi`` have the batch shape ``(...)``. ``gamma`` is the largest tested
-    candidate found feasible, within ``(hi - lo) / ((candidates - 1) candidates**(passes - 1))``
-    of the right end of the feasible set where the ESS is monotone in gamma; ``hi_feasible`` and
-    ``lo_infeasible`` say where an end of ``[lo, hi]`` decides the answer.
+    ``needed``, ``lo``, ``hi`` have the batch shape ``(...)``. The result is ``hi`` where ``hi`` is
+    feasible, else the largest tested candidate found feasible, within ``(hi - lo) /
+    ((candidates - 1) candidates**(passes - 1))`` of the right end of the feasible set where the
+    ESS is monotone in gamma.
     """
     dtype = d.dtype
     device = getattr(d, "device", None)
@@ -104,16 +106,14 @@ def largest_feasible_gamma(
     needed = xp.reshape(needed, (*needed.shape, 1, 1))
     # The first pass includes both ends, each exactly: (1 - t) lo + t hi.
     t = xp.reshape(xp.linspace(0.0, 1.0, candidates, dtype=dtype, device=device), (-1, 1))
+    gamma_min, gamma_max = lo, hi
     lo = xp.reshape(lo, (*lo.shape, 1, 1))
     hi = xp.reshape(hi, (*hi.shape, 1, 1))
     none = xp.asarray(-1.0, dtype=dtype, device=device)
     feasible = feasible_candidates(xp, (1.0 - t) * lo + t * hi, d, offset, needed, reducer, shift)
     first = xp.max(xp.where(feasible, t, none), axis=-2, keepdims=True)
-    lo_infeasible = first < 0.0
-    hi_feasible = first >= 1.0
-    width = hi - lo
-    lo = xp.where(lo_infeasible, lo, (1.0 - first) * lo + first * hi)
-    width = width / (candidates - 1)
+    width = (hi - lo) / (candidates - 1)
+    lo = (1.0 - first) * lo + first * hi  # meaningless where first = -1: replaced at the end
     # Later passes test [lo, lo + width): lo is known feasible, lo + width is not.
     t = t * ((candidates - 1) / candidates)
     for _ in range(passes - 1):
@@ -122,11 +122,9 @@ def largest_feasible_gamma(
         lo = lo + width * step
         width = width / candidates
     squeeze = (-2, -1)
-    return (
-        xp.squeeze(lo, axis=squeeze),
-        xp.squeeze(hi_feasible, axis=squeeze),
-        xp.squeeze(lo_infeasible, axis=squeeze),
-    )
+    first = xp.squeeze(first, axis=squeeze)
+    gamma = xp.where(first >= 1.0, gamma_max, xp.squeeze(lo, axis=squeeze))
+    return xp.where(first < 0.0, gamma_min, gamma)  # even gamma_min misses the target
 
 
 def polish_feasible_end(
