@@ -678,7 +678,7 @@ def run(
             )
         for level, staleness in setting["staleness"].items():
             for method, label, _, _ in _methods(setting):
-                start = time.perf_counter()
+                spent = 0.0  # the runs' own times (a run read back by --resume kept its own)
                 scores: dict[str, float] = {}
                 fixed = setting.get("lr_fixed", {}).get(f"{method}/{level}")
                 if fixed is not None:
@@ -690,6 +690,7 @@ def run(
                             for s in setting["tune_seeds"]
                         ]
                         runs.extend(dict(r, role="tune", level=level) for r in tuned)
+                        spent += sum(r["seconds"] for r in tuned)
                         scores[repr(lr)] = float(np.mean([r["last_quarter"] for r in tuned]))
                     lr = float(max(setting["lr_grid"], key=lambda x: scores[repr(x)]))
                 else:
@@ -714,7 +715,7 @@ def run(
                     "final_max": float(final.max()),
                     "curve_steps": evaluated[0]["steps"],
                     "curve_mean": np.mean([r["curve"] for r in evaluated], 0).tolist(),
-                    "seconds": time.perf_counter() - start,
+                    "seconds": spent + sum(r["seconds"] for r in evaluated),
                 }
                 for key in (
                     "gamma_mean",
