@@ -1,7 +1,7 @@
 """Experiment 4: a tiny language model trained from stale samples with TRL's GRPOTrainer.
 
 Usage: ``python benchmarks/experiments/exp4_tiny_lm.py [--smoke | --step-gamma | --composition]
-[--out DIR]``.
+[--seeds N ...] [--levels NAME ...] [--resume RUNS.jsonl] [--out DIR]``.
 
 **Task.** Single-digit addition: the 100 prompts ``"a+b="`` (a, b in 0..9); a completion is the
 answer's digits followed by ``<eos>`` (2 or 3 tokens, ``max_completion_length`` 3); the reward is 1
@@ -64,8 +64,15 @@ chose, and records the pooled ESS/n of every optimiser step (``exp4_tiny_lm_step
 ``--composition`` (``exp4_tiny_lm_composition.*``): TRL's own ``dapo`` and ``cispo`` losses behind
 a :class:`LaggingEngine` (an inference engine whose weights are synced every S optimiser steps, S =
 8 or never), each with TRL's vLLM correction (its default ``sequence_mask`` at 3) or with
-``ISReshapeCorrectionGRPOTrainer``'s tempered correction ``(pi_old/mu)^gamma``; 2 seeds, the
-learning rates tuned for those losses in the full run."""
+``ISReshapeCorrectionGRPOTrainer``'s tempered correction ``(pi_old/mu)^gamma``; 6 seeds (0-5),
+the learning rates tuned for those losses in the full run; per column, each tempered row's paired
+difference (same seeds) to the best TRL row and to the same loss with TRL's correction, with a
+percentile bootstrap 90 % interval (:func:`compare`). One composition run takes 0.5-1.5 minutes.
+
+``--seeds`` and ``--levels`` replace the evaluation seeds and keep a subset of the staleness
+columns; ``--resume FILE`` appends every finished run to a JSON-lines file and reads those already
+there back instead of repeating them, so that an interrupted run resumes, and columns run
+separately can be reported together (the header then states the runs' own summed times)."""
 
 from __future__ import annotations
 
@@ -98,9 +105,12 @@ import transformers  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-for _path in (ROOT, ROOT / "adapters"):  # run as a script from a checkout, installed or not
+# run as a script from a checkout, installed or not; the bandit experiment's interval helper
+for _path in (ROOT, ROOT / "adapters", Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+from exp5_when_to_use import paired_interval  # noqa: E402
 
 from isreshape_torch.trl import (  # noqa: E402
     ISReshapeCorrectionGRPOConfig,
@@ -278,7 +288,7 @@ COMPOSITION: dict[str, Any] = {
     "method_table": "composition",
     "staleness": {"lag 8": 8, "never synced": 300},
     "tune_seeds": (),
-    "eval_seeds": (0, 1),
+    "eval_seeds": (0, 1, 2, 3, 4, 5),
     "lr_grid": (5e-4, 1e-3),
     "lr_fixed": {
         f"{m}/{lv}": (1e-3 if m.startswith("dapo") else 5e-4)
@@ -601,8 +611,40 @@ def _last_quarter(steps: Sequence[int], values: Sequence[float]) -> list[float]:
     return [v for s, v in zip(steps, values, strict=True) if s >= cut]
 
 
-def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Behaviour models, learning-rate tuning and evaluation runs; rows per (method, staleness)."""
+def _run_log(path: Path | None) -> Callable[..., dict[str, Any]]:
+    """:func:`train_once`, remembered one JSON line per finished run in ``path`` (if given).
+
+    A run already in the file (same method, staleness, learning rate and seed) is read back, not
+    repeated, so that an interrupted experiment resumes where it stopped.
+    """
+    done: dict[tuple[str, int, float, int], dict[str, Any]] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["method"], r["staleness"], r["lr"], r["seed"])] = r
+
+    def train(method: str, staleness: int, lr: float, seed: int, *args: Any) -> dict[str, Any]:
+        key = (method, staleness, lr, seed)
+        if key not in done:
+            done[key] = train_once(method, staleness, lr, seed, *args)
+            if path is not None:
+                with path.open("a") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+        return done[key]
+
+    return train
+
+
+def run(
+    setting: dict[str, Any],
+    progress: Callable[[str], None] = print,
+    resume: Path | None = None,
+) -> dict[str, Any]:
+    """Behaviour models, learning-rate tuning and evaluation runs; rows per (method, staleness).
+
+    ``resume``: a JSON-lines file of finished runs, appended to as runs finish (:func:`_run_log`).
+    """
+    train_run = _run_log(resume)
     seeds = sorted({*setting["tune_seeds"], *setting["eval_seeds"]})
     behaviours: dict[int, dict[str, torch.Tensor]] = {}
     behaviour_reward: dict[int, float] = {}
@@ -636,7 +678,7 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
             )
         for level, staleness in setting["staleness"].items():
             for method, label, _, _ in _methods(setting):
-                start = time.perf_counter()
+                spent = 0.0  # the runs' own times (a run read back by --resume kept its own)
                 scores: dict[str, float] = {}
                 fixed = setting.get("lr_fixed", {}).get(f"{method}/{level}")
                 if fixed is not None:
@@ -644,16 +686,17 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
                 elif tune:
                     for lr in setting["lr_grid"]:
                         tuned = [
-                            train_once(method, staleness, lr, s, behaviours[s], setting, workdir)
+                            train_run(method, staleness, lr, s, behaviours[s], setting, workdir)
                             for s in setting["tune_seeds"]
                         ]
                         runs.extend(dict(r, role="tune", level=level) for r in tuned)
+                        spent += sum(r["seconds"] for r in tuned)
                         scores[repr(lr)] = float(np.mean([r["last_quarter"] for r in tuned]))
                     lr = float(max(setting["lr_grid"], key=lambda x: scores[repr(x)]))
                 else:
                     lr = float(setting["lr_grid"][0])
                 evaluated = [
-                    train_once(method, staleness, lr, s, behaviours[s], setting, workdir)
+                    train_run(method, staleness, lr, s, behaviours[s], setting, workdir)
                     for s in setting["eval_seeds"]
                 ]
                 runs.extend(dict(r, role="eval", level=level) for r in evaluated)
@@ -672,7 +715,7 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
                     "final_max": float(final.max()),
                     "curve_steps": evaluated[0]["steps"],
                     "curve_mean": np.mean([r["curve"] for r in evaluated], 0).tolist(),
-                    "seconds": time.perf_counter() - start,
+                    "seconds": spent + sum(r["seconds"] for r in evaluated),
                 }
                 for key in (
                     "gamma_mean",
@@ -714,6 +757,76 @@ def run(setting: dict[str, Any], progress: Callable[[str], None] = print) -> dic
 # ----------------------------------------------------------------------------------------------
 # report
 
+BOOTSTRAP = {"level": 0.9, "n_boot": 10_000, "seed": 0}
+
+
+def _is_ours(method: str) -> bool:
+    return method.startswith("isreshape") or method.endswith("_tempered")
+
+
+def _paired(row: dict[str, Any], other: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """The paired difference ``row - other`` of the final rewards on the same seeds."""
+    a, b = np.array(row["final_per_seed"]), np.array(other["final_per_seed"])
+    mean, lo, hi = paired_interval(a, b, **BOOTSTRAP)
+    return {
+        "method": row["method"],
+        "against": other["method"],
+        "seeds": list(seeds),
+        "method_per_seed": a.tolist(),
+        "against_per_seed": b.tolist(),
+        "difference_per_seed": (a - b).tolist(),
+        "mean": mean,
+        "lo": lo,
+        "hi": hi,
+    }
+
+
+def compare(result: dict[str, Any], setting: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per staleness column, each of our rows against the best other row (highest mean final
+    reward) and, for a tempered correction, against the same loss with TRL's correction: paired
+    differences on the evaluation seeds with a percentile bootstrap interval (:data:`BOOTSTRAP`)."""
+    out = []
+    for level in setting["staleness"]:
+        col = {r["method"]: r for r in result["rows"] if r["level"] == level}
+        others = [r for m, r in col.items() if not _is_ours(m)]
+        if not others or len(setting["eval_seeds"]) < 2:
+            continue
+        best = max(others, key=lambda r: r["final_mean"])
+        for method, row in col.items():
+            if not _is_ours(method):
+                continue
+            same = col.get(method.replace("_tempered", "_trl_is"))
+            entry = {"level": level, "best_other": _paired(row, best, setting["eval_seeds"])}
+            if same is not None and same is not row:
+                entry["same_loss"] = _paired(row, same, setting["eval_seeds"])
+            out.append(entry)
+    return out
+
+
+def _comparison_lines(comparisons: Sequence[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    level = BOOTSTRAP["level"]
+    lines = [
+        "",
+        f"Paired differences of the final reward, ours minus another row on the same seeds: mean "
+        f"[{100 * level:.0f} % percentile bootstrap interval over seeds, {BOOTSTRAP['n_boot']} "
+        f"resamples, RNG seed {BOOTSTRAP['seed']}].",
+        "",
+        "| ours | staleness | best other row | ours - best other | same loss, TRL's correction "
+        "| ours - it |",
+        "| --- | --- | --- | ---: | --- | ---: |",
+    ]
+    for c in comparisons:
+        cells = [labels[c["best_other"]["method"]], c["level"]]
+        for key in ("best_other", "same_loss"):
+            d = c.get(key)
+            cells += (
+                [labels[d["against"]], f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"]
+                if d
+                else ["-", "-"]
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
 
 def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
     """The results table, then the gamma/ESS table of ours."""
@@ -733,13 +846,17 @@ def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
                 f"{r['final_max']:.3f}] (lr {r['lr']:g})"
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| ours | staleness | mean gamma | steps with gamma < 1 | mean ESS/n at gamma 1 | "
-        "least ESS/n at gamma 1 | pooled ESS/n of a step: mean | least | steps below "
-        "rho_min |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    if result.get("comparisons"):
+        labels = {m: label for m, label, _, _ in _methods(setting)}
+        lines += _comparison_lines(result["comparisons"], labels)
+    if any("gamma_mean" in r for r in rows):
+        lines += [
+            "",
+            "| ours | staleness | mean gamma | steps with gamma < 1 | mean ESS/n at gamma 1 | "
+            "least ESS/n at gamma 1 | pooled ESS/n of a step: mean | least | steps below "
+            "rho_min |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
     for r in rows:
         if "gamma_mean" in r:
             lines.append(
@@ -753,7 +870,7 @@ def markdown(result: dict[str, Any], setting: dict[str, Any]) -> str:
         lines += [
             "",
             "| correction | staleness | mean correction weight | mean gamma | mean ESS/n at "
-            "gamma 1 | least ESS/n at gamma |",
+            "gamma 1 | least ESS/n of a step at its gamma |",
             "| --- | --- | ---: | ---: | ---: | ---: |",
         ]
         for r in rows:
@@ -830,6 +947,21 @@ def _jsonable(setting: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}
 
 
+def _override(
+    setting: dict[str, Any], seeds: Sequence[int] | None, levels: Sequence[str] | None
+) -> dict[str, Any]:
+    """``setting`` with other evaluation seeds and a subset of its staleness columns."""
+    unknown = sorted(set(levels or ()) - set(setting["staleness"]))
+    if unknown:
+        raise SystemExit(f"--levels: unknown {unknown}; choose from {list(setting['staleness'])}")
+    out = dict(setting)
+    if seeds:
+        out["eval_seeds"] = tuple(seeds)
+    if levels:
+        out["staleness"] = {lv: s for lv, s in setting["staleness"].items() if lv in levels}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny setting (a few seconds)")
@@ -844,6 +976,17 @@ def main(argv: list[str] | None = None) -> int:
         help="TRL's losses with TRL's or the tempered correction, behind a lagging engine",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="evaluation seeds (default: the setting's)"
+    )
+    parser.add_argument(
+        "--levels", nargs="+", help="staleness columns to run, by name (default: all)"
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="JSON-lines file of finished runs: appended to as runs finish, read back on restart",
+    )
     args = parser.parse_args(argv)
     setting = (
         SMOKE
@@ -854,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.composition
         else FULL
     )
+    setting = _override(setting, args.seeds, args.levels)
     name = (
         f"{NAME}_step_gamma"
         if args.step_gamma
@@ -864,8 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     start = time.perf_counter()
-    result = run(setting)
+    result = run(setting, resume=args.resume)
+    result["comparisons"] = compare(result, setting)
     elapsed = time.perf_counter() - start
+    # with --resume, runs read back cost nothing now: their own times are the experiment's cost
+    run_seconds = sum(r["seconds"] for r in result["runs"])
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(result, setting)
     lr_note = (
@@ -876,13 +1023,22 @@ def main(argv: list[str] | None = None) -> int:
         if len(setting["lr_grid"]) > 1
         else f"learning rate {setting['lr_grid'][0]:g} (not tuned)"
     )
+    s_note = (
+        "S = the lagging engine's weight-sync interval (every optimiser step samples a fresh "
+        "batch from the engine, whose weights are copied from the trainer every S steps, so "
+        f"samples are up to S - 1 updates old; S = {setting['steps']}, the number of steps: the "
+        "engine keeps the behaviour policy mu throughout)"
+        if setting.get("method_table") == "composition"
+        else "S = TRL steps_per_generation (the k-th update on a generation batch uses samples k "
+        f"updates old; S = {setting['steps']}, the number of steps: the behaviour policy is "
+        "never refreshed)"
+    )
     meta = (
         f"Exact expected reward (mean over the 100 prompts a+b=) after {setting['steps']} GRPO "
         f"steps from stale samples, mean ± std [min, max] over evaluation seeds "
-        f"{list(setting['eval_seeds'])}; {lr_note}. S = TRL steps_per_generation (the k-th "
-        f"update on a generation batch uses samples k updates old; S = {setting['steps']}, the "
-        f"number of steps: the behaviour policy is never refreshed). Total "
-        f"{elapsed:.0f} s on {platform.machine()} ({platform.python_version()}, torch "
+        f"{list(setting['eval_seeds'])}; {lr_note}. {s_note}. Training runs "
+        f"{run_seconds:.0f} s in all ({len(result['runs'])} runs), this invocation "
+        f"{elapsed:.0f} s, on {platform.machine()} ({platform.python_version()}, torch "
         f"{torch.__version__}, 1 thread, {os.cpu_count()} CPUs)."
     )
     (args.out / f"{name}.md").write_text(f"{meta}\n\n{table}\n")
@@ -890,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         "setting": _jsonable(setting),
         "methods": {key: {"label": label, **extra} for key, label, _, extra in _methods(setting)},
         "seconds": elapsed,
+        "run_seconds": run_seconds,
+        "bootstrap": BOOTSTRAP,
         "platform": {
             "machine": platform.machine(),
             "python": platform.python_version(),

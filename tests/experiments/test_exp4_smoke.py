@@ -167,3 +167,50 @@ def test_expected_reward_matches_brute_force_enumeration(exp4, trained):
         expected, total = _enumerate_expected_reward(exp4, model, index)
         assert total == pytest.approx(1.0, abs=1e-9)
         assert exact[index] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def _exact_bootstrap_cdf(d: np.ndarray, x: float) -> tuple[float, float]:
+    """P(mean < x) and P(mean <= x) under the exact bootstrap distribution of the mean of ``d``:
+    every one of the n^n equally likely resamples (ordered index tuples), enumerated."""
+    n = d.size
+    grids = np.meshgrid(*[np.arange(n)] * n, indexing="ij")
+    means = d[np.stack([g.ravel() for g in grids], 1)].mean(1)
+    return float((means < x - 1e-12).mean()), float((means <= x + 1e-12).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_paired_interval_matches_the_exact_bootstrap_distribution(exp4, seed):
+    """The 90 % percentile interval of the paired difference sits at the 5 % and 95 % points of
+    the exact bootstrap distribution (all 5^5 resamples of 5 seeds), up to Monte Carlo error."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.random(5), rng.random(5)
+    mean, lo, hi = exp4.paired_interval(a, b, **exp4.BOOTSTRAP)
+    assert mean == pytest.approx((a - b).mean())
+    assert lo <= mean <= hi
+    tol = 0.01  # 10,000 resamples: the standard error of a 5 % point's probability is 0.002
+    for x, p in ((lo, 0.05), (hi, 0.95)):
+        below, at_or_below = _exact_bootstrap_cdf(a - b, x)
+        assert below <= p + tol and at_or_below >= p - tol
+
+
+def test_compare_pairs_seeds_and_picks_the_best_other_row(exp4):
+    setting = dict(exp4.COMPOSITION, eval_seeds=(0, 1, 2), staleness={"never synced": 300})
+    finals = {
+        "dapo_trl_is": [0.50, 0.52, 0.54],
+        "dapo_tempered": [0.60, 0.50, 0.58],
+        "cispo_trl_is": [0.61, 0.63, 0.65],
+        "cispo_tempered": [0.62, 0.62, 0.66],
+    }
+    rows = [
+        {"method": m, "level": "never synced", "final_per_seed": v, "final_mean": np.mean(v)}
+        for m, v in finals.items()
+    ]
+    got = {c["best_other"]["method"]: c for c in exp4.compare({"rows": rows}, setting)}
+    assert set(got) == {"dapo_tempered", "cispo_tempered"}
+    for method, c in got.items():
+        assert c["best_other"]["against"] == "cispo_trl_is"
+        assert c["same_loss"]["against"] == method.replace("_tempered", "_trl_is")
+        diff = np.subtract(finals[method], finals["cispo_trl_is"])
+        assert c["best_other"]["difference_per_seed"] == pytest.approx(diff)
+        assert c["best_other"]["seeds"] == [0, 1, 2]
+    assert got["dapo_tempered"]["same_loss"]["mean"] == pytest.approx(0.04)
