@@ -101,7 +101,11 @@ def nvidia_gpus() -> list[str]:
 
 @nox.session
 def tests_verl(session: nox.Session) -> None:
-    """The verl policy-loss integration, against real verl 0.9 (installed without its deps)."""
+    """The verl integration against real verl 0.9: the policy loss, the step hook over 2 gloo
+    ranks, and the trainer ``is_reshape`` on verl's FSDP2 engine (a tiny model, CPU).
+
+    verl is installed without its dependencies (its extras pin CUDA builds of torch, vLLM, ...);
+    the ones its trainer modules import are listed here, torch pinned in the same install."""
     session.install("--no-deps", "verl==0.9.*")
     session.install(
         TORCH,
@@ -113,6 +117,15 @@ def tests_verl(session: nox.Session) -> None:
         "codetiming",
         "orjson",
         "packaging",
+        # imported by verl's v1 trainer and engine workers (verl_trainer.py)
+        "TransferQueue>=0.1.10,<0.2",
+        "datasets>=3,<6",
+        "torchdata>=0.10,<0.12",
+        "peft>=0.15,<1",
+        "fastapi<1",
+        "uvicorn<1",
+        "cachetools>=5",
+        "pillow>=10",
     )
     session.install("-e", ".[test]")
     session.run(

@@ -583,17 +583,20 @@ def test_one_gamma_per_step_over_two_ranks(name, tmp_path):
 
 
 def test_trainer_registration_and_config_errors():
-    """The trainer ``is_reshape`` through verl's registry, its actor worker, and its start-up
-    checks on verl's own YAML (needs verl's trainer dependencies: skipped without them)."""
+    """The trainer ``is_reshape`` through verl's registry, built by verl's own ``__init__`` on
+    verl's YAML: its start-up checks (errors naming the key) and its worker mapping."""
     trainer_mod = pytest.importorskip("isreshape_torch.verl_trainer")
     import verl
     from omegaconf import OmegaConf, open_dict
+    from verl.trainer.ppo.utils import Role
     from verl.trainer.ppo.v1 import get_trainer_cls
 
-    assert get_trainer_cls("is_reshape") is trainer_mod.ISReshapeTrainer
+    trainer_cls = get_trainer_cls("is_reshape")
+    assert trainer_cls is trainer_mod.ISReshapeTrainer
     worker = trainer_mod.ISReshapeActorRolloutRefWorker
     assert worker.actor_worker_cls is trainer_mod.ISReshapeTrainingWorker
     cfg = OmegaConf.load(Path(verl.__file__).parent / "trainer/config/_generated_ppo_trainer.yaml")
+    cfg.trainer.v1.trainer_mode = "is_reshape"
     pl = cfg.actor_rollout_ref.actor.policy_loss
     with open_dict(cfg):
         pl.is_reshape_rollout_correction = True
@@ -601,82 +604,446 @@ def test_trainer_registration_and_config_errors():
     with open_dict(cfg):
         cfg.algorithm.rollout_correction.rollout_is = "sequence"  # verl's TIS
     with pytest.raises(ValueError, match=r"rollout_correction\.rollout_is=null"):
-        trainer_mod._check_config(cfg)
+        trainer_cls(config=cfg)
     cfg.algorithm.rollout_correction.rollout_is = None
     cfg.actor_rollout_ref.rollout.calculate_log_probs = False
     with pytest.raises(ValueError, match="calculate_log_probs=true"):
-        trainer_mod._check_config(cfg)
+        trainer_cls(config=cfg)
     cfg.actor_rollout_ref.rollout.calculate_log_probs = True
-    trainer_mod._check_config(cfg)
+    trainer = trainer_cls(config=cfg)
+    assert trainer.trainer_mode == "sync" and trainer.parameter_sync_step == 1
+    trainer._init_resource_pool_mgr()
+    assert trainer.role_worker_mapping[Role.ActorRollout].__ray_actor_class__ is worker
     cfg.algorithm.rollout_correction.bypass_mode = True
     with pytest.raises(ValueError, match="bypass_mode=false"):
-        trainer_mod._check_config(cfg)
+        trainer_cls(config=cfg)
 
 
-def test_worker_hook_forward_alignment_and_gamma():
-    """The trainer's actor worker, bypass mode: its extra forward pass (an engine returning the
-    current policy's log-probs over prompt + response, as verl's engines do) is sliced to the
-    response by verl's no_padding_2_padding, and the gamma it writes is the core's step gamma of
-    ``log_prob - old_log_probs`` (one process; needs verl's trainer dependencies)."""
-    trainer_mod = pytest.importorskip("isreshape_torch.verl_trainer")
-    from contextlib import nullcontext
+# ----------------------------------------------------------------------------------------------
+# the trainer ``is_reshape`` on verl's own FSDP2 engine: a tiny Qwen2 built from a config, CPU
+# processes, gloo (verl 0.9's trainer modules and their dependencies installed)
 
+import copy  # noqa: E402
+
+TRAINER_ROWS, TRAINER_G, VOCAB = 32, 4, 13  # 8 GRPO groups of 4 (rollout.n = 4)
+TRAINER_CASES = {
+    # bypass mode: IS Reshape is the loss, gamma from the hook's forward pass at the step
+    "loss": {
+        "bypass": True,
+        "policy_loss": {
+            "loss_mode": "is_reshape",
+            "is_reshape_gamma": "ess",
+            "is_reshape_group_by": "uid",
+            "is_reshape_rho_min": 0.9,
+        },
+    },
+    # decoupled mode: verl's PPO-clip loss with the tempered pi_old / mu as behaviour correction
+    "rollout_correction": {
+        "bypass": False,
+        "policy_loss": {
+            "loss_mode": "vanilla",
+            "is_reshape_rollout_correction": True,
+            "is_reshape_group_by": "uid",
+            "is_reshape_rho_min": 0.9,
+        },
+    },
+}
+
+
+def trainer_rows():
+    """32 trajectories: prompt and response ids, mu (rollout), pi_old, advantages, uid."""
+    rng = np.random.default_rng(21)
+    n = TRAINER_ROWS
+    plen = rng.integers(2, 5, n)
+    rlen = rng.integers(1, T_RESP + 1, n)
+    rows = {
+        "prompts": [rng.integers(3, VOCAB, k) for k in plen],
+        "responses": [rng.integers(3, VOCAB, k) for k in rlen],
+        "rollout": [np.log(rng.uniform(0.05, 1.0, k)) for k in rlen],
+        "adv": [np.full(k, a) for k, a in zip(rlen, rng.normal(0, 1, n), strict=True)],
+        "uid": [f"prompt-{i // TRAINER_G}" for i in range(n)],
+    }
+    rows["old"] = [r + rng.normal(0, 0.8, len(r)) for r in rows["rollout"]]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Qwen2 with random weights (from a config) and a character tokenizer, saved."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Regex, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *"abcdefghij"])}
+    assert len(vocab) == VOCAB
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(path)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def trainer_config(model_dir, case):
+    """verl's own trainer YAML with the IS Reshape trainer, FSDP2 in fp32, dynamic batch size,
+    shuffled mini-batches (2 per epoch on each of 2 ranks), 2 epochs."""
+    import verl
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.load(Path(verl.__file__).parent / "trainer/config/_generated_ppo_trainer.yaml")
+    cfg.trainer.v1.trainer_mode = "is_reshape"
+    cfg.trainer.n_gpus_per_node = 2
+    cfg.algorithm.adv_estimator = "grpo"
+    cfg.algorithm.rollout_correction.bypass_mode = case["bypass"]
+    cfg.algorithm.rollout_correction.rollout_is = None
+    ar = cfg.actor_rollout_ref
+    ar.rollout.name = "vllm"  # never started: the actor role builds no rollout
+    ar.rollout.n = TRAINER_G
+    ar.rollout.calculate_log_probs = True
+    ar.model.path = model_dir
+    ar.model.use_remove_padding = False  # packed sequences need flash-attn (CUDA)
+    ar.model.enable_gradient_checkpointing = False
+    actor = ar.actor
+    actor.strategy = actor.fsdp_config.strategy = "fsdp2"
+    actor.use_torch_compile = actor.fsdp_config.use_torch_compile = False
+    actor.ppo_mini_batch_size = 4  # prompts: 16 rows a step, 8 per rank
+    actor.ppo_epochs = 2
+    actor.shuffle = True
+    actor.use_dynamic_bsz = True
+    actor.ppo_max_token_len_per_gpu = 24  # several micro-batches a step
+    actor.optim.lr = 1e-2  # the parameters move between steps
+    actor.policy_loss._target_ = "isreshape_torch.verl.ISReshapePolicyLossConfig"
+    with open_dict(cfg):
+        ar.model.override_config.attn_implementation = "sdpa"
+        actor.fsdp_config.mixed_precision = dict.fromkeys(
+            ["param_dtype", "reduce_dtype", "buffer_dtype"], "fp32"
+        )
+        for key, val in case["policy_loss"].items():
+            actor.policy_loss[key] = val
+    return cfg
+
+
+def _trainer_td(idx, rows, bypass):
+    """The rows ``idx`` as verl's actor receives them from TransferQueue (jagged)."""
     from verl.utils import tensordict_utils as tu
 
-    from isreshape_torch.verl import GAMMA_FIELD
+    def nested(key, dtype):
+        return torch.nested.as_nested_tensor(
+            [torch.as_tensor(np.asarray(x), dtype=dtype) for x in key], layout=torch.jagged
+        )
 
-    lengths, mask, _, old, logp, _, uid = step_batch()
-    prompt_len = 3
-    rows = np.arange(N_ROWS)
-    full = [  # the engine's per-token log-probs of prompt + response, shifted by one as verl's
-        np.concatenate([np.full(prompt_len - 1, 7.0), logp[i, : lengths[i]], [9.0]]) for i in rows
-    ]
+    def pick(key):
+        return [rows[key][i] for i in idx]
 
-    class Engine:  # the three engine methods the hook calls
-        def eval_mode(self, **_):
-            return nullcontext()
-
-        def get_data_parallel_group(self):
-            return None
-
-        def infer_batch(self, data, loss_function=None):
-            assert loss_function is None and not tu.get(data, "calculate_entropy")
-            return {"model_output": {"log_probs": _nested(full, lengths + prompt_len)}}
-
-    td = tu.get_tensordict(
-        tensor_dict={
-            "prompts": _nested(
-                [np.zeros(prompt_len, dtype=np.int64)] * N_ROWS, [prompt_len] * N_ROWS
-            ),
-            "responses": _nested([np.zeros(T_RESP, dtype=np.int64)] * N_ROWS, lengths),
-            "response_mask": _nested(mask, lengths),
-            "old_log_probs": _nested(old, lengths),
-            "uid": uid,
-        }
-    )
-    worker = object.__new__(trainer_mod.ISReshapeTrainingWorker)
-    worker.engine = Engine()
-    worker.engine_config = type(
-        "C",
-        (),
-        {
-            "use_dynamic_bsz": True,
-            "max_token_len_per_gpu": 64,
-            "micro_batch_size_per_gpu": 2,
-            "use_fused_kernels": False,
-        },
-    )()
-    worker.model_config = {}
-    worker.policy_loss_config = {
-        "loss_mode": "is_reshape",
-        "is_reshape_gamma": "ess",
-        "is_reshape_group_by": "uid",
-        "is_reshape_rho_min": 0.9,
+    ids = [np.concatenate([rows["prompts"][i], rows["responses"][i]]) for i in idx]
+    ones = [np.ones(len(r)) for r in pick("responses")]
+    fields = {
+        "row": torch.as_tensor(idx),
+        "prompts": nested(pick("prompts"), torch.int64),
+        "responses": nested(pick("responses"), torch.int64),
+        "input_ids": nested(ids, torch.int64),
+        "attention_mask": nested([np.ones(len(x)) for x in ids], torch.int64),
+        "position_ids": nested([np.arange(len(x)) for x in ids], torch.int64),
+        "response_mask": nested(ones, torch.int64),
+        "loss_mask": nested(ones, torch.int64),
+        # bypass mode: verl's trainer copies rollout_log_probs into old_log_probs
+        "old_log_probs": nested(pick("rollout" if bypass else "old"), torch.float32),
+        "rollout_log_probs": nested(pick("rollout"), torch.float32),
+        "advantages": nested(pick("adv"), torch.float32),
     }
-    metrics = worker._prepare_step(td)
-    lw = isr.log_weights(torch.tensor(logp), torch.tensor(old), torch.tensor(mask))
-    gid = torch.tensor([sorted(set(uid)).index(u) for u in uid])
-    g_ref, m_ref = isr.step_gamma(lw, 0.9, group_ids=gid, num_groups=len(set(uid)))
-    assert float(g_ref.min()) < 1.0
-    np.testing.assert_allclose(td[GAMMA_FIELD].numpy(), g_ref.numpy(), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(metrics["actor/is_reshape/gamma"], float(m_ref["gamma"]), atol=1e-12)
+    return tu.get_tensordict(tensor_dict={**fields, "uid": pick("uid")})
+
+
+class _LocalActorGroup:
+    """The actor worker group as verl's trainer drives it, within one process: verl's dispatch
+    (the balanced batch cut into equal consecutive shards by data-parallel rank: the split of
+    TransferQueue's ``BatchMeta.chunk``) and TransferQueue's read of a shard (its rows by key,
+    ``extra_info`` as non-tensor entries), without the TransferQueue service."""
+
+    def __init__(self, worker, rank, world, rows, bypass):
+        self.worker, self.rank, self.world, self.rows, self.bypass = (
+            worker,
+            rank,
+            world,
+            rows,
+            bypass,
+        )
+        self._dispatch_info = {"actor": list(range(world))}
+
+    def update_actor(self, batch):
+        from verl.utils import tensordict_utils as tu
+
+        shard = batch.chunk(self.world)[self.rank]
+        td = _trainer_td([int(k) for k in shard.keys], self.rows, self.bypass)
+        for key, val in copy.deepcopy(shard.extra_info).items():
+            tu.assign_non_tensor_data(tensor_dict=td, key=key, val=val)
+        return self.worker.update_actor(td)
+
+
+def _run_trainer_case(rank, world, model_dir, case):
+    """One update of the IS Reshape trainer's actor on this rank, recording every step hook call
+    and every micro-batch's policy-loss call (spies that call through)."""
+    import torch.distributed as tdist
+    import transformers
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.utils import Role
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    import isreshape_torch.verl_trainer as vt
+    from isreshape_torch.verl import _STEP_GAMMA, is_reshape_ppo_loss
+
+    cfg = trainer_config(model_dir, case)
+    trainer = get_trainer_cls("is_reshape")(config=cfg)  # verl's __init__ and the start-up checks
+    trainer._init_resource_pool_mgr()
+    worker_cls = trainer.role_worker_mapping[Role.ActorRollout].__ray_actor_class__
+    worker = worker_cls(config=cfg.actor_rollout_ref, role="actor")
+    worker.init_model()  # verl's FSDP2 engine, then set_loss_fn(is_reshape_ppo_loss)
+    assert worker.actor.loss_fn.func is is_reshape_ppo_loss
+
+    events, current = [], {}
+    real_hook, real_loss_fn = vt.prepare_step_gamma, worker.actor.loss_fn
+    loss_mode = case["policy_loss"]["loss_mode"]
+    real_policy_loss = core_algos.POLICY_LOSS_REGISTRY[loss_mode]
+
+    def hook(data, policy_loss_config, *, dp_group=None, log_prob=None):
+        metrics = real_hook(data, policy_loss_config, dp_group=dp_group, log_prob=log_prob)
+        lp = None if log_prob is None else log_prob.detach().clone()
+        world_dp = tdist.get_world_size(dp_group)
+        events.append(
+            {"step": data["row"].clone(), "log_prob": lp, "metrics": metrics, "dp": world_dp}
+        )
+        return metrics
+
+    def loss_fn(model_output, data, dp_group=None):
+        current["rows"] = data["row"].clone()
+        return real_loss_fn(model_output=model_output, data=data, dp_group=dp_group)
+
+    def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, **kw):
+        gamma, weights = _STEP_GAMMA.get(), kw.get("rollout_is_weights")
+        events.append(
+            {
+                "micro": current["rows"],
+                "gamma": None if gamma is None else gamma.clone(),
+                "log_prob": log_prob.detach().clone(),
+                "weights": None if weights is None else weights.detach().clone(),
+            }
+        )
+        return real_policy_loss(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, **kw
+        )
+
+    rows = trainer_rows()
+    trainer.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    trainer.global_steps = 1
+    trainer.actor_rollout_wg = _LocalActorGroup(worker, rank, world, rows, case["bypass"])
+    lengths = [len(p) + len(r) for p, r in zip(rows["prompts"], rows["responses"], strict=True)]
+    batch = KVBatchMeta(
+        keys=[str(i) for i in range(TRAINER_ROWS)],
+        tags=[{"seq_len": n} for n in lengths],
+        partition_id="train",
+    )
+    metrics = {}
+    vt.prepare_step_gamma, worker.actor.loss_fn = hook, loss_fn
+    core_algos.POLICY_LOSS_REGISTRY[loss_mode] = policy_loss
+    try:
+        batch = trainer._balance_batch(batch, metrics)  # verl's balance_batch
+        trainer._update_actor(batch, metrics)  # verl's, then the trainer's metric names
+    finally:
+        vt.prepare_step_gamma, worker.actor.loss_fn = real_hook, real_loss_fn
+        core_algos.POLICY_LOSS_REGISTRY[loss_mode] = real_policy_loss
+    return {"events": events, "metrics": metrics}
+
+
+def _trainer_worker(rank, world, port, out_dir, model_dir):
+    os.environ.update(
+        VERL_PLATFORM="cpu",
+        VERL_ENGINE_DEVICE="cuda",
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import _verl_cpu_platform  # noqa: F401  (registers verl's platform "cpu")
+    import torch.distributed as tdist
+
+    tdist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    out = {name: _run_trainer_case(rank, world, model_dir, c) for name, c in TRAINER_CASES.items()}
+    tdist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tiny_model_dir, tmp_path_factory):
+    """Both cases on 2 gloo ranks; per rank and case: the events in order, and the metrics."""
+    pytest.importorskip("isreshape_torch.verl_trainer")
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("trainer_run")
+    mp.spawn(_trainer_worker, args=(2, _free_port(), str(out), tiny_model_dir), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _trainer_steps(events):
+    """One rank's events as steps: the hook's call, then that step's micro-batch losses."""
+    steps = []
+    for ev in events:
+        if "step" in ev:
+            steps.append({**ev, "micro": []})
+        else:
+            steps[-1]["micro"].append(ev)
+    return steps
+
+
+def _padded_rows(seqs, idx, width):
+    out = np.zeros((len(idx), width))
+    for j, i in enumerate(idx):
+        out[j, : len(seqs[i])] = seqs[i]
+    return out
+
+
+def _reference_step(rows, step_rows, num, den, rho_min):
+    """The core's step gamma per uid group of the whole step, in one process, and its metrics:
+    unit log weights of sequences ``num - den`` (padded (B, T) float64 arrays)."""
+    mask = _padded_rows([np.ones(len(r)) for r in rows["responses"]], step_rows, num.shape[1]) > 0
+    lw = isr.log_weights(torch.tensor(num), torch.tensor(den), torch.tensor(mask))
+    names = sorted({rows["uid"][i] for i in step_rows})
+    gid = torch.tensor([names.index(rows["uid"][i]) for i in step_rows])
+    gamma, metrics = isr.step_gamma(lw, rho_min, group_ids=gid, num_groups=len(names))
+    return gamma.numpy(), lw.numpy(), mask, metrics
+
+
+def _check_steps(run, case_name, reference):
+    """Common checks; ``reference(step_rows, hooks)`` gives each step row's expected value."""
+    rows = trainer_rows()
+    per_rank = [_trainer_steps(run[r][case_name]["events"]) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 4  # 2 mini-batches x 2 epochs on each rank
+    split_groups = 0
+    for step in range(4):
+        hooks = [per_rank[r][step] for r in range(2)]
+        step_rows = np.concatenate([h["step"].numpy() for h in hooks])
+        assert sorted(step_rows) == sorted(set(step_rows)) and len(step_rows) == 16
+        on_rank = [{rows["uid"][i] for i in h["step"].numpy()} for h in hooks]
+        split_groups += len(on_rank[0] & on_rank[1])
+        assert all(h["dp"] == 2 for h in hooks)
+        expected = reference(step_rows, hooks)
+        for h in hooks:
+            # every row of the rank's mini-batch reaches exactly one micro-batch loss
+            seen = np.concatenate([m["micro"].numpy() for m in h["micro"]])
+            assert sorted(seen) == sorted(h["step"].numpy())
+            for m in h["micro"]:
+                yield step, h, m, [expected[i] for i in m["micro"].numpy()]
+    assert split_groups > 0  # verl's balance_batch put rows of one uid group on both ranks
+    assert max(len(per_rank[r][s]["micro"]) for r in range(2) for s in range(4)) > 1
+
+
+def test_trainer_step_gamma_reaches_every_micro_batch_loss(trainer_run):
+    """Bypass mode, loss_mode=is_reshape, groups by uid, through the trainer ``is_reshape`` on
+    verl's FSDP2 engine (2 gloo ranks, verl's balance_batch, shuffled mini-batches, 2 epochs,
+    dynamic micro-batches): every micro-batch's policy loss uses, for each row, the gamma that the
+    core's ``step_gamma`` chooses over the whole mini-batch in one process (1e-12), from
+    ``log_prob - old_log_probs`` with ``log_prob`` from the hook's forward pass, which equals the
+    log-probabilities that verl's training forward pass hands the loss (1e-5: the parameters of
+    the step); the step's metrics reach verl's metrics (mean over steps, max of maxima)."""
+    rows = trainer_rows()
+    ref_metrics, hook_lp = [], {}
+
+    def reference(step_rows, hooks):
+        width = max(h["log_prob"].shape[1] for h in hooks)
+        lp = np.concatenate(
+            [
+                np.pad(
+                    h["log_prob"].double().numpy(), ((0, 0), (0, width - h["log_prob"].shape[1]))
+                )
+                for h in hooks
+            ]
+        )
+        old = _padded_rows(rows["rollout"], step_rows, width).astype(np.float32).astype(np.float64)
+        gamma, _, mask, metrics = _reference_step(rows, step_rows, lp, old, 0.9)
+        lp = np.where(mask, lp, 0.0)
+        ref_metrics.append(metrics)
+        assert gamma.min() < 1.0 and len(set(np.round(gamma, 9))) > 1
+        for h in hooks:
+            np.testing.assert_allclose(
+                h["metrics"]["actor/is_reshape/gamma"], float(metrics["gamma"]), rtol=0, atol=1e-12
+            )
+        for j, i in enumerate(step_rows):
+            hook_lp.setdefault(int(i), []).append(lp[j, : len(rows["responses"][i])])
+        return dict(zip(step_rows.tolist(), gamma, strict=True))
+
+    for _, _, micro, want in _check_steps(trainer_run, "loss", reference):
+        np.testing.assert_allclose(micro["gamma"].numpy(), want, rtol=0, atol=1e-12)
+        for j, i in enumerate(micro["micro"].numpy()):
+            n = len(rows["responses"][i])
+            np.testing.assert_allclose(
+                micro["log_prob"][j, :n].numpy(), hook_lp[int(i)][-1], atol=1e-5
+            )
+    # the hook recomputes at every step: epoch 2 sees other parameters than epoch 1
+    assert max(np.abs(a - b).max() for a, b in hook_lp.values()) > 1e-3
+    for r in range(2):
+        m = trainer_run[r]["loss"]["metrics"]
+        np.testing.assert_allclose(
+            m["actor/is_reshape/gamma"],
+            np.mean([float(x["gamma"]) for x in ref_metrics]),
+            rtol=1e-12,
+        )
+        np.testing.assert_allclose(
+            m["actor/is_reshape/max_weight"],
+            max(float(x["max_weight"]) for x in ref_metrics),
+            rtol=1e-12,
+        )
+
+
+def test_trainer_rollout_correction_weights_reach_every_micro_batch(trainer_run):
+    """Decoupled mode, verl's vanilla PPO-clip loss with ``is_reshape_rollout_correction``,
+    groups by uid, through the same trainer run: every micro-batch's loss receives
+    ``rollout_is_weights = (pi_old / mu)^gamma`` with gamma the core's step gamma of the whole
+    mini-batch in one process; the metrics carry verl's ``rollout_corr/`` names."""
+    rows = trainer_rows()
+
+    def reference(step_rows, hooks):
+        assert all(h["log_prob"] is None for h in hooks)  # no extra forward pass
+
+        def f32(key):  # the float32 values that verl's batch holds
+            return _padded_rows(rows[key], step_rows, T_RESP).astype(np.float32).astype(np.float64)
+
+        gamma, lw, mask, metrics = _reference_step(rows, step_rows, f32("old"), f32("rollout"), 0.9)
+        assert gamma.min() < 1.0
+        for h in hooks:
+            np.testing.assert_allclose(
+                h["metrics"]["rollout_corr/rollout_is_gamma"],
+                float(metrics["gamma"]),
+                rtol=0,
+                atol=1e-12,
+            )
+        weights = np.exp(gamma * lw)[:, None] * mask
+        return dict(zip(step_rows.tolist(), weights, strict=True))
+
+    for _, _, micro, want in _check_steps(trainer_run, "rollout_correction", reference):
+        assert micro["gamma"] is None
+        got = micro["weights"].numpy()
+        np.testing.assert_allclose(got, np.stack(want)[:, : got.shape[1]], rtol=1e-6, atol=1e-7)
+    for r in range(2):
+        m = trainer_run[r]["rollout_correction"]["metrics"]
+        assert "rollout_corr/rollout_is_gamma" in m and not any(
+            k.startswith("actor/rollout_corr") for k in m
+        )
