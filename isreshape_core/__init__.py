@@ -12,7 +12,7 @@ from .objective import (
     reinforce_objective,
     reinforce_objective_grad,
 )
-from .psis import pareto_k_threshold, psis, psis_tail_length
+from .psis import pareto_k_threshold, psis, psis_tail_fit, psis_tail_length
 from .psis_gamma import gamma_combined, gamma_psis, gamma_tail
 from .renyi import log_mean_tempered_weight, renyi_divergence
 from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
@@ -62,6 +62,7 @@ __all__ = [
     "objective_grad",
     "pareto_k_threshold",
     "psis",
+    "psis_tail_fit",
     "psis_tail_length",
     "reinforce_objective",
     "reinforce_objective_grad",

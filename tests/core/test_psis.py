@@ -10,13 +10,14 @@ import math
 
 import numpy as np
 import pytest
-from _helpers import arviz_psis, assert_log_close, get_namespace, to_numpy
+from _helpers import arviz_gpd_fit, arviz_psis, assert_log_close, get_namespace, to_numpy
 from array_api_compat import is_numpy_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import logsumexp as np_logsumexp
 
+import isreshape_core as isr
 from isreshape_core.psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
 
 
@@ -223,6 +224,24 @@ def test_huge_common_shift(xp, shift):
 
 # --------------------------------------------------------------------------------------------
 # validation
+
+
+def test_tail_fit_is_the_fit_psis_smooths_with(xp):
+    # Rows with a tail (k_hat and sigma as arviz-stats' Zhang-Stephens fit of the exceedances),
+    # a row with zero weights in its tail and a constant row (no fit: inf, 0), along axis 0.
+    log_w = sample_log_w("student_t", (3, 300), seed=23)
+    log_w[1, 10:] = -np.inf  # fewer positive weights than the tail length
+    log_w[2] = 0.5
+    k_hat, sigma, cutoff = (to_numpy(v) for v in isr.psis_tail_fit(xp.asarray(log_w.T), axis=0))
+    np.testing.assert_allclose(k_hat, to_numpy(psis(xp.asarray(log_w))[1]), atol=1e-12)
+    s = np.sort(log_w[0] - log_w[0].max())
+    m = psis_tail_length(300)
+    k_ref, sigma_ref = arviz_gpd_fit(np.exp(s[-m:]) - np.exp(s[-m - 1]))
+    np.testing.assert_allclose([k_hat[0], sigma[0], cutoff[0]], [k_ref, sigma_ref, s[-m - 1]])
+    assert np.isinf(k_hat[1:]).all() and (sigma[1:] == 0).all()
+    k_few, sigma_few, cut_few = isr.psis_tail_fit(xp.asarray(log_w[:, :20]))
+    assert np.isinf(to_numpy(k_few)).all() and (to_numpy(sigma_few) == 0).all()
+    assert np.isneginf(to_numpy(cut_few)).all()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
