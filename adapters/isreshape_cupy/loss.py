@@ -20,7 +20,7 @@ from isreshape_core._array import (
     Array,
     is_concrete,
 )
-from isreshape_core.loss import check_loss_arguments, prepare_loss_inputs
+from isreshape_core._loss import check_loss_arguments, prepare_loss_inputs
 
 from . import kernels
 

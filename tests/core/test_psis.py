@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.special import logsumexp as np_logsumexp
 
 import isreshape_core as isr
-from isreshape_core.psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
+from isreshape_core._psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
 
 
 def sample_log_w(kind: str, shape: tuple, seed: int) -> np.ndarray:

@@ -33,10 +33,10 @@ from ._array import (
     safe_sum,
     tempered_log_weights,
 )
-from .gamma import GAMMA_METHODS
-from .objective import _expm1_capped, _log_max
-from .step import choose_gamma, tempered_metrics
-from .weights import checked_log_ratio
+from ._gamma import GAMMA_METHODS
+from ._objective import _expm1_capped, _log_max
+from ._step import choose_gamma, tempered_metrics
+from ._weights import checked_log_ratio
 
 __all__ = [
     "LOSS_AGG_MODES",
