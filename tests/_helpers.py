@@ -267,14 +267,14 @@ def reference_gamma_tail(
 # Batches and the loss by loops, shared by the core's and the adapters' loss tests.
 
 
-def make_batch(seed=0, B=6, T=5, spread=0.3, per_token_rewards=False):
+def make_batch(seed=0, B=6, T=5, spread=0.3, per_token_rewards=False, min_length=1):
     """``(logp, logq, rewards, mask)`` as NumPy arrays: token log-probs in ``log U(0.05, 1)``,
-    ``logq = logp + Normal(0, spread)``, rows of random lengths 1..T (left-aligned), rewards
-    ``Normal(0, 1)`` per sequence ``(B,)`` or per token ``(B, T)``."""
+    ``logq = logp + Normal(0, spread)``, rows of random lengths ``min_length..T``
+    (left-aligned), rewards ``Normal(0, 1)`` per sequence ``(B,)`` or per token ``(B, T)``."""
     rng = np.random.default_rng(seed)
     logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
     logq = logp + rng.normal(0, spread, (B, T))
-    lengths = rng.integers(1, T + 1, B)
+    lengths = rng.integers(min_length, T + 1, B)
     mask = np.arange(T)[None, :] < lengths[:, None]
     rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
     return logp, logq, rewards, mask
