@@ -1,9 +1,9 @@
 """isreshape_core: backend-neutral importance-sampling reshaping (array API only)."""
 
-from ._array import Reducer
 from ._diagnostics import VERDICTS, Diagnostics, diagnose
 from ._ess import ess, ess_ratio, gradient_ess
-from ._gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
+from ._gamma import gamma_closed_form, gamma_ess
+from ._lib.reduce import Reducer
 from ._lognormal import lognormal_ess_ratio, lognormal_second_moment, lognormal_variance
 from ._loss import LOSS_AGG_MODES, LOSS_FORMS, is_reshape_loss_and_grad
 from ._objective import (
@@ -16,6 +16,7 @@ from ._psis import pareto_k_threshold, psis, psis_tail_fit, psis_tail_length
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
 from ._renyi import log_mean_tempered_weight, renyi_divergence
 from ._schedules import cosine_warmup, linear_warmup, sensitivity_guard
+from ._select import GAMMA_METHODS, select_gamma
 from ._step import step_gamma
 from ._targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
 from ._trust_region import (

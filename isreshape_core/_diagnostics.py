@@ -12,22 +12,20 @@ import math
 import warnings
 from typing import Any
 
-from ._array import (
-    Array,
-    Namespace,
-    array_device,
-    check_rho_min,
-    is_concrete,
+from ._ess import kish_ess_from_log
+from ._gamma import closed_form_gamma, gamma_ess
+from ._lib.checks import check_rho_min
+from ._lib.inputs import prepare_log_weights
+from ._lib.namespace import Array, Namespace, array_device
+from ._lib.numerics import (
+    log_variance_stats,
     logsumexp,
-    poison,
-    prepare_log_weights,
-    sample_count,
+    scaled_deviations,
     shift_by_max,
     tempered_log_weights,
-    traced_bad_rows,
 )
-from ._ess import kish_ess_from_log
-from ._gamma import _closed_form, _log_variance_stats, gamma_ess, scaled_deviations
+from ._lib.reduce import sample_count
+from ._lib.tracing import is_concrete, poison, traced_bad_rows
 from ._psis import pareto_k_threshold, psis
 
 __all__ = ["VERDICTS", "Diagnostics", "diagnose"]
@@ -209,9 +207,9 @@ def _moments(xp: Namespace, l: Array, axis: int) -> tuple[Array, Array, Array]:
     """Variance (ddof=1), skewness and excess kurtosis (population) of the finite entries.
 
     The skewness and kurtosis are scale-free: they are taken of the scaled deviations
-    (:func:`isreshape_core._gamma.scaled_deviations`), so that no power overflows.
+    (``scaled_deviations``), so that no power overflows.
     """
-    _, var = _log_variance_stats(xp, l, axis)
+    _, var = log_variance_stats(xp, l, axis)
     count, dev, _ = scaled_deviations(xp, l, axis)
     count = xp.squeeze(count, axis=axis)
     c = xp.where(count > 0, count, 1.0)
@@ -309,7 +307,7 @@ def diagnose(
     ess1 = kish_ess_from_log(xp, l_rel, axis) / n_safe
     gamma = gamma_ess(l, rho_min, axis=axis, mask=mask)
     at_gamma = ratio(gamma)
-    closed = _closed_form(xp, l, axis, rho_min, 0.0, 1.0)
+    closed = closed_form_gamma(xp, l, axis, rho_min, 0.0, 1.0)
     at_closed = ratio(closed)
     ratio_at_zero = ratio(xp.zeros_like(gamma))
 

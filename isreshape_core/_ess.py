@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._array import (
-    Array,
-    Namespace,
-    Reducer,
-    broadcast_rewards,
-    check_gamma,
-    expand_at_axis,
-    poison,
-    prepare_log_weights,
-    reduce_sum,
-    sample_count,
-    shift_by_max,
-    tempered_log_weights,
-    traced_bad_rows,
-)
+from ._lib.checks import check_gamma
+from ._lib.inputs import broadcast_rewards, prepare_log_weights
+from ._lib.namespace import Array, Namespace
+from ._lib.numerics import log_abs, shift_by_max, tempered_log_weights
+from ._lib.reduce import Reducer, reduce_sum, sample_count
+from ._lib.rows import row_param
+from ._lib.tracing import poison, traced_bad_rows
 
-__all__ = ["ess", "ess_ratio", "gradient_ess", "log_abs"]
+__all__ = ["ess", "ess_ratio", "gradient_ess", "kish_ess_from_log", "kish_from_sums"]
 
 
 def kish_from_sums(xp: Namespace, s1: Array, s2: Array, n_pos: Array) -> Array:
@@ -45,10 +37,19 @@ def kish_ess_from_log(xp: Namespace, z: Array, axis: int, reducer: Reducer | Non
     return kish_from_sums(xp, s1, s2, n_pos)
 
 
-def log_abs(xp: Namespace, r: Array) -> Array:
-    """``log|r|`` with ``-inf`` at ``r = 0`` and no divide-by-zero warning."""
-    nonzero = r != 0
-    return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, r, 1.0))), -xp.inf)
+def _tempered_kish(
+    log_w: Array, gamma: Any, axis: int, mask: Array | None, reducer: Reducer | None
+) -> tuple[Namespace, Array, Array | None, int, Array]:
+    """Validated ``(xp, l, mask, axis)`` and Kish's ESS of ``w**gamma``, NaN on invalid traced
+    rows. The log weights are taken relative to their max, as :func:`gamma_ess` takes them (the
+    same exponents, bit for bit)."""
+    xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
+    check_gamma(gamma)
+    g = row_param(xp, gamma, axis, l, "gamma")
+    bad = traced_bad_rows(xp, l, axis, gamma, reducer=reducer)
+    shifted = shift_by_max(xp, l, axis, reducer)[0]
+    value = kish_ess_from_log(xp, tempered_log_weights(xp, shifted, g), axis, reducer)
+    return xp, l, mask, axis, poison(xp, value, bad)
 
 
 def ess(
@@ -102,12 +103,7 @@ def ess(
     >>> print(ess(l, 0.0))
     4.0
     """
-    xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
-    check_gamma(gamma)
-    g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    bad = traced_bad_rows(xp, l, axis, gamma, reducer=reducer)
-    l = shift_by_max(xp, l, axis, reducer)[0]
-    return poison(xp, kish_ess_from_log(xp, tempered_log_weights(xp, l, g), axis, reducer), bad)
+    return _tempered_kish(log_w, gamma, axis, mask, reducer)[-1]
 
 
 def ess_ratio(
@@ -130,16 +126,9 @@ def ess_ratio(
     >>> print(np.round(ess_ratio(l), 4))
     [1.   0.25]
     """
-    xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
-    check_gamma(gamma)
-    g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
-    # Relative to the max, as gamma_ess computes it (the same exponents, bit for bit).
-    value = kish_ess_from_log(
-        xp, tempered_log_weights(xp, shift_by_max(xp, l, axis, reducer)[0], g), axis, reducer
-    )
+    xp, l, mask, axis, value = _tempered_kish(log_w, gamma, axis, mask, reducer)
     n = sample_count(xp, l, mask, axis, reducer)
-    bad = traced_bad_rows(xp, l, axis, gamma, reducer=reducer)
-    return poison(xp, value / xp.where(n > 0, n, 1.0), bad)
+    return value / xp.where(n > 0, n, 1.0)
 
 
 def gradient_ess(
@@ -185,7 +174,7 @@ def gradient_ess(
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_gamma(gamma)
     r = broadcast_rewards(xp, rewards, l)
-    g = expand_at_axis(xp, gamma, axis, l.ndim, like=l)
+    g = row_param(xp, gamma, axis, l, "gamma")
     bad = traced_bad_rows(xp, l + xp.abs(r), axis, gamma)
     l = shift_by_max(xp, l, axis)[0]
     value = kish_ess_from_log(xp, tempered_log_weights(xp, l, g) + log_abs(xp, r), axis)

@@ -21,35 +21,15 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ._array import Array, Namespace, array_device, check_gamma, is_concrete, namespace
+from ._lib.checks import check_gamma, check_in_interval
+from ._lib.namespace import Array, Namespace, array_device, namespace
 
 __all__ = ["lognormal_ess_ratio", "lognormal_second_moment", "lognormal_variance"]
 
 
-def _check_sigma2(sigma2: Any) -> None:
-    """``sigma2`` must be a finite number >= 0 (checked on concrete arrays only)."""
-    name = "sigma2"
-    if isinstance(sigma2, numbers.Real) and not isinstance(sigma2, bool):
-        if not (math.isfinite(sigma2) and sigma2 >= 0):
-            raise ValueError(
-                f"{name} (the variance of the log weights) must be finite and >= 0, got {sigma2!r}"
-            )
-        return
-    if not hasattr(sigma2, "shape"):
-        raise TypeError(f"{name} must be a real number or an array, got {type(sigma2).__name__}")
-    if is_concrete(sigma2):
-        xp = namespace(sigma2)
-        ok = xp.all(xp.isfinite(sigma2) & (sigma2 >= 0))
-        if not bool(ok):
-            raise ValueError(
-                f"{name} (the variance of the log weights) must be finite and >= 0 everywhere; "
-                "got negative, NaN or infinite values"
-            )
-
-
-def _prepare(sigma2: Any, gamma: Any) -> tuple[Namespace | None, Any, Any]:
+def _common_arrays(sigma2: Any, gamma: Any) -> tuple[Namespace | None, Any, Any]:
     """Validate; return ``(None, float, float)`` for two numbers, else ``(xp, array, array)``."""
-    _check_sigma2(sigma2)
+    check_in_interval(sigma2, "sigma2", 0.0, meaning="the variance of the log weights")
     check_gamma(gamma)
     # NumPy scalars are numbers here (they have a ``shape`` but no array namespace).
     sigma2, gamma = (float(a) if isinstance(a, numbers.Real) else a for a in (sigma2, gamma))
@@ -81,7 +61,7 @@ def _exp(xp: Namespace | None, e: Any) -> Any:
 
 
 def _apply(sigma2: Any, gamma: Any, exponent: Callable[[Any, Any], Any]) -> Any:
-    xp, s, g = _prepare(sigma2, gamma)
+    xp, s, g = _common_arrays(sigma2, gamma)
     return _exp(xp, exponent(s, g))
 
 
@@ -119,7 +99,7 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._lognormal import lognormal_ess_ratio
+    >>> from isreshape_core import lognormal_ess_ratio
     >>> print(round(lognormal_ess_ratio(2.0, 0.5), 4))
     0.6065
     >>> print(np.round(np.asarray(lognormal_ess_ratio(np.array([0.0, 1.0, 4.0]), 1.0)), 4))
@@ -146,10 +126,8 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
 
     Parameters
     ----------
-    sigma2 : float or array
-        Variance of the log importance weights, ``>= 0``.
-    gamma : float or array
-        Tempering exponent in ``[0, 1]``; broadcast against ``sigma2``.
+    sigma2, gamma : float or array
+        As in :func:`lognormal_ess_ratio`.
 
     Returns
     -------
@@ -170,7 +148,7 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._lognormal import lognormal_second_moment
+    >>> from isreshape_core import lognormal_second_moment
     >>> g = np.array([0.0, 0.25, 0.5, 1.0])
     >>> print(np.round(np.asarray(lognormal_second_moment(1.0, g)), 4))
     [1.     0.8825 1.     2.7183]
@@ -193,10 +171,8 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
 
     Parameters
     ----------
-    sigma2 : float or array
-        Variance of the log importance weights, ``>= 0``.
-    gamma : float or array
-        Tempering exponent in ``[0, 1]``; broadcast against ``sigma2``.
+    sigma2, gamma : float or array
+        As in :func:`lognormal_ess_ratio`.
 
     Returns
     -------
@@ -217,12 +193,12 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._lognormal import lognormal_variance
+    >>> from isreshape_core import lognormal_variance
     >>> g = np.array([0.0, 0.5, 1.0])
     >>> print(np.round(np.asarray(lognormal_variance(1.0, g)), 4))
     [0.     0.2212 1.7183]
     """
-    xp, s, g = _prepare(sigma2, gamma)
+    xp, s, g = _common_arrays(sigma2, gamma)
     b = s * g * g
     if xp is None:
         if b == 0.0:

@@ -16,26 +16,19 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace
 
-from ._array import (
-    Array,
-    Namespace,
-    Reducer,
-    array_device,
-    as_compute_array,
-    broadcast_mask,
-    check_gamma,
-    check_mask_type,
-    check_real_floating,
-    check_rho_min,
-    is_concrete,
-    namespace,
-    reduce_sum,
-    safe_sum,
-    tempered_log_weights,
-)
-from ._gamma import GAMMA_METHODS
-from ._objective import _expm1_capped, _log_max
+from ._lib.checks import check_choice as _check_choice
+from ._lib.checks import check_gamma, check_mask_type, check_real_floating, check_rho_min
+from ._lib.dtypes import as_compute_array
+from ._lib.dtypes import log_max as _log_max
+from ._lib.inputs import broadcast_mask
+from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.numerics import expm1_capped as _expm1_capped
+from ._lib.numerics import safe_sum, tempered_log_weights
+from ._lib.reduce import Reducer, reduce_sum
+from ._lib.tracing import is_concrete
+from ._select import GAMMA_METHODS
 from ._step import choose_gamma, tempered_metrics
+from ._weights import LEVELS as _LEVELS
 from ._weights import checked_log_ratio
 
 __all__ = [
@@ -56,12 +49,6 @@ LOSS_AGG_MODES = (
 #: ``"objective"``: the Box-Cox value ``-r expm1(gamma l)/gamma``; ``"reinforce"``: the surrogate
 #: ``-stop_grad(w^gamma) r log pi``. Both have the gradient ``-r w^gamma grad log pi``.
 LOSS_FORMS = ("objective", "reinforce")
-_LEVELS = ("sequence", "geometric", "token")
-
-
-def _check_choice(value: Any, name: str, choices: tuple) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _aggregation_weights(

@@ -11,23 +11,17 @@ autograd and detach ``gamma`` and the REINFORCE weights ``w**gamma``.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Literal
 
-from ._array import (
-    Array,
-    Namespace,
-    broadcast_rewards,
-    check_gamma,
-    check_real_floating,
-    expand_at_axis,
-    is_concrete,
-    namespace,
-    prepare_log_weights,
-    sample_count,
-    tempered_log_weights,
-)
+from ._lib.checks import check_gamma, check_real_floating
+from ._lib.inputs import broadcast_rewards, prepare_log_weights
+from ._lib.namespace import Array, Namespace, namespace
+from ._lib.numerics import exp_capped as _exp_capped
+from ._lib.numerics import expm1_capped as _expm1_capped
+from ._lib.numerics import tempered_log_weights
+from ._lib.reduce import sample_count
+from ._lib.rows import row_param as _per_row
+from ._lib.tracing import is_concrete
 
 __all__ = [
     "objective",
@@ -38,62 +32,6 @@ __all__ = [
 
 Reduction = Literal["mean", "sum", "none"]
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-# --------------------------------------------------------------------------------------------
-# Private helpers (also used by ``renyi.py``).
-# --------------------------------------------------------------------------------------------
-
-
-def _log_max(xp: Namespace, dtype: Any) -> float:
-    """A value a little below ``log(finfo(dtype).max)``: ``exp`` of anything up to it is finite.
-
-    ``finfo`` describes the dtype, not the data, so this Python float is safe under tracing.
-    """
-    cap = math.log(float(xp.finfo(dtype).max))
-    eps = float(xp.finfo(dtype).eps)
-    return cap * (1.0 - 4.0 * eps)
-
-
-def _exp_capped(xp: Namespace, x: Array) -> Array:
-    """``exp(x)``, ``+inf`` where it overflows, without numpy's overflow warning."""
-    cap = _log_max(xp, x.dtype)
-    big = x > cap
-    return xp.where(big, xp.inf, xp.exp(xp.where(big, 0.0, x)))
-
-
-def _expm1_capped(xp: Namespace, x: Array) -> Array:
-    """``expm1(x)``, ``+inf`` where it overflows, without numpy's overflow warning."""
-    cap = _log_max(xp, x.dtype)
-    big = x > cap
-    return xp.where(big, xp.inf, xp.expm1(xp.where(big, 0.0, x)))
-
-
-def _check_per_row(value: Array, shape: tuple, axis: int, name: str) -> None:
-    """``value`` (already expanded at ``axis``) must broadcast against ``shape``."""
-    if value.ndim == 0:
-        return
-    batch = tuple(s for i, s in enumerate(shape) if i != axis)
-    for have, want in zip(value.shape, shape, strict=True):
-        if have not in (1, want):
-            got = tuple(s for i, s in enumerate(value.shape) if i != axis)
-            raise ValueError(
-                f"{name} of shape {got} does not broadcast to the batch shape {batch} "
-                f"(log_w's shape {tuple(shape)} without axis {axis}); pass a number or an array "
-                f"broadcastable to {batch}"
-            )
-
-
-def _per_row(xp: Namespace, value: Any, axis: int, like: Array, name: str) -> Array:
-    """A per-row parameter (number or array broadcastable to the batch shape), expanded at
-    ``axis`` and cast to ``like``'s dtype."""
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "shape")):
-        raise TypeError(f"{name} must be a real number or an array, got {type(value).__name__}")
-    if hasattr(value, "shape"):
-        namespace(like, value)  # one namespace for all arrays (TypeError otherwise)
-    out = expand_at_axis(xp, value, axis, like.ndim, like=like)
-    _check_per_row(out, tuple(like.shape), axis, name)
-    return out
 
 
 def _check_reduction(reduction: Any) -> None:

@@ -16,51 +16,31 @@ import math
 import numbers
 from typing import Any
 
-from ._array import (
-    Array,
-    Namespace,
-    array_device,
-    as_compute_array,
+from ._gamma import gamma_ess
+from ._lib.checks import (
+    check_count,
     check_gamma,
+    check_gamma_bounds,
+    check_positive_number,
     check_rho_min,
-    namespace,
-    poison,
-    prepare_log_weights,
-    traced_bad_rows,
 )
-from ._gamma import _check_bounds, gamma_ess
+from ._lib.dtypes import as_compute_array
+from ._lib.inputs import prepare_log_weights
+from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.numerics import shift_by_max, tempered_log_weights
+from ._lib.pareto import MIN_TAIL
+from ._lib.rows import batch_param
+from ._lib.tracing import poison, traced_bad_rows
 from ._psis import (
-    _MIN_TAIL,
-    _check_r_eff,
-    _shift_rows,
-    _sorted_tail,
-    _tail_khat,
+    check_r_eff,
     pareto_k_threshold,
     psis,
     psis_tail_length,
+    sorted_tail,
+    tail_khat,
 )
 
 __all__ = ["gamma_combined", "gamma_psis", "gamma_tail"]
-
-
-def _check_positive(value: Any, name: str, hint: str) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive Python number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
-    return float(value)
-
-
-def _check_iterations(value: Any, name: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
-def _batch_rows(xp: Namespace, value: Any, like: Array, batch_shape: tuple) -> Array:
-    """A number or batch-shaped array as a flat ``(B,)`` array in ``like``'s dtype."""
-    value = as_compute_array(xp, value, like.dtype, like=like)
-    return xp.reshape(xp.broadcast_to(value, batch_shape), (-1,))
 
 
 def gamma_psis(
@@ -136,7 +116,7 @@ def gamma_psis(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._psis_gamma import gamma_psis
+    >>> from isreshape_core import gamma_psis
     >>> rng = np.random.default_rng(0)
     >>> log_w = np.stack([rng.normal(0.0, 1.0, 2000), 2.0 * rng.standard_t(3, 2000)])
     >>> gamma, k_hat, fallback_used = gamma_psis(log_w, 0.3)
@@ -145,7 +125,7 @@ def gamma_psis(
     """
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_rho_min(rho_min)
-    _check_bounds(gamma_min, gamma_max)
+    check_gamma_bounds(gamma_min, gamma_max)
     check_gamma(fallback, "fallback")
     if isinstance(gamma_min, numbers.Real) and fallback < gamma_min:
         raise ValueError(
@@ -155,10 +135,10 @@ def gamma_psis(
         n = l.shape[axis]
         threshold = pareto_k_threshold(n) if n > 1 else -math.inf
     else:
-        threshold = _check_positive(
+        threshold = check_positive_number(
             k_threshold, "k_threshold", "use 0.7 or None for min(1 - 1/log10 S, 0.7)"
         )
-    max_iter = _check_iterations(max_iter, "max_iter")
+    max_iter = check_count(max_iter, "max_iter")
 
     smoothed, k_hat = psis(l, axis=axis, r_eff=r_eff)
     bounds = {"gamma_min": gamma_min, "gamma_max": gamma_max, "max_iter": max_iter}
@@ -174,12 +154,6 @@ def gamma_psis(
     return gamma, k_hat, fallback_used
 
 
-def _temper(xp: Namespace, log_w: Array, gamma: Array) -> Array:
-    # gamma * log_w with -inf kept (and no 0 * inf evaluated, which would warn on NumPy).
-    zero = log_w == -xp.inf
-    return xp.where(zero, -xp.inf, gamma * xp.where(zero, 0.0, log_w))
-
-
 def _tail_rule_rows(
     xp: Namespace,
     rows: Array,
@@ -190,18 +164,18 @@ def _tail_rule_rows(
     max_iter: int,
 ) -> tuple[Array, Array, Array]:
     """The tail rule on ``(B, S)`` rows; ``lo``/``hi`` of shape ``(B,)``."""
-    if tail_len < _MIN_TAIL:
+    if tail_len < MIN_TAIL:
         inf = xp.full(lo.shape, xp.inf, dtype=rows.dtype, device=array_device(rows))
         return hi, inf, inf
-    shifted = _shift_rows(xp, rows)
-    tail, cutoff, *_ = _sorted_tail(xp, shifted, tail_len)
-    k_hat = _tail_khat(xp, tail, cutoff)
+    shifted = shift_by_max(xp, rows, -1)[0]  # no overflow for rows spanning the float range
+    tail, cutoff, *_ = sorted_tail(xp, shifted, tail_len)
+    k_hat = tail_khat(xp, tail, cutoff)
 
     def tempered_khat(g: Array) -> Array:
         # w**g has the same sort order for g > 0: temper the shifted tail and the cutoff
         # (-inf stays -inf; g = 0 gives equal weights, whose tail cannot be fitted: k = inf).
         g = g[:, None]
-        return _tail_khat(xp, _temper(xp, tail, g), _temper(xp, cutoff, g))
+        return tail_khat(xp, tempered_log_weights(xp, tail, g), tempered_log_weights(xp, cutoff, g))
 
     ratio = k_target / k_hat  # 0 where k_hat = inf
     start = xp.where(k_hat <= k_target, 1.0, ratio)
@@ -290,7 +264,7 @@ def gamma_tail(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._psis_gamma import gamma_tail
+    >>> from isreshape_core import gamma_tail
     >>> rng = np.random.default_rng(0)
     >>> log_w = np.stack([rng.normal(0.0, 1.0, 4000), np.log(rng.pareto(1.0, 4000) + 1.0)])
     >>> gamma, k_hat, k_hat_gamma = gamma_tail(log_w, k_target=0.5)
@@ -298,16 +272,18 @@ def gamma_tail(
     [1.    0.572] [0.12 0.87] [0.12 0.5 ]
     """
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
-    k_target = _check_positive(k_target, "k_target", "0.5 (finite variance) is the usual target")
-    r_eff = _check_r_eff(r_eff)
-    _check_bounds(gamma_min, gamma_max)
-    max_iter = _check_iterations(max_iter, "max_iter")
+    k_target = check_positive_number(
+        k_target, "k_target", "0.5 (finite variance) is the usual target"
+    )
+    r_eff = check_r_eff(r_eff)
+    check_gamma_bounds(gamma_min, gamma_max)
+    max_iter = check_count(max_iter, "max_iter")
     n = l.shape[axis]
     moved = xp.moveaxis(l, axis, -1) if axis != l.ndim - 1 else l
     batch_shape = tuple(moved.shape[:-1])
     rows = xp.reshape(moved, (-1, n))
-    lo = _batch_rows(xp, gamma_min, rows, batch_shape)
-    hi = _batch_rows(xp, gamma_max, rows, batch_shape)
+    lo = xp.reshape(batch_param(xp, gamma_min, rows, batch_shape), (-1,))
+    hi = xp.reshape(batch_param(xp, gamma_max, rows, batch_shape), (-1,))
     gamma, k_hat, k_gamma = _tail_rule_rows(
         xp, rows, psis_tail_length(n, r_eff), k_target, lo, hi, max_iter
     )
@@ -361,7 +337,7 @@ def gamma_combined(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._psis_gamma import gamma_combined
+    >>> from isreshape_core import gamma_combined
     >>> rng = np.random.default_rng(0)
     >>> log_w = np.stack([rng.normal(0.0, 2.0, 4000), np.log(rng.pareto(1.0, 4000) + 1.0)])
     >>> gamma, k_hat = gamma_combined(log_w, 0.3)
@@ -369,7 +345,7 @@ def gamma_combined(
     [0.584 0.572] [0.45 0.87]
     """
     check_rho_min(rho_min)
-    tail_iter = _check_iterations(tail_iter, "tail_iter")
+    tail_iter = check_count(tail_iter, "tail_iter")
     gamma_t, k_hat, _ = gamma_tail(
         log_w,
         k_target=k_target,

@@ -1,9 +1,9 @@
 """The NumPy kernel of :func:`isreshape_core.psis` for float64 rows.
 
-It computes what ``psis._psis_rows`` computes (the same algorithm, step for step; see that
-module's docstring for the references), organised for eager NumPy on one core, where each
-NumPy call has a fixed cost, a pass over a large array is bound by memory, and ``exp`` and
-``log`` cost several times an arithmetic operation:
+It computes what the portable ``_psis_rows`` of ``_psis.py`` computes (the same algorithm,
+step for step; see that module's docstring for the references), organised for eager NumPy on
+one core, where each NumPy call has a fixed cost, a pass over a large array is bound by memory,
+and ``exp`` and ``log`` cost several times an arithmetic operation:
 
 * Tail selection (:func:`_select_tail`), by blocks of rows read once from memory. Short rows
   are sorted; in long rows a lower bound of the ``(M+1)``-th largest draw, from maxima of
@@ -35,7 +35,8 @@ import math
 
 import numpy as np
 
-from ._array import check_log_weights
+from ._lib.checks import check_log_weights
+from ._lib.pareto import PRIOR_BS, grid_size, quartile_index, with_prior
 
 __all__ = ["gpd_fit_sorted_tail", "psis_rows"]
 
@@ -50,7 +51,7 @@ _EXACT_BELOW = 1e-4
 _BLOCK = 65536
 #: Elements per block of rows in the tail selection (fewer, larger blocks: fewer NumPy calls).
 _SELECT_BLOCK = 524288
-#: Elements per block of the grid's terms (1 MiB, the size of this machine's L2 cache).
+#: Elements per block of the grid's terms (1 MiB, to stay in a typical L2 cache).
 _GRID_BLOCK = 131072
 #: Rows shorter than this many tail lengths are sorted whole to find the cutoff.
 _SORT_RATIO = 6
@@ -64,9 +65,6 @@ _DIRECT_BELOW = 1.0 / 16.0
 _DIRECT_EXP = 600.0
 #: Rows whose new max lies this far below the old (in log units) sum directly, shifted by it.
 _DIRECT_SHIFT = -600.0
-_PRIOR_BS = 3.0
-_PRIOR_K = 10.0
-_PRIOR_K_MEAN = 0.5
 
 
 def psis_rows(rows: np.ndarray, tail_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -210,11 +208,11 @@ def _check_top(top: np.ndarray) -> None:
 def gpd_fit_sorted_tail(
     tail: np.ndarray, cutoff: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``psis._gpd_fit`` for the portable path on NumPy float64 (the tail rule's fits).
+    """The portable ``_gpd_fit`` of ``_psis.py`` on NumPy float64 (the tail rule's fits).
 
     ``tail`` ``(B, M)`` ascending and ``cutoff`` ``(B, 1)``, shifted so that the row max is 0;
     a tail may hold ``-inf`` (it is not fitted). Returns ``(k_hat, sigma, exp_cutoff, ok)`` as
-    ``psis._gpd_fit`` does, finite where ``ok`` is False.
+    the portable fit does, finite where ``ok`` is False.
     """
     with np.errstate(all="ignore"):
         k_hat, sigma, exp_cut, ok = _gpd_fit(np.exp(tail), cutoff)
@@ -230,22 +228,22 @@ def _interleave(ratio: float) -> int:
 def _gpd_fit(
     exp_tail: np.ndarray, cutoff: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``psis._gpd_fit`` on NumPy: ``(k_hat, sigma, exp_cutoff, ok)``, each ``(B, 1)``.
+    """The GPD fit on NumPy: ``(k_hat, sigma, exp_cutoff, ok)``, each ``(B, 1)``.
 
     ``exp_tail`` is ``exp(tail)``, the tail shifted by the row max; ``cutoff`` is shifted too.
     """
     tail_len = exp_tail.shape[-1]
     exp_cut = np.exp(cutoff)
     x = exp_tail - exp_cut
-    star = int(tail_len / 4 + 0.5) - 1
+    star = quartile_index(tail_len)
     ok = (x[:, -1:] > x[:, :1]) & (x[:, star : star + 1] > x[:, :1])  # loo >= 2.10
     if not ok.all():
         x = np.where(ok, x, np.arange(1, tail_len + 1) / tail_len)
     x_star, x_max = x[:, star : star + 1], x[:, -1:]
 
-    n_grid = 30 + int(tail_len**0.5)
+    n_grid = grid_size(tail_len)
     neg_spread = _grid_coefficients(n_grid)[2]  # -c_j < 0
-    theta = neg_spread / (_PRIOR_BS * x_star) + 1.0 / x_max
+    theta = neg_spread / (PRIOR_BS * x_star) + 1.0 / x_max
     k_grid = _grid_log_sums(x, x_star, x_max, theta)
     k_grid /= tail_len
     # The profile log-likelihood is M·(log(-theta/k) - k - 1) where -theta/k > 0, else -inf;
@@ -253,7 +251,7 @@ def _gpd_fit(
     # (k = 0 or the wrong sign gives +inf or NaN in r).
     ratio = np.log(-(theta / k_grid))
     at_zero = theta == 0
-    if at_zero.any():  # the profile's limit at theta = 0 (see psis._gpd_fit): -theta/k -> 1/mean
+    if at_zero.any():  # the profile's limit at theta = 0, as in the portable fit: 1/mean(x)
         ratio = np.where(at_zero, -np.log(np.mean(x, axis=-1, keepdims=True)), ratio)
     ratio -= k_grid
     ratio = np.where(ratio < np.inf, ratio, -np.inf)
@@ -274,8 +272,7 @@ def _gpd_fit(
     k_raw /= tail_len
     sigma = k_raw / -theta_hat
     ok &= (sigma > 0) & (sigma < np.inf)  # also theta_hat = 0 and k_raw not finite
-    k_hat = (tail_len * k_raw + _PRIOR_K * _PRIOR_K_MEAN) / (tail_len + _PRIOR_K)
-    return k_hat, sigma, exp_cut, ok
+    return with_prior(k_raw, tail_len), sigma, exp_cut, ok
 
 
 @functools.lru_cache(maxsize=64)
@@ -309,7 +306,7 @@ def _grid_log_sums(
     # (M', B, 2): q_i and p_i of every row; padding terms are p = 1, q = 0 (log 1 = 0).
     qp = np.empty((padded_len, n_rows, 2))
     x_t = x.T
-    np.divide(x_t, _PRIOR_BS * x_star.T, out=qp[:tail_len, :, 0])
+    np.divide(x_t, PRIOR_BS * x_star.T, out=qp[:tail_len, :, 0])
     np.divide(x_max.T - x_t, x_max.T, out=qp[:tail_len, :, 1])
     qp[tail_len:] = (0.0, 1.0)
     coef = _grid_coefficients(n_grid)
@@ -346,8 +343,8 @@ def _log1m_probabilities(tail_len: int) -> np.ndarray:
 def _gpd_quantiles(
     k_hat: np.ndarray, sigma: np.ndarray, exp_cut: np.ndarray, tail_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``log(exp(c) + F^-1((i - 1/2)/M))``, truncated at 0 (``psis._gpd_smoothed_tail``), and
-    its exponential, ``min(exp(c) + F^-1(p_i), 1)``; both ``(B, M)``.
+    """``log(exp(c) + F^-1((i - 1/2)/M))``, truncated at 0 (as ``_gpd_smoothed_tail`` of
+    ``_psis.py``), and its exponential, ``min(exp(c) + F^-1(p_i), 1)``; both ``(B, M)``.
 
     Rows without a fit (``sigma`` not positive and finite) give meaningless values; the
     caller replaces them.

@@ -8,24 +8,15 @@ IS Reshape loss; ``E_mu[w**(2 gamma)]`` drives the variance (its Corollary 5.4).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
-from ._array import (
-    Array,
-    Namespace,
-    is_concrete,
-    logsumexp,
-    namespace,
-    poison,
-    prepare_log_weights,
-    sample_count,
-    shift_by_max,
-    tempered_log_weights,
-    traced_bad_rows,
-)
-from ._objective import _exp_capped, _per_row
+from ._lib.checks import check_in_interval
+from ._lib.inputs import prepare_log_weights
+from ._lib.namespace import Array, Namespace
+from ._lib.numerics import exp_capped, logsumexp, shift_by_max, tempered_log_weights
+from ._lib.reduce import sample_count
+from ._lib.rows import row_param, squeeze_row
+from ._lib.tracing import poison, traced_bad_rows
 
 __all__ = ["log_mean_tempered_weight", "renyi_divergence"]
 
@@ -33,31 +24,6 @@ __all__ = ["log_mean_tempered_weight", "renyi_divergence"]
 # near alpha = 1); above it, the log-sum-exp form. On [-0.5, 0.5] the argument of log1p stays in
 # [min(1, n**-0.5) - 1, inf), far from -1, and no expm1 overflows (see ``_self_normalized``).
 _SMALL_ORDER_GAP = 0.5
-
-
-def _check_order(value: Any, name: str, *, allow_inf: bool) -> None:
-    """An order (``alpha``, or ``gamma`` as an exponent) must be ``>= 0`` (and finite unless
-    ``allow_inf``); arrays are checked only where concrete."""
-    what = "a number >= 0 (or inf)" if allow_inf else "a finite number >= 0"
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "shape")):
-        raise TypeError(f"{name} must be a real number or an array, got {type(value).__name__}")
-    if not hasattr(value, "shape"):
-        ok = value >= 0 and (allow_inf or math.isfinite(value))  # NaN fails `>= 0`
-        if not ok:
-            raise ValueError(f"{name} must be {what}, got {value!r}")
-        return
-    if is_concrete(value):
-        xp = namespace(value)
-        ok = value >= 0
-        if not allow_inf:
-            ok = ok & xp.isfinite(value)
-        if not bool(xp.all(ok)):
-            raise ValueError(f"{name} must be {what} everywhere; got values outside that range")
-
-
-def _squeeze_row(xp: Namespace, value: Array, axis: int) -> Array:
-    """A per-row value expanded at ``axis`` back to the batch shape (0-d stays 0-d)."""
-    return value if value.ndim == 0 else xp.squeeze(value, axis=axis)
 
 
 def _self_normalized(
@@ -87,7 +53,7 @@ def _self_normalized(
     # Branch A. |s| <= 0.5 and x >= log(n * tiny) keep s * xs below ~372 (float64) / ~52 (float32).
     s_a = xp.where(small, s, _SMALL_ORDER_GAP)
     total = xp.sum(p * xp.expm1(s_a * xs), axis=axis)
-    s_a = _squeeze_row(xp, s_a, axis)
+    s_a = squeeze_row(xp, s_a, axis)
     at_one = s_a == 0
     d_small = xp.where(at_one, kl, xp.log1p(total) / xp.where(at_one, 1.0, s_a))
 
@@ -96,12 +62,12 @@ def _self_normalized(
     m = xp.max(x, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)
     shifted = tempered_log_weights(xp, x - m, a_b)
-    a_b = _squeeze_row(xp, a_b, axis)
+    a_b = squeeze_row(xp, a_b, axis)
     m = xp.squeeze(m, axis=axis)
     d_large = (a_b * m + logsumexp(xp, shifted, axis) - log_n) / (a_b - 1.0)
 
-    small = _squeeze_row(xp, small, axis)
-    finite = _squeeze_row(xp, finite, axis)
+    small = squeeze_row(xp, small, axis)
+    finite = squeeze_row(xp, finite, axis)
     d = xp.where(small, d_small, d_large)
     d = xp.where(finite, d, m)
     # Rounding can leave -1e-17 where the divergence is 0; the exact value is never negative.
@@ -154,9 +120,7 @@ def renyi_divergence(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
-        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
-        ``torch.compile``), where nothing can raise, the row's result is NaN.
+        Log importance weights, as in :func:`isreshape_core.ess`.
     alpha : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Order, ``>= 0`` (``inf`` allowed).
     axis : int
@@ -188,11 +152,11 @@ def renyi_divergence(
     >>> print(np.round(renyi_divergence(l, 0.5, self_normalized=False), 4))  # mean(w) = 2
     -0.6055
     """
-    _check_order(alpha, "alpha", allow_inf=True)
+    check_in_interval(alpha, "alpha", 0.0, allow_inf=True)
     if not isinstance(self_normalized, bool):
         raise TypeError(f"self_normalized must be True or False, got {self_normalized!r}")
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
-    a = _per_row(xp, alpha, axis, l, "alpha")
+    a = row_param(xp, alpha, axis, l, "alpha")
 
     n = sample_count(xp, l, mask, axis)
     log_n = xp.log(xp.where(n > 0, n, 1.0))
@@ -212,12 +176,12 @@ def renyi_divergence(
     else:
         # log mean(w**alpha) = log mean(exp(alpha x)) + alpha c, so the plain estimate is
         # D_sn + alpha c / (alpha - 1); at alpha = 1 it is mean(w l) = e^c (KL + c).
-        a_row = _squeeze_row(xp, a, axis)
+        a_row = squeeze_row(xp, a, axis)
         at_one = a_row == 1.0
         infinite = a_row == xp.inf
         a_safe = xp.where(at_one | infinite, 2.0, a_row)
         shift = xp.where(infinite, c, a_safe * c / (a_safe - 1.0))
-        mean_wl = _exp_capped(xp, c) * (kl + c)  # kl + c >= c: no inf * 0
+        mean_wl = exp_capped(xp, c) * (kl + c)  # kl + c >= c: no inf * 0
         d = xp.where(at_one, mean_wl, d_sn + shift)
     return poison(xp, xp.where(has_pos, d, xp.inf), bad)
 
@@ -246,15 +210,11 @@ def log_mean_tempered_weight(
     Parameters
     ----------
     log_w : array ``(..., n, ...)``
-        Log importance weights, real floating (bool and integer arrays raise); ``-inf`` is
-        weight 0. NaN and ``+inf`` raise on eager inputs; traced (``jax.jit``,
-        ``torch.compile``), where nothing can raise, the row's result is NaN.
+        Log importance weights, as in :func:`isreshape_core.ess`.
     gamma : float or array broadcastable to the batch shape (``log_w.shape`` without ``axis``)
         Exponent, finite and ``>= 0`` (values above 1 are allowed, e.g. ``2 gamma``).
-    axis : int
-        The sample axis; the other axes are batch axes.
-    mask : bool array broadcastable to ``log_w.shape``, optional
-        False removes a sample (it does not count in ``n``).
+    axis, mask
+        As in :func:`renyi_divergence`.
 
     Returns
     -------
@@ -277,9 +237,9 @@ def log_mean_tempered_weight(
     >>> print(np.round(np.exp(-0.5 * d), 4))  # Theorem 5.2: mean(sqrt(w))
     1.3536
     """
-    _check_order(gamma, "gamma", allow_inf=False)
+    check_in_interval(gamma, "gamma", 0.0)
     xp, l, mask, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
-    g = _per_row(xp, gamma, axis, l, "gamma")
+    g = row_param(xp, gamma, axis, l, "gamma")
     n = sample_count(xp, l, mask, axis)
     bad = traced_bad_rows(xp, l, axis, gamma)
     l, top = shift_by_max(xp, l, axis)  # exact relative to the max; g * max added last

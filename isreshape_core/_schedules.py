@@ -15,7 +15,9 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ._array import check_gamma, is_concrete, namespace
+from ._lib.checks import check_count, check_gamma
+from ._lib.namespace import namespace
+from ._lib.tracing import is_concrete
 
 __all__ = ["cosine_warmup", "linear_warmup", "sensitivity_guard"]
 
@@ -25,12 +27,7 @@ Schedule = Callable[[Any], Any]
 def _check_schedule_args(init_value: float, end_value: float, transition_steps: int) -> None:
     check_gamma(init_value, "init_value")
     check_gamma(end_value, "end_value")
-    if (
-        not isinstance(transition_steps, numbers.Integral)
-        or isinstance(transition_steps, bool)
-        or transition_steps <= 0
-    ):
-        raise ValueError(f"transition_steps must be a positive int, got {transition_steps!r}")
+    check_count(transition_steps, "transition_steps", positive=True)
 
 
 def _progress(step: Any, transition_steps: int) -> Any:

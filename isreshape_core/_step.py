@@ -13,26 +13,19 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from . import _psis_gamma as psis_gamma
-from ._array import (
-    Array,
-    Namespace,
-    Reducer,
-    array_device,
-    check_rho_min,
-    is_concrete,
-    logsumexp,
-    prepare_log_weights,
-    reduce_sum,
-    shift_by_max,
-    tempered_log_weights,
-)
 from ._ess import kish_ess_from_log
-from ._gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
+from ._lib.checks import check_choice, check_rho_min
+from ._lib.inputs import prepare_log_weights
+from ._lib.namespace import Array, Namespace, array_device
+from ._lib.numerics import log_variance_stats, logsumexp, shift_by_max, tempered_log_weights
+from ._lib.reduce import Reducer, reduce_sum
+from ._lib.tracing import is_concrete
+from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
+from ._select import GAMMA_METHODS, select_gamma
 
 __all__ = ["step_gamma"]
 
-_PARETO_METHODS = {"psis": "gamma_psis", "tail": "gamma_tail", "combined": "gamma_combined"}
+_PARETO_METHODS = {"psis": gamma_psis, "tail": gamma_tail, "combined": gamma_combined}
 
 
 def choose_gamma(
@@ -52,7 +45,7 @@ def choose_gamma(
                 "reducer use gamma='ess' or 'closed_form', or gather the log weights first"
             )
         # Called directly (not through select_gamma) to keep k_hat for the metrics.
-        rule = getattr(psis_gamma, _PARETO_METHODS[method])
+        rule = _PARETO_METHODS[method]
         args = (l,) if method == "tail" else (l, rho_min)
         g, k_hat = rule(*args, axis=-1, mask=valid, **options)[:2]
         return g, k_hat
@@ -82,7 +75,7 @@ def tempered_metrics(
     n = xp.where(count > 0, count, 1.0)
     ess_at_gamma = kish_ess_from_log(xp, tempered, axis, stats_reducer)
     ess_at_1 = kish_ess_from_log(xp, masked_l, axis, stats_reducer)
-    _, sigma2 = _log_variance_stats(xp, masked_l, axis, stats_reducer)
+    _, sigma2 = log_variance_stats(xp, masked_l, axis, stats_reducer)
     # Relative to the max (exact at any offset of l): max_weight = 1 / sum e^(l - max).
     lse = logsumexp(
         xp, shift_by_max(xp, masked_l, axis, stats_reducer)[0], axis, reducer=stats_reducer
@@ -215,8 +208,7 @@ def step_gamma(
     >>> print(len(np.unique(g4)), bool(np.all(g4[ids == 2] == g4[2])))
     4 True
     """
-    if not isinstance(method, str) or method not in GAMMA_METHODS:
-        raise ValueError(f"method must be one of {GAMMA_METHODS}, got {method!r}")
+    check_choice(method, "method", GAMMA_METHODS)
     check_rho_min(rho_min)
     if not hasattr(log_w, "shape") or log_w.ndim != 1:
         shape = getattr(log_w, "shape", None)

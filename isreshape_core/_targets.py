@@ -19,24 +19,15 @@ not be normalised (only ratios matter); ``-inf`` is probability 0.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from ._array import (
-    Array,
-    Namespace,
-    array_device,
-    as_compute_array,
-    check_gamma,
-    check_real_floating,
-    expand_at_axis,
-    is_concrete,
-    logsumexp,
-    namespace,
-    normalize_axis,
-)
+from ._lib.checks import check_gamma, check_in_interval, check_real_floating, normalize_axis
+from ._lib.dtypes import as_compute_array
+from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.numerics import log_abs, logsumexp
+from ._lib.rows import row_param, squeeze_row
+from ._lib.tracing import is_concrete
 from ._lognormal import lognormal_second_moment
 
 __all__ = [
@@ -53,7 +44,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(logq: Any, rewards: Any, axis: int) -> tuple[Namespace, Array, Array, int]:
+def _support(logq: Any, rewards: Any, axis: int) -> tuple[Namespace, Array, Array, int]:
     """Validate ``logq`` and ``rewards``; return them in a common compute dtype."""
     for name, x in (("logq", logq), ("rewards", rewards)):
         if not hasattr(x, "shape"):
@@ -87,71 +78,40 @@ def _prepare(logq: Any, rewards: Any, axis: int) -> tuple[Namespace, Array, Arra
     return xp, logq, rewards, axis
 
 
-def _check_positive(value: Any, name: str, meaning: str) -> None:
-    """``value`` (number or array) must be finite and > 0; arrays are checked when concrete."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} ({meaning}) must be finite and > 0, got {value!r}")
-        return
-    if not hasattr(value, "shape"):
-        raise TypeError(f"{name} must be a real number or an array, got {type(value).__name__}")
-    if is_concrete(value):
-        xp = namespace(value)
-        if not bool(xp.all(xp.isfinite(value) & (value > 0))):
-            raise ValueError(
-                f"{name} ({meaning}) must be finite and > 0 everywhere; got values outside it"
-            )
+def _check_tau(tau: Any) -> None:
+    check_in_interval(tau, "tau", 0.0, low_open=True, meaning="the temperature")
 
 
-def _check_nonnegative(value: Any, name: str, meaning: str) -> None:
-    """``value`` (number or array) must be finite and >= 0; arrays are checked when concrete."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} ({meaning}) must be finite and >= 0, got {value!r}")
-        return
-    if not hasattr(value, "shape"):
-        raise TypeError(f"{name} must be a real number or an array, got {type(value).__name__}")
-    if is_concrete(value):
-        xp = namespace(value)
-        if not bool(xp.all(xp.isfinite(value) & (value >= 0))):
-            raise ValueError(
-                f"{name} ({meaning}) must be finite and >= 0 everywhere; got values outside it"
-            )
+def _row(xp: Namespace, value: Any, name: str, axis: int, logq: Array) -> Array:
+    """A per-row parameter of ``logq``'s batch, with a size-1 dimension at ``axis``."""
+    return row_param(xp, value, axis, logq, name, of="logq")
 
 
-def _row_param(xp: Namespace, value: Any, name: str, axis: int, like: Array) -> Array:
-    """A per-row parameter (number, or array broadcastable to the batch shape of ``like``, the
-    shape without ``axis``) as an array of ``like``'s dtype with a size-1 dimension at ``axis``
-    (0-d for a number)."""
-    if isinstance(value, numbers.Real):  # Python or NumPy scalar
-        value = float(value)
-    batch = tuple(s for i, s in enumerate(like.shape) if i != axis)
-    if hasattr(value, "shape") and value.ndim > len(batch):
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} does not broadcast to the batch shape {batch} "
-            f"(the shape of logq without axis {axis}); pass a number or one value per row"
-        )
-    v = expand_at_axis(xp, value, axis, like.ndim, like=like)
-    if v.ndim:
-        for i, (vs, xs) in enumerate(zip(v.shape, like.shape, strict=True)):
-            if i != axis and vs not in (1, xs):
-                raise ValueError(
-                    f"{name} of shape {tuple(value.shape)} does not broadcast to the batch shape "
-                    f"{batch} (the shape of logq without axis {axis}); pass a number or one value "
-                    "per row"
-                )
-    return v
+def _geometric_inputs(
+    logq: Any, rewards: Any, gamma: Any, tau: Any, axis: int
+) -> tuple[Namespace, Array, Array, int, Array, Array]:
+    """Validated ``(xp, logq, rewards, axis, gamma, tau)``, ``gamma`` and ``tau`` per row."""
+    xp, logq, rewards, axis = _support(logq, rewards, axis)
+    check_gamma(gamma)
+    _check_tau(tau)
+    return (
+        xp,
+        logq,
+        rewards,
+        axis,
+        _row(xp, gamma, "gamma", axis, logq),
+        _row(xp, tau, "tau", axis, logq),
+    )
 
 
-def _squeeze(xp: Namespace, v: Array, axis: int) -> Array:
-    """Drop the size-1 ``axis`` of a per-row parameter (0-d stays 0-d)."""
-    return xp.squeeze(v, axis=axis) if v.ndim else v
-
-
-def _log_rewards(xp: Namespace, rewards: Array) -> Array:
-    """``log r`` with ``log 0 = -inf`` and no divide-by-zero warning."""
-    positive = rewards > 0
-    return xp.where(positive, xp.log(xp.where(positive, rewards, 1.0)), -xp.inf)
+def _mse_params(xp: Namespace, logq: Array, axis: int, sigma2: Any, n: Any) -> tuple[Array, Array]:
+    """``sigma2`` and ``n`` checked, one value per row of the batch (``axis`` dropped)."""
+    check_in_interval(sigma2, "sigma2", 0.0, meaning="the variance of the log weights")
+    check_in_interval(n, "n", 0.0, low_open=True, meaning="the sample size")
+    return (
+        squeeze_row(xp, _row(xp, sigma2, "sigma2", axis, logq), axis),
+        squeeze_row(xp, _row(xp, n, "n", axis, logq), axis),
+    )
 
 
 def _normalize(xp: Namespace, u: Array, axis: int) -> tuple[Array, Array]:
@@ -171,7 +131,7 @@ def _normalize(xp: Namespace, u: Array, axis: int) -> tuple[Array, Array]:
 def _geometric(
     xp: Namespace, logq: Array, log_r: Array, rewards: Array, gamma: Array, tau: Array, axis: int
 ) -> tuple[Array, Array]:
-    """Seed's p_gamma in log space and the per-row "defined" flag."""
+    """The geometric target p_gamma in log space and the per-row "defined" flag."""
     a = logq + log_r  # log(mu r): finite or -inf, never NaN (no +inf in either term)
     zero_mass = a == -xp.inf
     # (1 - gamma) log(mu r), with the gamma = 1 limit 0 (not 0 * -inf) where mu r = 0.
@@ -214,7 +174,7 @@ def _kl_p1_pgamma(
     kl = xp.sum(terms, axis=axis)
     kl = xp.where(kl > 0.0, kl, 0.0)  # KL >= 0; rounding may dip below 0
     kl = xp.where(xp.all(present, axis=axis), kl, xp.inf)
-    return xp.where(_squeeze(xp, gamma, axis) == 1.0, 0.0, kl)
+    return xp.where(squeeze_row(xp, gamma, axis) == 1.0, 0.0, kl)
 
 
 def _raise_if_undefined(ok: Array, what: str) -> None:
@@ -291,7 +251,7 @@ def target_log_probs(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import target_log_probs
+    >>> from isreshape_core import target_log_probs
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> print(np.round(np.exp(target_log_probs(logq, r, 0.0, 1.0)), 4))  # mu r / Z0
@@ -299,12 +259,8 @@ def target_log_probs(
     >>> print(np.round(np.exp(target_log_probs(logq, r, 1.0, 1.0)), 4))  # softmax(r / tau)
     [0.2312 0.6285 0.1402]
     """
-    xp, logq, rewards, axis = _prepare(logq, rewards, axis)
-    check_gamma(gamma)
-    _check_positive(tau, "tau", "the temperature")
-    g = _row_param(xp, gamma, "gamma", axis, logq)
-    t = _row_param(xp, tau, "tau", axis, logq)
-    out, ok = _geometric(xp, logq, _log_rewards(xp, rewards), rewards, g, t, axis)
+    xp, logq, rewards, axis, g, t = _geometric_inputs(logq, rewards, gamma, tau, axis)
+    out, ok = _geometric(xp, logq, log_abs(xp, rewards), rewards, g, t, axis)
     _raise_if_undefined(
         ok,
         "target_log_probs: for gamma < 1 every row needs an outcome with logq > -inf and "
@@ -371,7 +327,7 @@ def stationary_log_probs(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import stationary_log_probs
+    >>> from isreshape_core import stationary_log_probs
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> print(np.round(np.exp(stationary_log_probs(logq, r, 0.5)), 4))  # ∝ mu r**2
@@ -379,10 +335,10 @@ def stationary_log_probs(
     >>> print(np.round(np.exp(stationary_log_probs(logq, r, 1.0)), 4))  # argmax of r
     [0. 1. 0.]
     """
-    xp, logq, rewards, axis = _prepare(logq, rewards, axis)
+    xp, logq, rewards, axis = _support(logq, rewards, axis)
     check_gamma(gamma)
-    g = _row_param(xp, gamma, "gamma", axis, logq)
-    out, ok = _stationary(xp, logq, _log_rewards(xp, rewards), rewards, g, axis)
+    g = _row(xp, gamma, "gamma", axis, logq)
+    out, ok = _stationary(xp, logq, log_abs(xp, rewards), rewards, g, axis)
     _raise_if_undefined(
         ok,
         "stationary_log_probs: found a row in which no outcome has logq > -inf and rewards > 0 "
@@ -444,7 +400,7 @@ def bias(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import bias
+    >>> from isreshape_core import bias
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> gammas = np.array([0.0, 0.5, 1.0])  # one gamma per row of a batch of three
@@ -453,12 +409,8 @@ def bias(
     >>> print(np.asarray(bias(logq, np.array([1.0, 2.0, 0.0]), 0.5, 1.0)))
     inf
     """
-    xp, logq, rewards, axis = _prepare(logq, rewards, axis)
-    check_gamma(gamma)
-    _check_positive(tau, "tau", "the temperature")
-    g = _row_param(xp, gamma, "gamma", axis, logq)
-    t = _row_param(xp, tau, "tau", axis, logq)
-    return _kl_p1_pgamma(xp, logq, _log_rewards(xp, rewards), rewards, g, t, axis)
+    xp, logq, rewards, axis, g, t = _geometric_inputs(logq, rewards, gamma, tau, axis)
+    return _kl_p1_pgamma(xp, logq, log_abs(xp, rewards), rewards, g, t, axis)
 
 
 def mse(
@@ -511,24 +463,17 @@ def mse(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import mse
+    >>> from isreshape_core import mse
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> lq, rr = np.tile(logq, (3, 1)), np.tile(r, (3, 1))
     >>> print(np.round(np.asarray(mse(lq, rr, np.array([0.0, 0.5, 1.0]), 1.0, 1.0, 100)), 4))
     [0.0165 0.0104 0.0272]
     """
-    xp, logq, rewards, axis = _prepare(logq, rewards, axis)
-    check_gamma(gamma)
-    _check_positive(tau, "tau", "the temperature")
-    _check_nonnegative(sigma2, "sigma2", "the variance of the log weights")
-    _check_positive(n, "n", "the sample size")
-    g = _row_param(xp, gamma, "gamma", axis, logq)
-    t = _row_param(xp, tau, "tau", axis, logq)
-    s = _squeeze(xp, _row_param(xp, sigma2, "sigma2", axis, logq), axis)
-    nn = _squeeze(xp, _row_param(xp, n, "n", axis, logq), axis)
-    b = _kl_p1_pgamma(xp, logq, _log_rewards(xp, rewards), rewards, g, t, axis)
-    v = lognormal_second_moment(s, _squeeze(xp, g, axis))
+    xp, logq, rewards, axis, g, t = _geometric_inputs(logq, rewards, gamma, tau, axis)
+    s, nn = _mse_params(xp, logq, axis, sigma2, n)
+    b = _kl_p1_pgamma(xp, logq, log_abs(xp, rewards), rewards, g, t, axis)
+    v = lognormal_second_moment(s, squeeze_row(xp, g, axis))
     return b * b + v / nn
 
 
@@ -577,16 +522,16 @@ def mse_optimal_gamma(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core._targets import mse_optimal_gamma
+    >>> from isreshape_core import mse_optimal_gamma
     >>> logq = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
     >>> r = np.array([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
     >>> print(np.round(np.asarray(mse_optimal_gamma(logq, r, 1.0, 1.0, 100)), 4))
     [0.4  0.29]
     """
-    xp, logq, rewards, axis = _prepare(logq, rewards, axis)
-    _check_positive(tau, "tau", "the temperature")
-    _check_nonnegative(sigma2, "sigma2", "the variance of the log weights")
-    _check_positive(n, "n", "the sample size")
+    xp, logq, rewards, axis = _support(logq, rewards, axis)
+    _check_tau(tau)
+    t = squeeze_row(xp, _row(xp, tau, "tau", axis, logq), axis)
+    s, nn = _mse_params(xp, logq, axis, sigma2, n)
     dev = array_device(logq)
     if gammas is None:
         grid = xp.linspace(0.0, 1.0, 101, dtype=logq.dtype, device=dev)
@@ -602,16 +547,13 @@ def mse_optimal_gamma(
             )
         check_gamma(gammas, "gammas")
         grid = as_compute_array(xp, gammas, logq.dtype)
-    t = _squeeze(xp, _row_param(xp, tau, "tau", axis, logq), axis)
-    s = _squeeze(xp, _row_param(xp, sigma2, "sigma2", axis, logq), axis)
-    nn = _squeeze(xp, _row_param(xp, n, "n", axis, logq), axis)
 
     # Layout (..., G, K): outcomes last, the grid just before them.
     lq = xp.expand_dims(xp.moveaxis(logq, axis, -1), axis=-2)
     rw = xp.expand_dims(xp.moveaxis(rewards, axis, -1), axis=-2)
     g = xp.reshape(grid, (1,) * (lq.ndim - 2) + (grid.shape[0], 1))
     tt = xp.expand_dims(xp.expand_dims(t, axis=-1), axis=-1) if t.ndim else t
-    b = _kl_p1_pgamma(xp, lq, _log_rewards(xp, rw), rw, g, tt, lq.ndim - 1)  # (..., G)
+    b = _kl_p1_pgamma(xp, lq, log_abs(xp, rw), rw, g, tt, lq.ndim - 1)  # (..., G)
     s = xp.expand_dims(s, axis=-1) if s.ndim else s
     nn = xp.expand_dims(nn, axis=-1) if nn.ndim else nn
     total = b * b + lognormal_second_moment(s, grid) / nn  # (..., G)

@@ -21,34 +21,24 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal
 
-from ._array import (
-    Array,
-    Namespace,
-    Reducer,
-    array_device,
-    as_compute_array,
-    broadcast_mask,
-    check_gamma,
-    check_log_weights,
-    check_rho_min,
-    is_concrete,
-    namespace,
-    prepare_log_weights,
-    reduce_max,
-    reduce_sum,
-    tempered_log_weights,
-)
 from ._ess import kish_ess_from_log
-from ._gamma import GAMMA_METHODS
+from ._lib.checks import check_gamma, check_log_weights, check_rho_min
+from ._lib.dtypes import as_compute_array
+from ._lib.dtypes import log_max as _log_max
+from ._lib.inputs import broadcast_mask, prepare_log_weights
+from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.numerics import tempered_log_weights
+from ._lib.reduce import Reducer, reduce_max, reduce_sum
+from ._lib.tracing import is_concrete
 from ._loss import LOSS_AGG_MODES, _aggregation_weights
-from ._objective import _log_max
+from ._select import GAMMA_METHODS
 from ._step import step_gamma
+from ._weights import LEVELS as _LEVELS
 
 __all__ = ["BEHAVIOUR_CORRECTIONS", "decoupled_ppo_loss_and_grad", "ess_truncation_cap"]
 
 #: How :func:`decoupled_ppo_loss_and_grad` corrects for the behaviour policy.
 BEHAVIOUR_CORRECTIONS = ("tempered", "truncated", "none")
-_LEVELS = ("token", "geometric", "sequence")
 
 
 def _truncated_ess_ratio(xp: Namespace, l: Array, t: Array, top: Array, n: Array, reducer):

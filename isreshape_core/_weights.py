@@ -4,21 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ._array import (
-    Array,
-    Namespace,
-    as_compute_array,
-    broadcast_mask,
-    check_gamma,
-    check_log_weights,
-    check_mask_type,
-    check_real_floating,
-    is_concrete,
-    namespace,
-    safe_sum,
-    tempered_log_weights,
-)
-from ._objective import _log_max
+from ._lib.checks import check_gamma, check_log_weights, check_mask_type, check_real_floating
+from ._lib.dtypes import as_compute_array
+from ._lib.dtypes import log_max as _log_max
+from ._lib.inputs import broadcast_mask
+from ._lib.namespace import Array, Namespace, namespace
+from ._lib.numerics import safe_sum, tempered_log_weights
+from ._lib.tracing import is_concrete
 
 __all__ = ["LEVELS", "log_weights", "tempered_weights"]
 

@@ -16,10 +16,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import isreshape_core
-from isreshape_core._array import (
-    Array,
-    is_concrete,
-)
+from isreshape_core._lib.namespace import Array
+from isreshape_core._lib.tracing import is_concrete
 from isreshape_core._loss import check_loss_arguments, prepare_loss_inputs
 
 from . import kernels

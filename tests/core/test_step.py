@@ -11,7 +11,7 @@ import pytest
 from _helpers import brute_force_ess, make_batch, reference_loss, run_sharded, to_numpy
 
 import isreshape_core as isr
-from isreshape_core._loss import is_reshape_loss_and_grad
+from isreshape_core import is_reshape_loss_and_grad
 
 
 def brute_force_gamma(l: np.ndarray, rho_min: float, steps: int = 200) -> float:

@@ -25,7 +25,7 @@ from _helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isreshape_core._gamma import GAMMA_METHODS
+from isreshape_core import GAMMA_METHODS
 from isreshape_cupy import is_reshape_loss_and_grad, kernels
 from isreshape_cupy.loss import _fused_loss_and_grad
 

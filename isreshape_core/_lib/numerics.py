@@ -1,0 +1,166 @@
+"""Log-space arithmetic without overflow, NaN or floating-point warnings.
+
+Shift by the row maximum, log-sum-exp, sums that cannot overflow in a partial sum, capped
+exponentials, ``log|x|``, and the variance of log weights taken on scaled deviations.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .dtypes import log_max
+from .namespace import Array, Namespace
+from .reduce import Reducer, reduce_max, reduce_sum
+
+__all__ = [
+    "exp_capped",
+    "expm1_capped",
+    "log_abs",
+    "log_variance_stats",
+    "logsumexp",
+    "safe_sum",
+    "scaled_deviations",
+    "scaled_square",
+    "shift_by_max",
+    "tempered_log_weights",
+]
+
+
+def tempered_log_weights(xp: Namespace, log_w: Array, gamma: Array) -> Array:
+    """``gamma * log_w`` with ``-inf`` kept at ``-inf`` for every gamma, ``gamma = 0`` included.
+
+    A sample of weight 0 (or a masked one) never counts: ``0**0`` is not 1 here.
+    """
+    zero_weight = log_w == -xp.inf
+    # Multiply a finite stand-in: 0 * -inf would be NaN (and a warning in numpy).
+    return xp.where(zero_weight, -xp.inf, gamma * xp.where(zero_weight, 0.0, log_w))
+
+
+def exp_capped(xp: Namespace, x: Array) -> Array:
+    """``exp(x)``, ``+inf`` where it overflows, without numpy's overflow warning."""
+    big = x > log_max(xp, x.dtype)
+    return xp.where(big, xp.inf, xp.exp(xp.where(big, 0.0, x)))
+
+
+def expm1_capped(xp: Namespace, x: Array) -> Array:
+    """``expm1(x)``, ``+inf`` where it overflows, without numpy's overflow warning."""
+    big = x > log_max(xp, x.dtype)
+    return xp.where(big, xp.inf, xp.expm1(xp.where(big, 0.0, x)))
+
+
+def log_abs(xp: Namespace, x: Array) -> Array:
+    """``log|x|`` with ``-inf`` at ``x = 0`` and no divide-by-zero warning."""
+    nonzero = x != 0
+    return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, x, 1.0))), -xp.inf)
+
+
+def shift_by_max(
+    xp: Namespace, x: Array, axis: int, reducer: Reducer | None = None
+) -> tuple[Array, Array]:
+    """``(x - max, max)`` along ``axis`` (keepdims; over all shards), ``max`` 0 for a row
+    without a finite entry. Statistics that are invariant to a constant shift of the log
+    weights take their input relative to the max first, so that the shift costs no digits
+    (``1e15 + l`` rounds ``l`` to 0.125, but every later step is exact relative to the max)."""
+    top = reduce_max(xp, x, axis, reducer, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    # x - top can overflow only for a positive max. Entries further than 2^-20 of the largest
+    # float below the max (a relative weight of exp(-3e32) in float32) are set to that floor:
+    # finite (a weight 0 for every gamma that matters, still a positive weight at gamma = 0),
+    # and sums of up to 2^20 of them cannot overflow.
+    floor = -float(xp.finfo(x.dtype).max) * 2.0**-20
+    limit = xp.where(top > 0, top + floor, -xp.inf)
+    below = x < limit
+    d = xp.where(below, floor, xp.where(below, top, x) - top)
+    return xp.where(x == -xp.inf, -xp.inf, xp.maximum(d, floor)), top
+
+
+def safe_sum(xp: Namespace, x: Array, axis: int = -1) -> Array:
+    """``sum(x, axis)`` of finite entries without an intermediate overflow.
+
+    Where ``max|x|`` times the number of terms could exceed the largest float, the row is
+    divided by a power of 2 at least that number first (exact) and multiplied back at the end;
+    the result is ``+-inf`` only where the sum itself is out of range, never ``inf - inf = NaN``
+    from a partial sum. Rows that cannot overflow are summed as they are (bit for bit).
+    """
+    n = x.shape[axis]
+    fmax = float(xp.finfo(x.dtype).max)
+    if n <= 1:
+        return xp.sum(x, axis=axis)
+    factor = 2.0 ** math.ceil(math.log2(n))
+    finite = xp.where(xp.isfinite(x), x, 0.0)
+    risky = xp.max(xp.abs(finite), axis=axis, keepdims=True) > fmax / factor
+    scaled = xp.where(risky, x / factor, x)
+    total = xp.sum(scaled, axis=axis)
+    risky = xp.squeeze(risky, axis=axis)
+    fits = ~risky | (xp.abs(total) <= fmax / factor) | ~xp.isfinite(total)
+    kept = xp.where(fits & risky, total, 0.0)
+    back = xp.where(risky, kept * factor, total)
+    inf = xp.full_like(total, xp.inf)
+    return xp.where(fits, back, xp.where(total > 0, inf, -inf))  # out of range: +-inf
+
+
+def logsumexp(
+    xp: Namespace, x: Array, axis: int, keepdims: bool = False, reducer: Reducer | None = None
+) -> Array:
+    """``log(sum(exp(x)))`` along ``axis`` (over all shards); ``-inf`` for an all-``-inf`` row."""
+    shifted, m = shift_by_max(xp, x, axis, reducer)
+    total = reduce_sum(xp, xp.exp(shifted), axis, reducer, keepdims=True)
+    positive = total > 0
+    # log(0) is taken on a dummy 1 so that numpy raises no divide-by-zero warning.
+    out = xp.where(positive, xp.log(xp.where(positive, total, 1.0)) + m, -xp.inf)
+    if not keepdims:
+        out = xp.squeeze(out, axis=axis)
+    return out
+
+
+def scaled_deviations(
+    xp: Namespace, l: Array, axis: int, reducer: Reducer | None = None
+) -> tuple[Array, Array, Array]:
+    """``(count, dev, scale)`` of the finite entries of ``l`` along ``axis``.
+
+    ``dev = (l - mean) / scale`` (0 at ``-inf``), ``scale`` a power of 2 near ``max|l|``
+    (keepdims), so that no moment of ``dev`` overflows, also for log weights near ``+-1e308``.
+    The mean is taken of ``l / scale - max(l) / scale``: the power-of-2 scaling is exact and the
+    difference of nearby values is too (Sterbenz), so a constant offset of ``l`` (even ``1e15``)
+    does not cost the deviations any digits. One max and two sums over all shards.
+    """
+    finite = l > -xp.inf
+    l0 = xp.where(finite, l, 0.0)
+    big = xp.stack([xp.max(xp.abs(l0), axis=axis), xp.max(xp.where(finite, l, -xp.inf), axis=axis)])
+    if reducer is not None:
+        big = reducer.max(big)
+    size, top = xp.expand_dims(big[0, ...], axis=axis), xp.expand_dims(big[1, ...], axis=axis)
+    # log2 of a value near the largest float can round up to the exponent limit: clamp it.
+    top_exp = float(math.frexp(float(xp.finfo(l.dtype).max))[1] - 1)  # 127, 1023
+    scale = xp.pow(2.0, xp.minimum(xp.floor(xp.log2(xp.where(size > 0, size, 1.0))), top_exp))
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    u = xp.where(finite, l0 / scale - top / scale, 0.0)  # in [-4, 0]
+    count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)
+    mean = reduce_sum(xp, u, axis, reducer, keepdims=True) / xp.where(count > 0, count, 1.0)
+    dev = xp.where(finite, u - mean, 0.0)
+    return count, dev, scale
+
+
+def scaled_square(xp: Namespace, value: Array, scale: Array) -> Array:
+    """``value * scale**2`` for ``value >= 0``, ``+inf`` where it overflows, without a warning."""
+    positive = value > 0
+    log_out = xp.log(xp.where(positive, value, 1.0)) + 2.0 * xp.log(scale)
+    fits = ~positive | (log_out < log_max(xp, value.dtype) - 1e-4)
+    safe = xp.where(fits, value, 0.0)
+    return xp.where(fits, (safe * scale) * scale, xp.inf)
+
+
+def log_variance_stats(
+    xp: Namespace, l: Array, axis: int, reducer: Reducer | None = None
+) -> tuple[Array, Array]:
+    """(count, variance with ddof=1) of the finite entries of ``l`` along ``axis``.
+
+    From :func:`scaled_deviations`: invariant to a constant offset of ``l`` and ``+inf`` (not a
+    warning) where the variance itself exceeds the largest float.
+    """
+    count, dev, scale = scaled_deviations(xp, l, axis, reducer)
+    var = reduce_sum(xp, dev * dev, axis, reducer, keepdims=True) / xp.where(
+        count > 1, count - 1.0, 1.0
+    )
+    var = scaled_square(xp, var, scale)
+    return xp.squeeze(count, axis=axis), xp.squeeze(var, axis=axis)

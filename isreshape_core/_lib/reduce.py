@@ -1,0 +1,67 @@
+"""Reductions along the sample axis that also run over every shard of a data-parallel batch."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .namespace import Array, Namespace, array_device
+
+__all__ = ["Reducer", "reduce_max", "reduce_sum", "sample_count"]
+
+
+class Reducer(Protocol):
+    """Combines per-shard partial reductions into global ones (data-parallel statistics).
+
+    When the samples along the reduction axis are split over several processes or devices, the
+    core reduces its shard locally and hands the partial result to ``sum`` or ``max``, which
+    must return the reduction over all shards (an all-reduce), with the same shape. Adapters
+    provide one for ``torch.distributed`` and for a JAX named axis; ``None`` means one shard.
+
+    Examples
+    --------
+    Any object with ``sum`` and ``max`` will do. With one shard the all-reduce is the identity,
+    and the result is the unsharded one; ``isreshape_torch.TorchDistributedReducer`` and
+    ``isreshape_jax.AxisReducer`` all-reduce over processes or a mesh axis instead.
+
+    >>> import numpy as np
+    >>> import isreshape_core as isr
+    >>> class OneShard:
+    ...     def sum(self, x):
+    ...         return x
+    ...     def max(self, x):
+    ...         return x
+    >>> l = np.array([0.0, -1.0, 0.5, 2.0])
+    >>> print(isr.ess(l, reducer=OneShard()) == isr.ess(l))
+    True
+    """
+
+    def sum(self, x: Array) -> Array: ...
+
+    def max(self, x: Array) -> Array: ...
+
+
+def reduce_sum(
+    xp: Namespace, x: Array, axis: int, reducer: Reducer | None = None, keepdims: bool = False
+) -> Array:
+    """``sum`` along ``axis``, then over all shards when a ``reducer`` is given."""
+    out = xp.sum(x, axis=axis, keepdims=keepdims)
+    return out if reducer is None else reducer.sum(out)
+
+
+def reduce_max(
+    xp: Namespace, x: Array, axis: int, reducer: Reducer | None = None, keepdims: bool = False
+) -> Array:
+    """``max`` along ``axis``, then over all shards when a ``reducer`` is given."""
+    out = xp.max(x, axis=axis, keepdims=keepdims)
+    return out if reducer is None else reducer.max(out)
+
+
+def sample_count(
+    xp: Namespace, log_w: Array, mask: Array | None, axis: int, reducer: Reducer | None = None
+) -> Array:
+    """Number of unmasked samples along ``axis`` (over all shards), in ``log_w``'s dtype."""
+    if mask is None:
+        shape = tuple(s for i, s in enumerate(log_w.shape) if i != axis)
+        local = xp.full(shape, log_w.shape[axis], dtype=log_w.dtype, device=array_device(log_w))
+        return local if reducer is None else reducer.sum(local)
+    return reduce_sum(xp, xp.astype(mask, log_w.dtype), axis, reducer)
