@@ -43,14 +43,12 @@ of that context, with ``c_i`` the derivative of the surrogate with respect to ``
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 import isreshape_core as isr
-from isreshape_core import psis as _psis
 
 __all__ = [
     "LR_GRID",
@@ -63,6 +61,7 @@ __all__ = [
     "final_regret",
     "gamma_by_rule",
     "kish_ratio",
+    "log_softmax",
     "make_bandit",
     "simulate",
     "tune_and_evaluate",
@@ -166,7 +165,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``log softmax`` along the last axis (the policy's log-probabilities from its logits)."""
     m = logits.max(axis=-1, keepdims=True)
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
@@ -183,7 +183,26 @@ class RunResult:
     ess: np.ndarray  # (R, steps), ESS/n of the weights the gradient applies
     k_hat: np.ndarray  # (R, steps), PSIS k_hat of the raw weights (NaN if not recorded)
     logits: np.ndarray  # (R, contexts, arms), the logits after the last update
-    seconds: float = 0.0
+
+
+def _coefficients(
+    method: Method, l: np.ndarray, r: np.ndarray, adv: np.ndarray, rho_min: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(c, gamma, ESS/n)`` of one update: ``c_i`` the derivative of the method's surrogate
+    with respect to ``log pi(a_i|x_i)``, the gamma (NaN outside the IS Reshape family) and the
+    Kish ratio of the weights the gradient applies. ``l``, ``r``, ``adv``: ``(runs, B)``."""
+    if method.kind == "isreshape":
+        gamma = gamma_by_rule(l, method.rule, rho_min)
+        signal = adv if method.signal == "advantage" else r
+        coef = np.asarray(isr.objective_grad(l, signal, gamma))  # r w^gamma / B
+        return coef, gamma, np.asarray(isr.ess_ratio(l, gamma))
+    w = np.exp(l)
+    if method.kind == "ppo":
+        active = np.where(adv >= 0, w <= 1.0 + PPO_EPS, w >= 1.0 - PPO_EPS)
+        applied = np.where(active, w, 0.0)
+    else:
+        applied = np.minimum(w, TIS_CAP)
+    return applied * adv / l.shape[-1], np.full(l.shape[:-1], np.nan), kish_ratio(applied)
 
 
 def simulate(
@@ -229,38 +248,23 @@ def simulate(
     k_hat = np.full((runs, steps), np.nan)
     regret[:, 0] = bandit.regret(theta, seed_index)
 
-    start = time.perf_counter()
     for t in range(steps):
         if t == 0 or (staleness is not None and t % staleness == 0):
-            mu_logp = _log_softmax(theta)
+            mu_logp = log_softmax(theta)
             mu_cdf = np.cumsum(np.exp(mu_logp), axis=-1)
         ctx = np.repeat(ctx_all[:, t, :], group_size, axis=1)  # (R, B)
         cdf = mu_cdf[run_ix, ctx]  # (R, B, A)
         arm = np.minimum((cdf < u_all[:, t, :, None] * cdf[..., -1:]).sum(axis=-1), n_arms - 1)
-        logp_all = _log_softmax(theta)
+        logp_all = log_softmax(theta)
         logp = logp_all[run_ix, ctx, arm]
         logq = mu_logp[run_ix, ctx, arm]
         l = logp - logq
         r = rewards[run_ix, ctx, arm]
 
         adv = r - r.reshape(runs, n_groups, group_size).mean(axis=-1).repeat(group_size, 1)
-        if method.kind == "isreshape":
-            gamma = gamma_by_rule(l, method.rule, rho_min)
-            signal = adv if method.signal == "advantage" else r
-            coef = np.asarray(isr.objective_grad(l, signal, gamma))  # r w^gamma / B
-            gammas[:, t] = gamma
-            ess[:, t] = np.asarray(isr.ess_ratio(l, gamma))
-        else:
-            w = np.exp(l)
-            if method.kind == "ppo":
-                active = np.where(adv >= 0, w <= 1.0 + PPO_EPS, w >= 1.0 - PPO_EPS)
-                applied = np.where(active, w, 0.0)
-            else:
-                applied = np.minimum(w, TIS_CAP)
-            coef = applied * adv / batch
-            ess[:, t] = kish_ratio(applied)
+        coef, gammas[:, t], ess[:, t] = _coefficients(method, l, r, adv, rho_min)
         if record_khat:
-            k_hat[:, t] = np.asarray(_psis(l)[1]) if batch >= 25 else np.inf
+            k_hat[:, t] = np.asarray(isr.psis(l)[1]) if batch >= 25 else np.inf
 
         flat = (run_ix * n_ctx + ctx) * n_arms + arm
         g = np.bincount(flat.ravel(), coef.ravel(), runs * n_ctx * n_arms)
@@ -268,8 +272,7 @@ def simulate(
         grad = g.reshape(runs, n_ctx, n_arms) - row.reshape(runs, n_ctx, 1) * np.exp(logp_all)
         theta += lr[:, None, None] * grad
         regret[:, t + 1] = bandit.regret(theta, seed_index)
-    seconds = time.perf_counter() - start
-    return RunResult(method, seed_index, lr, regret, gammas, ess, k_hat, theta, seconds)
+    return RunResult(method, seed_index, lr, regret, gammas, ess, k_hat, theta)
 
 
 def final_regret(result: RunResult, window: int = 1) -> np.ndarray:
@@ -297,7 +300,6 @@ def _select_rows(result: RunResult, rows: np.ndarray) -> RunResult:
         result.ess[rows],
         result.k_hat[rows],
         result.logits[rows],
-        result.seconds,
     )
 
 
@@ -313,7 +315,6 @@ def tune_and_evaluate(
     n_arms: int = 50,
     record_khat: bool = True,
     window: int = 10,
-    progress: Callable[[str], None] | None = None,
 ) -> Tuned:
     """Pick the learning rate with the least final regret on ``tune_seeds``; report ``eval_seeds``.
 
@@ -330,6 +331,4 @@ def tune_and_evaluate(
     tuning = {lr: float(score[is_tune & (result.lr == lr)].mean()) for lr in lrs}
     best = min(lrs, key=lambda lr: (tuning[lr], lr))
     rows = np.flatnonzero(~is_tune & (result.lr == best))
-    if progress is not None:
-        progress(f"{method.label}: lr {best:g} ({result.seconds:.1f} s)")
     return Tuned(method, float(best), tuning, _select_rows(result, rows))

@@ -1,4 +1,4 @@
-"""``isreshape diagnose FILE``: diagnostics of saved log importance weights (issue 8).
+"""``isreshape diagnose FILE``: diagnostics of saved log importance weights.
 
 Reads log weights (``log_w``), or token/sequence log-probabilities ``logp`` and ``logq`` with an
 optional ``mask``, from ``.npy``, ``.npz``, ``.pt`` (needs torch), ``.csv`` or ``.parquet`` (needs
@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DiagnoseError", "add_parser", "compute", "format_report", "load_arrays"]
+__all__ = [
+    "DiagnoseError",
+    "add_parser",
+    "compute",
+    "diagnose_rows",
+    "format_report",
+    "load_arrays",
+]
 
 FORMATS = (".npy", ".npz", ".pt", ".csv", ".parquet")
 DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
@@ -281,8 +288,11 @@ def _values(x: Any) -> list[float]:
     return [float(v) for v in np.asarray(x, dtype=np.float64).reshape(-1)]
 
 
-def compute(log_w: np.ndarray, mask: np.ndarray | None, rho_min: float) -> dict[str, Any]:
-    """The diagnostics of every row: a dict of per-row lists plus the methods' gammas."""
+def diagnose_rows(
+    log_w: np.ndarray, mask: np.ndarray | None, rho_min: float
+) -> tuple[Any, dict[str, dict[str, list[float]]]]:
+    """:func:`isreshape_core.diagnose`'s report of every row, and per gamma rule of
+    :data:`isreshape_core.GAMMA_METHODS` the gammas it picks and the ESS ratios at them."""
     import isreshape_core as core
 
     if log_w.size == 0 or log_w.shape[-1] == 0:
@@ -296,11 +306,27 @@ def compute(log_w: np.ndarray, mask: np.ndarray | None, rho_min: float) -> dict[
             "diagnostics need at least 2 (one sample has no spread, no ESS, no tail)"
         )
     report = core.diagnose(log_w, rho_min, mask=mask)
+    methods = {}
+    for method in core.GAMMA_METHODS:
+        gamma = core.select_gamma(log_w, rho_min, method=method, mask=mask)
+        ratio = core.ess_ratio(log_w, gamma, mask=mask)
+        methods[method] = {"gamma": _values(gamma), "ess_ratio": _values(ratio)}
+    return report, methods
+
+
+def compute(log_w: np.ndarray, mask: np.ndarray | None, rho_min: float) -> dict[str, Any]:
+    """The diagnostics of every row: a dict of per-row lists plus the methods' gammas."""
+    return _as_dict(*diagnose_rows(log_w, mask, rho_min), log_w.shape)
+
+
+def _as_dict(report: Any, methods: dict, shape: tuple) -> dict[str, Any]:
+    import isreshape_core as core
+
     out: dict[str, Any] = {
-        "rho_min": float(rho_min),
+        "rho_min": float(report.rho_min),
         "k_threshold": float(report.k_threshold),
-        "n_rows": 1 if log_w.ndim == 1 else int(log_w.shape[0]),
-        "n_samples": int(log_w.shape[-1]),
+        "n_rows": 1 if len(shape) == 1 else int(shape[0]),
+        "n_samples": int(shape[-1]),
     }
     for field in (
         "n",
@@ -315,11 +341,6 @@ def compute(log_w: np.ndarray, mask: np.ndarray | None, rho_min: float) -> dict[
     out["k_hat_verdict"] = report.k_hat_verdicts
     out["verdict"] = report.verdicts
     out["advice"] = [core.VERDICTS[int(c)][1] for c in _values(report.verdict_code)]
-    methods = {}
-    for method in core.GAMMA_METHODS:
-        gamma = core.select_gamma(log_w, rho_min, method=method, mask=mask)
-        ratio = core.ess_ratio(log_w, gamma, mask=mask)
-        methods[method] = {"gamma": _values(gamma), "ess_ratio": _values(ratio)}
     out["methods"] = methods
     return out
 
@@ -338,81 +359,34 @@ def _cell(fmt: str, value: float) -> str:
     return fmt.format(value) if math.isfinite(value) else str(value)
 
 
-def format_report(result: dict[str, Any], title: str, chunk: int = 6) -> str:
-    """Plain-text tables: one column per row of the input, ``chunk`` rows per block."""
-    n_rows = result["n_rows"]
-    methods = result["methods"]
-    lines = [f"{title}: {n_rows} row(s) x {result['n_samples']} samples, rho_min = "]
-    lines[0] += f"{result['rho_min']:g}, good k_hat <= {result['k_threshold']:.2f}"
-    spec = [
-        ("n", result["n"], "{:.0f}"),
-        ("sigma^2 = Var(log w)", result["sigma2"], "{:.4g}"),
-        ("skewness", result["skewness"], "{:.3f}"),
-        ("excess kurtosis", result["excess_kurtosis"], "{:.3f}"),
-        ("max normalised weight", result["max_weight"], "{:.4f}"),
-        ("ESS/n at gamma=1", result["ess_ratio_at_1"], "{:.4f}"),
-        ("Pareto k_hat", result["k_hat"], "{:.3f}"),
+def format_report(report: Any, methods: dict[str, dict[str, list[float]]], title: str) -> str:
+    """``title``, then the report's table (:meth:`isreshape_core.Diagnostics.format`, every
+    row) with a line per gamma rule: the gamma it picks and, in parentheses, ``ESS(gamma)/n``."""
+    extra = [
+        (
+            f"gamma {method} (ESS/n)",
+            [
+                f"{_cell('{:.4f}', g)} ({_cell('{:.3f}', r)})"
+                for g, r in zip(values["gamma"], values["ess_ratio"], strict=True)
+            ],
+        )
+        for method, values in methods.items()
     ]
-    table = [(name, [_cell(fmt, v) for v in col]) for name, col, fmt in spec]
-    table.append(("k_hat reading", result["k_hat_verdict"]))
-    for method, values in methods.items():
-        cells = [
-            f"{_cell('{:.4f}', g)} ({_cell('{:.3f}', r)})"
-            for g, r in zip(values["gamma"], values["ess_ratio"], strict=True)
-        ]
-        table.append((f"gamma {method} (ESS/n)", cells))
-    table.append(("verdict", result["verdict"]))
-    width = max(len(name) for name, _ in table)
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        cols = range(start, stop)
-        widths = [max(len(f"row {i}"), *(len(cells[i]) for _, cells in table)) for i in cols]
-        lines.append("")
-        if n_rows > 1:
-            head = "  ".join(f"{'row ' + str(i):>{w}}" for i, w in zip(cols, widths, strict=True))
-            lines.append(f"  {'':<{width}}  {head}")
-        for name, cells in table:
-            body = "  ".join(f"{cells[i]:>{w}}" for i, w in zip(cols, widths, strict=True))
-            lines.append(f"  {name:<{width}}  {body}")
-    lines.append("")
-    for i, (verdict, advice) in enumerate(zip(result["verdict"], result["advice"], strict=True)):
-        prefix = f"row {i}: " if n_rows > 1 else ""
-        lines.append(f"verdict: {prefix}{verdict} — {advice}")
-    return "\n".join(lines)
+    return f"{title}\n{report.format(max_rows=None, extra_rows=extra)}"
 
 
 # ----------------------------------------------------------------------------- plotting
 
 
-def _gpd_tail(l: np.ndarray) -> tuple[float, float, float, float] | None:
-    """``(cutoff, k_hat, sigma, M)`` of the PSIS fit of ``l`` (1-D, finite), shifted by its max.
-
-    ``sigma`` is read back from the smoothed tail that :func:`isreshape_core.psis` returns: the
-    ``i``-th smallest replaced value is ``log(exp(c) + F^-1(p_i))`` with
-    ``F^-1(p) = sigma ((1 - p)^-k - 1) / k``. None where PSIS fitted no tail.
-    """
+def _gpd_tail(l: np.ndarray) -> tuple[float, float, float, int] | None:
+    """``(cutoff, k_hat, sigma, M)`` of the PSIS fit of ``l`` (1-D, finite), shifted by its max,
+    from :func:`isreshape_core.psis_tail_fit`; None where PSIS fitted no tail."""
     import isreshape_core as core
 
-    s = l - l.max()
-    m = core.psis_tail_length(s.size)
-    smoothed, k_hat = core.psis(s)
-    k = float(np.asarray(k_hat))
-    if m < 5 or not math.isfinite(k) or m >= s.size:
+    k_hat, sigma, cutoff = (float(np.asarray(v)) for v in core.psis_tail_fit(l))
+    if not math.isfinite(k_hat):
         return None
-    order = np.argsort(s, kind="stable")
-    tail_idx, body_idx = order[-m:], order[:-m]
-    smoothed = np.asarray(smoothed)
-    shift = s[body_idx[-1]] - smoothed[body_idx[-1]]
-    new_tail = np.sort(smoothed[tail_idx] + shift)
-    cutoff = s[body_idx[-1]]
-    i = m // 4
-    p = (i + 0.5) / m
-    q = math.exp(new_tail[i]) - math.exp(cutoff)
-    denom = -math.log1p(-p) if k == 0 else math.expm1(-k * math.log1p(-p)) / k
-    sigma = q / denom
-    if not (math.isfinite(sigma) and sigma > 0):
-        return None
-    return cutoff, k, sigma, m
+    return cutoff, k_hat, sigma, core.psis_tail_length(l.size)
 
 
 def plot_diagnostics(
@@ -502,9 +476,10 @@ def run(args: argparse.Namespace, stream=None) -> int:
         content, key=args.key, logp=args.logp, logq=args.logq, mask=args.mask, level=args.level
     )
     try:
-        result = compute(log_w, mask, args.rho_min)
+        report, methods = diagnose_rows(log_w, mask, args.rho_min)
     except (ValueError, TypeError) as exc:
         raise DiagnoseError(" ".join(str(exc).split())) from None
+    result = _as_dict(report, methods, log_w.shape)
     if plot_path is not None and not 0 <= args.plot_row < result["n_rows"]:
         raise DiagnoseError(f"--plot-row must be in [0, {result['n_rows']}), got {args.plot_row}")
     # The report first: a plot that fails to be written does not lose it.
@@ -514,7 +489,9 @@ def run(args: argparse.Namespace, stream=None) -> int:
             payload["plot"] = str(plot_path)
         print(json.dumps(_json_safe(payload), allow_nan=False, indent=1), file=stream)
     else:
-        print(format_report(result, f"isreshape diagnose {args.file} [{source}]"), file=stream)
+        title = f"isreshape diagnose {args.file} [{source}]: {result['n_rows']} row(s) x "
+        title += f"{result['n_samples']} samples"
+        print(format_report(report, methods, title), file=stream)
     if plot_path is not None:
         stream.flush()
         plot_diagnostics(log_w, mask, result, args.plot_row, plot_path)

@@ -12,7 +12,7 @@ from ._objective import (
     reinforce_objective,
     reinforce_objective_grad,
 )
-from ._psis import pareto_k_threshold, psis, psis_tail_length
+from ._psis import pareto_k_threshold, psis, psis_tail_fit, psis_tail_length
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
 from ._renyi import log_mean_tempered_weight, renyi_divergence
 from ._schedules import cosine_warmup, linear_warmup, sensitivity_guard
@@ -63,6 +63,7 @@ __all__ = [
     "objective_grad",
     "pareto_k_threshold",
     "psis",
+    "psis_tail_fit",
     "psis_tail_length",
     "reinforce_objective",
     "reinforce_objective_grad",

@@ -135,7 +135,24 @@ class Diagnostics:
         return [VERDICTS[int(c)][0] for c in _flat_values(self.verdict_code)]
 
     def __str__(self) -> str:
-        rows = [
+        return self.format()
+
+    def format(self, max_rows: int | None = 8, extra_rows: tuple = ()) -> str:
+        """The report as a plain-text table, one aligned column per row of the batch (the
+        first ``max_rows`` of them; all for None), then a verdict line per row;
+        ``str(report)`` is ``report.format()``. ``extra_rows``: more ``(name, cells)`` lines
+        for the table, ``cells`` a string per row of the batch.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> report = diagnose(np.random.default_rng(0).normal(0.0, 0.5, size=(20, 100)))
+        >>> len(report.format().splitlines()), len(report.format(max_rows=None).splitlines())
+        (21, 33)
+        >>> report.format(max_rows=2, extra_rows=[("note", ["a"] * 20)]).splitlines()[-3].split()
+        ['note', 'a', 'a', '...']
+        """
+        specs = [
             ("n", self.n, "{:.0f}"),
             ("sigma^2 = Var(log w)", self.sigma2, "{:.4g}"),
             ("skewness", self.skewness, "{:.3f}"),
@@ -146,21 +163,22 @@ class Diagnostics:
             ("ESS/n at gamma", self.ess_ratio_at_gamma, "{:.4f}"),
             ("gamma (closed form)", self.gamma_closed_form, "{:.4f}"),
             ("ESS/n at closed form", self.ess_ratio_at_closed_form, "{:.4f}"),
+            (f"Pareto k_hat (good <= {self.k_threshold:.2f})", self.k_hat, "{:.3f}"),
         ]
-        rows.append((f"Pareto k_hat (good <= {self.k_threshold:.2f})", self.k_hat, "{:.3f}"))
         if self.shapiro_p is not None:
-            rows.append(("Shapiro-Wilk p", self.shapiro_p, "{:.3g}"))
+            specs.append(("Shapiro-Wilk p", self.shapiro_p, "{:.3g}"))
         codes = _flat_values(self.verdict_code)
-        columns = [_flat_values(v) for _, v, _ in rows]
         n_rows = len(codes)
-        shown = min(n_rows, 8)
-        width = max(len(name) for name, _, _ in rows)
+        shown = n_rows if max_rows is None else min(n_rows, max_rows)
+        table = [(name, [_fmt(f, v) for v in _flat_values(x)[:shown]]) for name, x, f in specs]
+        table += [(name, list(cells)[:shown]) for name, cells in extra_rows]
+        width = max(len(name) for name, _ in table)
+        widths = [max(len(cells[i]) for _, cells in table) for i in range(shown)]
         head = f"IS Reshape diagnostics (rho_min = {self.rho_min:g}"
-        head += f", {n_rows} rows)" if n_rows > 1 else ")"
-        lines = [head]
-        for name, (_, _, fmt), col in zip([r[0] for r in rows], rows, columns, strict=True):
-            cells = "  ".join(_fmt(fmt, v) for v in col[:shown])
-            lines.append(f"  {name:<{width}}  {cells}{'  ...' if n_rows > shown else ''}")
+        lines = [head + (f", {n_rows} rows)" if n_rows > 1 else ")")]
+        for name, cells in table:
+            body = "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+            lines.append(f"  {name:<{width}}  {body}{'  ...' if n_rows > shown else ''}")
         k_readings = self.k_hat_verdicts
         for i, c in enumerate(codes[:shown]):
             label, advice = VERDICTS[int(c)]

@@ -38,6 +38,7 @@ __all__ = [
     "check_r_eff",
     "pareto_k_threshold",
     "psis",
+    "psis_tail_fit",
     "psis_tail_length",
     "smooth_rows",
     "sorted_tail",
@@ -202,17 +203,90 @@ def psis(log_w: Array, *, axis: int = -1, r_eff: float = 1.0) -> tuple[Array, Ar
     >>> print(isr.psis(np.zeros(10))[1])  # too few draws for a tail fit
     inf
     """
-    # The NaN and +inf check is made on the row maxima where that suffices (see smooth_rows).
-    xp, lw, _, axis = prepare_log_weights(log_w, axis=axis, mask=None, check_values=False)
-    r_eff = check_r_eff(r_eff)
-    n = lw.shape[axis]
-    moved = xp.moveaxis(lw, axis, -1) if axis != lw.ndim - 1 else lw
-    batch_shape = tuple(moved.shape[:-1])
-    out, k_hat = smooth_rows(xp, xp.reshape(moved, (-1, n)), psis_tail_length(n, r_eff))
-    out = xp.reshape(out, (*batch_shape, n))
-    if axis != lw.ndim - 1:
+    xp, rows, tail_len, batch_shape, axis = _as_rows(log_w, axis, r_eff)
+    out, k_hat = smooth_rows(xp, rows, tail_len)
+    out = xp.reshape(out, (*batch_shape, rows.shape[-1]))
+    if axis != len(batch_shape):
         out = xp.moveaxis(out, -1, axis)
     return out, xp.reshape(k_hat, batch_shape)
+
+
+def psis_tail_fit(
+    log_w: Array, *, axis: int = -1, r_eff: float = 1.0
+) -> tuple[Array, Array, Array]:
+    """The generalised Pareto fit that :func:`psis` makes to each row's tail.
+
+    With the row shifted so that its max is 0, ``c`` the cutoff (the ``(M+1)``-th largest value,
+    ``M`` from :func:`psis_tail_length`) and ``x = exp(tail) - exp(c)`` the exceedances of the
+    ``M`` largest weights, the fitted GPD has the density
+    ``(1/sigma) (1 + k x / sigma)^(-1/k - 1)`` for ``x >= 0`` (``exp(-x / sigma) / sigma`` at
+    ``k = 0``); ``k`` is :func:`psis`'s ``k_hat``, prior included, and the fit is the one whose
+    quantiles replace the tail (:ref:`theory-psis`).
+
+    Parameters
+    ----------
+    log_w : array, shape (..., S, ...)
+        Log importance weights, as in :func:`psis`.
+    axis : int, default -1
+        The axis of the ``S`` samples; every other axis is a batch axis.
+    r_eff : float, default 1.0
+        Relative efficiency of the draws, as in :func:`psis`.
+
+    Returns
+    -------
+    k_hat : array, shape of ``log_w`` with ``axis`` removed
+        Pareto shape, equal to :func:`psis`'s; ``inf`` where no tail is fitted.
+    sigma : array, same shape
+        Pareto scale of the exceedances (weights relative to the row max); 0 where no tail is
+        fitted.
+    log_cutoff : array, same shape
+        ``c``, relative to the row max (at most 0); ``-inf`` where the tail is shorter than 5.
+        Traced rows holding NaN or ``+inf`` give NaN in all three.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import isreshape_core as isr
+    >>> log_w = np.random.default_rng(0).normal(0.0, 1.0, size=(2, 400))
+    >>> k_hat, sigma, log_cutoff = isr.psis_tail_fit(log_w)
+    >>> bool(np.allclose(k_hat, isr.psis(log_w)[1])), bool(np.all(sigma > 0))
+    (True, True)
+    >>> print(isr.psis_tail_fit(np.zeros(10))[0])  # too few draws for a tail fit
+    inf
+    """
+    xp, rows, tail_len, batch_shape, _ = _as_rows(log_w, axis, r_eff)
+    shifted, bad = _checked_shift(xp, rows)
+    if tail_len < MIN_TAIL:
+        k_hat = xp.full((rows.shape[0], 1), xp.inf, dtype=rows.dtype, device=array_device(rows))
+        sigma, cutoff = xp.zeros_like(k_hat), -k_hat
+    else:
+        tail, cutoff, *_ = sorted_tail(xp, shifted, tail_len)
+        k_hat, sigma, _, ok = _gpd_fit(xp, tail, cutoff)
+        k_hat, sigma = xp.where(ok, k_hat, xp.inf), xp.where(ok, sigma, 0.0)
+    fit = (k_hat[:, 0], sigma[:, 0], cutoff[:, 0])
+    return tuple(xp.reshape(poison(xp, v, bad), batch_shape) for v in fit)
+
+
+def _as_rows(log_w: Any, axis: int, r_eff: Any) -> tuple[Namespace, Array, int, tuple, int]:
+    """``(xp, rows, tail_len, batch_shape, axis)``: the checked input as ``(B, S)`` rows."""
+    # The NaN and +inf check is made on the row maxima where that suffices (see smooth_rows).
+    xp, lw, _, axis = prepare_log_weights(log_w, axis=axis, mask=None, check_values=False)
+    tail_len = psis_tail_length(lw.shape[axis], check_r_eff(r_eff))
+    moved = xp.moveaxis(lw, axis, -1) if axis != lw.ndim - 1 else lw
+    rows = xp.reshape(moved, (-1, lw.shape[axis]))
+    return xp, rows, tail_len, tuple(moved.shape[:-1]), axis
+
+
+def _checked_shift(xp: Namespace, rows: Array) -> tuple[Array, Array | None]:
+    """Rows shifted so that their max is 0, after the check for NaN and ``+inf``; and, traced,
+    the rows holding either (``(B,)``, to be poisoned), else None."""
+    check_log_weights(xp, rows)
+    # Traced, a row holding NaN or +inf gives NaN everywhere. (What is computed from a JAX
+    # constant closed over by jax.jit is traced although the constant is not.)
+    bad = None
+    if not is_concrete(xp.max(rows, axis=-1)):
+        bad = xp.any(xp.isnan(rows) | (rows == xp.inf), axis=-1)
+    return shift_by_max(xp, rows, -1)[0], bad  # no overflow for rows spanning the float range
 
 
 def check_r_eff(r_eff: Any) -> float:
@@ -418,13 +492,7 @@ def _normalise_rows(xp: Namespace, rows: Array) -> Array:
 
 def _psis_rows(xp: Namespace, rows: Array, tail_len: int) -> tuple[Array, Array]:
     """PSIS on a ``(B, S)`` array whose rows are batches; returns ``(smoothed, k_hat (B,))``."""
-    check_log_weights(xp, rows)
-    # Traced, a row holding NaN or +inf gives NaN everywhere. (What is computed from a JAX
-    # constant closed over by jax.jit is traced although the constant is not.)
-    bad = None
-    if not is_concrete(xp.max(rows, axis=-1)):
-        bad = xp.any(xp.isnan(rows) | (rows == xp.inf), axis=-1)
-    shifted = shift_by_max(xp, rows, -1)[0]  # no overflow for rows spanning the float range
+    shifted, bad = _checked_shift(xp, rows)
     if tail_len < MIN_TAIL:
         k_hat = xp.full((rows.shape[0],), xp.inf, dtype=rows.dtype, device=array_device(rows))
         return poison(xp, _normalise_rows(xp, shifted), _col(bad)), poison(xp, k_hat, bad)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import threading
 
 import numpy as np
 
@@ -167,16 +169,27 @@ def loop_log_weights(logp, logq, mask=None, level: str = "sequence") -> np.ndarr
     return out
 
 
-def arviz_psis(log_w, r_eff: float = 1.0):
-    """arviz-stats' PSIS of log *weights* along the last axis: ``(smoothed, k_hat)``.
+def arviz_psis(log_w, r_eff: float = 1.0, axis: int = -1):
+    """arviz-stats' PSIS of log *weights* along ``axis``: ``(smoothed, k_hat)``.
 
-    arviz-stats takes log-likelihoods and smooths their negation (``psislw(-log_w)``).
+    arviz-stats takes log-likelihoods and smooths their negation (``psislw(-log_w)``), and moves
+    the sample axis to the end: it is put back here.
     """
     import pytest
 
     array_stats = pytest.importorskip("arviz_stats.base").array_stats
-    smoothed, k_hat = array_stats.psislw(-np.asarray(log_w, np.float64), r_eff=r_eff, axis=-1)
-    return np.asarray(smoothed), np.asarray(k_hat)
+    log_lik = -np.asarray(to_numpy(log_w), np.float64)
+    smoothed, k_hat = array_stats.psislw(log_lik, r_eff=r_eff, axis=axis)
+    return np.moveaxis(np.asarray(smoothed), -1, axis), np.asarray(k_hat)
+
+
+def assert_log_close(actual, expected, atol: float) -> None:
+    """Equal ``-inf`` patterns and finite entries within ``atol`` (arrays of any backend)."""
+    actual, expected = to_numpy(actual), to_numpy(expected)
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(actual[finite], expected[finite], rtol=0, atol=atol)
 
 
 def arviz_gpd_fit(exceedances):
@@ -248,3 +261,119 @@ def reference_gamma_tail(
         else:
             b = mid
     return a, k
+
+
+# --------------------------------------------------------------------------------------------
+# Batches and the loss by loops, shared by the core's and the adapters' loss tests.
+
+
+def make_batch(seed=0, B=6, T=5, spread=0.3, per_token_rewards=False, min_length=1):
+    """``(logp, logq, rewards, mask)`` as NumPy arrays: token log-probs in ``log U(0.05, 1)``,
+    ``logq = logp + Normal(0, spread)``, rows of random lengths ``min_length..T``
+    (left-aligned), rewards ``Normal(0, 1)`` per sequence ``(B,)`` or per token ``(B, T)``."""
+    rng = np.random.default_rng(seed)
+    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
+    logq = logp + rng.normal(0, spread, (B, T))
+    lengths = rng.integers(min_length, T + 1, B)
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
+    return logp, logq, rewards, mask
+
+
+def _aggregate_term(term, mode, n_tokens, n_valid, B, T):
+    """One token's share of the loss under verl's ``agg_loss`` mode."""
+    if mode == "token-mean":
+        return term / n_tokens
+    if mode == "seq-mean-token-sum":
+        return term / B
+    if mode == "seq-mean-token-mean":
+        return term / (n_valid * B)
+    return term / T
+
+
+def reference_loss(logp, logq, rewards, mask, gamma, level, mode, form="objective"):
+    """The loss by explicit Python loops over sequences and tokens (fixed gamma, NumPy inputs).
+
+    ``form="objective"``: ``-r (w**gamma - 1) / gamma`` per token; ``"surrogate"``: the value whose
+    gradient the loss has, ``-r w**gamma log pi``."""
+    B, T = logp.shape
+    r = rewards if rewards.ndim == 2 else np.repeat(rewards[:, None], T, axis=1)
+    n_tokens = mask.sum()
+    total = 0.0
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        seq_l = sum(logp[b, t] - logq[b, t] for t in valid)
+        seq_logp = sum(logp[b, t] for t in valid)
+        if level == "geometric":
+            seq_l, seq_logp = seq_l / len(valid), seq_logp / len(valid)
+        for t in valid:
+            if level == "token":
+                unit_l, unit_logp = logp[b, t] - logq[b, t], logp[b, t]
+            else:
+                unit_l, unit_logp = seq_l, seq_logp
+            if form == "objective":
+                h = unit_l if gamma == 0 else math.expm1(gamma * unit_l) / gamma
+            else:
+                h = math.exp(gamma * unit_l) * unit_logp
+            total += _aggregate_term(-r[b, t] * h, mode, n_tokens, len(valid), B, T)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded runs: threads stand in for ranks, an all-reduce on a barrier for the collective.
+
+
+class ThreadAllReduce:
+    """An all-reduce among ``world`` threads (the two methods of a ``Reducer``): each deposits
+    its partial, all read the total. Works on any array namespace; torch tensors are detached."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.slots: list = [None] * world
+        self.local = threading.local()
+
+    def _all(self, x, op):
+        from array_api_compat import array_namespace
+
+        if hasattr(x, "detach"):
+            x = x.detach().clone()
+        elif not hasattr(x, "__array_namespace__"):  # a Python or NumPy scalar
+            x = np.asarray(x)
+        self.slots[self.local.rank] = x
+        self.barrier.wait()
+        xp = array_namespace(*self.slots)
+        out = op(xp, xp.stack(self.slots))
+        self.barrier.wait()
+        return out
+
+    def sum(self, x):
+        return self._all(x, lambda xp, s: xp.sum(s, axis=0))
+
+    def max(self, x):
+        return self._all(x, lambda xp, s: xp.max(s, axis=0))
+
+
+def run_sharded(fn, shards):
+    """``[fn(shard, reducer) for shard in shards]``, each call in its own thread, the threads
+    sharing one :class:`ThreadAllReduce`; re-raises the first error."""
+    reducer = ThreadAllReduce(len(shards))
+    results = [None] * len(shards)
+    errors = []
+
+    def work(rank):
+        reducer.local.rank = rank
+        try:
+            results[rank] = fn(shards[rank], reducer)
+        except Exception as exc:  # surfaced below, after the other threads are released
+            errors.append(exc)
+            reducer.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -14,10 +14,18 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # not test modules, nor doctest modules.
 collect_ignore_glob = ["*/_*.py"]
 
-# JAX runs eagerly op by op here and compiles each op once per shape: fewer examples there.
+JAX_ONLY = os.environ.get("ISRESHAPE_XP") == "jax"
+if JAX_ONLY:
+    # Eager JAX compiles every operation once per shape and dtype, and the tests' arrays are
+    # tiny: compile time, not run time, is the cost, so XLA is asked to spend little on it.
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)
+
+# Each hypothesis example is a new shape, so a new set of compilations, under JAX.
 settings.register_profile(
     "isreshape",
-    max_examples=12 if os.environ.get("ISRESHAPE_XP") == "jax" else 40,
+    max_examples=6 if JAX_ONLY else 40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -73,6 +73,7 @@ LOG_W_FUNCTIONS = {
         xp.reshape(l, (-1,)), 0.3, mask=None if m is None else xp.reshape(m, (-1,))
     ),
     "psis": lambda xp, l, m: isr.psis(l),
+    "psis_tail_fit": lambda xp, l, m: isr.psis_tail_fit(l),
     "log_weights": lambda xp, l, m: isr.log_weights(l, _const(xp, l, -1.0), m),
     "loss": lambda xp, l, m: isr.is_reshape_loss_and_grad(
         l, _const(xp, l, -1.0), xp.asarray(REWARDS), m, gamma="ess"
@@ -90,7 +91,7 @@ LOG_W_FUNCTIONS = {
 #: The functions whose first argument is not called log_w.
 FIRST_ARG = {"log_weights": "logp", "loss": "logp", "loss_token_reinforce": "logp"}
 #: Functions that take no mask.
-NO_MASK = {"psis"}
+NO_MASK = {"psis", "psis_tail_fit"}
 
 
 def _clean():

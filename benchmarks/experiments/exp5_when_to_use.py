@@ -46,8 +46,8 @@ import isreshape_core as isr  # noqa: E402
 from isreshape_cli.bandit import (  # noqa: E402
     RHO_MIN,
     Bandit,
-    _log_softmax,
     kish_ratio,
+    log_softmax,
     make_bandit,
 )
 
@@ -234,7 +234,7 @@ def simulate(
     step = 0
     for t in range(n_batches):
         if t == 0 or (setting.staleness is not None and t % setting.staleness == 0):
-            mu_logp = _log_softmax(theta)
+            mu_logp = log_softmax(theta)
             mu_cdf = np.cumsum(np.exp(mu_logp), axis=-1)
         ctx = np.repeat(ctx_all[:, t, :], group_size, axis=1)
         cdf = mu_cdf[run_ix, ctx]
@@ -242,11 +242,11 @@ def simulate(
         logq = mu_logp[run_ix, ctx, arm] + (noise[:, t] if setting.mismatch else 0.0)
         r = rewards[run_ix, ctx, arm]
         adv = r - r.reshape(runs, n_groups, group_size).mean(axis=-1).repeat(group_size, 1)
-        logp_prox = _log_softmax(theta)[run_ix, ctx, arm]
+        logp_prox = log_softmax(theta)[run_ix, ctx, arm]
         for _ in range(setting.epochs):
             if step == updates:
                 break
-            logp_all = _log_softmax(theta)
+            logp_all = log_softmax(theta)
             l = logp_all[run_ix, ctx, arm] - logq
             coef, factor, _ = coefficients(key, l, logp_prox - logq, r, adv)
             flat = (run_ix * n_ctx + ctx) * n_arms + arm

@@ -4,65 +4,22 @@ arviz-stats, shards against the whole."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from _helpers import (
     brute_gamma,
     loop_log_weights,
+    make_batch,
     reference_gamma_psis,
     reference_gamma_tail,
+    reference_loss,
+    run_sharded,
     to_numpy,
 )
-from test_reducer import run_sharded
 
 from isreshape_core import LOSS_AGG_MODES, is_reshape_loss_and_grad
 
 LEVELS = ("sequence", "geometric", "token")
-
-
-def make_batch(seed=0, B=6, T=5, per_token_rewards=False):
-    rng = np.random.default_rng(seed)
-    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
-    logq = logp + rng.normal(0, 0.3, (B, T))
-    lengths = rng.integers(1, T + 1, B)
-    mask = np.arange(T)[None, :] < lengths[:, None]
-    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
-    return logp, logq, rewards, mask
-
-
-def reference_loss(logp, logq, rewards, mask, gamma, level, mode, form="objective"):
-    """The loss by explicit Python loops over sequences and tokens (fixed gamma)."""
-    B, T = logp.shape
-    r = rewards if rewards.ndim == 2 else np.repeat(rewards[:, None], T, axis=1)
-    n_tok_total = mask.sum()
-    total = 0.0
-    for b in range(B):
-        valid = [t for t in range(T) if mask[b, t]]
-        seq_l = sum(logp[b, t] - logq[b, t] for t in valid)
-        seq_logp = sum(logp[b, t] for t in valid)
-        if level == "geometric":
-            seq_l, seq_logp = seq_l / len(valid), seq_logp / len(valid)
-        for t in valid:
-            if level == "token":
-                unit_l, unit_logp = logp[b, t] - logq[b, t], logp[b, t]
-            else:
-                unit_l, unit_logp = seq_l, seq_logp
-            if form == "objective":
-                h = unit_l if gamma == 0 else math.expm1(gamma * unit_l) / gamma
-            else:
-                h = math.exp(gamma * unit_l) * unit_logp
-            term = -r[b, t] * h
-            if mode == "token-mean":
-                total += term / n_tok_total
-            elif mode == "seq-mean-token-sum":
-                total += term / B
-            elif mode == "seq-mean-token-mean":
-                total += term / (len(valid) * B)
-            else:
-                total += term / T
-    return total
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -10,22 +10,15 @@ import math
 
 import numpy as np
 import pytest
-from _helpers import get_namespace, to_numpy
+from _helpers import arviz_gpd_fit, arviz_psis, assert_log_close, get_namespace, to_numpy
 from array_api_compat import is_numpy_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import logsumexp as np_logsumexp
 
+import isreshape_core as isr
 from isreshape_core._psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
-
-
-def arviz_psislw(log_w: np.ndarray, axis: int = -1, r_eff: float = 1.0):
-    """arviz-stats' PSIS on log *weights*: it takes log-likelihoods and smooths their negation."""
-    array_stats = pytest.importorskip("arviz_stats.base").array_stats
-    smoothed, k_hat = array_stats.psislw(-np.asarray(log_w), r_eff=r_eff, axis=axis)
-    # arviz-stats moves the sample axis to the end; put it back.
-    return np.moveaxis(np.asarray(smoothed), -1, axis), np.asarray(k_hat)
 
 
 def sample_log_w(kind: str, shape: tuple, seed: int) -> np.ndarray:
@@ -37,15 +30,6 @@ def sample_log_w(kind: str, shape: tuple, seed: int) -> np.ndarray:
     if kind == "log_student_t":
         return np.log(np.abs(rng.standard_t(2, size=shape)))
     raise ValueError(kind)
-
-
-def assert_log_close(actual: np.ndarray, expected: np.ndarray, atol: float) -> None:
-    """Equal ``-inf`` patterns and finite entries within ``atol``."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
-    finite = np.isfinite(expected)
-    np.testing.assert_allclose(actual[finite], expected[finite], rtol=0, atol=atol)
 
 
 def normalised(log_w: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -60,7 +44,7 @@ def normalised(log_w: np.ndarray, axis: int = -1) -> np.ndarray:
 @pytest.mark.parametrize("n", [50, 200, 4000])
 def test_matches_arviz_stats(xp, kind, n):
     log_w = sample_log_w(kind, (3, n), seed=n)
-    expected, k_expected = arviz_psislw(log_w)
+    expected, k_expected = arviz_psis(log_w)
     smoothed, k_hat = psis(xp.asarray(log_w))
     assert tuple(k_hat.shape) == (3,)
     assert_log_close(to_numpy(smoothed), expected, atol=1e-10)
@@ -69,7 +53,7 @@ def test_matches_arviz_stats(xp, kind, n):
 
 def test_matches_arviz_stats_batched_axis_and_r_eff(xp):
     log_w = sample_log_w("student_t", (3, 200, 2), seed=7)
-    expected, k_expected = arviz_psislw(log_w, axis=1, r_eff=0.7)
+    expected, k_expected = arviz_psis(log_w, axis=1, r_eff=0.7)
     smoothed, k_hat = psis(xp.asarray(log_w), axis=1, r_eff=0.7)
     assert tuple(k_hat.shape) == (3, 2)
     assert_log_close(to_numpy(smoothed), expected, atol=1e-10)
@@ -83,7 +67,7 @@ def test_r_eff_where_n_and_n_times_r_eff_disagree(xp, n, r_eff, tail):
     # n = 200, r_eff = 1.2, n * r_eff = 240, so M = floor(3 sqrt(200 / 1.2)) = 38 (not 40).
     assert psis_tail_length(n, r_eff) == tail
     log_w = sample_log_w("student_t", (3, n), seed=n + 1)
-    expected, k_expected = arviz_psislw(log_w, r_eff=r_eff)
+    expected, k_expected = arviz_psis(log_w, r_eff=r_eff)
     smoothed, k_hat = psis(xp.asarray(log_w), r_eff=r_eff)
     assert_log_close(to_numpy(smoothed), expected, atol=1e-10)
     np.testing.assert_allclose(to_numpy(k_hat), k_expected, rtol=0, atol=1e-10)
@@ -97,7 +81,7 @@ def test_portable_path_puts_values_back_in_place_on_many_rows(xp):
     log_w = np.concatenate(
         [sample_log_w("student_t", (24, 300), seed=23), sample_log_w("normal", (24, 300), 29)]
     )
-    expected, k_expected = arviz_psislw(log_w)
+    expected, k_expected = arviz_psis(log_w)
     out, k_hat = _psis_rows(xp, xp.asarray(log_w), psis_tail_length(300))
     np.testing.assert_allclose(to_numpy(out), expected, rtol=0, atol=1e-10)
     np.testing.assert_allclose(to_numpy(k_hat), k_expected, rtol=0, atol=1e-10)
@@ -113,7 +97,7 @@ def test_neg_inf_entries_are_weight_zero_and_the_rest_smoothed(xp):
     log_w = sample_log_w("normal", (3, 200), seed=3)
     log_w[0, ::7] = -np.inf
     log_w[1, :5] = -np.inf
-    expected, k_expected = arviz_psislw(log_w)
+    expected, k_expected = arviz_psis(log_w)
     smoothed, k_hat = psis(xp.asarray(log_w))
     smoothed = to_numpy(smoothed)
     assert np.all(np.isneginf(smoothed) == np.isneginf(log_w))
@@ -128,7 +112,7 @@ def test_ties_at_the_cutoff(xp):
         order = np.sort(row)
         # The cutoff (the (M+1)-th largest) and the two smallest tail values become equal.
         row[np.isin(row, order[-m : -m + 2])] = order[-m - 1]
-    expected, k_expected = arviz_psislw(log_w)
+    expected, k_expected = arviz_psis(log_w)
     smoothed, k_hat = psis(xp.asarray(log_w))
     np.testing.assert_allclose(to_numpy(k_hat), k_expected, rtol=0, atol=1e-10)
     # Which of the tied draws gets which value is unspecified: compare the sorted values.
@@ -201,7 +185,7 @@ def test_equal_tail_is_left_unsmoothed_per_row(xp):
     log_w = np.stack([good, flat, good[::-1]])
     smoothed, k_hat = psis(xp.asarray(log_w))
     smoothed, k_hat = to_numpy(smoothed), to_numpy(k_hat)
-    expected_good, k_good = arviz_psislw(good)
+    expected_good, k_good = arviz_psis(good)
     np.testing.assert_allclose(smoothed[0], expected_good, rtol=0, atol=1e-10)
     assert k_hat[0] == pytest.approx(float(k_good), abs=1e-10)
     assert math.isinf(k_hat[1]) and k_hat[2] == pytest.approx(k_hat[0], abs=1e-12)
@@ -231,7 +215,7 @@ def test_tail_with_zero_weights_and_all_zero_row(xp):
 @pytest.mark.parametrize("shift", [-1500.0, 1500.0])
 def test_huge_common_shift(xp, shift):
     log_w = sample_log_w("student_t", (3, 200), seed=13)
-    expected, k_expected = arviz_psislw(log_w)
+    expected, k_expected = arviz_psis(log_w)
     smoothed, k_hat = psis(xp.asarray(log_w + shift))
     assert np.all(np.isfinite(to_numpy(smoothed)))
     np.testing.assert_allclose(to_numpy(smoothed), expected, rtol=0, atol=1e-9)
@@ -240,6 +224,24 @@ def test_huge_common_shift(xp, shift):
 
 # --------------------------------------------------------------------------------------------
 # validation
+
+
+def test_tail_fit_is_the_fit_psis_smooths_with(xp):
+    # Rows with a tail (k_hat and sigma as arviz-stats' Zhang-Stephens fit of the exceedances),
+    # a row with zero weights in its tail and a constant row (no fit: inf, 0), along axis 0.
+    log_w = sample_log_w("student_t", (3, 300), seed=23)
+    log_w[1, 10:] = -np.inf  # fewer positive weights than the tail length
+    log_w[2] = 0.5
+    k_hat, sigma, cutoff = (to_numpy(v) for v in isr.psis_tail_fit(xp.asarray(log_w.T), axis=0))
+    np.testing.assert_allclose(k_hat, to_numpy(psis(xp.asarray(log_w))[1]), atol=1e-12)
+    s = np.sort(log_w[0] - log_w[0].max())
+    m = psis_tail_length(300)
+    k_ref, sigma_ref = arviz_gpd_fit(np.exp(s[-m:]) - np.exp(s[-m - 1]))
+    np.testing.assert_allclose([k_hat[0], sigma[0], cutoff[0]], [k_ref, sigma_ref, s[-m - 1]])
+    assert np.isinf(k_hat[1:]).all() and (sigma[1:] == 0).all()
+    k_few, sigma_few, cut_few = isr.psis_tail_fit(xp.asarray(log_w[:, :20]))
+    assert np.isinf(to_numpy(k_few)).all() and (to_numpy(sigma_few) == 0).all()
+    assert np.isneginf(to_numpy(cut_few)).all()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -268,7 +270,7 @@ def test_rejects_bad_axis_and_non_arrays(xp):
 
 def test_float32_input_computes_in_float32(xp):
     log_w = sample_log_w("normal", (3, 200), seed=17)
-    expected, k_expected = arviz_psislw(log_w)
+    expected, k_expected = arviz_psis(log_w)
     smoothed, k_hat = psis(xp.asarray(log_w, dtype=xp.float32))
     assert smoothed.dtype == xp.float32 and k_hat.dtype == xp.float32
     np.testing.assert_allclose(to_numpy(smoothed), expected, atol=2e-4)
@@ -324,8 +326,8 @@ def test_same_result_under_jax_jit():
     eager, k_eager = psis(xp.asarray(log_w))
     traced, k_traced = jax.jit(lambda a: psis(a, r_eff=0.9))(xp.asarray(log_w))
     eager_r, k_eager_r = psis(xp.asarray(log_w), r_eff=0.9)
-    assert_log_close(np.asarray(traced), np.asarray(eager_r), atol=1e-12)
-    np.testing.assert_allclose(np.asarray(k_traced), np.asarray(k_eager_r), atol=1e-12)
-    expected, k_expected = arviz_psislw(log_w)
-    assert_log_close(np.asarray(eager), expected, atol=1e-10)
-    np.testing.assert_allclose(np.asarray(k_eager), k_expected, atol=1e-10)
+    assert_log_close(to_numpy(traced), to_numpy(eager_r), atol=1e-12)
+    np.testing.assert_allclose(to_numpy(k_traced), to_numpy(k_eager_r), atol=1e-12)
+    expected, k_expected = arviz_psis(log_w)
+    assert_log_close(to_numpy(eager), expected, atol=1e-10)
+    np.testing.assert_allclose(to_numpy(k_eager), k_expected, atol=1e-10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _helpers import (
+    arviz_psis,
     brute_force_ess,
     brute_gamma,
     get_namespace,
@@ -20,12 +21,6 @@ from _helpers import (
 from isreshape_core import gamma_combined, gamma_psis, gamma_tail
 
 SHAPE = (3, 400)  # one shape for most tests: JAX eager compiles once per shape
-
-
-def arviz_psislw(log_w: np.ndarray):
-    array_stats = pytest.importorskip("arviz_stats.base").array_stats
-    smoothed, k_hat = array_stats.psislw(-np.asarray(log_w), axis=-1)
-    return np.asarray(smoothed), np.asarray(k_hat)
 
 
 def ess_ratio_brute(log_w: np.ndarray, gamma: float) -> float:
@@ -45,7 +40,7 @@ def mixed_rows(seed: int = 0) -> np.ndarray:
 
 def test_gamma_psis_meets_rho_min_on_smoothed_weights(xp):
     log_w = mixed_rows()
-    smoothed_ref, k_ref = arviz_psislw(log_w)
+    smoothed_ref, k_ref = arviz_psis(log_w)
     gamma, k_hat, fallback_used = (to_numpy(a) for a in gamma_psis(xp.asarray(log_w), 0.3))
     np.testing.assert_allclose(k_hat, k_ref, atol=1e-10)
     np.testing.assert_array_equal(fallback_used, k_ref > 0.7)
@@ -66,7 +61,7 @@ def test_gamma_psis_fallback_on_a_very_heavy_tail(xp):
     gamma, k_hat, used = (to_numpy(a) for a in gamma_psis(xp.asarray(log_w), 0.5, fallback=0.3))
     np.testing.assert_array_equal(used, [False, True, True])
     raw = [brute_gamma(row, 0.5) for row in log_w]
-    smoothed_ref, _ = arviz_psislw(log_w)
+    smoothed_ref, _ = arviz_psis(log_w)
     assert raw[1] > 0.3 > raw[2] + 0.05
     assert brute_gamma(smoothed_ref[2], 0.5) > raw[2] + 0.02  # the smoothed one is not it
     assert gamma[1] == 0.3
@@ -93,7 +88,7 @@ def test_gamma_psis_small_samples_and_threshold(xp):
     assert gamma[0] == 1.0 and np.isposinf(k_hat[0]) and not used[0]
     # k_threshold=None: min(1 - 1/log10(S), 0.7) = 0.616 for S = 400.
     log_w = mixed_rows(3)
-    _, k_ref = arviz_psislw(log_w)
+    _, k_ref = arviz_psis(log_w)
     _, _, used = gamma_psis(xp.asarray(log_w), k_threshold=None)
     np.testing.assert_array_equal(to_numpy(used), k_ref > 1 - 1 / np.log10(SHAPE[1]))
 
@@ -102,13 +97,13 @@ def test_gamma_tail_meets_k_target(xp):
     rng = np.random.default_rng(4)
     n = SHAPE[1]
     log_w = np.stack([rng.normal(0.0, 0.5, n), rng.exponential(1.0, n), rng.exponential(1.25, n)])
-    _, k_ref = arviz_psislw(log_w)
+    _, k_ref = arviz_psis(log_w)
     gamma, k_hat, k_gamma = (to_numpy(a) for a in gamma_tail(xp.asarray(log_w), k_target=0.5))
     np.testing.assert_allclose(k_hat, k_ref, atol=1e-10)
     assert k_ref[0] <= 0.5 and gamma[0] == 1.0  # light tail: gamma = 1
     assert np.all(gamma[1:] < 1.0) and np.all(gamma > 0.0)
     for i in range(3):  # re-estimated independently on w**gamma
-        _, k_tempered = arviz_psislw(gamma[i] * log_w[i])
+        _, k_tempered = arviz_psis(gamma[i] * log_w[i])
         assert float(k_tempered) <= 0.5 + 1e-10
         assert k_gamma[i] == pytest.approx(float(k_tempered), abs=1e-10)
 
@@ -128,7 +123,7 @@ def test_gamma_tail_bounds_and_degenerate_rows(xp):
     # Log weights with a Student-t(2) tail: k_hat(w**gamma) tends to k_hat(l) ~ 0.5 as gamma -> 0,
     # so k_target = 0.3 cannot be met; the rule returns gamma_min (documented).
     gamma, _, k_gamma = (to_numpy(a) for a in gamma_tail(xp.asarray(log_w), k_target=0.3))
-    _, k_ref = arviz_psislw(0.05 * log_w[1])
+    _, k_ref = arviz_psis(0.05 * log_w[1])
     assert float(k_ref) > 0.3 and gamma[1] == 0.0 and np.isposinf(k_gamma[1])
 
 
@@ -137,7 +132,7 @@ def test_gamma_combined_against_independent_rules(xp):
     # k_hat: rows where either one binds (light tail: neither; moderate: the ESS; heavy: tail).
     log_w = mixed_rows(7)
     gamma, k_hat = (to_numpy(a) for a in gamma_combined(xp.asarray(log_w), 0.3, k_target=0.5))
-    _, k_ref = arviz_psislw(log_w)
+    _, k_ref = arviz_psis(log_w)
     np.testing.assert_allclose(k_hat, k_ref, atol=1e-10)
     ess_side = [brute_gamma(row, 0.3) for row in log_w]
     tail_side = [reference_gamma_tail(row, 0.5)[0] for row in log_w]
@@ -151,7 +146,7 @@ def test_select_gamma_pareto_methods_against_independent_rules(xp):
     from isreshape_core import select_gamma
 
     log_w = mixed_rows(12)
-    _, k_ref = arviz_psislw(log_w)
+    _, k_ref = arviz_psis(log_w)
     assert k_ref[0] < 0.5 and k_ref[2] > 0.7
     x = xp.asarray(log_w)
     psis_g = to_numpy(select_gamma(x, 0.3, method="psis", gamma_max=0.95))
@@ -211,7 +206,7 @@ def test_same_result_under_jax_jit():
         eager = fn(x)
         traced = jax.jit(fn)(x)
         for a, b in zip(eager, traced, strict=True):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-12)
+            np.testing.assert_allclose(to_numpy(b), to_numpy(a), atol=1e-12)
 
 
 def test_masked_samples_are_zero_weights_for_psis_and_left_out_of_the_ess(xp):
@@ -227,7 +222,7 @@ def test_masked_samples_are_zero_weights_for_psis_and_left_out_of_the_ess(xp):
         assert ess_ratio_brute(log_w[i][mask[i]], gamma[i]) >= 0.3 - 1e-12
     # psis: the ESS of arviz-stats' smoothed valid weights meets rho_min.
     gamma, k_hat, _ = (to_numpy(a) for a in gamma_psis(garbage, 0.3, mask=m))
-    smoothed_ref, k_ref = arviz_psislw(zeroed)
+    smoothed_ref, k_ref = arviz_psis(zeroed)
     np.testing.assert_allclose(k_hat, k_ref, atol=1e-10)
     for i in range(2):
         assert ess_ratio_brute(smoothed_ref[i][mask[i]], gamma[i]) >= 0.3 - 1e-12

@@ -4,59 +4,11 @@ a barrier, like ``torch.distributed.all_reduce`` or ``jax.lax.psum`` across rank
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
+from _helpers import run_sharded
 
 import isreshape_core as isr
-
-
-class ThreadAllReduce:
-    """An all-reduce among ``world`` threads: each deposits its partial, all read the total."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.barrier = threading.Barrier(world)
-        self.slots: list = [None] * world
-        self.local = threading.local()
-
-    def _all(self, x, op):
-        rank = self.local.rank
-        self.slots[rank] = np.asarray(x)
-        self.barrier.wait()
-        out = op(np.stack(self.slots), axis=0)
-        self.barrier.wait()
-        return out
-
-    def sum(self, x):
-        return self._all(x, np.sum)
-
-    def max(self, x):
-        return self._all(x, np.max)
-
-
-def run_sharded(fn, shards):
-    reducer = ThreadAllReduce(len(shards))
-    results = [None] * len(shards)
-    errors = []
-
-    def work(rank):
-        reducer.local.rank = rank
-        try:
-            results[rank] = fn(shards[rank], reducer)
-        except Exception as exc:  # pragma: no cover - surfaced below
-            errors.append(exc)
-            reducer.barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(shards))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -8,9 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from _helpers import brute_force_ess, to_numpy
-from test_loss import make_batch, reference_loss
-from test_reducer import run_sharded
+from _helpers import brute_force_ess, make_batch, reference_loss, run_sharded, to_numpy
 
 import isreshape_core as isr
 from isreshape_core import is_reshape_loss_and_grad

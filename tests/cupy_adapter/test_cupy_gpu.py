@@ -11,6 +11,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from _helpers import make_batch as numpy_batch
 
 _spec = importlib.util.find_spec("cupy")
 if _spec is None or _spec.origin is None:  # a folder named cupy on sys.path would import as "cupy"
@@ -35,13 +36,8 @@ TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-5, ato
 
 
 def make_batch(seed=0, B=64, T=257, spread=0.05, per_token_rewards=False):
-    rng = np.random.default_rng(seed)
-    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
-    logq = logp + rng.normal(0, spread, (B, T))
-    lengths = rng.integers(0, T + 1, B)
-    mask = np.arange(T)[None, :] < lengths[:, None]
-    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
-    return logp, logq, rewards, mask
+    """GPU-sized batches, some rows without a valid token."""
+    return numpy_batch(seed, B, T, spread, per_token_rewards, min_length=0)
 
 
 def to_gpu(dtype, *arrays):

@@ -17,6 +17,7 @@ from _helpers import (
     brute_gamma,
     brute_ratio,
     loop_log_weights,
+    make_batch,
     reference_gamma_psis,
     reference_gamma_tail,
     to_numpy,
@@ -58,16 +59,6 @@ def fused_cpu(logp, logq, rewards, mask=None, **options):
         token_grad=kernels._reference_token_grad,
         **full,
     )
-
-
-def make_batch(seed=0, B=6, T=5, per_token_rewards=False, spread=0.3):
-    rng = np.random.default_rng(seed)
-    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
-    logq = logp + rng.normal(0, spread, (B, T))
-    lengths = rng.integers(1, T + 1, B)
-    mask = np.arange(T)[None, :] < lengths[:, None]
-    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
-    return logp, logq, rewards, mask
 
 
 def loop_loss(logp, logq, rewards, mask, gamma, level, mode, form="objective", scale=None):

@@ -28,7 +28,7 @@ for path in (HERE, ROOT, ROOT / "adapters"):  # as a script: the checkout's sour
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from test_trl import char_tokenizer, count_a, reference_logps, tiny_gpt2  # noqa: E402
+from _trl_models import char_tokenizer, count_a, reference_logps, tiny_gpt2  # noqa: E402
 
 from isreshape_torch.trl import ISReshapeGRPOConfig, ISReshapeGRPOTrainer, _loss_mask  # noqa: E402
 

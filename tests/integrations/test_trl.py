@@ -29,50 +29,9 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
+from _trl_models import char_tokenizer, count_a, reference_logps, tiny_gpt2  # noqa: E402
+
 from isreshape_torch.trl import ISReshapeGRPOConfig, ISReshapeGRPOTrainer  # noqa: E402
-
-ALPHABET = "abc"
-
-
-def char_tokenizer():
-    """A character-level PreTrainedTokenizerFast built with ``tokenizers`` (nothing downloaded)."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-
-    specials = ["<pad>", "<eos>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + list(ALPHABET))}
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    fast.padding_side = "left"
-    return fast
-
-
-def tiny_gpt2(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=32,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,  # deterministic forward passes: the reference recomputes them
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def count_a(completions, **kwargs):
-    return [float(c.count("a")) for c in completions]
 
 
 def make_args(tmp_path, **overrides):
@@ -166,16 +125,6 @@ def synthetic_inputs(trainer, seed=0, B=4, P=3, T=5, stale=0.4):
         "old_per_token_logps": old,
         "num_items_in_batch": torch.tensor(float(3 * completion_mask.sum())),
     }
-
-
-def reference_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Per-token log-probs of the completion tokens: log-softmax of the shifted logits."""
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    attention = torch.cat([prompt_mask, completion_mask], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits
-    T = completion_ids.shape[1]
-    logits = logits[:, -T - 1 : -1, :]
-    return torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None])[..., 0]
 
 
 def reference_loss(trainer, inputs, gamma, level, agg, accumulation, lsf=None):

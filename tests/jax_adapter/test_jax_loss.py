@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import make_batch
 
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)
@@ -22,16 +23,6 @@ from isreshape_jax import AxisReducer, is_reshape_loss  # noqa: E402
 
 LEVELS = ("sequence", "geometric", "token")
 MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def make_batch(seed=0, B=6, T=5, spread=0.3, per_token_rewards=False):
-    rng = np.random.default_rng(seed)
-    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
-    logq = logp + rng.normal(0, spread, (B, T))
-    lengths = rng.integers(1, T + 1, B)
-    mask = np.arange(T)[None, :] < lengths[:, None]
-    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
-    return logp, logq, rewards, mask
 
 
 def reference_loss(logp, logq, rewards, mask, gamma, level, mode):

@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 import pytest
+from _helpers import ThreadAllReduce
+from _helpers import make_batch as numpy_batch
 
 torch = pytest.importorskip("torch")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -30,12 +32,7 @@ F64 = torch.float64
 
 
 def make_batch(seed=0, B=6, T=5, noise=0.3, per_token_rewards=False, dtype=F64):
-    rng = np.random.default_rng(seed)
-    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
-    logq = logp + rng.normal(0, noise, (B, T))
-    lengths = rng.integers(1, T + 1, B)
-    mask = np.arange(T)[None, :] < lengths[:, None]
-    rewards = rng.normal(0, 1, (B, T) if per_token_rewards else B)
+    logp, logq, rewards, mask = numpy_batch(seed, B, T, noise, per_token_rewards)
     return (
         torch.tensor(logp, dtype=dtype, requires_grad=True),
         torch.tensor(logq, dtype=dtype),
@@ -389,28 +386,6 @@ def test_torch_func_grad_and_vmap():
 # --------------------------------------------------------------------------------------------
 # Sharded statistics through a reducer (threads stand in for ranks; processes: test_distributed).
 # --------------------------------------------------------------------------------------------
-
-
-class ThreadAllReduce:
-    """An all-reduce of torch tensors among ``world`` threads."""
-
-    def __init__(self, world):
-        self.barrier = threading.Barrier(world)
-        self.slots = [None] * world
-        self.local = threading.local()
-
-    def _all(self, x, op):
-        self.slots[self.local.rank] = x.detach().clone()
-        self.barrier.wait()
-        out = op(torch.stack(self.slots))
-        self.barrier.wait()
-        return out
-
-    def sum(self, x):
-        return self._all(x, lambda s: s.sum(0))
-
-    def max(self, x):
-        return self._all(x, lambda s: s.max(0).values)
 
 
 def test_custom_reducer_gives_the_whole_batch_loss():
