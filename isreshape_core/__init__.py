@@ -1,6 +1,7 @@
 """isreshape_core: backend-neutral importance-sampling reshaping (array API only)."""
 
 from ._array import Reducer
+from ._metrics import METRIC_MERGE, metric_reduction
 from .diagnostics import VERDICTS, Diagnostics, diagnose
 from .ess import ess, ess_ratio, gradient_ess
 from .gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
@@ -33,6 +34,7 @@ __all__ = [
     "LEVELS",
     "LOSS_AGG_MODES",
     "LOSS_FORMS",
+    "METRIC_MERGE",
     "VERDICTS",
     "Diagnostics",
     "Reducer",
@@ -56,6 +58,7 @@ __all__ = [
     "lognormal_ess_ratio",
     "lognormal_second_moment",
     "lognormal_variance",
+    "metric_reduction",
     "mse",
     "mse_optimal_gamma",
     "objective",

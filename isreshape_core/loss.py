@@ -606,8 +606,6 @@ def _chosen_gamma(
     g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, stats_reducer, gamma_options)
     masked_l = xp.where(rows_valid, rows_l, -xp.inf)
     tempered = tempered_log_weights(xp, masked_l, g[:, None])
-    metrics = tempered_metrics(xp, masked_l, tempered, g, stats_reducer, merge_reducer)
-    if k_hat is not None:
-        metrics["k_hat"] = xp.max(k_hat)  # the worst group's (Pareto methods run unsharded)
+    metrics = tempered_metrics(xp, masked_l, tempered, g, stats_reducer, merge_reducer, k_hat)
     unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
     return unit_g, metrics

@@ -136,21 +136,6 @@ def with_exact_gradient(core: Any, axis_name: AxisName | None) -> Any:
     return loss_and_metrics
 
 
-def _merge_group_metrics(metrics: dict[str, jax.Array], axis_name: AxisName) -> dict:
-    """Per-shard group metrics (means over the shard's groups, a maximum) as global ones.
-
-    Every shard holds the same number of groups (``shard_map`` / ``pmap`` split evenly), so the
-    mean over shards of the per-shard means is the mean over all groups.
-    """
-    out = {}
-    for key, value in metrics.items():
-        if key.startswith("max"):
-            out[key] = lax.pmax(value, axis_name)
-        else:
-            out[key] = lax.pmean(value, axis_name)
-    return out
-
-
 def is_reshape_loss(
     logp: jax.Array,
     logq: jax.Array,
@@ -333,6 +318,4 @@ def is_reshape_loss(
             "jax.shard_map, jax.pmap or jax.vmap(..., axis_name=...) over that axis, or pass "
             "axis_name=None for a single device"
         ) from exc
-    if axis_name is not None and group_size is not None:
-        metrics = _merge_group_metrics(metrics, axis_name)
     return loss, metrics

@@ -88,6 +88,7 @@ from isreshape_core import (
     LOSS_FORMS,
     ess_ratio,
     log_weights,
+    metric_reduction,
     step_gamma,
     tempered_weights,
 )
@@ -108,6 +109,9 @@ TRL_LOSS_AGG_MODES = ("dapo", *LOSS_AGG_MODES)
 BEHAVIORS = ("auto", "sampling", "old")
 #: Values of ``ISReshapeGRPOConfig.is_reshape_gamma_scope``.
 GAMMA_SCOPES = ("step", "group", "micro_batch")
+
+# How the processes' values of a metric combine in the logs (isreshape_core.METRIC_MERGE).
+_GATHER_REDUCTIONS = {"mean": torch.nanmean, "max": torch.max, "sum": torch.nansum}
 
 # Inputs that TRL's own _compute_loss forwards to _get_per_token_logps_and_entropies.
 _MODEL_INPUT_KEYS = (
@@ -558,7 +562,7 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
     def _log_reduced(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():
             gathered = self.accelerator.gather(value.detach().float().reshape(1))
-            reduced = gathered.max() if name == "max_weight" else gathered.nanmean()
+            reduced = _GATHER_REDUCTIONS[metric_reduction(name)](gathered)
             self._metrics[mode][f"is_reshape/{name}"].append(reduced.item())
 
     def _log_entropy(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor) -> None:
