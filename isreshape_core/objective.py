@@ -170,21 +170,52 @@ def _scale_grad(
     return grad / xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
 
 
-def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
-    """Elementwise ``r * expm1(g*l)/g`` with its limits (see :func:`objective`)."""
+def log_abs(xp: Namespace, x: Array) -> Array:
+    """``log|x|``, ``-inf`` at 0, without a divide-by-zero warning."""
+    nonzero = x != 0
+    return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, x, 1.0))), -xp.inf)
+
+
+def sign(xp: Namespace, x: Array) -> Array:
+    """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
+    ``torch.func.vmap`` cannot batch)."""
+    return xp.astype(x > 0, x.dtype) - xp.astype(x < 0, x.dtype)
+
+
+def boxcox(xp: Namespace, l: Array, g: Array) -> Array:
+    """The Box-Cox value ``expm1(g l) / g`` elementwise, with its limits: ``l`` at ``g = 0``,
+    ``-1/g`` at ``l = -inf`` (``-inf`` where that overflows), ``+inf`` where the value overflows.
+
+    The one implementation of the value, used by :func:`objective` on log weights and by the
+    loss on unit log weights; :func:`log_abs_boxcox` is its logarithm where it overflows.
+    """
     finite = l != -xp.inf
     l0 = xp.where(finite, l, 0.0)
     positive = g > 0
     g_safe = xp.where(positive, g, 1.0)
     # gamma > 0: expm1(g*l)/g (no cancellation: expm1 is accurate near 0); l = -inf gives -1/g,
     # which is -inf (without an overflow warning) for a subnormal gamma below 1/max.
-    boxcox = _expm1_capped(xp, g * l0) / g_safe
+    value = _expm1_capped(xp, g * l0) / g_safe
     in_range = g_safe * float(xp.finfo(l.dtype).max) >= 1.0  # finfo: dtype metadata, not data
     at_zero_w = -1.0 / xp.where(in_range, g_safe, 1.0)
-    boxcox = xp.where(finite, boxcox, xp.where(in_range, at_zero_w, -xp.inf))
+    value = xp.where(finite, value, xp.where(in_range, at_zero_w, -xp.inf))
     # gamma = 0: the limit l (``-inf`` stays ``-inf``).
-    value = xp.where(positive, boxcox, l)
-    return _times_nonzero(xp, r, value)
+    return xp.where(positive, value, l)
+
+
+def log_abs_boxcox(xp: Namespace, l: Array, g: Array, z: Array) -> Array:
+    """``log|expm1(g l) / g|`` (``log|l|`` at ``g = 0``) for finite ``l``, ``z = g l``, exact
+    where the value itself overflows: ``z + log(1 - e^-z)`` for ``z > 0``."""
+    positive = z > 0
+    zs = xp.where(positive, -z, z)  # <= 0: expm1 cannot overflow
+    log_e = xp.where(positive, z, 0.0) + log_abs(xp, xp.expm1(zs))
+    g_pos = g > 0
+    return xp.where(g_pos, log_e - xp.log(xp.where(g_pos, g, 1.0)), log_abs(xp, l))
+
+
+def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
+    """Elementwise ``r * expm1(g*l)/g`` with its limits (see :func:`objective`)."""
+    return _times_nonzero(xp, r, boxcox(xp, l, g))
 
 
 def _tempered_reward(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
