@@ -24,6 +24,7 @@ from ._array import (
     as_compute_array,
     broadcast_mask,
     check_gamma,
+    check_log_weights,
     check_mask_type,
     check_real_floating,
     check_rho_min,
@@ -327,11 +328,9 @@ def is_reshape_loss_and_grad(
     units, n_nonfinite = token_units(xp, logp, logq, r, mask, level, form, reducer)
     c = _aggregation_weights(xp, mask, logp.dtype, loss_agg_mode, loss_scale_factor, reducer)
     coef = c * r if level == "token" else xp.sum(c * r, axis=-1)  # sum_t c_bt r_bt per unit
-    unit_g, metrics = unit_gamma(xp, gamma, units, rho_min, group_size, reducer, gamma_options)
-    # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
-    cap = min(_log_max(xp, logp.dtype), _log_max(xp, grad_dtype))
-    loss, unit_grad, safety = unit_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
-    metrics.update(safety)
+    loss, unit_grad, metrics = unit_loss(
+        xp, units, coef, grad_dtype, gamma, rho_min, group_size, reducer, gamma_options
+    )
     metrics["n_nonfinite"] = n_nonfinite
     return loss, scatter_gradient(xp, unit_grad, units, mask, level, one_d), metrics
 
@@ -450,6 +449,35 @@ def _aggregation_weights(
     )
 
 
+def units_from_row_sums(xp: Namespace, sums: dict[str, Array], form: str) -> Units:
+    """The units of a fused token pass (sequence or geometric level) from its per-sequence sums:
+    ``unit_l``, ``unit_logp`` (the level's log weight and log-probability), ``n_tok``, and the
+    counts of valid tokens with a NaN or ``+inf`` log ratio (``bad_l``) or a non-finite reward
+    (``bad_r``), refused with the messages of :func:`is_reshape_loss_and_grad`."""
+    unit_l = sums["unit_l"]
+    check_log_weights(xp, xp.where(sums["bad_l"] > 0, xp.nan, unit_l), "logp - logq")
+    check_finite_rewards(xp, xp.where(sums["bad_r"] > 0, xp.nan, 0.0))
+    n_tok = sums["n_tok"]
+    valid = n_tok > 0
+    capped = xp.zeros(tuple(valid.shape), dtype=xp.bool, device=array_device(unit_l))
+    log_p = sums["unit_logp"] if form == "reinforce" else None
+    return Units(xp.where(valid, unit_l, 0.0), valid, n_tok, log_p, capped, None)
+
+
+def row_coefficients(
+    xp: Namespace,
+    sum_r: Array,
+    n_tok: Array,
+    T: int,
+    loss_agg_mode: str,
+    loss_scale_factor: float | None,
+    reducer: Reducer | None,
+) -> Array:
+    """``coef_b = sum_t c_bt r_bt`` of a sequence from its masked reward sum ``sum_r`` (B,)."""
+    d = aggregation_divisor(xp, n_tok, T, loss_agg_mode, loss_scale_factor, reducer)
+    return sum_r / d[:, 0]
+
+
 def _given_gamma(
     xp: Namespace, gamma: Array, unit_l: Array, unit_valid: Array, reducer: Reducer | None
 ) -> tuple[Array, dict[str, Array]]:
@@ -519,6 +547,28 @@ def unit_gamma(
     return _chosen_gamma(
         xp, units.log_w, units.valid, gamma, rho_min, group_size, reducer, gamma_options
     )
+
+
+def unit_loss(
+    xp: Namespace,
+    units: Units,
+    coef: Array,
+    grad_dtype: Any,
+    gamma: Any,
+    rho_min: Any,
+    group_size: int | None,
+    reducer: Reducer | None,
+    gamma_options: dict[str, Any],
+) -> tuple[Array, Array, dict[str, Array]]:
+    """Stage 2: gamma of every unit, the loss, the unit gradients ``d loss / d l_u`` and the
+    metrics (of the tempered weights and of the numerical safety), from the units and their
+    coefficients ``coef_u = sum_t c_bt r_bt``. Shared by every entry point of the loss."""
+    unit_g, metrics = unit_gamma(xp, gamma, units, rho_min, group_size, reducer, gamma_options)
+    # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
+    cap = min(_log_max(xp, units.log_w.dtype), _log_max(xp, grad_dtype))
+    loss, unit_grad, safety = unit_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
+    metrics.update(safety)
+    return loss, unit_grad, metrics
 
 
 def unit_loss_and_grad(

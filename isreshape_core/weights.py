@@ -27,19 +27,27 @@ LEVELS = ("sequence", "geometric", "token")
 Level = Literal["sequence", "geometric", "token"]
 
 
+def check_logq(xp: Namespace, logq: Array) -> bool:
+    """Refuse ``logq = +inf`` (a probability above 1, padding already removed) on eager inputs;
+    ``False`` where ``logq`` is traced and nothing can raise (the caller makes those NaN)."""
+    refused = xp.any(logq == xp.inf) if is_concrete(logq) else None
+    if refused is None or not is_concrete(refused):
+        return False
+    if bool(refused):
+        raise ValueError(
+            "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
+            "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
+        )
+    return True
+
+
 def checked_log_ratio(xp: Namespace, logp: Array, logq: Array) -> Array:
     """``logp - logq`` (padding already removed) with the checks of :func:`log_weights`.
 
     ``logq = +inf`` claims a probability above 1: it is refused (eager) or made NaN (traced),
     never the weight 0 that ``logp - inf`` would silently give.
     """
-    refused = xp.any(logq == xp.inf) if is_concrete(logq) else None
-    if refused is not None and is_concrete(refused):
-        if bool(refused):
-            raise ValueError(
-                "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
-                "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
-            )
+    if check_logq(xp, logq):
         diff = logp - logq
     else:
         diff = xp.where(logq == xp.inf, xp.nan, logp - logq)

@@ -2,7 +2,7 @@
 path on every installed backend, the gradient against finite differences and torch autograd.
 
 Nothing here needs CuPy or a GPU: the fused path (``_fused_loss_and_grad``) runs with
-``kernels._reference_row_stats`` / ``_reference_token_grad`` in place of the CUDA kernels, so the
+``reference_row_stats`` / ``reference_token_grad`` in place of the CUDA kernels, so the
 only part left to ``test_cupy_gpu.py`` is the CUDA compilation and launch.
 """
 
@@ -21,11 +21,12 @@ from _helpers import (
     reference_gamma_tail,
     to_numpy,
 )
+from _kernel_mirrors import reference_row_stats, reference_token_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
 from isreshape_core.gamma import GAMMA_METHODS
-from isreshape_cupy import is_reshape_loss_and_grad, kernels
+from isreshape_cupy import is_reshape_loss_and_grad
 from isreshape_cupy.loss import _fused_loss_and_grad
 
 LOSS_AGG_MODES = (
@@ -54,8 +55,8 @@ def fused_cpu(logp, logq, rewards, mask=None, **options):
         logq,
         rewards,
         mask,
-        row_stats=kernels._reference_row_stats,
-        token_grad=kernels._reference_token_grad,
+        row_stats=reference_row_stats,
+        token_grad=reference_token_grad,
         **full,
     )
 
@@ -127,7 +128,7 @@ def test_reference_row_stats_matches_loops(geometric):
     logp[0, 0] = -np.inf  # weight 0: a valid -inf log weight, not an error
     logq[1, 0] = np.nan  # counted as bad
     rewards[2, 0] = np.inf  # counted as bad
-    out = kernels._reference_row_stats(logp, logq, rewards, mask, geometric)
+    out = reference_row_stats(logp, logq, rewards, mask, geometric)
     for b in range(5):
         valid = [t for t in range(7) if mask[b, t]]
         n = len(valid)
@@ -157,7 +158,7 @@ def test_reference_row_stats_matches_loops(geometric):
 
 def test_reference_row_stats_broadcasts_rewards_and_mask():
     logp, logq, rewards, _ = make_batch(4, B=3, T=4)
-    out = kernels._reference_row_stats(logp, logq, rewards[:, None], np.ones((1, 1), bool), False)
+    out = reference_row_stats(logp, logq, rewards[:, None], np.ones((1, 1), bool), False)
     np.testing.assert_allclose(out["sum_r"], 4 * rewards, rtol=1e-14)
     np.testing.assert_allclose(out["unit_l"], (logp - logq).sum(axis=1), rtol=1e-13)
     np.testing.assert_array_equal(out["n_tok"], [4.0, 4.0, 4.0])
@@ -167,7 +168,7 @@ def test_reference_token_grad_matches_loops():
     rng = np.random.default_rng(5)
     mask = rng.uniform(size=(4, 6)) < 0.6
     scale = rng.normal(size=(4, 1))
-    got = kernels._reference_token_grad(mask, scale, (4, 6))
+    got = reference_token_grad(mask, scale, (4, 6))
     for b in range(4):
         for t in range(6):
             assert got[b, t] == (scale[b, 0] if mask[b, t] else 0.0)
