@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from isreshape_core.psis import psis  # noqa: E402
+from isreshape_core._psis import psis  # noqa: E402
 
 SHAPES = [(1, 4000), (64, 256), (1000, 4000), (1, 10**6)]
 TARGETS = {(1000, 4000): 10.0, (64, 256): 30.0, (1, 10**6): 1.0}

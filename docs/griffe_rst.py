@@ -80,8 +80,8 @@ def _plain_item_types(text: str) -> str:
 def _resolve(name: str, scope: Object | None, role: str) -> str:
     """The full path of ``name`` as Python would find it from ``scope`` (a dotted name resolves
     its first part), or ``name`` itself where griffe cannot resolve it. A function or class
-    named like the module that defines it (``isreshape_core.psis`` is the function
-    ``isreshape_core.psis.psis``) resolves to the member, not to the module."""
+    named like the module that defines it (a module ``pkg.f`` holding ``f``) resolves to the
+    member, not to the module."""
     if scope is None:
         return name
     head, dot, rest = name.partition(".")

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import isreshape_core as isr
-from isreshape_core.psis import psis as _psis
+from isreshape_core._psis import psis as _psis
 
 __all__ = [
     "LR_GRID",

@@ -1,30 +1,30 @@
 """isreshape_core: backend-neutral importance-sampling reshaping (array API only)."""
 
 from ._array import Reducer
+from ._diagnostics import VERDICTS, Diagnostics, diagnose
+from ._ess import ess, ess_ratio, gradient_ess
+from ._gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
+from ._lognormal import lognormal_ess_ratio, lognormal_second_moment, lognormal_variance
+from ._loss import LOSS_AGG_MODES, LOSS_FORMS, is_reshape_loss_and_grad
 from ._metrics import METRIC_MERGE, metric_reduction
-from .diagnostics import VERDICTS, Diagnostics, diagnose
-from .ess import ess, ess_ratio, gradient_ess
-from .gamma import GAMMA_METHODS, gamma_closed_form, gamma_ess, select_gamma
-from .lognormal import lognormal_ess_ratio, lognormal_second_moment, lognormal_variance
-from .loss import LOSS_AGG_MODES, LOSS_FORMS, is_reshape_loss_and_grad
-from .objective import (
+from ._objective import (
     objective,
     objective_grad,
     reinforce_objective,
     reinforce_objective_grad,
 )
-from .psis import pareto_k_threshold, psis, psis_tail_length
-from .psis_gamma import gamma_combined, gamma_psis, gamma_tail
-from .renyi import log_mean_tempered_weight, renyi_divergence
-from .schedules import cosine_warmup, linear_warmup, sensitivity_guard
-from .step import step_gamma
-from .targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
-from .trust_region import (
+from ._psis import pareto_k_threshold, psis, psis_tail_length
+from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
+from ._renyi import log_mean_tempered_weight, renyi_divergence
+from ._schedules import cosine_warmup, linear_warmup, sensitivity_guard
+from ._step import step_gamma
+from ._targets import bias, mse, mse_optimal_gamma, stationary_log_probs, target_log_probs
+from ._trust_region import (
     BEHAVIOUR_CORRECTIONS,
     decoupled_ppo_loss_and_grad,
     ess_truncation_cap,
 )
-from .weights import LEVELS, log_weights, tempered_weights
+from ._weights import LEVELS, log_weights, tempered_weights
 
 __version__ = "0.1.0.dev0"
 

@@ -1,4 +1,4 @@
-"""The NumPy kernel of :func:`isreshape_core.psis.psis` for float64 rows.
+"""The NumPy kernel of :func:`isreshape_core.psis` for float64 rows.
 
 It computes what ``psis._psis_rows`` computes (the same algorithm, step for step; see that
 module's docstring for the references), organised for eager NumPy on one core, where each

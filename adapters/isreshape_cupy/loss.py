@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 import isreshape_core
 from isreshape_core._array import Array, array_device
-from isreshape_core.loss import (
+from isreshape_core._loss import (
     check_loss_arguments,
     prepare_loss_inputs,
     row_coefficients,
     unit_loss,
     units_from_row_sums,
 )
-from isreshape_core.weights import check_logq
+from isreshape_core._weights import check_logq
 
 from . import kernels
 

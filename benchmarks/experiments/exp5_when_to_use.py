@@ -17,12 +17,12 @@ The bandit of :mod:`isreshape_cli.bandit` (20 contexts x 50 arms, positive rewar
   2 %, a spike of ``+-4`` nats (the bf16 / inference-engine mismatch users report).
 
 Methods (:data:`METHODS`): the IS Reshape rows of experiment 3, the two compositions of
-:mod:`isreshape_core.trust_region`, and the corrections users run. For each (method, column)
-the learning rate is picked from :data:`LR_GRID` by the mean regret of the last 10 updates on
-the tuning seeds; the exact regret ``J* - J(pi)`` after the last update is reported on the
-evaluation seeds. All methods see the same draws (common random numbers), so differences
-between methods are paired per seed; for every column the paired difference between each
-IS Reshape row and the best other method (least mean regret) has a bootstrap 90 % interval.
+:func:`isreshape_core.decoupled_ppo_loss_and_grad`, and the corrections users run. For each
+(method, column) the learning rate is picked from :data:`LR_GRID` by the mean regret of the last
+10 updates on the tuning seeds; the exact regret ``J* - J(pi)`` after the last update is
+reported on the evaluation seeds. All methods see the same draws (common random numbers), so
+differences between methods are paired per seed; for every column the paired difference between
+each IS Reshape row and the best other method (least mean regret) has a bootstrap 90 % interval.
 Writes ``exp5_when_to_use.{md,json}`` to ``--out`` (default ``benchmarks/results``).
 """
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import integrate, optimize, stats
 
-from isreshape_core.lognormal import (
+from isreshape_core._lognormal import (
     lognormal_ess_ratio,
     lognormal_second_moment,
     lognormal_variance,

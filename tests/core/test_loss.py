@@ -17,7 +17,7 @@ from _helpers import (
 )
 from test_reducer import run_sharded
 
-from isreshape_core.loss import LOSS_AGG_MODES, is_reshape_loss_and_grad
+from isreshape_core._loss import LOSS_AGG_MODES, is_reshape_loss_and_grad
 
 LEVELS = ("sequence", "geometric", "token")
 

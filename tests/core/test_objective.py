@@ -15,7 +15,7 @@ from _helpers import to_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isreshape_core.objective import (
+from isreshape_core._objective import (
     objective,
     objective_grad,
     reinforce_objective,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import logsumexp as np_logsumexp
 
-from isreshape_core.psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
+from isreshape_core._psis import _psis_rows, pareto_k_threshold, psis, psis_tail_length
 
 
 def arviz_psislw(log_w: np.ndarray, axis: int = -1, r_eff: float = 1.0):

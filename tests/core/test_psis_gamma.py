@@ -17,7 +17,7 @@ from _helpers import (
     to_numpy,
 )
 
-from isreshape_core.psis_gamma import gamma_combined, gamma_psis, gamma_tail
+from isreshape_core._psis_gamma import gamma_combined, gamma_psis, gamma_tail
 
 SHAPE = (3, 400)  # one shape for most tests: JAX eager compiles once per shape
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from isreshape_core import _psis_numpy
-from isreshape_core.psis import _gpd_fit, _psis_rows, psis, psis_tail_length
+from isreshape_core._psis import _gpd_fit, _psis_rows, psis, psis_tail_length
 
 # The kernel is NumPy's alone: run it once, in the session whose backend is NumPy.
 pytestmark = pytest.mark.skipif(

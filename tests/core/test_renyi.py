@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import special, stats
 
-from isreshape_core.renyi import log_mean_tempered_weight, renyi_divergence
+from isreshape_core._renyi import log_mean_tempered_weight, renyi_divergence
 
 ORDERS = (0.0, 0.25, 0.5, 0.9, 1.0, 1.2, 1.5, 2.0, 5.0)
 

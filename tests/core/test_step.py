@@ -13,7 +13,7 @@ from test_loss import make_batch, reference_loss
 from test_reducer import run_sharded
 
 import isreshape_core as isr
-from isreshape_core.loss import is_reshape_loss_and_grad
+from isreshape_core._loss import is_reshape_loss_and_grad
 
 
 def brute_force_gamma(l: np.ndarray, rho_min: float, steps: int = 200) -> float:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import optimize
 
-from isreshape_core.targets import (
+from isreshape_core._targets import (
     bias,
     mse,
     mse_optimal_gamma,

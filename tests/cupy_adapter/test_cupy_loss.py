@@ -25,7 +25,7 @@ from _kernel_mirrors import reference_row_stats, reference_token_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isreshape_core.gamma import GAMMA_METHODS
+from isreshape_core._gamma import GAMMA_METHODS
 from isreshape_cupy import is_reshape_loss_and_grad
 from isreshape_cupy.loss import _fused_loss_and_grad
 

@@ -71,7 +71,7 @@ def _api_entries() -> set[str]:
 
 
 def _documented(package: str, name: str, entries: set[str]) -> bool:
-    # `isreshape_core.ess.ess`: the function `ess` of the module of the same name.
+    # An entry names the package's member (`isreshape_core.ess`) or its defining module's member.
     return f"{package}.{name}" in entries or any(
         e.startswith(f"{package}.") and e.endswith(f".{name}") for e in entries
     )

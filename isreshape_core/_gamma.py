@@ -32,8 +32,8 @@ from ._array import (
     shift_by_max,
     traced_bad_rows,
 )
-from .ess import log_abs
-from .objective import _log_max
+from ._ess import log_abs
+from ._objective import _log_max
 
 __all__ = ["GAMMA_METHODS", "gamma_closed_form", "gamma_ess", "select_gamma"]
 
@@ -481,7 +481,7 @@ def select_gamma(
                 f"method {method!r} needs the whole sample on one process (PSIS sorts it): pass "
                 "reducer=None (gather the log weights first), or use method='ess'"
             )
-        from . import psis_gamma  # psis_gamma imports this module
+        from . import _psis_gamma as psis_gamma  # _psis_gamma imports this module
 
         common = {"axis": axis, "mask": mask, "gamma_min": gamma_min, "gamma_max": gamma_max}
         if method == "psis":

@@ -28,8 +28,8 @@ from ._array import (
     prepare_log_weights,
     traced_bad_rows,
 )
-from .gamma import _check_bounds, gamma_ess
-from .psis import (
+from ._gamma import _check_bounds, gamma_ess
+from ._psis import (
     _MIN_TAIL,
     _check_r_eff,
     _shift_rows,
@@ -106,11 +106,11 @@ def gamma_psis(
         False removes a sample: it is a zero weight for PSIS (which sorts the whole axis, so it
         still counts in the tail length ``S``) and is left out of every ESS.
     r_eff : float, default 1.0
-        Relative efficiency of the draws, as in :func:`isreshape_core.psis.psis`.
+        Relative efficiency of the draws, as in :func:`isreshape_core.psis`.
     k_threshold : float or None, default 0.7
         Rows with ``k_hat <= k_threshold`` use the smoothed weights. ``None`` uses the sample
         size dependent threshold ``min(1 - 1/log10 S, 0.7)``
-        (:func:`isreshape_core.psis.pareto_k_threshold`).
+        (:func:`isreshape_core.pareto_k_threshold`).
     fallback : float in [0, 1], default 0.3
         Upper bound on gamma where ``k_hat`` exceeds the threshold; must be ``>= gamma_min``.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
@@ -136,7 +136,7 @@ def gamma_psis(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.psis_gamma import gamma_psis
+    >>> from isreshape_core._psis_gamma import gamma_psis
     >>> rng = np.random.default_rng(0)
     >>> log_w = np.stack([rng.normal(0.0, 1.0, 2000), 2.0 * rng.standard_t(3, 2000)])
     >>> gamma, k_hat, fallback_used = gamma_psis(log_w, 0.3)
@@ -266,7 +266,7 @@ def gamma_tail(
         False removes a sample: it is a zero weight for PSIS (which sorts the whole axis, so it
         still counts in the tail length ``S``) and is left out of every ESS.
     r_eff : float, default 1.0
-        Relative efficiency of the draws, as in :func:`isreshape_core.psis.psis`.
+        Relative efficiency of the draws, as in :func:`isreshape_core.psis`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
         Bounds on gamma.
     max_iter : int, default 12
@@ -290,7 +290,7 @@ def gamma_tail(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.psis_gamma import gamma_tail
+    >>> from isreshape_core._psis_gamma import gamma_tail
     >>> rng = np.random.default_rng(0)
     >>> log_w = np.stack([rng.normal(0.0, 1.0, 4000), np.log(rng.pareto(1.0, 4000) + 1.0)])
     >>> gamma, k_hat, k_hat_gamma = gamma_tail(log_w, k_target=0.5)
@@ -361,7 +361,7 @@ def gamma_combined(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.psis_gamma import gamma_combined
+    >>> from isreshape_core._psis_gamma import gamma_combined
     >>> rng = np.random.default_rng(0)
     >>> log_w = np.stack([rng.normal(0.0, 2.0, 4000), np.log(rng.pareto(1.0, 4000) + 1.0)])
     >>> gamma, k_hat = gamma_combined(log_w, 0.3)

@@ -18,7 +18,7 @@ from ._array import (
     safe_sum,
     tempered_log_weights,
 )
-from .objective import _log_max
+from ._objective import _log_max
 
 __all__ = ["LEVELS", "log_weights", "tempered_weights"]
 

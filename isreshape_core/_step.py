@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from . import psis_gamma
+from . import _psis_gamma as psis_gamma
 from ._array import (
     Array,
     Namespace,
@@ -27,9 +27,9 @@ from ._array import (
     shift_by_max,
     tempered_log_weights,
 )
+from ._ess import kish_ess_from_log
+from ._gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
 from ._metrics import merge_rows
-from .ess import kish_ess_from_log
-from .gamma import GAMMA_METHODS, _log_variance_stats, select_gamma
 
 __all__ = ["step_gamma"]
 

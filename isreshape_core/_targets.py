@@ -37,7 +37,7 @@ from ._array import (
     namespace,
     normalize_axis,
 )
-from .lognormal import lognormal_second_moment
+from ._lognormal import lognormal_second_moment
 
 __all__ = [
     "bias",
@@ -291,7 +291,7 @@ def target_log_probs(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.targets import target_log_probs
+    >>> from isreshape_core._targets import target_log_probs
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> print(np.round(np.exp(target_log_probs(logq, r, 0.0, 1.0)), 4))  # mu r / Z0
@@ -371,7 +371,7 @@ def stationary_log_probs(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.targets import stationary_log_probs
+    >>> from isreshape_core._targets import stationary_log_probs
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> print(np.round(np.exp(stationary_log_probs(logq, r, 0.5)), 4))  # ∝ mu r**2
@@ -444,7 +444,7 @@ def bias(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.targets import bias
+    >>> from isreshape_core._targets import bias
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> gammas = np.array([0.0, 0.5, 1.0])  # one gamma per row of a batch of three
@@ -479,7 +479,7 @@ def mse(
 
     with the bias of :func:`bias` and the log-normal second moment
     ``V(gamma) = E[w**(2 gamma)]`` of
-    :func:`~isreshape_core.lognormal.lognormal_second_moment`. This is a heuristic, not a mean
+    :func:`~isreshape_core.lognormal_second_moment`. This is a heuristic, not a mean
     squared error: a KL divergence is squared and added to a second moment (not a variance; the
     variance of ``w**gamma`` is smallest at ``gamma = 0``). Use it for teaching and for rough
     comparisons; the per-batch gamma of the library comes from the ESS (:ref:`theory-gamma-ess`).
@@ -511,7 +511,7 @@ def mse(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.targets import mse
+    >>> from isreshape_core._targets import mse
     >>> logq = np.log(np.array([0.5, 0.3, 0.2]))
     >>> r = np.array([1.0, 2.0, 0.5])
     >>> lq, rr = np.tile(logq, (3, 1)), np.tile(r, (3, 1))
@@ -577,7 +577,7 @@ def mse_optimal_gamma(
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.targets import mse_optimal_gamma
+    >>> from isreshape_core._targets import mse_optimal_gamma
     >>> logq = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
     >>> r = np.array([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
     >>> print(np.round(np.asarray(mse_optimal_gamma(logq, r, 1.0, 1.0, 100)), 4))

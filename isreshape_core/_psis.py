@@ -84,7 +84,7 @@ def psis_tail_length(n: int, r_eff: float = 1.0) -> int:
 
     Examples
     --------
-    >>> from isreshape_core.psis import psis_tail_length
+    >>> from isreshape_core._psis import psis_tail_length
     >>> psis_tail_length(4000), psis_tail_length(200), psis_tail_length(24)
     (189, 40, 4)
     """

@@ -26,9 +26,9 @@ from ._array import (
     tempered_log_weights,
     traced_bad_rows,
 )
-from .ess import kish_ess_from_log
-from .gamma import _closed_form, _log_variance_stats, gamma_ess, scaled_deviations
-from .psis import pareto_k_threshold, psis
+from ._ess import kish_ess_from_log
+from ._gamma import _closed_form, _log_variance_stats, gamma_ess, scaled_deviations
+from ._psis import pareto_k_threshold, psis
 
 __all__ = ["VERDICTS", "Diagnostics", "diagnose"]
 
@@ -191,7 +191,7 @@ def _moments(xp: Namespace, l: Array, axis: int) -> tuple[Array, Array, Array]:
     """Variance (ddof=1), skewness and excess kurtosis (population) of the finite entries.
 
     The skewness and kurtosis are scale-free: they are taken of the scaled deviations
-    (:func:`isreshape_core.gamma.scaled_deviations`), so that no power overflows.
+    (:func:`isreshape_core._gamma.scaled_deviations`), so that no power overflows.
     """
     _, var = _log_variance_stats(xp, l, axis)
     count, dev, _ = scaled_deviations(xp, l, axis)

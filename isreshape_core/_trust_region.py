@@ -38,11 +38,11 @@ from ._array import (
     reduce_sum,
     tempered_log_weights,
 )
-from .ess import kish_ess_from_log
-from .gamma import GAMMA_METHODS
-from .loss import LOSS_AGG_MODES, _aggregation_weights
-from .objective import _log_max
-from .step import step_gamma
+from ._ess import kish_ess_from_log
+from ._gamma import GAMMA_METHODS
+from ._loss import LOSS_AGG_MODES, _aggregation_weights
+from ._objective import _log_max
+from ._step import step_gamma
 
 __all__ = ["BEHAVIOUR_CORRECTIONS", "decoupled_ppo_loss_and_grad", "ess_truncation_cap"]
 

@@ -119,7 +119,7 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.lognormal import lognormal_ess_ratio
+    >>> from isreshape_core._lognormal import lognormal_ess_ratio
     >>> print(round(lognormal_ess_ratio(2.0, 0.5), 4))
     0.6065
     >>> print(np.round(np.asarray(lognormal_ess_ratio(np.array([0.0, 1.0, 4.0]), 1.0)), 4))
@@ -170,7 +170,7 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.lognormal import lognormal_second_moment
+    >>> from isreshape_core._lognormal import lognormal_second_moment
     >>> g = np.array([0.0, 0.25, 0.5, 1.0])
     >>> print(np.round(np.asarray(lognormal_second_moment(1.0, g)), 4))
     [1.     0.8825 1.     2.7183]
@@ -217,7 +217,7 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
     Examples
     --------
     >>> import numpy as np
-    >>> from isreshape_core.lognormal import lognormal_variance
+    >>> from isreshape_core._lognormal import lognormal_variance
     >>> g = np.array([0.0, 0.5, 1.0])
     >>> print(np.round(np.asarray(lognormal_variance(1.0, g)), 4))
     [0.     0.2212 1.7183]

@@ -33,10 +33,10 @@ from ._array import (
     reduce_sum,
     tempered_log_weights,
 )
-from .gamma import GAMMA_METHODS
-from .objective import _log_max, boxcox, log_abs, log_abs_boxcox, sign
-from .step import choose_gamma, tempered_metrics
-from .weights import checked_log_ratio, unit_log_weights
+from ._gamma import GAMMA_METHODS
+from ._objective import _log_max, boxcox, log_abs, log_abs_boxcox, sign
+from ._step import choose_gamma, tempered_metrics
+from ._weights import checked_log_ratio, unit_log_weights
 
 __all__ = [
     "LOSS_AGG_MODES",

@@ -25,7 +25,7 @@ from ._array import (
     tempered_log_weights,
     traced_bad_rows,
 )
-from .objective import _exp_capped, _per_row
+from ._objective import _exp_capped, _per_row
 
 __all__ = ["log_mean_tempered_weight", "renyi_divergence"]
 
