@@ -94,6 +94,24 @@ def _check_gamma_array(gamma: Array, logp: Any, level: Any, group_size: Any) -> 
     check_gamma(gamma, "gamma")
 
 
+def check_loss_options(
+    *,
+    gamma: Any = "ess",
+    level: Any = "sequence",
+    loss_agg_mode: Any = "token-mean",
+    form: Any = "objective",
+    **_: Any,
+) -> None:
+    """The choices among names of :func:`is_reshape_loss_and_grad` (``level``,
+    ``loss_agg_mode``, ``form``, a gamma method), checked without any array: the adapters call it
+    where the options are fixed before the arrays arrive (a module's constructor)."""
+    _check_choice(level, "level", _LEVELS)
+    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    _check_choice(form, "form", LOSS_FORMS)
+    if isinstance(gamma, str):
+        _check_choice(gamma, "gamma", GAMMA_METHODS)
+
+
 def check_loss_arguments(
     logp: Any,
     logq: Any,
@@ -111,11 +129,9 @@ def check_loss_arguments(
     """The boundary checks of :func:`is_reshape_loss_and_grad`, shared with the adapters that
     reach the core by another path (the CuPy fused kernels), so that every entry point rejects
     the same inputs with the same messages."""
-    _check_choice(level, "level", _LEVELS)
-    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
-    _check_choice(form, "form", LOSS_FORMS)
+    check_loss_options(gamma=gamma, level=level, loss_agg_mode=loss_agg_mode, form=form)
     if isinstance(gamma, str):
-        _check_choice(gamma, "gamma", GAMMA_METHODS)
+        pass
     elif hasattr(gamma, "shape"):
         _check_gamma_array(gamma, logp, level, group_size)
     elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
