@@ -10,6 +10,7 @@ no ``1/gamma`` anywhere) and the metrics. The torch adapter registers the gradie
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Literal, NamedTuple
@@ -180,6 +181,25 @@ def check_loss_arguments(
             raise ValueError(
                 f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
             )
+
+
+_NAMED_OPTIONS = (
+    "gamma",
+    "rho_min",
+    "level",
+    "loss_agg_mode",
+    "form",
+    "group_size",
+    "loss_scale_factor",
+)
+
+
+def split_loss_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(named, gamma_options)``: the named options of :func:`is_reshape_loss_and_grad`, with
+    its defaults where absent, and the rest (passed to :func:`select_gamma`)."""
+    defaults = inspect.signature(is_reshape_loss_and_grad).parameters
+    named = {k: options.get(k, defaults[k].default) for k in _NAMED_OPTIONS}
+    return named, {k: v for k, v in options.items() if k not in named}
 
 
 def prepare_loss_inputs(

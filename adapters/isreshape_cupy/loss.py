@@ -11,7 +11,7 @@ JAX, array-api-strict), and the ``"token"`` level, goes straight to the core.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import isreshape_core
 from isreshape_core._array import Array, array_device
@@ -19,6 +19,7 @@ from isreshape_core._loss import (
     check_loss_arguments,
     prepare_loss_inputs,
     row_coefficients,
+    split_loss_options,
     unit_loss,
     units_from_row_sums,
 )
@@ -42,15 +43,8 @@ def is_reshape_loss_and_grad(
     rewards: Array,
     mask: Array | None = None,
     *,
-    gamma: str | float = "ess",
-    rho_min: float = 0.3,
-    level: Literal["sequence", "geometric", "token"] = "sequence",
-    loss_agg_mode: str = "token-mean",
-    form: Literal["objective", "reinforce"] = "objective",
-    group_size: int | None = None,
-    loss_scale_factor: float | None = None,
     fused: bool | None = None,
-    **gamma_options: Any,
+    **options: Any,
 ) -> tuple[Array, Array, dict[str, Array]]:
     r"""The IS Reshape loss, its gradient with respect to ``logp``, and metrics, on CuPy.
 
@@ -91,18 +85,9 @@ loss_scale_factor, **gamma_options
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"fused must be None, True or False, got {fused!r}")
     on_cupy = _is_cupy_array(logp)
+    level = options.get("level", "sequence")
     if fused is None:
         fused = on_cupy and level in _FUSED_LEVELS
-    options = dict(
-        gamma=gamma,
-        rho_min=rho_min,
-        level=level,
-        loss_agg_mode=loss_agg_mode,
-        form=form,
-        group_size=group_size,
-        loss_scale_factor=loss_scale_factor,
-        **gamma_options,
-    )
     if not fused:
         return isreshape_core.is_reshape_loss_and_grad(logp, logq, rewards, mask, **options)
     if not on_cupy:
@@ -134,43 +119,28 @@ def _fused_loss_and_grad(
     *,
     row_stats: Callable[..., dict[str, Array]],
     token_grad: Callable[[Array, Array, tuple], Array],
-    gamma: str | float,
-    rho_min: float,
-    level: str,
-    loss_agg_mode: str,
-    form: str,
-    group_size: int | None,
-    loss_scale_factor: float | None,
-    **gamma_options: Any,
+    **options: Any,
 ) -> tuple[Array, Array, dict[str, Array]]:
     """The core's loss pipeline with its token passes fused: ``row_stats`` (the per-sequence
     sums) and ``token_grad`` (the gradient scatter), injected so that the CPU tests can run
     NumPy mirrors of the kernels."""
-    check_loss_arguments(
-        logp,
-        logq,
-        rewards,
-        gamma=gamma,
-        rho_min=rho_min,
-        level=level,
-        loss_agg_mode=loss_agg_mode,
-        form=form,
-        group_size=group_size,
-        loss_scale_factor=loss_scale_factor,
-        mask=mask,
-    )
+    opts, gamma_options = split_loss_options(options)
+    check_loss_arguments(logp, logq, rewards, mask=mask, **opts)
+    level = opts["level"]
     grad_dtype = logp.dtype
     # rewards stay (B, 1) for per-sequence rewards: the kernel broadcasts them along the tokens.
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     check_logq(xp, xp.where(mask, logq, 0.0))
     sums = row_stats(logp, logq, r, mask, level == "geometric", logp.dtype)  # token pass 1
-    units = units_from_row_sums(xp, sums, form)
+    units = units_from_row_sums(xp, sums, opts["form"])
     coef = row_coefficients(
-        xp, sums["sum_r"], units.n_tok, logp.shape[1], loss_agg_mode, loss_scale_factor, None
-    )
+        xp, sums["sum_r"], units.n_tok, logp.shape[1], opts["loss_agg_mode"],
+        opts["loss_scale_factor"], None,
+    )  # fmt: skip
     loss, unit_grad, metrics = unit_loss(
-        xp, units, coef, grad_dtype, gamma, rho_min, group_size, None, gamma_options
-    )
+        xp, units, coef, grad_dtype, opts["gamma"], opts["rho_min"], opts["group_size"], None,
+        gamma_options,
+    )  # fmt: skip
     metrics["n_nonfinite"] = xp.zeros((), dtype=loss.dtype, device=array_device(loss))
     if level == "geometric":
         unit_grad = unit_grad / xp.where(units.n_tok > 0, units.n_tok, 1.0)

@@ -126,6 +126,33 @@ def _first_order_only_jvp(primals, tangents):
     raise RuntimeError(_SECOND_ORDER_MESSAGE)
 
 
+def exact_gradient_loss(
+    core_fn: Any, arrays: tuple, mask: Any, axis_name: AxisName | None, options: dict[str, Any]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(loss, metrics)`` of the core's ``core_fn(*arrays, mask, reducer=..., **options)`` with
+    its exact gradient with respect to ``arrays[0]`` (``logp``) registered as a ``custom_jvp``.
+
+    The arrays and array-valued options enter the core detached (they are data); with an
+    ``axis_name`` the core merges its statistics over that mesh axis (:class:`AxisReducer`).
+    """
+    reducer = None if axis_name is None else AxisReducer(axis_name)
+    if isinstance(options.get("gamma"), np.ndarray):
+        options = {**options, "gamma": jnp.asarray(options["gamma"])}
+    dynamic, static = split_options(options)
+
+    def core(*args):
+        *data, mask_, dynamic_ = args
+        return core_fn(
+            *(lax.stop_gradient(a) for a in data),
+            mask_,
+            reducer=reducer,
+            **static,
+            **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
+        )
+
+    return with_exact_gradient(core, axis_name)(*arrays, mask, dynamic)
+
+
 def with_exact_gradient(core: Any, axis_name: AxisName | None) -> Any:
     """``(loss, metrics)`` of ``core(logp, *rest)`` as a :func:`jax.custom_jvp` function whose
     tangent is ``sum(grad_logp * logp_dot)``, ``grad_logp`` the core's exact derivative.
@@ -236,28 +263,10 @@ def is_reshape_loss(
         not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool)
     ):
         raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
-    reducer = None
-    if axis_name is not None:
-        reducer = AxisReducer(axis_name)
-
-    if isinstance(options.get("gamma"), np.ndarray):
-        options["gamma"] = jnp.asarray(options["gamma"])
-    dynamic, static = split_options(options)
-
-    def core(logp_, logq_, rewards_, mask_, dynamic_):
-        return is_reshape_loss_and_grad(
-            lax.stop_gradient(logp_),
-            lax.stop_gradient(logq_),
-            lax.stop_gradient(rewards_),
-            mask_,
-            reducer=reducer,
-            **static,
-            **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
-        )
-
-    loss_and_metrics = with_exact_gradient(core, axis_name)
     try:
-        loss, metrics = loss_and_metrics(logp, logq, rewards, mask, dynamic)
+        loss, metrics = exact_gradient_loss(
+            is_reshape_loss_and_grad, (logp, logq, rewards), mask, axis_name, options
+        )
     except NameError as exc:
         if axis_name is None or "unbound axis name" not in str(exc):
             raise
