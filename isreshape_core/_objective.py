@@ -18,13 +18,16 @@ from typing import Any, Literal
 from ._array import (
     Array,
     Namespace,
+    array_device,
     broadcast_rewards,
     check_gamma,
     check_real_floating,
     expand_at_axis,
     is_concrete,
+    logsumexp,
     namespace,
     prepare_log_weights,
+    safe_sum,
     sample_count,
     tempered_log_weights,
 )
@@ -150,15 +153,70 @@ def _times_nonzero(xp: Namespace, r: Array, value: Array) -> Array:
 
 
 def _reduce(
-    xp: Namespace, terms: Array, l: Array, mask: Array | None, axis: int, reduction: str
+    xp: Namespace,
+    terms: Array,
+    log_abs_terms: Array,
+    l: Array,
+    mask: Array | None,
+    axis: int,
+    reduction: str,
 ) -> Array:
+    """The terms, their sum or their mean along ``axis``, finite for every finite input.
+
+    ``log_abs_terms`` is ``log|term|`` computed in log space (finite where a term is finite in
+    exact arithmetic, ``+inf`` where it is infinite by definition). Where the plain result is
+    finite it is returned as is; where a term or the sum overflows, the result is formed in
+    log space (positive and negative terms apart) and saturates at ``+-max_float``.
+    """
+    exact_inf = ~(log_abs_terms < xp.inf) & (terms != 0)  # infinite by definition, or NaN
+    top = float(xp.finfo(terms.dtype).max)
     if reduction == "none":
-        return terms
-    total = xp.sum(terms, axis=axis)
-    if reduction == "sum":
-        return total
+        return xp.where(exact_inf, terms, xp.clip(terms, -top, top))
+    finite = xp.isfinite(terms)
+    total = safe_sum(xp, xp.where(finite, terms, 0.0), axis=axis)
     n = sample_count(xp, l, mask, axis)
-    return total / xp.where(n > 0, n, 1.0)
+    n_safe = xp.where(n > 0, n, 1.0)
+    plain = total if reduction == "sum" else total / n_safe
+    log_n = xp.zeros_like(total) if reduction == "sum" else xp.log(n_safe)
+    sign_s, log_s = _signed_exp_sum(xp, terms, xp.where(exact_inf, -xp.inf, log_abs_terms), axis)
+    saturated = sign_s * xp.exp(xp.minimum(log_s - log_n, _log_max(xp, terms.dtype)))
+    fits = xp.isfinite(total) & xp.all(finite, axis=axis)
+    return xp.where(xp.any(exact_inf, axis=axis), _sum_of_infinite(xp, terms, exact_inf, axis),
+                    xp.where(fits, plain, saturated))  # fmt: skip
+
+
+def _sum_of_infinite(xp: Namespace, terms: Array, exact_inf: Array, axis: int) -> Array:
+    """The sum of terms among which some are infinite by definition (or NaN): ``+-inf``, or
+    NaN for a NaN or for ``+inf`` and ``-inf`` together."""
+    pos = xp.any(exact_inf & (terms > 0), axis=axis)
+    neg = xp.any(exact_inf & (terms < 0), axis=axis)
+    nan = xp.any(xp.isnan(terms), axis=axis) | (pos & neg)
+    inf = xp.asarray(xp.inf, dtype=terms.dtype, device=array_device(terms))
+    return xp.where(nan, xp.nan, xp.where(pos, inf, -inf))
+
+
+def _signed_exp_sum(xp: Namespace, terms: Array, log_abs: Array, axis: int) -> tuple:
+    """``(sign, log|sum|)`` of the terms along ``axis`` from their signs and ``log|term|``:
+    ``log(e^P - e^N)`` with ``P``, ``N`` the log-sum-exps of the positive and negative terms."""
+    pos = logsumexp(xp, xp.where(terms > 0, log_abs, -xp.inf), axis)
+    neg = logsumexp(xp, xp.where(terms < 0, log_abs, -xp.inf), axis)
+    hi, lo = xp.maximum(pos, neg), xp.minimum(pos, neg)
+    any_term = hi > -xp.inf
+    ratio = xp.exp(xp.where(any_term, lo - xp.where(any_term, hi, 0.0), -xp.inf))  # in [0, 1]
+    cancels = ratio >= 1.0
+    log_mag = hi + xp.log1p(-xp.where(cancels, 0.0, ratio))
+    sign_s = xp.astype(pos >= neg, terms.dtype) * 2.0 - 1.0
+    return sign_s, xp.where(cancels | ~any_term, -xp.inf, log_mag)
+
+
+def _log_abs_boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
+    """``log|r expm1(g l) / g|`` in log space (see :func:`objective`'s limits)."""
+    finite = l != -xp.inf
+    l0 = xp.where(finite, l, 0.0)
+    g_pos = g > 0
+    log_h = log_abs_boxcox(xp, l0, g, g * l0)
+    log_h = xp.where(finite, log_h, xp.where(g_pos, -xp.log(xp.where(g_pos, g, 1.0)), xp.inf))
+    return log_abs(xp, r) + xp.where(r == 0, 0.0, log_h)  # r = 0: the term is 0
 
 
 def _scale_grad(
@@ -253,8 +311,12 @@ def objective(
     Limits, elementwise: a sample with ``r = 0`` contributes 0, also where ``l = -inf``; with
     ``gamma > 0`` a sample with ``l = -inf`` contributes ``-r/gamma``; with ``gamma = 0`` it
     contributes ``-inf * sign(r)`` (the log-likelihood of a sample the policy cannot produce).
-    Where ``gamma * l`` exceeds ``log`` of the largest float the term is ``+-inf`` (the value
-    itself is out of range), without a warning. A sum of ``+inf`` and ``-inf`` terms is NaN.
+    Numerical safety: for every finite input the value is finite. Where a term (``gamma * l``
+    beyond ``log`` of the largest float) or the sum is out of range, the result is formed in log
+    space, positive and negative terms apart, so that terms of both signs cancel exactly, and
+    saturates at ``+-max_float`` with the sign of the exact value; where everything is
+    representable it is the plain sum, unchanged. Terms that are infinite by definition
+    (``l = -inf`` at ``gamma = 0``) stay infinite, and ``+inf`` with ``-inf`` among them is NaN.
 
     Parameters
     ----------
@@ -303,7 +365,8 @@ def objective(
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
     terms = _traced_poison(xp, l, r, _boxcox_terms(xp, l, r, g))
-    return _reduce(xp, terms, l, mask, axis, reduction)
+    log_abs_terms = _log_abs_boxcox_terms(xp, l, r, g)
+    return _reduce(xp, terms, log_abs_terms, l, mask, axis, reduction)
 
 
 def objective_grad(
@@ -403,7 +466,9 @@ def reinforce_objective(
     equal ``L_gamma`` (:ref:`theory-objective`; the paper's section 2.6, form B).
 
     A term is 0 where ``w**gamma = 0`` (``l = -inf`` or masked), where ``r = 0`` or where
-    ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``.
+    ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``. For every finite input
+    the value is finite: a term or sum out of range saturates at ``+-max_float`` as in
+    :func:`objective`.
 
     Parameters
     ----------
@@ -438,7 +503,10 @@ def reinforce_objective(
     lp_safe = xp.where(coef == 0, 0.0, lp)
     coef_safe = xp.where(lp_safe == 0, 0.0, coef)
     terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, coef_safe * lp_safe)
-    return _reduce(xp, terms, l, mask, axis, reduction)
+    log_w_g = tempered_log_weights(xp, l, g)
+    zero = (log_w_g == -xp.inf) | (r == 0)  # the term is 0 whatever logp is
+    log_abs_terms = log_abs(xp, r) + log_w_g + xp.where(zero, 0.0, log_abs(xp, lp))
+    return _reduce(xp, terms, log_abs_terms, l, mask, axis, reduction)
 
 
 def reinforce_objective_grad(

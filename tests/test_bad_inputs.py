@@ -254,7 +254,7 @@ def _adapter_calls():
     except ImportError:
         pass
     import isreshape_cupy
-    from isreshape_cupy import kernels
+    from cupy_adapter._kernel_mirrors import reference_row_stats, reference_token_grad
     from isreshape_cupy.loss import _fused_loss_and_grad
 
     def cupy_cpu(lp, lq, r, m=None, **kw):  # NumPy arrays: the CPU-reachable path
@@ -270,8 +270,8 @@ def _adapter_calls():
             lq,
             r,
             m,
-            row_stats=kernels._reference_row_stats,
-            token_grad=kernels._reference_token_grad,
+            row_stats=reference_row_stats,
+            token_grad=reference_token_grad,
             **full,
         )
         return loss, metrics
