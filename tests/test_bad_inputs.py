@@ -253,8 +253,9 @@ def _adapter_calls():
         calls["jax"] = jax_loss
     except ImportError:
         pass
-    import isreshape_cupy
     from cupy_adapter._kernel_mirrors import reference_row_stats, reference_token_grad
+
+    import isreshape_cupy
     from isreshape_cupy.loss import _fused_loss_and_grad
 
     def cupy_cpu(lp, lq, r, m=None, **kw):  # NumPy arrays: the CPU-reachable path

@@ -455,7 +455,7 @@ def test_step_gamma_over_a_named_axis_feeds_every_shards_loss():
     [
         lambda f: jax.hessian(f),
         lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f)(x))),
-        lambda f: (lambda x: jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1]),
+        lambda f: lambda x: jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1],
     ],
     ids=["hessian", "grad_of_grad", "jvp_of_grad"],
 )
