@@ -535,3 +535,23 @@ def test_fused_precomputed_gamma_matches_generic_path(level):
         np.testing.assert_allclose(grad_f, grad_g, rtol=1e-12, atol=1e-15)
         for key in met_g:
             np.testing.assert_allclose(met_f[key], met_g[key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", FUSED_LEVELS)
+def test_fused_reinforce_value_stays_finite_where_its_product_overflows(level):
+    # float32: w^gamma ~ e^80 per sequence times a summed log-probability of -4e3 overflows the
+    # product w * logp; the core's unit-loss stage rescales it (log_scale > 0), finite and equal
+    # to the generic path.
+    B, T = 4, 8
+    logp = np.full((B, T), -500.0, np.float32)
+    shift = 10.0 if level == "sequence" else 85.0  # l = 80 (sum) or 85 (mean) per sequence
+    logq = logp - np.float32(shift)
+    logq[1] = logp[1] - np.float32(shift - 1.0)
+    rewards = np.array([1.0, -0.5, 2.0, 1.0], np.float32)
+    kw = {"gamma": 1.0, "level": level, "form": "reinforce", "loss_agg_mode": "seq-mean-token-sum"}
+    loss, grad, metrics = fused_cpu(logp, logq, rewards, **kw)
+    want, want_grad, want_metrics = is_reshape_loss_and_grad(logp, logq, rewards, fused=False, **kw)
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5)
+    np.testing.assert_allclose(metrics["log_scale"], want_metrics["log_scale"], rtol=1e-5)
