@@ -1,11 +1,22 @@
 """The IS Reshape loss on token log-probabilities: value, exact gradient and metrics.
 
-This is what the adapters wrap: given the trained policy's and the
-behaviour policy's token log-probabilities, rewards and a mask, it forms the log weights at the
-chosen level, picks gamma per batch or per group from the detached weights, and returns the
-aggregated loss ``-L_gamma``, its gradient with respect to ``logp`` (exact at ``gamma = 0``:
-no ``1/gamma`` anywhere) and the metrics. The torch adapter registers the gradient in a
-``torch.autograd.Function``, the JAX adapter in a ``jax.custom_jvp``, the CuPy adapter returns it.
+:func:`objective` and :func:`is_reshape_loss_and_grad` are one loss in two vocabularies.
+``objective(log_w, rewards, gamma, reduction=...)`` takes unit log weights and reduces the terms
+``r expm1(gamma l) / gamma`` by a mean or a sum along an axis; this module takes token
+log-probabilities, forms the units itself and aggregates with verl's ``loss_agg_mode``
+coefficients. Both use the same Box-Cox value (:func:`boxcox` in the objective's module) and the
+same unit log weights (:func:`unit_log_weights`). The loss is one pipeline of named stages:
+
+1. token units and aggregation coefficients: :func:`token_units` (unit log weights, validity,
+   token counts; eager checks, traced NaN flags), :func:`aggregation_divisor`;
+2. unit loss, gradient and metrics: :func:`unit_loss` (gamma by :func:`unit_gamma`, then
+   :func:`unit_loss_and_grad`: log-space terms, one common scale, gradient, value terms);
+3. gradient scatter: :func:`scatter_gradient` (``d l_u / d logp_bt`` is 1 or ``1 / n_b``).
+
+The adapters wrap it: the torch adapter registers the gradient in a
+``torch.autograd.Function``, the JAX adapter in a ``jax.custom_jvp``; the CuPy adapter fuses
+stages 1 and 3 into two kernels and calls stage 2 (:func:`units_from_row_sums`,
+:func:`row_coefficients`, :func:`unit_loss`).
 """
 
 from __future__ import annotations
