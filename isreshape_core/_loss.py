@@ -511,18 +511,11 @@ def units_from_row_sums(xp: Namespace, sums: dict[str, Array], form: str) -> Uni
     return Units(xp.where(valid, unit_l, 0.0), valid, n_tok, log_p, capped, None)
 
 
-def row_coefficients(
-    xp: Namespace,
-    sum_r: Array,
-    n_tok: Array,
-    T: int,
-    loss_agg_mode: str,
-    loss_scale_factor: float | None,
-    reducer: Reducer | None,
-) -> Array:
-    """``coef_b = sum_t c_bt r_bt`` of a sequence from its masked reward sum ``sum_r`` (B,)."""
-    d = aggregation_divisor(xp, n_tok, T, loss_agg_mode, loss_scale_factor, reducer)
-    return sum_r / d[:, 0]
+def row_coefficients(xp: Namespace, sums: dict[str, Array], T: int, options: dict) -> Array:
+    """``coef_b = sum_t c_bt r_bt`` of each sequence of a fused token pass, from its masked
+    reward sum ``sums["sum_r"]`` and token count (``options``: the named loss options)."""
+    mode, factor = options["loss_agg_mode"], options["loss_scale_factor"]
+    return sums["sum_r"] / aggregation_divisor(xp, sums["n_tok"], T, mode, factor, None)[:, 0]
 
 
 def _given_gamma(

@@ -133,10 +133,7 @@ def _fused_loss_and_grad(
     check_logq(xp, xp.where(mask, logq, 0.0))
     sums = row_stats(logp, logq, r, mask, level == "geometric", logp.dtype)  # token pass 1
     units = units_from_row_sums(xp, sums, opts["form"])
-    coef = row_coefficients(
-        xp, sums["sum_r"], units.n_tok, logp.shape[1], opts["loss_agg_mode"],
-        opts["loss_scale_factor"], None,
-    )  # fmt: skip
+    coef = row_coefficients(xp, sums, logp.shape[1], opts)
     loss, unit_grad, metrics = unit_loss(
         xp, units, coef, grad_dtype, opts["gamma"], opts["rho_min"], opts["group_size"], None,
         gamma_options,
