@@ -6,6 +6,7 @@ from ._gamma import gamma_closed_form, gamma_ess
 from ._lib.reduce import Reducer
 from ._lognormal import lognormal_ess_ratio, lognormal_second_moment, lognormal_variance
 from ._loss import LOSS_AGG_MODES, LOSS_FORMS, is_reshape_loss_and_grad
+from ._metrics import METRIC_MERGE, metric_reduction
 from ._objective import (
     objective,
     objective_grad,
@@ -34,6 +35,7 @@ __all__ = [
     "LEVELS",
     "LOSS_AGG_MODES",
     "LOSS_FORMS",
+    "METRIC_MERGE",
     "VERDICTS",
     "Diagnostics",
     "Reducer",
@@ -57,6 +59,7 @@ __all__ = [
     "lognormal_ess_ratio",
     "lognormal_second_moment",
     "lognormal_variance",
+    "metric_reduction",
     "mse",
     "mse_optimal_gamma",
     "objective",

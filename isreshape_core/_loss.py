@@ -1,35 +1,53 @@
 """The IS Reshape loss on token log-probabilities: value, exact gradient and metrics.
 
-This is what the adapters wrap: given the trained policy's and the
-behaviour policy's token log-probabilities, rewards and a mask, it forms the log weights at the
-chosen level, picks gamma per batch or per group from the detached weights, and returns the
-aggregated loss ``-L_gamma``, its gradient with respect to ``logp`` (exact at ``gamma = 0``:
-no ``1/gamma`` anywhere) and the metrics. The torch adapter registers the gradient in a
-``torch.autograd.Function``, the JAX adapter in a ``jax.custom_jvp``, the CuPy adapter returns it.
+:func:`objective` and :func:`is_reshape_loss_and_grad` are one loss in two vocabularies.
+``objective(log_w, rewards, gamma, reduction=...)`` takes unit log weights and reduces the terms
+``r expm1(gamma l) / gamma`` by a mean or a sum along an axis; this module takes token
+log-probabilities, forms the units itself and aggregates with verl's ``loss_agg_mode``
+coefficients. Both use the same Box-Cox value (:func:`boxcox` in the objective's module) and the
+same unit log weights (:func:`unit_log_weights`). The loss is one pipeline of named stages:
+
+1. token units and aggregation coefficients: :func:`token_units` (unit log weights, validity,
+   token counts; eager checks, traced NaN flags), :func:`aggregation_divisor`;
+2. unit loss, gradient and metrics: :func:`unit_loss` (gamma by :func:`unit_gamma`, then
+   :func:`unit_loss_and_grad`: log-space terms, one common scale, gradient, value terms);
+3. gradient scatter: :func:`scatter_gradient` (``d l_u / d logp_bt`` is 1 or ``1 / n_b``).
+
+The adapters wrap it: the torch adapter registers the gradient in a
+``torch.autograd.Function``, the JAX adapter in a ``jax.custom_jvp``; the CuPy adapter fuses
+stages 1 and 3 into two kernels and calls stage 2 (:func:`units_from_row_sums`,
+:func:`row_coefficients`, :func:`unit_loss`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace
 
 from ._lib.checks import check_choice as _check_choice
-from ._lib.checks import check_gamma, check_mask_type, check_real_floating, check_rho_min
+from ._lib.checks import (
+    check_gamma,
+    check_log_weights,
+    check_mask_type,
+    check_real_floating,
+    check_rho_min,
+)
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import expm1_capped as _expm1_capped
-from ._lib.numerics import safe_sum, tempered_log_weights
+from ._lib.numerics import log_abs, tempered_log_weights
 from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete
+from ._objective import boxcox, log_abs_boxcox, sign
 from ._select import GAMMA_METHODS
 from ._step import choose_gamma, tempered_metrics
 from ._weights import LEVELS as _LEVELS
-from ._weights import checked_log_ratio
+from ._weights import checked_log_ratio, unit_log_weights
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -49,35 +67,6 @@ LOSS_AGG_MODES = (
 #: ``"objective"``: the Box-Cox value ``-r expm1(gamma l)/gamma``; ``"reinforce"``: the surrogate
 #: ``-stop_grad(w^gamma) r log pi``. Both have the gradient ``-r w^gamma grad log pi``.
 LOSS_FORMS = ("objective", "reinforce")
-
-
-def _aggregation_weights(
-    xp: Namespace,
-    mask: Array,
-    dtype: Any,
-    loss_agg_mode: str,
-    loss_scale_factor: float | None,
-    reducer: Reducer | None,
-) -> Array:
-    """Coefficients ``c`` (B, T) with ``loss = sum c * loss_mat``, as verl's ``agg_loss``.
-
-    The normalisers (token count, sequence count) are global over the shards.
-    """
-    m = xp.astype(mask, dtype)
-    if loss_agg_mode == "token-mean":
-        total = reduce_sum(xp, xp.reshape(m, (-1,)), 0, reducer)
-        return m / xp.where(total > 0, total, 1.0)
-    n_seq = m.shape[0] * 1.0
-    if reducer is not None:
-        n_seq = reducer.sum(xp.asarray(n_seq, dtype=m.dtype, device=array_device(m)))
-    if loss_agg_mode == "seq-mean-token-sum":
-        return m / n_seq
-    if loss_agg_mode == "seq-mean-token-mean":
-        per_seq = xp.sum(m, axis=-1, keepdims=True)
-        return m / (xp.where(per_seq > 0, per_seq, 1.0) * n_seq)
-    # seq-mean-token-sum-norm: the token sum divided by a constant (the response length T).
-    scale = float(m.shape[-1]) if loss_scale_factor is None else float(loss_scale_factor)
-    return m / scale
 
 
 def _check_gamma_array(gamma: Array, logp: Any, level: Any, group_size: Any) -> None:
@@ -110,6 +99,24 @@ def _check_gamma_array(gamma: Array, logp: Any, level: Any, group_size: Any) -> 
     check_gamma(gamma, "gamma")
 
 
+def check_loss_options(
+    *,
+    gamma: Any = "ess",
+    level: Any = "sequence",
+    loss_agg_mode: Any = "token-mean",
+    form: Any = "objective",
+    **_: Any,
+) -> None:
+    """The choices among names of :func:`is_reshape_loss_and_grad` (``level``,
+    ``loss_agg_mode``, ``form``, a gamma method), checked without any array: the adapters call it
+    where the options are fixed before the arrays arrive (a module's constructor)."""
+    _check_choice(level, "level", _LEVELS)
+    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    _check_choice(form, "form", LOSS_FORMS)
+    if isinstance(gamma, str):
+        _check_choice(gamma, "gamma", GAMMA_METHODS)
+
+
 def check_loss_arguments(
     logp: Any,
     logq: Any,
@@ -127,11 +134,9 @@ def check_loss_arguments(
     """The boundary checks of :func:`is_reshape_loss_and_grad`, shared with the adapters that
     reach the core by another path (the CuPy fused kernels), so that every entry point rejects
     the same inputs with the same messages."""
-    _check_choice(level, "level", _LEVELS)
-    _check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
-    _check_choice(form, "form", LOSS_FORMS)
+    check_loss_options(gamma=gamma, level=level, loss_agg_mode=loss_agg_mode, form=form)
     if isinstance(gamma, str):
-        _check_choice(gamma, "gamma", GAMMA_METHODS)
+        pass
     elif hasattr(gamma, "shape"):
         _check_gamma_array(gamma, logp, level, group_size)
     elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
@@ -180,6 +185,25 @@ def check_loss_arguments(
             raise ValueError(
                 f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
             )
+
+
+_NAMED_OPTIONS = (
+    "gamma",
+    "rho_min",
+    "level",
+    "loss_agg_mode",
+    "form",
+    "group_size",
+    "loss_scale_factor",
+)
+
+
+def split_loss_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(named, gamma_options)``: the named options of :func:`is_reshape_loss_and_grad`, with
+    its defaults where absent, and the rest (passed to :func:`select_gamma`)."""
+    defaults = inspect.signature(is_reshape_loss_and_grad).parameters
+    named = {k: options.get(k, defaults[k].default) for k in _NAMED_OPTIONS}
+    return named, {k: v for k, v in options.items() if k not in named}
 
 
 def prepare_loss_inputs(
@@ -340,214 +364,151 @@ def is_reshape_loss_and_grad(
     )
     grad_dtype = logp.dtype  # the adapters return the gradient in logp's own dtype
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
-    dtype = logp.dtype
-    # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
-    cap = min(_log_max(xp, dtype), _log_max(xp, grad_dtype))
-    B, T = logp.shape
-    r = xp.broadcast_to(r, (B, T))
-    maskf = xp.astype(mask, dtype)
+    r = xp.where(mask, xp.broadcast_to(r, tuple(logp.shape)), 0.0)
+    units, n_nonfinite = token_units(xp, logp, logq, r, mask, level, form, reducer)
+    c = _aggregation_weights(xp, mask, logp.dtype, loss_agg_mode, loss_scale_factor, reducer)
+    coef = c * r if level == "token" else xp.sum(c * r, axis=-1)  # sum_t c_bt r_bt per unit
+    loss, unit_grad, metrics = unit_loss(
+        xp, units, coef, grad_dtype, gamma, rho_min, group_size, reducer, gamma_options
+    )
+    metrics["n_nonfinite"] = n_nonfinite
+    return loss, scatter_gradient(xp, unit_grad, units, mask, level, one_d), metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: token units and aggregation coefficients.
+# --------------------------------------------------------------------------------------------
+
+
+class Units(NamedTuple):
+    """The units of the loss (sequences, or tokens at ``level="token"``), shape ``(B,)`` or
+    ``(B, T)``.
+
+    ``log_w``: unit log weights ``l_u`` (``-inf`` is weight 0; a sum of finite token log
+    ratios that overflows the dtype is clipped to ``+-max_float``); ``valid``: units that count;
+    ``n_tok``: valid tokens per sequence ``(B,)``; ``log_p``: the unit log-probability
+    ``log pi_u`` (the REINFORCE form only, else ``None``); ``capped``: units whose summed log
+    ratio was clipped; ``bad``: traced inputs only, units with a NaN or ``+inf`` log ratio or
+    a non-finite reward (eager inputs raise instead), else ``None``.
+    """
+
+    log_w: Array
+    valid: Array
+    n_tok: Array
+    log_p: Array | None
+    capped: Array
+    bad: Array | None
+
+
+def token_units(
+    xp: Namespace,
+    logp: Array,
+    logq: Array,
+    r: Array,
+    mask: Array,
+    level: str,
+    form: str,
+    reducer: Reducer | None,
+) -> tuple[Units, Array]:
+    """The units of ``(B, T)`` token log-probabilities (``r``: the masked ``(B, T)`` rewards), and
+    ``n_nonfinite``: the valid tokens, over every shard, whose log ratio is NaN or ``+inf`` or
+    whose reward is not finite (0 on eager inputs, which raise instead)."""
     lp = xp.where(mask, logp, 0.0)
-    lq = xp.where(mask, logq, 0.0)
-    r = xp.where(mask, r, 0.0)
-    token_l = checked_log_ratio(xp, lp, lq)  # logq = +inf at a valid token is refused too
-    if is_concrete(r) and not bool(xp.all(xp.isfinite(r))):
-        raise ValueError("rewards contain NaN or inf; rewards must be finite")
+    token_l = checked_log_ratio(xp, lp, xp.where(mask, logq, 0.0))  # logq = +inf refused too
+    check_finite_rewards(xp, r)
+    n_tok = xp.sum(xp.astype(mask, logp.dtype), axis=-1)
+    unit_l = unit_log_weights(xp, token_l, n_tok, level)
+    log_p = unit_log_weights(xp, lp, n_tok, level) if form == "reinforce" else None
+    if level == "token":
+        valid, capped = mask, xp.zeros(tuple(mask.shape), dtype=xp.bool, device=array_device(lp))
+    else:
+        valid = n_tok > 0
+        # A token that is -inf is a weight 0 (and stays so); a sum of finite ones can overflow.
+        finite_tokens = xp.all(xp.isfinite(token_l) | ~mask, axis=-1)
+        capped = valid & xp.isinf(unit_l) & finite_tokens
+        top = xp.asarray(float(xp.finfo(lp.dtype).max), dtype=lp.dtype, device=array_device(lp))
+        unit_l = xp.where(capped, xp.where(unit_l > 0, top, -top), unit_l)
     # Traced inputs cannot raise: NaN / +inf log ratios and non-finite rewards make their unit
     # NaN (and every batch statistic they enter), counted in the metrics.
-    token_bad = None
+    bad, n_bad = None, xp.zeros((), dtype=lp.dtype, device=array_device(lp))
     if not (is_concrete(token_l) and is_concrete(r)):
         token_bad = xp.isnan(token_l) | (token_l == xp.inf) | ~xp.isfinite(r)
-
-    # --- units: their log weights, validity, and d l_u / d logp_bt ---------------------------
-    n_tok = xp.sum(maskf, axis=-1)
-    overflow = None
-    if level == "token":
-        unit_l, unit_valid = token_l, mask  # (B, T)
-    else:
-        unit_l = safe_sum(xp, token_l, axis=-1)
-        n_safe = xp.where(n_tok > 0, n_tok, 1.0)
-        # A sum of finite token log ratios can exceed the largest float (a token that is -inf
-        # itself is a weight 0, and stays so): the geometric mean is then taken term by term;
-        # a sequence's sum is clipped to +-max (a weight that is not representable anyway,
-        # counted in n_capped).
-        overflow = (n_tok > 0) & xp.isinf(unit_l)
-        overflow = overflow & xp.all(xp.isfinite(token_l) | ~mask, axis=-1)
-        if level == "geometric":
-            per_token = safe_sum(xp, token_l / n_safe[:, None], axis=-1)
-            unit_l = xp.where(overflow, per_token, unit_l / n_safe)
-            overflow = overflow & xp.isinf(unit_l)
-        else:
-            top_f = xp.asarray(float(xp.finfo(dtype).max), dtype=dtype, device=array_device(logp))
-            unit_l = xp.where(overflow, xp.where(unit_l > 0, top_f, -top_f), unit_l)
-        unit_valid = n_tok > 0  # (B,)
-
-    bad_unit = None
-    if token_bad is not None:
-        bad_unit = token_bad if level == "token" else xp.any(token_bad, axis=-1)
-        n_nonfinite = reduce_sum(xp, xp.reshape(xp.astype(token_bad, dtype), (-1,)), 0, reducer)
-    else:
-        n_nonfinite = xp.zeros((), dtype=dtype, device=array_device(logp))
-
-    # --- gamma: precomputed, or chosen from the detached unit log weights --------------------
-    if hasattr(gamma, "shape"):
-        unit_g, metrics = _given_gamma(xp, gamma, unit_l, unit_valid, reducer)
-    else:
-        unit_g, metrics = _chosen_gamma(
-            xp, unit_l, unit_valid, gamma, rho_min, group_size, reducer, gamma_options
-        )
-
-    # --- value and gradient ------------------------------------------------------------------
-    c = _aggregation_weights(xp, mask, dtype, loss_agg_mode, loss_scale_factor, reducer)
-    cr = c * r  # (B, T)
-    coef = cr if level == "token" else xp.sum(cr, axis=-1)  # sum_t c_bt r_bt per unit
-    unit_logp = None
-    if form == "reinforce":
-        unit_logp = lp
-        if level != "token":
-            unit_logp = safe_sum(xp, lp, axis=-1)
-            if level == "geometric":
-                unit_logp = unit_logp / xp.where(n_tok > 0, n_tok, 1.0)
-    if bad_unit is not None:
-        bad_unit = bad_unit | xp.isnan(unit_g)
-    terms, unit_grad, safety = _scaled_terms(
-        xp, unit_l, unit_valid, unit_g, coef, unit_logp, bad_unit, overflow, reducer, cap
-    )
-    local_value = -xp.sum(terms)
-    loss = local_value if reducer is None else reducer.sum(local_value)
-    metrics.update(safety)
-    metrics["n_nonfinite"] = n_nonfinite
-
-    # Masked tokens get exactly 0 (a where, not a product: no inf * 0 can arise).
-    if level == "token":
-        grad = xp.where(mask, unit_grad, 0.0)
-    elif level == "sequence":
-        grad = xp.where(mask, unit_grad[:, None], 0.0)
-    else:
-        grad = xp.where(mask, (unit_grad / xp.where(n_tok > 0, n_tok, 1.0))[:, None], 0.0)
-    if one_d:
-        grad = grad[:, 0]
-    return loss, grad, metrics
+        bad = token_bad if level == "token" else xp.any(token_bad, axis=-1)
+        n_bad = reduce_sum(xp, xp.reshape(xp.astype(token_bad, lp.dtype), (-1,)), 0, reducer)
+    return Units(unit_l, valid, n_tok, log_p, capped, bad), n_bad
 
 
-def _log_abs(xp: Namespace, x: Array) -> Array:
-    """``log|x|``, ``-inf`` at 0, without a divide-by-zero warning."""
-    nonzero = x != 0
-    return xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, x, 1.0))), -xp.inf)
+def check_finite_rewards(xp: Namespace, r: Array) -> None:
+    """Eager inputs: rewards must be finite (traced ones poison their unit instead)."""
+    if is_concrete(r) and not bool(xp.all(xp.isfinite(r))):
+        raise ValueError("rewards contain NaN or inf; rewards must be finite")
 
 
-def _sign(xp: Namespace, x: Array) -> Array:
-    """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
-    ``torch.func.vmap`` cannot batch)."""
-    return xp.astype(x > 0, x.dtype) - xp.astype(x < 0, x.dtype)
-
-
-def _log_abs_boxcox(xp: Namespace, l: Array, g: Array, z: Array) -> Array:
-    """``log|expm1(g l) / g|`` (``log|l|`` at ``g = 0``) for finite ``l``, ``z = g l``, exact
-    where the value itself overflows: ``z + log(1 - e^-z)`` for ``z > 0``."""
-    positive = z > 0
-    zs = xp.where(positive, -z, z)  # <= 0: expm1 cannot overflow
-    log_e = xp.where(positive, z, 0.0) + _log_abs(xp, xp.expm1(zs))
-    g_pos = g > 0
-    return xp.where(g_pos, log_e - xp.log(xp.where(g_pos, g, 1.0)), _log_abs(xp, l))
-
-
-def _scaled_terms(
+def aggregation_divisor(
     xp: Namespace,
-    unit_l: Array,
-    unit_valid: Array,
-    unit_g: Array,
-    coef: Array,
-    unit_logp: Array | None,
-    bad_unit: Array | None,
-    overflow: Array | None,
+    n_tok: Array,
+    T: int,
+    loss_agg_mode: str,
+    loss_scale_factor: float | None,
     reducer: Reducer | None,
-    cap: float,
-) -> tuple[Array, Array, dict[str, Array]]:
-    """The loss terms ``coef_u h_u`` and the unit gradients ``-coef_u w_u^gamma``, finite.
+) -> Array:
+    """The divisor ``d_b`` (shape ``(B, 1)``) of verl's ``agg_loss``: ``c_bt = m_bt / d_b``.
 
-    ``h_u`` is the Box-Cox value ``expm1(g l)/g`` (``l`` at ``g = 0``), or ``w^g log pi_u``
-    for the reinforce form (``unit_logp`` given). Exact (the plain products) wherever every
-    term is representable. Otherwise all terms and gradients are divided by one common factor
-    ``e^s``, the smallest that brings the largest term of the ``K`` nonzero ones below
-    ``max_float / K`` (so that the sum is finite too); a term whose factors overflow on their own
-    is formed in log space (``max_float`` of the narrower of the compute dtype and logp's own,
-    whose log is ``cap``). ``s`` is reported as ``log_scale`` and the number of units whose
-    term needed it as ``n_capped`` (with the units whose summed log weight overflowed the dtype,
-    clipped to ``+-max_float`` by the caller: ``overflow``).
+    ``n_tok`` holds the valid tokens per sequence ``(B,)``; the normalisers (token count,
+    sequence count) are global over the shards.
     """
-    dtype = unit_l.dtype
-    top = xp.asarray(float(xp.finfo(dtype).max), dtype=dtype, device=array_device(unit_l))
-    # Units whose summed log ratio overflowed were clipped by the caller (``overflow``).
-    l = unit_l
-    if overflow is None:
-        overflow = xp.zeros(tuple(unit_l.shape), dtype=xp.bool, device=array_device(unit_l))
-    valid_l = xp.where(unit_valid, l, -xp.inf)
-    z = tempered_log_weights(xp, valid_l, unit_g)  # gamma * l, -inf for weight 0 / invalid
-    # Exponents beyond a quarter of the largest float are weights e^(+-1e37) or more: clip
-    # them there, so that no difference below can overflow (their relative size is 0 or inf
-    # either way; they are counted in n_capped through the scale).
-    quarter = top / 4.0
-    z = xp.where(z == -xp.inf, z, xp.minimum(xp.maximum(z, -quarter), quarter))
-    finite_l = valid_l > -xp.inf
-    l0 = xp.where(finite_l, l, 0.0)
-    log_c = _log_abs(xp, coef)
-    z0 = xp.where(finite_l, z, 0.0)
-    if unit_logp is None:
-        g_pos = unit_g > 0
-        log_h = _log_abs_boxcox(xp, l0, unit_g, z0)
-        # Weight 0: h = -1/g (g > 0); at g = 0, h = -inf, a term that is infinite by definition
-        # (the log-likelihood of a sample the policy cannot produce) and takes no part here.
-        log_h = xp.where(finite_l, log_h, -xp.log(xp.where(g_pos, unit_g, 1.0)))
-        sign_h = xp.where(finite_l, _sign(xp, l0), -1.0)
-        in_scale = unit_valid & (finite_l | g_pos)
+    B, dtype, device = n_tok.shape[0], n_tok.dtype, array_device(n_tok)
+    if loss_agg_mode == "token-mean":
+        total = reduce_sum(xp, n_tok, 0, reducer)
+        d = xp.where(total > 0, total, 1.0)
+    elif loss_agg_mode == "seq-mean-token-sum-norm":  # a constant (the response length T)
+        scale = float(T) if loss_scale_factor is None else float(loss_scale_factor)
+        d = xp.asarray(scale, dtype=dtype, device=device)
     else:
-        # A summed log-probability can overflow although its log ratio does not: clip it.
-        lp0 = xp.where(unit_valid, unit_logp, 0.0)
-        lp0 = xp.minimum(xp.maximum(lp0, -top), top)
-        log_h = xp.where(finite_l, z + _log_abs(xp, lp0), -xp.inf)  # w = 0: term 0
-        sign_h = _sign(xp, lp0)
-        in_scale = unit_valid
-    log_grad = log_c + z
-    log_term = xp.where(in_scale, xp.maximum(log_c + log_h, log_grad), -xp.inf)
-    if bad_unit is not None:
-        log_term = xp.where(bad_unit, -xp.inf, log_term)
-    counted = log_term > -xp.inf
-    worst = xp.max(xp.reshape(log_term, (-1,)))
-    n_terms = xp.sum(xp.astype(counted, dtype))
-    if reducer is not None:  # one scale for the whole batch: the loss is one sum
-        worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
-    bound = cap - xp.log(xp.where(n_terms > 1, n_terms, 1.0))  # each term below max / K
-    scale = xp.where(worst > -xp.inf, xp.maximum(worst - bound, 0.0), 0.0)
-    n_capped = xp.sum(xp.astype(counted & (log_term > bound) | overflow, dtype))
-    if reducer is not None:
-        n_capped = reducer.sum(n_capped)
+        d = xp.asarray(B * 1.0, dtype=dtype, device=device)
+        if reducer is not None:
+            d = reducer.sum(d)
+        if loss_agg_mode == "seq-mean-token-mean":
+            d = xp.where(n_tok > 0, n_tok, 1.0) * d
+    return xp.broadcast_to(xp.reshape(d, (-1, 1)), (B, 1))
 
-    # Gradient: -coef e^(z - s), in log space where e^(z - s) alone would overflow.
-    shifted = z - scale
-    fits = shifted <= cap
-    direct = coef * xp.exp(xp.minimum(shifted, cap))
-    in_log = _sign(xp, coef) * xp.exp(xp.minimum(log_grad - scale, cap))
-    unit_grad = -xp.where(fits, direct, in_log)
-    unit_grad = xp.where(coef == 0, 0.0, unit_grad)
 
-    # Value terms coef * h * e^-s: the plain product where h is representable.
-    h_fits = (log_h <= cap) & (z0 <= cap)
-    if unit_logp is None:
-        g_div = xp.where(g_pos & h_fits, unit_g, 1.0)  # no overflowing division is formed
-        e = xp.where(finite_l, _expm1_capped(xp, z0), -1.0)
-        h = xp.where(g_pos, e / g_div, valid_l)
-    else:
-        h = xp.where(finite_l, xp.exp(xp.minimum(z0, cap)) * xp.where(h_fits, lp0, 0.0), 0.0)
-    h_safe = xp.where(h_fits & unit_valid & (coef != 0), h, 0.0)
-    plain = coef * (h_safe * xp.exp(-scale))
-    in_log = _sign(xp, coef) * sign_h * xp.exp(xp.minimum(log_c + log_h - scale, cap))
-    terms = xp.where(h_fits, plain, in_log)
-    terms = xp.where(unit_valid & (coef != 0), terms, 0.0)
-    if bad_unit is not None:
-        nan = xp.asarray(xp.nan, dtype=dtype, device=array_device(terms))
-        terms = xp.where(bad_unit, nan, terms)
-        unit_grad = xp.where(bad_unit, nan, unit_grad)
-    return terms, unit_grad, {"n_capped": n_capped, "log_scale": scale}
+def _aggregation_weights(
+    xp: Namespace,
+    mask: Array,
+    dtype: Any,
+    loss_agg_mode: str,
+    loss_scale_factor: float | None,
+    reducer: Reducer | None,
+) -> Array:
+    """Coefficients ``c`` (B, T) with ``loss = sum c * loss_mat``, as verl's ``agg_loss``."""
+    m = xp.astype(mask, dtype)
+    n_tok = xp.sum(m, axis=-1)
+    return m / aggregation_divisor(
+        xp, n_tok, m.shape[-1], loss_agg_mode, loss_scale_factor, reducer
+    )
+
+
+def units_from_row_sums(xp: Namespace, sums: dict[str, Array], form: str) -> Units:
+    """The units of a fused token pass (sequence or geometric level) from its per-sequence sums:
+    ``unit_l``, ``unit_logp`` (the level's log weight and log-probability), ``n_tok``, and the
+    counts of valid tokens with a NaN or ``+inf`` log ratio (``bad_l``) or a non-finite reward
+    (``bad_r``), refused with the messages of :func:`is_reshape_loss_and_grad`."""
+    unit_l = sums["unit_l"]
+    check_log_weights(xp, xp.where(sums["bad_l"] > 0, xp.nan, unit_l), "logp - logq")
+    check_finite_rewards(xp, xp.where(sums["bad_r"] > 0, xp.nan, 0.0))
+    n_tok = sums["n_tok"]
+    valid = n_tok > 0
+    capped = xp.zeros(tuple(valid.shape), dtype=xp.bool, device=array_device(unit_l))
+    log_p = sums["unit_logp"] if form == "reinforce" else None
+    return Units(xp.where(valid, unit_l, 0.0), valid, n_tok, log_p, capped, None)
+
+
+def row_coefficients(xp: Namespace, sums: dict[str, Array], T: int, options: dict) -> Array:
+    """``coef_b = sum_t c_bt r_bt`` of each sequence of a fused token pass, from its masked
+    reward sum ``sums["sum_r"]`` and token count (``options``: the named loss options)."""
+    mode, factor = options["loss_agg_mode"], options["loss_scale_factor"]
+    return sums["sum_r"] / aggregation_divisor(xp, sums["n_tok"], T, mode, factor, None)[:, 0]
 
 
 def _given_gamma(
@@ -593,8 +554,203 @@ def _chosen_gamma(
     g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, stats_reducer, gamma_options)
     masked_l = xp.where(rows_valid, rows_l, -xp.inf)
     tempered = tempered_log_weights(xp, masked_l, g[:, None])
-    metrics = tempered_metrics(xp, masked_l, tempered, g, stats_reducer, merge_reducer)
-    if k_hat is not None:
-        metrics["k_hat"] = xp.max(k_hat)  # the worst group's (Pareto methods run unsharded)
+    metrics = tempered_metrics(xp, masked_l, tempered, g, stats_reducer, merge_reducer, k_hat)
     unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
     return unit_g, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: gamma, and the unit loss, gradient and metrics.
+# --------------------------------------------------------------------------------------------
+
+
+def unit_gamma(
+    xp: Namespace,
+    gamma: Any,
+    units: Units,
+    rho_min: Any,
+    group_size: int | None,
+    reducer: Reducer | None,
+    gamma_options: dict[str, Any],
+) -> tuple[Array, dict[str, Array]]:
+    """Each unit's gamma (precomputed, fixed, or chosen from the detached unit log weights per
+    batch or per group) and the metrics of the tempered unit weights."""
+    if hasattr(gamma, "shape"):
+        return _given_gamma(xp, gamma, units.log_w, units.valid, reducer)
+    return _chosen_gamma(
+        xp, units.log_w, units.valid, gamma, rho_min, group_size, reducer, gamma_options
+    )
+
+
+def unit_loss(
+    xp: Namespace,
+    units: Units,
+    coef: Array,
+    grad_dtype: Any,
+    gamma: Any,
+    rho_min: Any,
+    group_size: int | None,
+    reducer: Reducer | None,
+    gamma_options: dict[str, Any],
+) -> tuple[Array, Array, dict[str, Array]]:
+    """Stage 2: gamma of every unit, the loss, the unit gradients ``d loss / d l_u`` and the
+    metrics (of the tempered weights and of the numerical safety), from the units and their
+    coefficients ``coef_u = sum_t c_bt r_bt``. Shared by every entry point of the loss."""
+    unit_g, metrics = unit_gamma(xp, gamma, units, rho_min, group_size, reducer, gamma_options)
+    # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
+    cap = min(_log_max(xp, units.log_w.dtype), _log_max(xp, grad_dtype))
+    loss, unit_grad, safety = unit_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
+    metrics.update(safety)
+    return loss, unit_grad, metrics
+
+
+def unit_loss_and_grad(
+    xp: Namespace,
+    units: Units,
+    unit_g: Array,
+    coef: Array,
+    reducer: Reducer | None,
+    cap: float,
+) -> tuple[Array, Array, dict[str, Array]]:
+    """The loss ``-sum_u coef_u h_u`` (over every shard), the unit gradients
+    ``-coef_u w_u^gamma`` and the safety metrics ``log_scale`` and ``n_capped``, all finite.
+
+    ``h_u`` is the Box-Cox value ``expm1(g l)/g`` (``l`` at ``g = 0``), or ``w^g log pi_u``
+    for the REINFORCE form (``units.log_p`` given). Exact (the plain products) wherever every
+    term is representable. Otherwise all terms and gradients are divided by one common factor
+    ``e^s``, the smallest that brings the largest term of the ``K`` nonzero ones below
+    ``max_float / K`` (so that the sum is finite too); a term whose factors overflow on their own
+    is formed in log space (``cap``: the log of ``max_float`` of the narrower of the compute
+    dtype and logp's own). ``s`` is reported as ``log_scale``, the number of units whose term
+    needed it (or whose summed log weight was clipped) as ``n_capped``.
+    """
+    if units.bad is not None:
+        units = units._replace(bad=units.bad | xp.isnan(unit_g))
+    logs = _log_terms(xp, units, unit_g, coef)
+    scale, n_capped = _common_scale(xp, logs, units, reducer, cap)
+    unit_grad = _unit_gradient(xp, logs, coef, scale, cap)
+    terms = _unit_terms(xp, logs, units, unit_g, coef, scale, cap)
+    if units.bad is not None:
+        nan = xp.asarray(xp.nan, dtype=terms.dtype, device=array_device(terms))
+        terms, unit_grad = xp.where(units.bad, nan, terms), xp.where(units.bad, nan, unit_grad)
+    local_value = -xp.sum(terms)
+    loss = local_value if reducer is None else reducer.sum(local_value)
+    return loss, unit_grad, {"n_capped": n_capped, "log_scale": scale}
+
+
+class _LogTerms(NamedTuple):
+    """Log-space factors of the unit terms: ``z = gamma l`` (clipped to +-max/4), ``log|coef|``,
+    ``log|h|`` and the sign of ``h``, and ``log_term``, the log of the larger of ``|coef h|``
+    and the gradient ``|coef| w^gamma`` (``-inf`` for units that take no part in the scale)."""
+
+    z: Array
+    log_c: Array
+    log_h: Array
+    sign_h: Array
+    log_term: Array
+
+
+def _log_terms(xp: Namespace, units: Units, unit_g: Array, coef: Array) -> _LogTerms:
+    valid_l = xp.where(units.valid, units.log_w, -xp.inf)
+    z = tempered_log_weights(xp, valid_l, unit_g)  # gamma * l, -inf for weight 0 / invalid
+    # Exponents beyond a quarter of the largest float are weights e^(+-1e37) or more: clip
+    # them there, so that no difference below can overflow (their relative size is 0 or inf
+    # either way; they are counted in n_capped through the scale).
+    quarter = float(xp.finfo(z.dtype).max) / 4.0
+    z = xp.where(z == -xp.inf, z, xp.minimum(xp.maximum(z, -quarter), quarter))
+    finite_l = valid_l > -xp.inf
+    z0 = xp.where(finite_l, z, 0.0)
+    if units.log_p is None:
+        g_pos = unit_g > 0
+        log_h = log_abs_boxcox(xp, xp.where(finite_l, units.log_w, 0.0), unit_g, z0)
+        # Weight 0: h = -1/g (g > 0); at g = 0, h = -inf, a term that is infinite by definition
+        # (the log-likelihood of a sample the policy cannot produce) and takes no part here.
+        log_h = xp.where(finite_l, log_h, -xp.log(xp.where(g_pos, unit_g, 1.0)))
+        sign_h = xp.where(finite_l, sign(xp, valid_l), -1.0)
+        in_scale = units.valid & (finite_l | g_pos)
+    else:
+        lp0 = _clipped_log_p(xp, units)
+        log_h = xp.where(finite_l, z + log_abs(xp, lp0), -xp.inf)  # w = 0: term 0
+        sign_h = sign(xp, lp0)
+        in_scale = units.valid
+    log_c = log_abs(xp, coef)
+    log_term = xp.where(in_scale, xp.maximum(log_c + log_h, log_c + z), -xp.inf)
+    if units.bad is not None:
+        log_term = xp.where(units.bad, -xp.inf, log_term)
+    return _LogTerms(z, log_c, log_h, sign_h, log_term)
+
+
+def _clipped_log_p(xp: Namespace, units: Units) -> Array:
+    """The unit log-probability, 0 on invalid units; a sum that overflows is clipped to +-max."""
+    top = float(xp.finfo(units.log_w.dtype).max)
+    lp0 = xp.where(units.valid, units.log_p, 0.0)
+    return xp.minimum(xp.maximum(lp0, -top), top)
+
+
+def _common_scale(
+    xp: Namespace, logs: _LogTerms, units: Units, reducer: Reducer | None, cap: float
+) -> tuple[Array, Array]:
+    """``s``, the common log scale of every term and gradient over every shard (0 where nothing
+    overflows), and ``n_capped``."""
+    counted = logs.log_term > -xp.inf
+    worst = xp.max(xp.reshape(logs.log_term, (-1,)))
+    n_terms = xp.sum(xp.astype(counted, units.log_w.dtype))
+    if reducer is not None:  # one scale for the whole batch: the loss is one sum
+        worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
+    bound = cap - xp.log(xp.where(n_terms > 1, n_terms, 1.0))  # each term below max / K
+    scale = xp.where(worst > -xp.inf, xp.maximum(worst - bound, 0.0), 0.0)
+    n_capped = xp.sum(xp.astype(counted & (logs.log_term > bound) | units.capped, worst.dtype))
+    if reducer is not None:
+        n_capped = reducer.sum(n_capped)
+    return scale, n_capped
+
+
+def _unit_gradient(xp: Namespace, logs: _LogTerms, coef: Array, scale: Array, cap: float) -> Array:
+    """``-coef e^(z - s)``, in log space where ``e^(z - s)`` alone would overflow."""
+    shifted = logs.z - scale
+    direct = coef * xp.exp(xp.minimum(shifted, cap))
+    in_log = sign(xp, coef) * xp.exp(xp.minimum(logs.log_c + logs.z - scale, cap))
+    unit_grad = -xp.where(shifted <= cap, direct, in_log)
+    return xp.where(coef == 0, 0.0, unit_grad)
+
+
+def _unit_terms(
+    xp: Namespace,
+    logs: _LogTerms,
+    units: Units,
+    unit_g: Array,
+    coef: Array,
+    scale: Array,
+    cap: float,
+) -> Array:
+    """The value terms ``coef h e^-s``: the plain product where ``h`` is representable."""
+    valid_l = xp.where(units.valid, units.log_w, -xp.inf)
+    finite_l = valid_l > -xp.inf
+    z0 = xp.where(finite_l, logs.z, 0.0)
+    h_fits = (logs.log_h <= cap) & (z0 <= cap)
+    if units.log_p is None:
+        h = boxcox(xp, xp.where(h_fits, valid_l, 0.0), unit_g)
+    else:
+        w = xp.exp(xp.minimum(z0, cap))
+        h = xp.where(finite_l, w * xp.where(h_fits, _clipped_log_p(xp, units), 0.0), 0.0)
+    counts = units.valid & (coef != 0)
+    plain = coef * (xp.where(h_fits & counts, h, 0.0) * xp.exp(-scale))
+    in_log = sign(xp, coef) * logs.sign_h * xp.exp(xp.minimum(logs.log_c + logs.log_h - scale, cap))
+    return xp.where(counts, xp.where(h_fits, plain, in_log), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: the gradient scatter.
+# --------------------------------------------------------------------------------------------
+
+
+def scatter_gradient(
+    xp: Namespace, unit_grad: Array, units: Units, mask: Array, level: str, one_d: bool
+) -> Array:
+    """``d loss / d logp_bt`` from the unit gradients: ``d l_u / d logp_bt`` is 1 (token,
+    sequence) or ``1 / n_b`` (geometric). Masked tokens get exactly 0 (a where, not a product:
+    no ``inf * 0`` can arise)."""
+    if level == "geometric":
+        unit_grad = unit_grad / xp.where(units.n_tok > 0, units.n_tok, 1.0)
+    grad = xp.where(mask, unit_grad if level == "token" else unit_grad[:, None], 0.0)
+    return grad[:, 0] if one_d else grad

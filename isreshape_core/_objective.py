@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ._lib.checks import check_gamma, check_real_floating
+from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
-from ._lib.namespace import Array, Namespace, namespace
+from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import exp_capped as _exp_capped
 from ._lib.numerics import expm1_capped as _expm1_capped
-from ._lib.numerics import tempered_log_weights
+from ._lib.numerics import log_abs, logsumexp, safe_sum, tempered_log_weights
 from ._lib.reduce import sample_count
 from ._lib.rows import row_param as _per_row
 from ._lib.tracing import is_concrete
@@ -88,15 +89,70 @@ def _times_nonzero(xp: Namespace, r: Array, value: Array) -> Array:
 
 
 def _reduce(
-    xp: Namespace, terms: Array, l: Array, mask: Array | None, axis: int, reduction: str
+    xp: Namespace,
+    terms: Array,
+    log_abs_terms: Array,
+    l: Array,
+    mask: Array | None,
+    axis: int,
+    reduction: str,
 ) -> Array:
+    """The terms, their sum or their mean along ``axis``, finite for every finite input.
+
+    ``log_abs_terms`` is ``log|term|`` computed in log space (finite where a term is finite in
+    exact arithmetic, ``+inf`` where it is infinite by definition). Where the plain result is
+    finite it is returned as is; where a term or the sum overflows, the result is formed in
+    log space (positive and negative terms apart) and saturates at ``+-max_float``.
+    """
+    exact_inf = ~(log_abs_terms < xp.inf) & (terms != 0)  # infinite by definition, or NaN
+    top = float(xp.finfo(terms.dtype).max)
     if reduction == "none":
-        return terms
-    total = xp.sum(terms, axis=axis)
-    if reduction == "sum":
-        return total
+        return xp.where(exact_inf, terms, xp.clip(terms, -top, top))
+    finite = xp.isfinite(terms)
+    total = safe_sum(xp, xp.where(finite, terms, 0.0), axis=axis)
     n = sample_count(xp, l, mask, axis)
-    return total / xp.where(n > 0, n, 1.0)
+    n_safe = xp.where(n > 0, n, 1.0)
+    plain = total if reduction == "sum" else total / n_safe
+    log_n = xp.zeros_like(total) if reduction == "sum" else xp.log(n_safe)
+    sign_s, log_s = _signed_exp_sum(xp, terms, xp.where(exact_inf, -xp.inf, log_abs_terms), axis)
+    saturated = sign_s * xp.exp(xp.minimum(log_s - log_n, _log_max(xp, terms.dtype)))
+    fits = xp.isfinite(total) & xp.all(finite, axis=axis)
+    return xp.where(xp.any(exact_inf, axis=axis), _sum_of_infinite(xp, terms, exact_inf, axis),
+                    xp.where(fits, plain, saturated))  # fmt: skip
+
+
+def _sum_of_infinite(xp: Namespace, terms: Array, exact_inf: Array, axis: int) -> Array:
+    """The sum of terms among which some are infinite by definition (or NaN): ``+-inf``, or
+    NaN for a NaN or for ``+inf`` and ``-inf`` together."""
+    pos = xp.any(exact_inf & (terms > 0), axis=axis)
+    neg = xp.any(exact_inf & (terms < 0), axis=axis)
+    nan = xp.any(xp.isnan(terms), axis=axis) | (pos & neg)
+    inf = xp.asarray(xp.inf, dtype=terms.dtype, device=array_device(terms))
+    return xp.where(nan, xp.nan, xp.where(pos, inf, -inf))
+
+
+def _signed_exp_sum(xp: Namespace, terms: Array, log_abs: Array, axis: int) -> tuple:
+    """``(sign, log|sum|)`` of the terms along ``axis`` from their signs and ``log|term|``:
+    ``log(e^P - e^N)`` with ``P``, ``N`` the log-sum-exps of the positive and negative terms."""
+    pos = logsumexp(xp, xp.where(terms > 0, log_abs, -xp.inf), axis)
+    neg = logsumexp(xp, xp.where(terms < 0, log_abs, -xp.inf), axis)
+    hi, lo = xp.maximum(pos, neg), xp.minimum(pos, neg)
+    any_term = hi > -xp.inf
+    ratio = xp.exp(xp.where(any_term, lo - xp.where(any_term, hi, 0.0), -xp.inf))  # in [0, 1]
+    cancels = ratio >= 1.0
+    log_mag = hi + xp.log1p(-xp.where(cancels, 0.0, ratio))
+    sign_s = xp.astype(pos >= neg, terms.dtype) * 2.0 - 1.0
+    return sign_s, xp.where(cancels | ~any_term, -xp.inf, log_mag)
+
+
+def _log_abs_boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
+    """``log|r expm1(g l) / g|`` in log space (see :func:`objective`'s limits)."""
+    finite = l != -xp.inf
+    l0 = xp.where(finite, l, 0.0)
+    g_pos = g > 0
+    log_h = log_abs_boxcox(xp, l0, g, g * l0)
+    log_h = xp.where(finite, log_h, xp.where(g_pos, -xp.log(xp.where(g_pos, g, 1.0)), xp.inf))
+    return log_abs(xp, r) + xp.where(r == 0, 0.0, log_h)  # r = 0: the term is 0
 
 
 def _scale_grad(
@@ -108,21 +164,46 @@ def _scale_grad(
     return grad / xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
 
 
-def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
-    """Elementwise ``r * expm1(g*l)/g`` with its limits (see :func:`objective`)."""
+def sign(xp: Namespace, x: Array) -> Array:
+    """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
+    ``torch.func.vmap`` cannot batch)."""
+    return xp.astype(x > 0, x.dtype) - xp.astype(x < 0, x.dtype)
+
+
+def boxcox(xp: Namespace, l: Array, g: Array) -> Array:
+    """The Box-Cox value ``expm1(g l) / g`` elementwise, with its limits: ``l`` at ``g = 0``,
+    ``-1/g`` at ``l = -inf`` (``-inf`` where that overflows), ``+inf`` where the value overflows.
+
+    The one implementation of the value, used by :func:`objective` on log weights and by the
+    loss on unit log weights; :func:`log_abs_boxcox` is its logarithm where it overflows.
+    """
     finite = l != -xp.inf
     l0 = xp.where(finite, l, 0.0)
     positive = g > 0
     g_safe = xp.where(positive, g, 1.0)
     # gamma > 0: expm1(g*l)/g (no cancellation: expm1 is accurate near 0); l = -inf gives -1/g,
     # which is -inf (without an overflow warning) for a subnormal gamma below 1/max.
-    boxcox = _expm1_capped(xp, g * l0) / g_safe
+    value = _expm1_capped(xp, g * l0) / g_safe
     in_range = g_safe * float(xp.finfo(l.dtype).max) >= 1.0  # finfo: dtype metadata, not data
     at_zero_w = -1.0 / xp.where(in_range, g_safe, 1.0)
-    boxcox = xp.where(finite, boxcox, xp.where(in_range, at_zero_w, -xp.inf))
+    value = xp.where(finite, value, xp.where(in_range, at_zero_w, -xp.inf))
     # gamma = 0: the limit l (``-inf`` stays ``-inf``).
-    value = xp.where(positive, boxcox, l)
-    return _times_nonzero(xp, r, value)
+    return xp.where(positive, value, l)
+
+
+def log_abs_boxcox(xp: Namespace, l: Array, g: Array, z: Array) -> Array:
+    """``log|expm1(g l) / g|`` (``log|l|`` at ``g = 0``) for finite ``l``, ``z = g l``, exact
+    where the value itself overflows: ``z + log(1 - e^-z)`` for ``z > 0``."""
+    positive = z > 0
+    zs = xp.where(positive, -z, z)  # <= 0: expm1 cannot overflow
+    log_e = xp.where(positive, z, 0.0) + log_abs(xp, xp.expm1(zs))
+    g_pos = g > 0
+    return xp.where(g_pos, log_e - xp.log(xp.where(g_pos, g, 1.0)), log_abs(xp, l))
+
+
+def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
+    """Elementwise ``r * expm1(g*l)/g`` with its limits (see :func:`objective`)."""
+    return _times_nonzero(xp, r, boxcox(xp, l, g))
 
 
 def _tempered_reward(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
@@ -160,8 +241,12 @@ def objective(
     Limits, elementwise: a sample with ``r = 0`` contributes 0, also where ``l = -inf``; with
     ``gamma > 0`` a sample with ``l = -inf`` contributes ``-r/gamma``; with ``gamma = 0`` it
     contributes ``-inf * sign(r)`` (the log-likelihood of a sample the policy cannot produce).
-    Where ``gamma * l`` exceeds ``log`` of the largest float the term is ``+-inf`` (the value
-    itself is out of range), without a warning. A sum of ``+inf`` and ``-inf`` terms is NaN.
+    Numerical safety: for every finite input the value is finite. Where a term (``gamma * l``
+    beyond ``log`` of the largest float) or the sum is out of range, the result is formed in log
+    space, positive and negative terms apart, so that terms of both signs cancel exactly, and
+    saturates at ``+-max_float`` with the sign of the exact value; where everything is
+    representable it is the plain sum, unchanged. Terms that are infinite by definition
+    (``l = -inf`` at ``gamma = 0``) stay infinite, and ``+inf`` with ``-inf`` among them is NaN.
 
     Parameters
     ----------
@@ -210,7 +295,8 @@ def objective(
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
     terms = _traced_poison(xp, l, r, _boxcox_terms(xp, l, r, g))
-    return _reduce(xp, terms, l, mask, axis, reduction)
+    log_abs_terms = _log_abs_boxcox_terms(xp, l, r, g)
+    return _reduce(xp, terms, log_abs_terms, l, mask, axis, reduction)
 
 
 def objective_grad(
@@ -310,7 +396,9 @@ def reinforce_objective(
     equal ``L_gamma`` (:ref:`theory-objective`; the paper's section 2.6, form B).
 
     A term is 0 where ``w**gamma = 0`` (``l = -inf`` or masked), where ``r = 0`` or where
-    ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``.
+    ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``. For every finite input
+    the value is finite: a term or sum out of range saturates at ``+-max_float`` as in
+    :func:`objective`.
 
     Parameters
     ----------
@@ -345,7 +433,10 @@ def reinforce_objective(
     lp_safe = xp.where(coef == 0, 0.0, lp)
     coef_safe = xp.where(lp_safe == 0, 0.0, coef)
     terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, coef_safe * lp_safe)
-    return _reduce(xp, terms, l, mask, axis, reduction)
+    log_w_g = tempered_log_weights(xp, l, g)
+    zero = (log_w_g == -xp.inf) | (r == 0)  # the term is 0 whatever logp is
+    log_abs_terms = log_abs(xp, r) + log_w_g + xp.where(zero, 0.0, log_abs(xp, lp))
+    return _reduce(xp, terms, log_abs_terms, l, mask, axis, reduction)
 
 
 def reinforce_objective_grad(

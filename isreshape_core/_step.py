@@ -20,6 +20,7 @@ from ._lib.namespace import Array, Namespace, array_device
 from ._lib.numerics import log_variance_stats, logsumexp, shift_by_max, tempered_log_weights
 from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete
+from ._metrics import merge_rows
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
 from ._select import GAMMA_METHODS, select_gamma
 
@@ -60,15 +61,17 @@ def tempered_metrics(
     gamma: Array,
     stats_reducer: Reducer | None,
     merge_reducer: Reducer | None,
+    k_hat: Array | None = None,
 ) -> dict[str, Array]:
     """0-d summaries of unit log weights ``masked_l`` (rows = groups, ``-inf`` = invalid) and of
     their tempered log weights ``tempered`` (``gamma * l`` per unit, same shape).
 
-    ``gamma`` holds one value per row (the row means for per-unit gammas). ``stats_reducer``
-    merges the samples of a row across shards (rows spread over shards); ``merge_reducer``
-    merges the per-row summaries across shards (rows that live on one shard), so that every shard
-    reports the metrics of the whole batch. ``gamma``, ``sigma2``, ``ess_ratio`` and
-    ``ess_ratio_at_1`` are means over rows, ``max_weight`` the largest normalised unit weight.
+    ``gamma`` holds one value per row (the row means for per-unit gammas), ``k_hat`` (Pareto
+    methods) one per row too. ``stats_reducer`` merges the samples of a row across shards (rows
+    spread over shards); ``merge_reducer`` merges the per-row summaries across shards (rows that
+    live on one shard) by :data:`METRIC_MERGE`, so that every shard reports the metrics of the
+    whole batch: ``gamma``, ``sigma2``, ``ess_ratio`` and ``ess_ratio_at_1`` are means over rows,
+    ``max_weight`` the largest normalised unit weight, ``k_hat`` the worst row's.
     """
     axis = -1
     count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, stats_reducer)
@@ -82,24 +85,17 @@ def tempered_metrics(
     )
     informative = lse > -xp.inf
     max_weight = xp.where(informative, xp.exp(-xp.where(informative, lse, 0.0)), 0.0)
-    rows = [gamma, sigma2, ess_at_gamma / n, ess_at_1 / n]
-    rows = [xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for v in rows]
-    totals = xp.stack(
-        [xp.sum(v) for v in rows]
-        + [xp.asarray(rows[0].shape[0] * 1.0, dtype=n.dtype, device=array_device(n))]
-    )
-    worst = xp.max(max_weight)
-    if merge_reducer is not None:
-        totals = merge_reducer.sum(totals)
-        worst = merge_reducer.max(worst)
-    means = totals[:4] / totals[4]
-    return {
-        "gamma": means[0],
-        "sigma2": means[1],
-        "ess_ratio": means[2],
-        "ess_ratio_at_1": means[3],
-        "max_weight": worst,
+    rows = {
+        "gamma": gamma,
+        "sigma2": sigma2,
+        "ess_ratio": ess_at_gamma / n,
+        "ess_ratio_at_1": ess_at_1 / n,
+        "max_weight": max_weight,
     }
+    if k_hat is not None:
+        rows["k_hat"] = k_hat
+    rows = {k: xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for k, v in rows.items()}
+    return merge_rows(xp, rows, merge_reducer)
 
 
 def _check_groups(xp: Namespace, group_ids: Any, num_groups: Any, n: int) -> None:
@@ -236,11 +232,9 @@ def step_gamma(
     unit_g = g[0] * xp.ones_like(l) if group_ids is None else xp.take(g, ids)
     masked_rows = xp.where(rows_valid, rows_l, -xp.inf)
     tempered_rows = tempered_log_weights(xp, masked_rows, g[:, None])
-    metrics = tempered_metrics(xp, masked_rows, tempered_rows, g, reducer, None)
+    metrics = tempered_metrics(xp, masked_rows, tempered_rows, g, reducer, None, k_hat)
     pooled = tempered_log_weights(xp, xp.where(valid, l, -xp.inf), unit_g)
     total = reduce_sum(xp, xp.astype(valid, l.dtype), 0, reducer)
     pooled_ess = kish_ess_from_log(xp, pooled, 0, reducer)
     metrics["ess_ratio_pooled"] = pooled_ess / xp.where(total > 0, total, 1.0)
-    if k_hat is not None:
-        metrics["k_hat"] = xp.max(k_hat)
     return unit_g, metrics

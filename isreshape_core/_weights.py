@@ -19,19 +19,27 @@ LEVELS = ("sequence", "geometric", "token")
 Level = Literal["sequence", "geometric", "token"]
 
 
+def check_logq(xp: Namespace, logq: Array) -> bool:
+    """Refuse ``logq = +inf`` (a probability above 1, padding already removed) on eager inputs;
+    ``False`` where ``logq`` is traced and nothing can raise (the caller makes those NaN)."""
+    refused = xp.any(logq == xp.inf) if is_concrete(logq) else None
+    if refused is None or not is_concrete(refused):
+        return False
+    if bool(refused):
+        raise ValueError(
+            "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
+            "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
+        )
+    return True
+
+
 def checked_log_ratio(xp: Namespace, logp: Array, logq: Array) -> Array:
     """``logp - logq`` (padding already removed) with the checks of :func:`log_weights`.
 
     ``logq = +inf`` claims a probability above 1: it is refused (eager) or made NaN (traced),
     never the weight 0 that ``logp - inf`` would silently give.
     """
-    refused = xp.any(logq == xp.inf) if is_concrete(logq) else None
-    if refused is not None and is_concrete(refused):
-        if bool(refused):
-            raise ValueError(
-                "logq contains +inf at a valid position (a log-probability above 0 cannot be); "
-                "check the behaviour policy's log-probabilities, or use `mask` to drop the token"
-            )
+    if check_logq(xp, logq):
         diff = logp - logq
     else:
         diff = xp.where(logq == xp.inf, xp.nan, logp - logq)
@@ -115,15 +123,31 @@ def log_weights(
         logp = xp.where(mask, logp, 0.0)
         logq = xp.where(mask, logq, 0.0)
     diff = checked_log_ratio(xp, logp, logq)
-    if logp.ndim <= 1 or level == "token":
+    if logp.ndim <= 1:
         return diff
-    total = safe_sum(xp, diff, axis=-1)  # +-inf only where the sum is out of range
+    if mask is None:
+        count = xp.sum(xp.ones_like(diff), axis=-1)
+    else:
+        count = xp.sum(xp.astype(mask, diff.dtype), axis=-1)
+    return unit_log_weights(xp, diff, count, level)
+
+
+def unit_log_weights(xp: Namespace, token_l: Array, n_tok: Array, level: str) -> Array:
+    """Unit log weights from token log ratios ``token_l`` (``(..., T)``, 0 at padding) and the
+    valid-token counts ``n_tok`` (``(...)``): the tokens themselves, their sum, or their mean.
+
+    A sum is ``+-inf`` only where it is out of range; the mean is then taken term by term, so a
+    geometric mean of finite tokens is always finite. Also used on token log-probabilities (the
+    unit log-probability of the REINFORCE form).
+    """
+    if level == "token":
+        return token_l
+    total = safe_sum(xp, token_l, axis=-1)  # +-inf only where the sum is out of range
     if level == "sequence":
         return total
-    if mask is None:
-        return total / logp.shape[-1]
-    count = xp.sum(xp.astype(mask, diff.dtype), axis=-1)
-    return total / xp.where(count > 0, count, 1.0)
+    n_safe = xp.where(n_tok > 0, n_tok, 1.0)
+    per_token = safe_sum(xp, token_l / n_safe[..., None], axis=-1)
+    return xp.where(xp.isinf(total), per_token, total / n_safe)
 
 
 def tempered_weights(log_w: Array, gamma: Any, *, mask: Array | None = None) -> Array:

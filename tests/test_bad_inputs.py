@@ -254,8 +254,9 @@ def _adapter_calls():
         calls["jax"] = jax_loss
     except ImportError:
         pass
+    from cupy_adapter._kernel_mirrors import reference_row_stats, reference_token_grad
+
     import isreshape_cupy
-    from isreshape_cupy import kernels
     from isreshape_cupy.loss import _fused_loss_and_grad
 
     def cupy_cpu(lp, lq, r, m=None, **kw):  # NumPy arrays: the CPU-reachable path
@@ -271,8 +272,8 @@ def _adapter_calls():
             lq,
             r,
             m,
-            row_stats=kernels._reference_row_stats,
-            token_grad=kernels._reference_token_grad,
+            row_stats=reference_row_stats,
+            token_grad=reference_token_grad,
             **full,
         )
         return loss, metrics

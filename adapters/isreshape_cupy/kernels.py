@@ -19,10 +19,9 @@ The loss touches every token twice:
    ``s_b = d loss / d unit_l_b`` (divided by ``n_b`` at the ``"geometric"`` level), which the
    core computes on the ``B`` sequence log weights together with gamma.
 
-The CUDA source of each kernel is written next to a NumPy function with the same formulas
-(``_reference_row_stats`` and ``_reference_token_grad``); the tests run the adapter's fused path
-on CPU with those references in place of the kernels, so that only the CUDA compilation is left
-to the GPU tests. Keep each pair in step when editing one of them.
+The tests hold a NumPy mirror of each kernel (``tests/cupy_adapter/_kernel_mirrors.py``) and run
+the adapter's fused path on CPU with the mirrors in place of the kernels, so that only the CUDA
+compilation is left to the GPU tests. Keep each pair in step when editing one of them.
 
 CuPy is imported lazily: importing this module needs neither CuPy nor a GPU.
 """
@@ -93,54 +92,6 @@ ROW_STATS_POST = (
 ROW_STATS_OUT_NAMES = ("unit_l", "unit_logp", "sum_r", "n_tok", "bad_l", "bad_r")
 
 
-def _reference_row_stats(
-    logp: np.ndarray,
-    logq: np.ndarray,
-    rewards: np.ndarray,
-    mask: np.ndarray,
-    geometric: bool,
-    out_dtype: Any = np.float64,
-) -> dict[str, np.ndarray]:
-    """NumPy mirror of the row-statistics kernel: the same formulas, token by token.
-
-    ``logp``, ``logq`` (B, T); ``rewards`` and ``mask`` broadcastable to (B, T). Returns a dict of
-    (B,) arrays keyed like the kernel's outputs (:data:`ROW_STATS_OUT_NAMES`).
-    """
-    shape = np.broadcast_shapes(np.shape(logp), np.shape(logq), np.shape(rewards), np.shape(mask))
-    m = np.broadcast_to(np.asarray(mask, dtype=bool), shape)
-    lp = np.broadcast_to(np.asarray(logp, dtype=np.float64), shape)
-    lq = np.broadcast_to(np.asarray(logq, dtype=np.float64), shape)
-    r = np.broadcast_to(np.asarray(rewards, dtype=np.float64), shape)
-    # isr_row_stats_map: masked tokens contribute zeros and their values are never read.
-    lp_m = np.where(m, lp, 0.0)
-    lq_m = np.where(m, lq, 0.0)
-    r_m = np.where(m, r, 0.0)
-    with np.errstate(invalid="ignore"):  # -inf - (-inf) is NaN here as in CUDA: counted as bad
-        d = lp_m - lq_m
-    bad_l = np.where(m & (np.isnan(d) | (d == np.inf)), 1.0, 0.0)
-    bad_r = np.where(m & ~np.isfinite(r_m), 1.0, 0.0)
-    n = np.sum(np.where(m, 1.0, 0.0), axis=-1)
-    with np.errstate(invalid="ignore"):  # inf + -inf sums: NaN, as in CUDA (rejected as bad)
-        sum_l = np.sum(d, axis=-1)
-        sum_lp = np.sum(lp_m, axis=-1)
-        sum_r = np.sum(r_m, axis=-1)
-
-    def unit_value(total: np.ndarray) -> np.ndarray:  # isr_unit_value
-        if not geometric:
-            return total
-        return np.where(n > 0.0, total / np.where(n > 0.0, n, 1.0), total)
-
-    out = {
-        "unit_l": unit_value(sum_l),
-        "unit_logp": unit_value(sum_lp),
-        "sum_r": sum_r,
-        "n_tok": n,
-        "bad_l": np.sum(bad_l, axis=-1),
-        "bad_r": np.sum(bad_r, axis=-1),
-    }
-    return {k: v.astype(out_dtype) for k, v in out.items()}
-
-
 # --------------------------------------------------------------------------------------------
 # Pass 2: the token gradient (ElementwiseKernel).
 # --------------------------------------------------------------------------------------------
@@ -148,16 +99,6 @@ def _reference_row_stats(
 TOKEN_GRAD_IN = "bool m, F s"
 TOKEN_GRAD_OUT = "F grad"
 TOKEN_GRAD_BODY = "grad = m ? s : (F)0"
-
-
-def _reference_token_grad(mask: np.ndarray, scale: np.ndarray, shape: tuple) -> np.ndarray:
-    """NumPy mirror of the token-gradient kernel: ``grad = m ? s : 0`` broadcast to ``shape``.
-
-    ``scale`` is the per-sequence scale with a trailing axis of length 1, (B, 1).
-    """
-    m = np.broadcast_to(np.asarray(mask, dtype=bool), shape)
-    s = np.broadcast_to(scale, shape)
-    return np.where(m, s, np.zeros((), dtype=s.dtype))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Hashable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,53 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return dynamic, {k: v for k, v in options.items() if k not in dynamic}
 
 
+_SECOND_ORDER_MESSAGE = (
+    "the IS Reshape losses are first order in JAX: their derivative with respect to logp is the "
+    "core's exact rule, a constant of the custom_jvp, so a second derivative (jax.hessian, "
+    "jax.grad of jax.grad, jax.jvp of a gradient) would be silently zero; differentiate the "
+    "loss once"
+)
+
+
+@jax.custom_jvp
+def _first_order_only(grad: jax.Array, anchor: jax.Array) -> jax.Array:
+    """The identity on ``grad``, whose own derivative (with respect to ``anchor``, ``logp``)
+    raises :data:`_SECOND_ORDER_MESSAGE`: reached only by a second differentiation."""
+    return grad
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise RuntimeError(_SECOND_ORDER_MESSAGE)
+
+
+def exact_gradient_loss(
+    core_fn: Any, arrays: tuple, mask: Any, axis_name: AxisName | None, options: dict[str, Any]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(loss, metrics)`` of the core's ``core_fn(*arrays, mask, reducer=..., **options)`` with
+    its exact gradient with respect to ``arrays[0]`` (``logp``) registered as a ``custom_jvp``.
+
+    The arrays and array-valued options enter the core detached (they are data); with an
+    ``axis_name`` the core merges its statistics over that mesh axis (:class:`AxisReducer`).
+    """
+    reducer = None if axis_name is None else AxisReducer(axis_name)
+    if isinstance(options.get("gamma"), np.ndarray):
+        options = {**options, "gamma": jnp.asarray(options["gamma"])}
+    dynamic, static = split_options(options)
+
+    def core(*args):
+        *data, mask_, dynamic_ = args
+        return core_fn(
+            *(lax.stop_gradient(a) for a in data),
+            mask_,
+            reducer=reducer,
+            **static,
+            **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
+        )
+
+    return with_exact_gradient(core, axis_name)(*arrays, mask, dynamic)
+
+
 def with_exact_gradient(core: Any, axis_name: AxisName | None) -> Any:
     """``(loss, metrics)`` of ``core(logp, *rest)`` as a :func:`jax.custom_jvp` function whose
     tangent is ``sum(grad_logp * logp_dot)``, ``grad_logp`` the core's exact derivative.
@@ -123,6 +170,7 @@ def with_exact_gradient(core: Any, axis_name: AxisName | None) -> Any:
     @loss_and_metrics.defjvp
     def _jvp(primals, tangents):
         loss, grad_logp, metrics = core(*primals)
+        grad_logp = _first_order_only(grad_logp, primals[0])
         tangent = jnp.sum(grad_logp * tangents[0])
         if axis_name is not None:
             names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
@@ -136,130 +184,51 @@ def with_exact_gradient(core: Any, axis_name: AxisName | None) -> Any:
     return loss_and_metrics
 
 
-def _merge_group_metrics(metrics: dict[str, jax.Array], axis_name: AxisName) -> dict:
-    """Per-shard group metrics (means over the shard's groups, a maximum) as global ones.
-
-    Every shard holds the same number of groups (``shard_map`` / ``pmap`` split evenly), so the
-    mean over shards of the per-shard means is the mean over all groups.
-    """
-    out = {}
-    for key, value in metrics.items():
-        if key.startswith("max"):
-            out[key] = lax.pmax(value, axis_name)
-        else:
-            out[key] = lax.pmean(value, axis_name)
-    return out
-
-
 def is_reshape_loss(
     logp: jax.Array,
     logq: jax.Array,
     rewards: jax.Array,
     mask: jax.Array | None = None,
     *,
-    gamma: str | float = "ess",
-    rho_min: float | jax.Array = 0.3,
-    level: Literal["sequence", "geometric", "token"] = "sequence",
-    loss_agg_mode: str = "token-mean",
-    form: Literal["objective", "reinforce"] = "objective",
-    group_size: int | None = None,
-    loss_scale_factor: float | None = None,
     axis_name: AxisName | None = None,
-    **gamma_options: Any,
+    **options: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    r"""The IS Reshape loss ``-L_gamma`` with its exact gradient, and 0-d metrics (pure).
+    r"""The IS Reshape loss ``-L_gamma`` with its exact gradient as a ``custom_jvp``, and metrics.
 
-    With unit log weights ``l_u = log pi/mu`` (per sequence, geometric mean per token, or per
-    token: ``level``), rewards ``r`` and verl's aggregation coefficients ``c`` (``loss_agg_mode``),
-
-    .. math::
-
-        \text{loss} = -\sum_{b,t} c_{bt}\, r_{bt}\, \frac{\operatorname{expm1}(\gamma\, l_u)}
-        {\gamma}, \qquad
-        \frac{\partial\,\text{loss}}{\partial \log\pi_{bt}} =
-        -\sum_{t'} c_{bt'}\, r_{bt'}\, w_u^{\gamma}\, \frac{\partial l_u}{\partial \log\pi_{bt}}
-
-    (``form="objective"``, the Box-Cox form of :ref:`theory-objective`; ``gamma = 0`` is the limit
-    ``-sum c r l_u``, reward-weighted SFT). ``form="reinforce"`` is
-    ``-sum c r stop_grad(w_u^gamma) log pi_u``, with the same gradient. ``gamma`` is chosen per
-    batch (or per GRPO group) from the log weights (default: the largest gamma whose ESS ratio
-    is at least ``rho_min``) and carries no gradient. The derivative is the core's exact rule
-    ``r w^gamma`` (the paper's Theorem 2.1), registered with :func:`jax.custom_jvp`: the tangent is
-    ``sum(grad_logp * logp_dot)`` (no ``1/gamma``, exact at ``gamma = 0``), and reverse mode
-    is its transpose. The metrics have zero tangents.
-
-    **Only** ``logp`` **carries gradient**: ``logq``, ``rewards``, ``mask`` and array-valued
-    options (``rho_min``, ``gamma_max``, ...) are constants of the rule, so ``jax.grad`` with
-    respect to them is zero (the behaviour policy and the advantages are data), and so is
-    gamma. First order only: a second derivative would differentiate the constant rule and
-    return zero, not the true Hessian.
-
-    The function is pure: it works under ``jax.jit``, ``jax.grad``, ``jax.value_and_grad``,
-    ``jax.vmap`` and inside ``optax`` update steps. Eagerly (not traced), inputs with NaN or
-    ``+inf`` log-ratios or non-finite rewards raise ``ValueError``; under a transformation the
-    values are not inspected.
+    The loss of :func:`isreshape_core.is_reshape_loss_and_grad` (:ref:`theory-objective`), its
+    options (``gamma``, ``rho_min``, ``level``, ``loss_agg_mode``, ``form``, ``group_size``,
+    ``loss_scale_factor``, gamma options), shapes and metrics; see there. Its exact gradient
+    with respect to ``logp`` is registered with :func:`jax.custom_jvp` (the tangent
+    ``sum(grad_logp * logp_dot)``; reverse mode by transposition): **only** ``logp`` carries
+    gradient (``logq``, ``rewards``, ``mask`` and array-valued options are constants of the
+    rule), the metrics have zero tangents, and a second derivative raises ``RuntimeError``
+    (the rule is first order: differentiating it again would silently give zeros). Pure: it
+    runs under ``jax.jit``, ``jax.grad``, ``jax.vmap`` and inside ``optax`` update steps;
+    eager inputs are checked as in the core, traced ones are not inspected.
 
     Parameters
     ----------
-    logp : jax.Array (B, T) or (B,), floating
-        Token (or sequence) log-probabilities of the trained policy. float16/bfloat16 are
-        computed in float32 (the loss is float32; the cotangent reaching ``logp`` has its dtype).
-    logq : jax.Array, the shape of ``logp``
-        Behaviour (rollout / inference engine / old policy) log-probabilities.
-    rewards : jax.Array (B,) or (B, T)
-        Rewards or advantages (signed allowed), per sequence or per token. Required.
-    mask : bool jax.Array (B, T), optional
-        Valid (response) tokens; convert a 0/1 float mask with ``mask > 0``.
-    gamma : {"ess", "closed_form", ...}, float in [0, 1] or array
-        How to choose gamma (:func:`isreshape_core.select_gamma`), a fixed value, or a
-        precomputed gamma array (0-d, ``(B,)``, or ``(B, T)`` at the token level; e.g. the
-        optimizer step's gamma from :func:`isreshape_core.step_gamma`), which may be traced and
-        carries no gradient (see :func:`isreshape_core.is_reshape_loss_and_grad`).
-    rho_min : float or 0-d array in (0, 1]
-        Least acceptable ESS ratio.
-    level : {"sequence", "geometric", "token"}
-    loss_agg_mode : str
-        One of ``"token-mean"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``,
-        ``"seq-mean-token-sum-norm"`` (verl's aggregation modes; the last divides by
-        ``loss_scale_factor``, default ``T``).
-    form : {"objective", "reinforce"}
-    group_size : int, optional
-        One gamma per group of ``G`` consecutive responses (GRPO); ``B % G == 0``.
-    loss_scale_factor : float, optional
-        The constant divisor of ``seq-mean-token-sum-norm``.
+    logp, logq, rewards, mask : jax.Array (or NumPy array)
+        As in :func:`isreshape_core.is_reshape_loss_and_grad`; ``logp`` floating.
     axis_name : hashable or tuple, optional
         Inside ``jax.shard_map`` (or ``pmap``, or ``vmap`` with an axis name) over a
-        data-parallel axis whose shards each hold a slice of the batch: gamma, the statistics
-        and the normalisers are those of the *global* batch (partials merged with ``lax.psum``
-        / ``lax.pmax``, :class:`AxisReducer`), so every shard uses the same gamma and returns
-        the global loss, equal to the single-device loss of the whole batch. ``jax.grad`` with
-        respect to a shard's ``logp`` gives that shard's slice of the whole-batch gradient;
-        with parameters replicated over the axis, ``shard_map`` sums the contributions, which
-        is the whole-batch gradient (do not ``pmean`` the gradients: that divides it by the
-        number of shards). In ``shard_map`` (with ``check_vma``, the default) the loss is
-        invariant over the axis and its forward-mode tangent is summed over the shards; under
-        ``pmap`` or ``check_vma=False`` the tangent is the shard's own contribution. With
-        ``group_size``, a group must lie on one shard; the metrics are then averaged (maxima:
-        maximised) over the shards.
-    **gamma_options
-        Passed to :func:`isreshape_core.select_gamma` (``gamma_min``, ``gamma_max``,
-        ``max_iter``, ...). Array values (e.g. a warm-up schedule's ``gamma_max`` computed from
-        the step) are allowed and traced.
+        data-parallel axis whose shards each hold a slice of the batch: gamma, the statistics,
+        the normalisers and the metrics are those of the *global* batch (:class:`AxisReducer`),
+        and every shard returns the single-device loss of the whole batch. ``jax.grad`` with
+        respect to a shard's ``logp`` gives that shard's slice of the whole-batch gradient
+        (do not ``pmean`` the gradients: that divides it by the number of shards). In
+        ``shard_map`` (with ``check_vma``) the forward-mode tangent is summed over the shards;
+        under ``pmap`` or ``check_vma=False`` it is the shard's own contribution. With
+        ``group_size``, a group must lie on one shard.
+    **options
+        The options of :func:`isreshape_core.is_reshape_loss_and_grad`; array values (a traced
+        ``rho_min``, a warm-up schedule's ``gamma_max``) are allowed.
 
     Returns
     -------
     loss : 0-d jax.Array
-        Float32 for half-precision inputs, else ``logp``'s dtype.
-    metrics : dict of 0-d jax.Arrays (never Python floats)
-        ``gamma`` (mean over groups), ``sigma2`` (variance of the unit log weights),
-        ``ess_ratio`` (at gamma), ``ess_ratio_at_1``, ``max_weight`` (largest normalised unit
-        weight), ``k_hat`` where the gamma method computes it.
-
-    References
-    ----------
-    :ref:`theory-objective`, :ref:`theory-gamma-ess`, :ref:`theory-groups`;
-    verl ``core_algos.agg_loss`` for the aggregation modes; JAX's "Custom derivative rules"
-    guide for ``custom_jvp``.
+    metrics : dict of 0-d jax.Arrays
+        As in :func:`isreshape_core.is_reshape_loss_and_grad`.
 
     Examples
     --------
@@ -273,13 +242,8 @@ def is_reshape_loss(
     ...     return is_reshape_loss(logp, logq, rewards, gamma=0.0,
     ...                            loss_agg_mode="seq-mean-token-sum")
     >>> (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logp)
-    >>> # Each of the T_b = 2 tokens carries its sequence's loss: -(1/B) sum_b T_b r_b l_b,
-    >>> # l = (log 2, -log 2), so -(2 log 2 - 4 log 2) / 2 = log 2.
-    >>> print(np.round(np.asarray(loss), 4))
-    0.6931
-    >>> print(np.asarray(grad))  # -T_b r_b / B on every token at gamma = 0
-    [[-1. -1.]
-     [-2. -2.]]
+    >>> print(np.round(np.asarray(loss), 4), np.asarray(grad)[1])
+    0.6931 [-2. -2.]
     >>> print(sorted(metrics))  # doctest: +NORMALIZE_WHITESPACE
     ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'log_scale', 'max_weight', 'n_capped',
      'n_nonfinite', 'sigma2']
@@ -294,37 +258,15 @@ def is_reshape_loss(
             f"logp must have a floating dtype to carry gradient, got {logp.dtype}; pass "
             "log-probabilities as float32/float64 (or bfloat16/float16)"
         )
+    group_size = options.get("group_size")
     if group_size is not None and (
         not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool)
     ):
         raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
-    reducer = None
-    if axis_name is not None:
-        reducer = AxisReducer(axis_name)
-
-    if isinstance(gamma, np.ndarray):
-        gamma = jnp.asarray(gamma)
-    dynamic, static = split_options({"gamma": gamma, "rho_min": rho_min, **gamma_options})
-
-    def core(logp_, logq_, rewards_, mask_, dynamic_):
-        return is_reshape_loss_and_grad(
-            lax.stop_gradient(logp_),
-            lax.stop_gradient(logq_),
-            lax.stop_gradient(rewards_),
-            mask_,
-            level=level,
-            loss_agg_mode=loss_agg_mode,
-            form=form,
-            group_size=group_size,
-            loss_scale_factor=loss_scale_factor,
-            reducer=reducer,
-            **static,
-            **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
-        )
-
-    loss_and_metrics = with_exact_gradient(core, axis_name)
     try:
-        loss, metrics = loss_and_metrics(logp, logq, rewards, mask, dynamic)
+        loss, metrics = exact_gradient_loss(
+            is_reshape_loss_and_grad, (logp, logq, rewards), mask, axis_name, options
+        )
     except NameError as exc:
         if axis_name is None or "unbound axis name" not in str(exc):
             raise
@@ -333,6 +275,4 @@ def is_reshape_loss(
             "jax.shard_map, jax.pmap or jax.vmap(..., axis_name=...) over that axis, or pass "
             "axis_name=None for a single device"
         ) from exc
-    if axis_name is not None and group_size is not None:
-        metrics = _merge_group_metrics(metrics, axis_name)
     return loss, metrics

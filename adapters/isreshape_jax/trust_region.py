@@ -11,12 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
 from isreshape_core import decoupled_ppo_loss_and_grad
 
-from .loss import AxisReducer, _as_jax_array, split_options, with_exact_gradient
+from .loss import _as_jax_array, exact_gradient_loss
 
 __all__ = ["decoupled_ppo_loss"]
 
@@ -61,22 +59,5 @@ def decoupled_ppo_loss(
         mask = _as_jax_array(mask, "mask", "(B, T), boolean")
     if not jnp.issubdtype(logp.dtype, jnp.floating):
         raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
-    reducer = None if axis_name is None else AxisReducer(axis_name)
-    if isinstance(options.get("gamma"), np.ndarray):
-        options["gamma"] = jnp.asarray(options["gamma"])
-    dynamic, static = split_options(options)
-
-    def core(logp_, prox_, logq_, adv_, mask_, dynamic_):
-        return decoupled_ppo_loss_and_grad(
-            lax.stop_gradient(logp_),
-            lax.stop_gradient(prox_),
-            lax.stop_gradient(logq_),
-            lax.stop_gradient(adv_),
-            mask_,
-            reducer=reducer,
-            **static,
-            **{k: lax.stop_gradient(v) for k, v in dynamic_.items()},
-        )
-
-    loss_and_metrics = with_exact_gradient(core, axis_name)
-    return loss_and_metrics(logp, logp_prox, logq, advantages, mask, dynamic)
+    arrays = (logp, logp_prox, logq, advantages)
+    return exact_gradient_loss(decoupled_ppo_loss_and_grad, arrays, mask, axis_name, options)

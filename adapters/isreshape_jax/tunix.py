@@ -65,10 +65,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from isreshape_core import GAMMA_METHODS, LEVELS, LOSS_FORMS, log_weights, step_gamma
+from isreshape_core import (
+    GAMMA_METHODS,
+    LEVELS,
+    LOSS_FORMS,
+    log_weights,
+    metric_reduction,
+    step_gamma,
+)
 from isreshape_core._versions import require
 
 from .loss import is_reshape_loss
+
+# How the micro-batches' values of a metric combine in Tunix's logs (isreshape_core.METRIC_MERGE).
+_LOG_REDUCTIONS = {"mean": np.mean, "max": np.max, "sum": np.sum}
 
 #: The Tunix release this integration is tested with.
 TUNIX_TESTED = "0.1.7"
@@ -492,7 +502,7 @@ class ISReshapeGRPOLearner(grpo_learner.GRPOLearner):
         )
         names = algo_config.is_reshape_metric_names
         self.rl_cluster.actor_trainer.with_rl_metrics_to_log(
-            {f"is_reshape/{n}": np.max if n in ("max_weight", "k_hat") else np.mean for n in names}
+            {f"is_reshape/{n}": _LOG_REDUCTIONS[metric_reduction(n)] for n in names}
         )
         self.rl_cluster.actor_trainer.with_tqdm_metrics_to_display(["is_reshape/gamma"])
 

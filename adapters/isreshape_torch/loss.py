@@ -9,17 +9,12 @@ loss compiles with ``torch.compile(fullgraph=True)`` and runs under ``torch.func
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from isreshape_core import (
-    GAMMA_METHODS,
-    LEVELS,
-    LOSS_AGG_MODES,
-    LOSS_FORMS,
-    is_reshape_loss_and_grad,
-)
+from isreshape_core import is_reshape_loss_and_grad
+from isreshape_core._loss import check_loss_options
 
 from .distributed import resolve_reducer
 
@@ -102,111 +97,49 @@ def is_reshape_loss(
     rewards: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    gamma: str | float = "ess",
-    rho_min: float = 0.3,
-    level: Literal["sequence", "geometric", "token"] = "sequence",
-    loss_agg_mode: str = "token-mean",
-    form: Literal["objective", "reinforce"] = "objective",
-    group_size: int | None = None,
-    loss_scale_factor: float | None = None,
     distributed: Any = "auto",
     scale_by_world_size: bool = False,
-    **gamma_options: Any,
+    **options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r"""The IS Reshape loss ``-L_gamma`` with its exact gradient, and 0-d metrics.
+    r"""The IS Reshape loss ``-L_gamma`` with its exact gradient in autograd, and 0-d metrics.
 
-    With unit log weights ``l_u = log pi/mu`` (per sequence, geometric mean per token, or per
-    token: ``level``), rewards ``r`` and verl's aggregation coefficients ``c`` (``loss_agg_mode``),
-
-    .. math::
-
-        \text{loss} = -\sum_{b,t} c_{bt}\, r_{bt}\, \frac{\operatorname{expm1}(\gamma\, l_u)}
-        {\gamma}, \qquad
-        \frac{\partial\,\text{loss}}{\partial \log\pi_{bt}} =
-        -\sum_{t'} c_{bt'}\, r_{bt'}\, w_u^{\gamma}\, \frac{\partial l_u}{\partial \log\pi_{bt}}
-
-    (``form="objective"``, the Box-Cox form of :ref:`theory-objective`; ``gamma = 0`` is the limit
-    ``-sum c r l_u``, reward-weighted SFT). ``form="reinforce"`` is
-    ``-sum c r stop_grad(w_u^gamma) log pi_u``, with the same gradient. ``gamma`` is chosen per
-    batch (or per GRPO group) from the *detached* log weights (default: the largest gamma whose
-    ESS ratio is at least ``rho_min``) and carries no gradient. The gradient is the core's exact
-    derivative rule ``r w^gamma`` (:ref:`theory-objective`), registered in a
-    ``torch.autograd.Function``: no ``1/gamma``, exact at ``gamma = 0``.
-
-    **Only** ``logp`` **carries gradient**: ``logq``, ``rewards`` and ``mask`` are detached and
-    treated as constants (the behaviour policy and the advantages are data), and so is gamma.
-    The gradient is first order (a second derivative raises an error).
+    The loss of :func:`isreshape_core.is_reshape_loss_and_grad` (:ref:`theory-objective`), its
+    options (``gamma``, ``rho_min``, ``level``, ``loss_agg_mode``, ``form``, ``group_size``,
+    ``loss_scale_factor``, gamma options), shapes and metrics; see there. The core runs on the
+    detached tensors and its exact gradient with respect to ``logp`` enters autograd through a
+    ``torch.autograd.Function``: **only** ``logp`` carries gradient (``logq``, ``rewards``,
+    ``mask`` and a gamma Tensor are data), first order only (a second derivative raises).
+    Nothing is pulled to the host: it compiles with ``torch.compile(fullgraph=True)`` and runs
+    under ``torch.func.grad`` and ``torch.func.vmap``.
 
     Parameters
     ----------
-    logp : Tensor (B, T) or (B,), floating
-        Token (or sequence) log-probabilities of the trained policy. float16/bfloat16 (as a model
-        returns them) are computed in float32; the gradient reaching ``logp`` has its dtype.
-    logq : Tensor, the shape of ``logp``
-        Behaviour (rollout / inference engine / old policy) log-probabilities.
-    rewards : Tensor (B,) or (B, T)
-        Rewards or advantages (signed allowed), per sequence or per token. Required.
-    mask : bool Tensor (B, T), optional
-        Valid (response) tokens; a 0/1 float mask must be converted (``mask > 0``).
-    gamma : {"ess", "closed_form", ...}, float in [0, 1] or Tensor
-        How to choose gamma (:func:`isreshape_core.select_gamma`), a fixed value, or a
-        precomputed gamma Tensor on ``logp``'s device (0-d, ``(B,)``, or ``(B, T)`` at the token
-        level), e.g. the optimizer step's gamma from :func:`isreshape_core.step_gamma`; it is
-        detached and used as is (see :func:`isreshape_core.is_reshape_loss_and_grad`).
-    rho_min : float in (0, 1]
-        Least acceptable ESS ratio.
-    level : {"sequence", "geometric", "token"}
-    loss_agg_mode : str
-        One of ``"token-mean"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``,
-        ``"seq-mean-token-sum-norm"`` (verl's aggregation modes; the last divides by
-        ``loss_scale_factor``, default ``T``).
-    form : {"objective", "reinforce"}
-    group_size : int, optional
-        One gamma per group of ``G`` consecutive responses (GRPO); ``B % G == 0``.
-    loss_scale_factor : float, optional
-        The constant divisor of ``seq-mean-token-sum-norm``.
+    logp, logq, rewards, mask : Tensor
+        As in :func:`isreshape_core.is_reshape_loss_and_grad`, on one device; ``logp`` floating
+        (half precision is computed in float32; the gradient reaching ``logp`` has its dtype).
     distributed : "auto", bool, ProcessGroup or Reducer
         ``"auto"`` (default): when ``torch.distributed`` is initialised with several ranks, gamma,
-        the statistics and the normalisers (token or sequence counts) are those of the global
-        batch of all ranks (partial statistics merged by all-reduce, see
-        :class:`TorchDistributedReducer`), so every rank uses the same gamma and returns the same
-        loss: the single-process loss of the whole batch. ``False``: rank-local. A
-        ``ProcessGroup``: reduce over that group. Every rank must call the loss (collectives).
-        With ``group_size``, a group must lie on one rank: gamma is per group, the normalisers
-        are still global.
+        the statistics and the normalisers are those of the global batch of all ranks
+        (:class:`TorchDistributedReducer`), so every rank returns the single-process loss of the
+        whole batch. ``False``: rank-local. A ``ProcessGroup``: reduce over that group. Every
+        rank must call the loss (collectives). With ``group_size``, a group must lie on one rank.
     scale_by_world_size : bool
-        Multiply the loss (value and gradient) by the world size. With ``distributed``, the
-        returned loss is the *global* loss, and ``backward`` gives each rank the gradient of the
-        global loss with respect to its own slice. The gradient of the global loss with respect
-        to the parameters is the **sum** over ranks of these contributions, but DDP and FSDP
-        **average** gradients over ranks, which divides it by the world size. Pass ``True``
-        under DDP/FSDP to undo that (as verl multiplies its globally normalised loss by
-        ``dp_size``); the logged value is then ``world_size`` times the loss.
-    **gamma_options
-        Passed to :func:`isreshape_core.select_gamma` (``gamma_min``, ``gamma_max``,
-        ``max_iter``, ...).
+        Multiply the loss (value and gradient) by the world size: DDP and FSDP **average**
+        gradients over ranks, while the gradient of the global loss is their **sum**; pass
+        ``True`` under DDP/FSDP (as verl multiplies its globally normalised loss by
+        ``dp_size``). The logged value is then ``world_size`` times the loss.
+    **options
+        The options of :func:`isreshape_core.is_reshape_loss_and_grad`.
 
     Returns
     -------
     loss : 0-d Tensor
         Float32 for half-precision inputs, else ``logp``'s dtype; on ``logp``'s device.
     metrics : dict of 0-d detached Tensors (never Python floats)
-        ``gamma`` (mean over groups), ``sigma2`` (variance of the unit log weights),
-        ``ess_ratio`` (at gamma), ``ess_ratio_at_1``, ``max_weight`` (largest normalised unit
-        weight), ``k_hat`` where the gamma method computes it, and the numerical-safety
-        counters ``log_scale``, ``n_capped``, ``n_nonfinite``
-        (:func:`isreshape_core.is_reshape_loss_and_grad`): the loss and its gradient are
-        finite for every finite input, divided by ``exp(log_scale)`` where the true values are
-        out of range.
-
-    References
-    ----------
-    :ref:`theory-objective`, :ref:`theory-gamma-ess`, :ref:`theory-groups`;
-    verl ``core_algos.agg_loss`` for the aggregation modes.
+        As in :func:`isreshape_core.is_reshape_loss_and_grad`.
 
     Examples
     --------
-    >>> import numpy as np
     >>> import torch
     >>> probs = torch.tensor([[0.5, 0.5], [0.25, 0.5]], dtype=torch.float64)
     >>> logp = torch.log(probs).requires_grad_()
@@ -214,12 +147,9 @@ def is_reshape_loss(
     >>> rewards = torch.tensor([1.0, 2.0], dtype=torch.float64)
     >>> loss, metrics = is_reshape_loss(logp, logq, rewards, gamma=0.0,
     ...                                 loss_agg_mode="seq-mean-token-sum")
-    >>> # each of the 2 tokens of sequence b carries -r_b l_b; sum over tokens, mean over B = 2
-    >>> print(np.round(loss.item(), 4))  # -(2 (1)(log 2) + 2 (2)(-log 2)) / 2 = log 2
-    0.6931
     >>> loss.backward()
-    >>> print(logp.grad.tolist())  # -(T_b / B) r_b w^0 on every token at gamma = 0
-    [[-1.0, -1.0], [-2.0, -2.0]]
+    >>> print(round(loss.item(), 4), logp.grad.tolist())
+    0.6931 [[-1.0, -1.0], [-2.0, -2.0]]
     >>> print(sorted(metrics))  # doctest: +NORMALIZE_WHITESPACE
     ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'log_scale', 'max_weight', 'n_capped',
      'n_nonfinite', 'sigma2']
@@ -231,9 +161,10 @@ def is_reshape_loss(
         _check_tensor(mask, "mask", "(B, T), boolean")
     if not logp.dtype.is_floating_point:
         raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
+    gamma = options.get("gamma")
     if hasattr(gamma, "shape"):
         _check_tensor(gamma, "gamma", "() or (B,) (a precomputed gamma)")
-        gamma = gamma.detach()
+        options["gamma"] = gamma = gamma.detach()
     tensors = (("logq", logq), ("rewards", rewards), ("mask", mask))
     for name, value in (*tensors, ("gamma", gamma if hasattr(gamma, "shape") else None)):
         if value is not None and value.device != logp.device:
@@ -254,15 +185,8 @@ def is_reshape_loss(
         logq.detach(),
         rewards.detach(),
         None if mask is None else mask.detach(),
-        gamma=gamma,
-        rho_min=rho_min,
-        level=level,
-        loss_agg_mode=loss_agg_mode,
-        form=form,
-        group_size=group_size,
-        loss_scale_factor=loss_scale_factor,
         reducer=reducer,
-        **gamma_options,
+        **options,
     )
     if scale_by_world_size and world != 1:
         loss = loss * world
@@ -293,45 +217,10 @@ class ISReshapeLoss(torch.nn.Module):
     torch.float64 0.5
     """
 
-    def __init__(
-        self,
-        *,
-        gamma: str | float = "ess",
-        rho_min: float = 0.3,
-        level: Literal["sequence", "geometric", "token"] = "sequence",
-        loss_agg_mode: str = "token-mean",
-        form: Literal["objective", "reinforce"] = "objective",
-        group_size: int | None = None,
-        loss_scale_factor: float | None = None,
-        distributed: Any = "auto",
-        scale_by_world_size: bool = False,
-        **gamma_options: Any,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        # Fail at construction for a misspelt choice; the core validates the rest on call.
-        for name, value, choices in (
-            ("level", level, LEVELS),
-            ("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
-            ("form", form, LOSS_FORMS),
-        ):
-            if not isinstance(value, str) or value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        if isinstance(gamma, str) and gamma not in GAMMA_METHODS:
-            raise ValueError(
-                f"gamma must be one of {GAMMA_METHODS} or a number in [0, 1], got {gamma!r}"
-            )
-        self.options: dict[str, Any] = {
-            "gamma": gamma,
-            "rho_min": rho_min,
-            "level": level,
-            "loss_agg_mode": loss_agg_mode,
-            "form": form,
-            "group_size": group_size,
-            "loss_scale_factor": loss_scale_factor,
-            "distributed": distributed,
-            "scale_by_world_size": scale_by_world_size,
-            **gamma_options,
-        }
+        check_loss_options(**options)  # a misspelt choice fails at construction
+        self.options: dict[str, Any] = options
 
     def forward(
         self,

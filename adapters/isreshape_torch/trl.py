@@ -88,6 +88,7 @@ from isreshape_core import (
     LOSS_FORMS,
     ess_ratio,
     log_weights,
+    metric_reduction,
     step_gamma,
     tempered_weights,
 )
@@ -108,6 +109,9 @@ TRL_LOSS_AGG_MODES = ("dapo", *LOSS_AGG_MODES)
 BEHAVIORS = ("auto", "sampling", "old")
 #: Values of ``ISReshapeGRPOConfig.is_reshape_gamma_scope``.
 GAMMA_SCOPES = ("step", "group", "micro_batch")
+
+# How the processes' values of a metric combine in the logs (isreshape_core.METRIC_MERGE).
+_GATHER_REDUCTIONS = {"mean": torch.nanmean, "max": torch.max, "sum": torch.nansum}
 
 # Inputs that TRL's own _compute_loss forwards to _get_per_token_logps_and_entropies.
 _MODEL_INPUT_KEYS = (
@@ -228,22 +232,7 @@ class ISReshapeGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        gamma = self.is_reshape_gamma
-        if isinstance(gamma, str) and gamma not in GAMMA_METHODS:
-            try:
-                gamma = float(gamma)
-            except ValueError:
-                raise ValueError(
-                    f"is_reshape_gamma must be one of {GAMMA_METHODS} or a number in [0, 1], got "
-                    f"{gamma!r}"
-                ) from None
-        if not isinstance(gamma, str):
-            if isinstance(gamma, bool) or not isinstance(gamma, int | float):
-                raise TypeError(f"is_reshape_gamma must be a str or a number, got {gamma!r}")
-            if not (0.0 <= float(gamma) <= 1.0):
-                raise ValueError(f"is_reshape_gamma must lie in [0, 1], got {gamma!r}")
-            gamma = float(gamma)
-        self.is_reshape_gamma = gamma
+        self.is_reshape_gamma = _parse_gamma(self.is_reshape_gamma)
         if not (0.0 < float(self.is_reshape_rho_min) <= 1.0):
             raise ValueError(
                 f"is_reshape_rho_min must lie in (0, 1], got {self.is_reshape_rho_min!r}"
@@ -257,6 +246,23 @@ class ISReshapeGRPOConfig(GRPOConfig):
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        self._check_unsupported()
+        self._check_step_scope()
+        self._check_ignored_fields()
+
+    def _check_ignored_fields(self) -> None:
+        """GRPOConfig fields that only TRL's own losses read must keep their defaults."""
+        defaults = GRPOConfig.__dataclass_fields__
+        for name, instead in _IGNORED_GRPO_FIELDS.items():
+            if name in defaults and getattr(self, name) != defaults[name].default:
+                raise ValueError(
+                    f"ISReshapeGRPOConfig ignores {name}={getattr(self, name)!r}: the IS Reshape "
+                    f"loss replaces TRL's clipped losses ({instead}); leave {name} at its default "
+                    f"{defaults[name].default!r}"
+                )
+
+    def _check_unsupported(self) -> None:
+        """TRL options the IS Reshape loss does not implement."""
         unsupported = {
             "beta": (self.beta != 0.0, "0.0 (no KL term in the IS Reshape loss)"),
             "entropy_coef": (self.entropy_coef != 0.0, "0.0 (no entropy bonus)"),
@@ -270,6 +276,9 @@ class ISReshapeGRPOConfig(GRPOConfig):
                     f"ISReshapeGRPOConfig does not support {name}={getattr(self, name)!r}; set "
                     f"{name}={fix}"
                 )
+
+    def _check_step_scope(self) -> None:
+        """A step's gamma is chosen before its first micro-batch: all must be generated."""
         accumulation = self.gradient_accumulation_steps
         if (
             self.is_reshape_gamma_scope != "micro_batch"
@@ -282,14 +291,25 @@ class ISReshapeGRPOConfig(GRPOConfig):
                 f"of gradient_accumulation_steps ({accumulation}); set steps_per_generation="
                 f"{accumulation} (TRL's default) or is_reshape_gamma_scope='micro_batch'"
             )
-        defaults = GRPOConfig.__dataclass_fields__
-        for name, instead in _IGNORED_GRPO_FIELDS.items():
-            if name in defaults and getattr(self, name) != defaults[name].default:
-                raise ValueError(
-                    f"ISReshapeGRPOConfig ignores {name}={getattr(self, name)!r}: the IS Reshape "
-                    f"loss replaces TRL's clipped losses ({instead}); leave {name} at its default "
-                    f"{defaults[name].default!r}"
-                )
+
+
+def _parse_gamma(gamma: Any) -> str | float:
+    """``is_reshape_gamma``: a method name, or a number in [0, 1] (a numeric string too)."""
+    if isinstance(gamma, str) and gamma not in GAMMA_METHODS:
+        try:
+            gamma = float(gamma)
+        except ValueError:
+            raise ValueError(
+                f"is_reshape_gamma must be one of {GAMMA_METHODS} or a number in [0, 1], got "
+                f"{gamma!r}"
+            ) from None
+    if isinstance(gamma, str):
+        return gamma
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float):
+        raise TypeError(f"is_reshape_gamma must be a str or a number, got {gamma!r}")
+    if not (0.0 <= float(gamma) <= 1.0):
+        raise ValueError(f"is_reshape_gamma must lie in [0, 1], got {gamma!r}")
+    return float(gamma)
 
 
 class ISReshapeGRPOTrainer(GRPOTrainer):
@@ -460,39 +480,13 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
         mode = "train" if self.model.training else "eval"
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in _MODEL_INPUT_KEYS},
-        )
-        logq = self._behavior_log_probs(inputs, per_token_logps)
+        per_token_logps, entropies, aux_loss = self._policy_log_probs(model, inputs)
         bool_mask = _loss_mask(inputs)
         scoped = mode == "train" and self._step_scoped()
-        if scoped:
-            if "is_reshape_gamma" not in inputs:
-                raise KeyError(
-                    "inputs['is_reshape_gamma'] is missing: with is_reshape_gamma_scope="
-                    f"{args.is_reshape_gamma_scope!r} ISReshapeGRPOTrainer._prepare_inputs sets "
-                    "it before the step's first micro-batch; call _compute_loss on inputs it "
-                    "returned, or use is_reshape_gamma_scope='micro_batch'"
-                )
-            gamma_kwargs: dict[str, Any] = {"gamma": inputs["is_reshape_gamma"]}
-        else:
-            gamma_kwargs = {
-                "gamma": args.is_reshape_gamma,
-                "rho_min": args.is_reshape_rho_min,
-                **self._gamma_options(),
-            }
         agg = args.is_reshape_loss_agg_mode
         loss, metrics = is_reshape_loss(
             per_token_logps,
-            logq,
+            self._behavior_log_probs(inputs, per_token_logps),
             inputs["advantages"],
             bool_mask,
             level=args.is_reshape_level,
@@ -500,7 +494,7 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
             loss_agg_mode="token-mean" if agg == "dapo" else agg,
             loss_scale_factor=args.is_reshape_loss_scale_factor,
             distributed=False,
-            **gamma_kwargs,
+            **self._gamma_kwargs(inputs, scoped),
         )
         loss = self._normalise(loss, inputs, bool_mask, mode)
         if self.aux_loss_enabled:
@@ -522,6 +516,38 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
             self._record_step_units(inputs, per_token_logps, gamma_used)
         self._log_entropy(mode, entropies, bool_mask)
         return loss
+
+    def _policy_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple:
+        """Per-token log-probs, entropies and auxiliary loss by TRL's own helper."""
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in _MODEL_INPUT_KEYS},
+        )
+
+    def _gamma_kwargs(self, inputs: dict[str, Any], scoped: bool) -> dict[str, Any]:
+        """The loss's gamma: the step's (stored per sample) or the configured rule."""
+        args = self.args
+        if not scoped:
+            return {
+                "gamma": args.is_reshape_gamma,
+                "rho_min": args.is_reshape_rho_min,
+                **self._gamma_options(),
+            }
+        if "is_reshape_gamma" not in inputs:
+            raise KeyError(
+                "inputs['is_reshape_gamma'] is missing: with is_reshape_gamma_scope="
+                f"{args.is_reshape_gamma_scope!r} ISReshapeGRPOTrainer._prepare_inputs sets "
+                "it before the step's first micro-batch; call _compute_loss on inputs it "
+                "returned, or use is_reshape_gamma_scope='micro_batch'"
+            )
+        return {"gamma": inputs["is_reshape_gamma"]}
 
     def _normalise(
         self, loss: torch.Tensor, inputs: dict[str, Any], mask: torch.Tensor, mode: str
@@ -558,7 +584,7 @@ class ISReshapeGRPOTrainer(GRPOTrainer):
     def _log_reduced(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():
             gathered = self.accelerator.gather(value.detach().float().reshape(1))
-            reduced = gathered.max() if name == "max_weight" else gathered.nanmean()
+            reduced = _GATHER_REDUCTIONS[metric_reduction(name)](gathered)
             self._metrics[mode][f"is_reshape/{name}"].append(reduced.item())
 
     def _log_entropy(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor) -> None:

@@ -239,3 +239,27 @@ def test_pareto_methods_report_k_hat():
         np.testing.assert_allclose(metrics["gamma"], want[method], rtol=0, atol=1e-9)
     _, _, metrics = is_reshape_loss_and_grad(logp, logq, rewards, gamma="ess")
     assert "k_hat" not in metrics
+
+
+@pytest.mark.parametrize("method", ["psis", "tail", "combined"])
+def test_sharded_k_hat_is_the_whole_batch_worst_group(method):
+    # Groups live on one shard each; every shard must report the whole batch's worst k_hat
+    # (merged like max_weight), not the worst of its own groups.
+    rng = np.random.default_rng(31)
+    B, T, G = 8, 40, 4
+    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
+    logq = logp + rng.normal(0, 0.2, (B, T))
+    logq[G:] = logp[G:] + rng.standard_t(1.5, (B - G, T)) * 0.8  # a heavy tail in group 2
+    rewards = rng.normal(0, 1, B)
+    kwargs = {"gamma": method, "group_size": 2, "level": "token"}
+    _, _, whole = is_reshape_loss_and_grad(logp, logq, rewards, **kwargs)
+    shards = [(logp[:G], logq[:G], rewards[:G]), (logp[G:], logq[G:], rewards[G:])]
+
+    def step(shard, reducer):
+        return is_reshape_loss_and_grad(*shard, reducer=reducer, **kwargs)[2]
+
+    local = [is_reshape_loss_and_grad(*s, **kwargs)[2]["k_hat"] for s in shards]
+    assert abs(float(local[0]) - float(local[1])) > 0.05  # the shards differ on their own
+    for metrics in run_sharded(step, shards):
+        for name in ("k_hat", "max_weight", "gamma", "ess_ratio"):
+            np.testing.assert_allclose(metrics[name], whole[name], rtol=1e-12, err_msg=name)

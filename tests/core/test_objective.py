@@ -295,7 +295,8 @@ def test_extreme_log_weights(xp):
     r = xp.asarray(np.array([2.0, 1.0, -1.0]))
     got = to_numpy(objective(l, r, 0.3, reduction="none"))
     np.testing.assert_allclose(got[[0, 2]], [-2.0 / 0.3, 1.0 / 0.3], rtol=1e-14)
-    assert got[1] == np.inf  # exp(3000) is out of range: the value itself overflows
+    # exp(3000) is out of range: the term saturates at the largest float (finite input)
+    assert got[1] == np.finfo(np.float64).max
     small = to_numpy(objective(l, r, 0.01, reduction="none"))
     np.testing.assert_allclose(small[1], math.expm1(100.0) / 0.01, rtol=1e-13)
     np.testing.assert_allclose(
@@ -333,7 +334,7 @@ def test_float32_and_half_inputs():
     assert got.dtype == np.float32
     l32 = l.astype(np.float64)
     np.testing.assert_allclose(got[:2], r[:2] * np.expm1(l32[:2]), rtol=1e-6)
-    assert got[2] == np.inf  # exp(100) overflows float32
+    assert got[2] == np.finfo(np.float32).max  # exp(100) overflows float32: saturated
 
 
 def test_jax_jit_matches_eager():
@@ -409,3 +410,30 @@ def test_nan_log_weight_under_mask_is_ignored(xp):
     mask = np.array([True, False, True])
     got = to_numpy(objective(xp.asarray(l), xp.asarray(r), 1.0, mask=xp.asarray(mask)))
     np.testing.assert_allclose(got, (math.expm1(0.3) + 2 * math.expm1(-0.2)) / 2, rtol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_terms_of_both_signs_that_overflow_stay_finite(xp, reduction):
+    # float32 weights e^100 with rewards of both signs: e^100 - e^100 is inf - inf = NaN in the
+    # plain sum; the value is formed in log space and saturates at the largest float instead.
+    l = xp.asarray(np.array([100.0, 100.0, 99.0, 0.5], np.float32))
+    r = xp.asarray(np.array([1.0, -1.0, 1.0, -2.0], np.float32))
+    logp = xp.asarray(np.array([-1.0, -1.0, -2.0, -0.5], np.float32))
+    top = float(np.finfo(np.float32).max)
+    for value in (
+        objective(l, r, 1.0, reduction=reduction),
+        reinforce_objective(l, logp, r, 1.0, reduction=reduction),
+    ):
+        got = to_numpy(value)
+        assert got.dtype == np.float32 and np.all(np.isfinite(got)), got
+        assert np.all(np.abs(got) <= top)
+    # The sign follows the exact value: sum = e^99 - 2 expm1(0.5) + (e^100 - e^100) > 0.
+    if reduction != "none":
+        assert to_numpy(objective(l, r, 1.0, reduction=reduction)) > 1e38
+    # Nothing changes where the plain sum is representable.
+    small = xp.asarray(np.array([0.3, -0.2, 1.5], np.float32))
+    rs = xp.asarray(np.array([1.0, -1.0, 2.0], np.float32))
+    want = np.array([1.0, -1.0, 2.0]) * np.expm1(0.5 * np.array([0.3, -0.2, 1.5])) / 0.5
+    want = {"mean": want.mean(), "sum": want.sum(), "none": want}[reduction]
+    np.testing.assert_allclose(to_numpy(objective(small, rs, 0.5, reduction=reduction)), want,
+                               rtol=1e-6)  # fmt: skip

@@ -2,7 +2,7 @@
 path on every installed backend, the gradient against finite differences and torch autograd.
 
 Nothing here needs CuPy or a GPU: the fused path (``_fused_loss_and_grad``) runs with
-``kernels._reference_row_stats`` / ``_reference_token_grad`` in place of the CUDA kernels, so the
+``reference_row_stats`` / ``reference_token_grad`` in place of the CUDA kernels, so the
 only part left to ``test_cupy_gpu.py`` is the CUDA compilation and launch.
 """
 
@@ -22,11 +22,12 @@ from _helpers import (
     reference_gamma_tail,
     to_numpy,
 )
+from _kernel_mirrors import reference_row_stats, reference_token_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
 from isreshape_core import GAMMA_METHODS
-from isreshape_cupy import is_reshape_loss_and_grad, kernels
+from isreshape_cupy import is_reshape_loss_and_grad
 from isreshape_cupy.loss import _fused_loss_and_grad
 
 LOSS_AGG_MODES = (
@@ -55,8 +56,8 @@ def fused_cpu(logp, logq, rewards, mask=None, **options):
         logq,
         rewards,
         mask,
-        row_stats=kernels._reference_row_stats,
-        token_grad=kernels._reference_token_grad,
+        row_stats=reference_row_stats,
+        token_grad=reference_token_grad,
         **full,
     )
 
@@ -118,7 +119,7 @@ def test_reference_row_stats_matches_loops(geometric):
     logp[0, 0] = -np.inf  # weight 0: a valid -inf log weight, not an error
     logq[1, 0] = np.nan  # counted as bad
     rewards[2, 0] = np.inf  # counted as bad
-    out = kernels._reference_row_stats(logp, logq, rewards, mask, geometric)
+    out = reference_row_stats(logp, logq, rewards, mask, geometric)
     for b in range(5):
         valid = [t for t in range(7) if mask[b, t]]
         n = len(valid)
@@ -148,7 +149,7 @@ def test_reference_row_stats_matches_loops(geometric):
 
 def test_reference_row_stats_broadcasts_rewards_and_mask():
     logp, logq, rewards, _ = make_batch(4, B=3, T=4)
-    out = kernels._reference_row_stats(logp, logq, rewards[:, None], np.ones((1, 1), bool), False)
+    out = reference_row_stats(logp, logq, rewards[:, None], np.ones((1, 1), bool), False)
     np.testing.assert_allclose(out["sum_r"], 4 * rewards, rtol=1e-14)
     np.testing.assert_allclose(out["unit_l"], (logp - logq).sum(axis=1), rtol=1e-13)
     np.testing.assert_array_equal(out["n_tok"], [4.0, 4.0, 4.0])
@@ -158,7 +159,7 @@ def test_reference_token_grad_matches_loops():
     rng = np.random.default_rng(5)
     mask = rng.uniform(size=(4, 6)) < 0.6
     scale = rng.normal(size=(4, 1))
-    got = kernels._reference_token_grad(mask, scale, (4, 6))
+    got = reference_token_grad(mask, scale, (4, 6))
     for b in range(4):
         for t in range(6):
             assert got[b, t] == (scale[b, 0] if mask[b, t] else 0.0)
@@ -525,3 +526,23 @@ def test_fused_precomputed_gamma_matches_generic_path(level):
         np.testing.assert_allclose(grad_f, grad_g, rtol=1e-12, atol=1e-15)
         for key in met_g:
             np.testing.assert_allclose(met_f[key], met_g[key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", FUSED_LEVELS)
+def test_fused_reinforce_value_stays_finite_where_its_product_overflows(level):
+    # float32: w^gamma ~ e^80 per sequence times a summed log-probability of -4e3 overflows the
+    # product w * logp; the core's unit-loss stage rescales it (log_scale > 0), finite and equal
+    # to the generic path.
+    B, T = 4, 8
+    logp = np.full((B, T), -500.0, np.float32)
+    shift = 10.0 if level == "sequence" else 85.0  # l = 80 (sum) or 85 (mean) per sequence
+    logq = logp - np.float32(shift)
+    logq[1] = logp[1] - np.float32(shift - 1.0)
+    rewards = np.array([1.0, -0.5, 2.0, 1.0], np.float32)
+    kw = {"gamma": 1.0, "level": level, "form": "reinforce", "loss_agg_mode": "seq-mean-token-sum"}
+    loss, grad, metrics = fused_cpu(logp, logq, rewards, **kw)
+    want, want_grad, want_metrics = is_reshape_loss_and_grad(logp, logq, rewards, fused=False, **kw)
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5)
+    np.testing.assert_allclose(metrics["log_scale"], want_metrics["log_scale"], rtol=1e-5)

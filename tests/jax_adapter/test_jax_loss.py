@@ -439,3 +439,23 @@ def test_step_gamma_over_a_named_axis_feeds_every_shards_loss():
     for key, value in whole_m.items():
         np.testing.assert_allclose(np.asarray(metrics[key]), float(value), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(loss), float(whole_loss), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda f: jax.hessian(f),
+        lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f)(x))),
+        lambda f: lambda x: jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1],
+    ],
+    ids=["hessian", "grad_of_grad", "jvp_of_grad"],
+)
+def test_second_derivative_is_an_error_not_zero(second):
+    logp, logq, rewards, mask = (jnp.asarray(a) for a in make_batch(3))
+
+    def f(x):
+        return is_reshape_loss(x, logq, rewards, mask, gamma=0.5)[0]
+
+    assert np.all(np.isfinite(np.asarray(jax.grad(f)(logp))))  # first order still works
+    with pytest.raises(RuntimeError, match="first order"):
+        second(f)(logp)
