@@ -24,7 +24,7 @@ What each method maximises on a batch of samples ``(x_i, a_i)``, ``l_i = log pi 
 ``sft`` (gamma 0)          ``mean(r_i · l_i)`` = reward-weighted SFT, ``L_0``
 ``is_pg`` (gamma 1)        ``mean(r_i · (w_i - 1))`` = importance-sampled PG, ``L_1``
 ``fixed_0.5``              ``L_0.5 = mean(r_i · expm1(0.5·l_i) / 0.5)``
-``closed_form``            ``L_gamma``, gamma from the paper's closed form (rho_min = 0.3)
+``closed_form``            ``L_gamma``, gamma = the closed-form rule (rho_min = 0.3)
 ``ess``                    ``L_gamma``, gamma = the exact empirical-ESS rule (rho_min = 0.3)
 ``psis``                   ``L_gamma``, gamma = PSIS rule (rho_min = 0.3, fallback 0.3)
 ``ess_adv``                ``L_gamma`` on the advantages ``A_i``, gamma = exact-ESS rule
@@ -38,7 +38,8 @@ truncated IS use the group-baseline advantage, as GRPO, verl and TRL use them (`
 exact-ESS rule on the same advantages, to separate the effect of the baseline). The gradient with
 respect to the logits of context ``x`` is ``sum_i c_i (onehot(a_i) - pi(.|x))`` over the samples
 of that context, with ``c_i`` the derivative of the surrogate with respect to ``log pi(a_i|x_i)``
-(for ``L_gamma``: ``r_i w_i^gamma / B`` from :func:`isreshape_core.objective_grad`).
+(for ``L_gamma``: ``r_i w_i^gamma / B`` from :func:`isreshape_core.objective_grad`). The gamma
+rules: :ref:`theory-closed-form`, :ref:`theory-gamma-ess`, :ref:`theory-pareto-gamma`.
 """
 
 from __future__ import annotations

@@ -40,9 +40,12 @@ VERDICTS = {
     5: ("invalid", "NaN or +inf in the log weights (a traced input, which cannot raise)"),
 }
 
-#: Excess kurtosis above which the tail is called heavy (the paper's section 8.3).
+#: Excess kurtosis of log w above which the tail is called heavy: normal log weights have 0, a
+#: Laplace distribution 3 (the paper's threshold, :ref:`theory-diagnostics`).
 HEAVY_KURTOSIS = 3.0
-#: Var(log w) above which the behaviour policy is called stale (the paper's section 8.3).
+#: Var(log w) above which the behaviour policy is called stale: the log-normal ESS ratio
+#: ``exp(-sigma2 gamma**2)`` is then below 0.3 for every gamma above 0.35 (the paper's threshold,
+#: :ref:`theory-diagnostics`).
 REFRESH_SIGMA2 = 10.0
 
 

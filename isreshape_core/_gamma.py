@@ -1,6 +1,7 @@
 """Choosing the tempering exponent gamma from the importance weights (:ref:`theory-gamma-ess`).
 
-- :func:`gamma_closed_form`: the paper's Theorem 8.1, exact only for log-normal weights;
+- :func:`gamma_closed_form`: the paper's Theorem 8.1, exact only for log-normal weights
+  (:ref:`theory-closed-form`);
 - :func:`gamma_ess`: the default, the largest gamma whose empirical ESS ratio meets ``rho_min``;
 - ``select_gamma`` (``_select.py``) is the one entry point for every method.
 

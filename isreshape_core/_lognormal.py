@@ -143,7 +143,7 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
     References
     ----------
     :ref:`theory-lognormal`; the paper's Theorem 6.4 and Corollary 6.5; its Theorem 5.3's second
-    moment ``E[w**(2 gamma)] = exp((2 gamma - 1) D_{2 gamma})``.
+    moment ``E[w**(2 gamma)] = exp((2 gamma - 1) D_{2 gamma})`` (:ref:`theory-renyi`).
 
     Examples
     --------

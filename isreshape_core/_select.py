@@ -44,8 +44,8 @@ def select_gamma(
         Least acceptable ESS ratio (ignored by a fixed number and by ``"tail"``).
     method : {"ess", "closed_form", "psis", "tail", "combined"} or float in [0, 1]
         ``"ess"`` (default): :func:`gamma_ess`; ``"closed_form"``: :func:`gamma_closed_form`
-        (the paper's); ``"psis"``, ``"tail"``, ``"combined"``: the Pareto-smoothed rules
-        (:ref:`theory-pareto-gamma`); a number: that gamma for every row.
+        (the paper's, :ref:`theory-closed-form`); ``"psis"``, ``"tail"``, ``"combined"``: the
+        Pareto-smoothed rules (:ref:`theory-pareto-gamma`); a number: that gamma for every row.
     axis, mask, gamma_min, gamma_max
         As in :func:`gamma_ess`. Every method's result is clipped to ``[gamma_min, gamma_max]``,
         so a warm-up schedule passed as ``gamma_max`` gives ``min(schedule(step), gamma*)``.

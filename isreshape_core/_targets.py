@@ -4,7 +4,7 @@ On a finite support of ``K`` outcomes (bandits, tests, teaching) the behaviour p
 given by its log-probabilities ``logq`` and the reward ``r >= 0`` of each outcome is read as an
 unnormalised distribution. Two families of distributions are exposed:
 
-- the paper's geometric target (Definition 4.1, Theorem 4.2)
+- the paper's geometric target (Definition 4.1, Theorem 4.2; :ref:`theory-finite-support`)
   ``p_gamma ∝ (mu r)**(1 - gamma) * exp(gamma r / tau)``, the e-geodesic between
   ``p_0 = mu r / Z_0`` and ``p_1 = exp(r / tau) / Z_1``;
 - the correction (:ref:`theory-correction-target`): the policy that maximises the loss
@@ -287,10 +287,11 @@ def stationary_log_probs(
     among the outcomes with ``mu > 0``, renormalised. At ``gamma = 0`` the loss is
     ``sum mu r log(pi / mu)`` and the maximiser is ``mu r / Z_0``, the paper's ``p_0``.
 
-    This corrects the paper: ``tau`` does not enter the loss, and the exponent
-    of ``mu`` stays 1, so for ``0 < gamma < 1`` the maximiser differs from the geometric target
-    :func:`target_log_probs` (it sharpens ``r`` instead of moving away from ``mu``). Computed as
-    ``logq + (log r - max log r) / (1 - gamma) - LSE(...)``, stable as ``gamma -> 1``.
+    This corrects the paper (:ref:`theory-correction-target`): ``tau`` does not enter the loss, and
+    the exponent of ``mu`` stays 1, so for ``0 < gamma < 1`` the maximiser differs from the
+    geometric target :func:`target_log_probs` (it sharpens ``r`` instead of moving away from
+    ``mu``). Computed as ``logq + (log r - max log r) / (1 - gamma) - LSE(...)``, stable as
+    ``gamma -> 1``.
 
     Parameters
     ----------
@@ -364,10 +365,11 @@ def bias(
 
     with ``p_gamma`` the geometric target of :func:`target_log_probs`. It is non-increasing in
     gamma, with derivative ``E_{p_gamma}[h] - E_{p_1}[h] <= 0``, ``h = log(p_1 / p_0)`` (this
-    completes the proof of the paper's Theorem 6.2), strictly decreasing where ``p_0 != p_1``, 0 at
-    ``gamma = 1``. When some ``r = 0`` or some ``mu = 0`` (``logq = -inf``), ``p_gamma`` misses an
-    outcome that ``p_1`` charges and the bias is ``+inf`` for every ``gamma < 1`` (also for rows
-    where ``mu r = 0`` everywhere); it is still 0 at ``gamma = 1``.
+    completes the proof of the paper's Theorem 6.2, :ref:`theory-correction-bias`), strictly
+    decreasing where ``p_0 != p_1``, 0 at ``gamma = 1``. When some ``r = 0`` or some ``mu = 0``
+    (``logq = -inf``), ``p_gamma`` misses an outcome that ``p_1`` charges and the bias is ``+inf``
+    for every ``gamma < 1`` (also for rows where ``mu r = 0`` everywhere); it is still 0 at
+    ``gamma = 1``.
 
     Parameters
     ----------
