@@ -3,7 +3,7 @@
 :func:`isreshape_core.is_reshape_loss_and_grad` reads the tokens in two stages: the units (the
 per-sequence sums of ``logp - logq``, of ``logp`` and of the rewards, the token counts) and the
 gradient scatter. On CuPy arrays at the ``"sequence"`` and ``"geometric"`` levels each runs as one
-kernel of :mod:`isreshape_cupy.kernels`; the stages in between (gamma, the unit loss, gradient
+kernel of ``isreshape_cupy.kernels``; the stages in between (gamma, the unit loss, gradient
 and metrics) are the core's own functions, on the ``B`` sequences. Any other array (NumPy, torch,
 JAX, array-api-strict), and the ``"token"`` level, goes straight to the core.
 """
@@ -52,18 +52,21 @@ def is_reshape_loss_and_grad(
     :func:`isreshape_core.is_reshape_loss_and_grad` (:ref:`theory-objective`); there is no
     autograd in CuPy, so the gradient is returned, to be chained by hand. On CuPy arrays at the
     sequence and geometric levels the two token passes of the core's pipeline run as fused
-    kernels (:mod:`isreshape_cupy.kernels`: the per-sequence sums in one pass, the gradient
+    kernels (``isreshape_cupy.kernels``: the per-sequence sums in one pass, the gradient
     scatter in a second); everything in between is the core's, on the ``B`` sequences.
 
     Parameters
     ----------
-    logp, logq, rewards, mask, gamma, rho_min, level, loss_agg_mode, form, group_size, \
-loss_scale_factor, **gamma_options
+    logp, logq, rewards, mask : CuPy or other arrays
         As in :func:`isreshape_core.is_reshape_loss_and_grad`.
     fused : bool, optional
         ``None`` (default): the fused kernels for CuPy arrays at the sequence and geometric
         levels, the core otherwise. ``True`` requires CuPy arrays and a fused level; ``False``
         always runs the core (the generic path, for comparisons).
+    **options
+        The core's options (``gamma``, ``rho_min``, ``level``, ``loss_agg_mode``, ``form``,
+        ``group_size``, ``loss_scale_factor`` and the gamma method's options), as in
+        :func:`isreshape_core.is_reshape_loss_and_grad`.
 
     Returns
     -------
