@@ -1,0 +1,66 @@
+"""The shared timing harness of benchmarks/ (``_harness.py``): ratios, spread and results file."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def harness(load_benchmark):
+    return load_benchmark("_harness")
+
+
+def test_summarise_takes_ratios_round_by_round(harness):
+    # Rounds where the whole machine slowed down by 10x: the per-round ratio stays 2.
+    times = {"base": [1.0, 10.0, 1.0, 10.0, 1.0], "case": [2.0, 20.0, 2.0, 20.0, 3.0]}
+    s = harness.summarise(times, "base", "case")
+    assert s.ratio == 2.0
+    assert (s.lo, s.hi) == (2.0, 3.0)
+    assert (s.q1, s.q3) == (2.0, 2.0)
+    assert s.median_s == 3.0
+    assert harness.summarise(times, "base", "base").ratio == 1.0
+
+
+def test_verdict(harness):
+    assert harness.verdict(1.1, 1.1) == "<= 1.1x: met"
+    assert harness.verdict(1.2, 1.1) == "<= 1.1x: MISSED"
+    assert harness.verdict(9.0, None) == ""
+
+
+def test_time_interleaved_times_every_case_every_round(harness):
+    calls = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = harness.time_interleaved(cases, rounds=3, warmup=1)
+    assert calls == list("abcbcacababc")  # one warm-up round, then rotated orders
+    for name in "abc":
+        assert len(timings.thread[name]) == len(timings.process[name]) == 3
+        assert all(t >= 0 for t in timings.thread[name])
+    # Microsecond calls: the two clocks' granularity makes the share only roughly 1 here.
+    assert math.isnan(timings.thread_share) or timings.thread_share > 0
+
+
+def test_flush_writes_the_whole_buffer(harness):
+    harness.flush_caches()
+    first = int(harness._FLUSH_BUFFER[0])
+    harness.flush_caches()
+    buffer = harness._FLUSH_BUFFER
+    assert buffer.nbytes == 64 * 2**20
+    assert int(buffer[0]) == int(buffer[-1]) == (first + 1) % 256
+
+
+def test_write_results_keeps_the_history_section(harness, tmp_path):
+    path = tmp_path / "r.md"
+    path.write_text("# old table\n\n| a |\n\n## History\n\nbefore: 1.5x\n")
+    harness.write_results(path, "# new table\n")
+    assert path.read_text() == "# new table\n\n## History\n\nbefore: 1.5x\n"
+    fresh = tmp_path / "fresh.md"
+    harness.write_results(fresh, "# t\n")
+    assert fresh.read_text() == "# t\n"
+
+
+def test_git_commit_outside_a_repository(harness, tmp_path):
+    assert harness.git_commit(tmp_path) == "unknown"
+    assert harness.git_commit(Path(__file__).resolve().parents[2]) != "unknown"
