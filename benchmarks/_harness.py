@@ -50,10 +50,11 @@ def flush_caches() -> None:
 @dataclass(frozen=True)
 class Timings:
     """Per-round seconds of each case (``thread``: this thread's CPU time; ``process``: the
-    process's CPU time), in case order."""
+    process's CPU time), in case order; ``flushed``: whether the caches were flushed."""
 
     thread: dict[str, list[float]]
     process: dict[str, list[float]]
+    flushed: bool = True
 
     @property
     def thread_share(self) -> float:
@@ -63,12 +64,13 @@ class Timings:
 
 
 def time_interleaved(
-    cases: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 2
+    cases: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 2, flush: bool = True
 ) -> Timings:
     """Time each ``cases[name]()`` once per round, the cases interleaved, caches flushed first.
 
     ``warmup`` untimed rounds run first (compilation, allocator warm-up). Each callable must do
-    all the work it is timed for (forward and backward, and wait for the result).
+    all the work it is timed for (forward and backward, and wait for the result). ``flush=False``
+    (warm caches) is for seeing what the flush changes, not for the tables.
     """
     names = list(cases)
     thread = {name: [] for name in names}
@@ -79,7 +81,8 @@ def time_interleaved(
         for r in range(warmup + rounds):
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                flush_caches()
+                if flush:
+                    flush_caches()
                 # The process's interval encloses the thread's.
                 p0 = time.process_time_ns()
                 t0 = time.thread_time_ns()
@@ -91,7 +94,7 @@ def time_interleaved(
                     process[name].append((p1 - p0) * 1e-9)
     finally:
         gc.enable()
-    return Timings(thread, process)
+    return Timings(thread, process, flush)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,22 @@ def time_columns(s: Summary) -> str:
     return f"{s.median_s * 1e3:.3f} | {s.ratio:.2f} | {s.q1:.2f}-{s.q3:.2f} | {s.lo:.2f}-{s.hi:.2f}"
 
 
+def method_text(rounds: int, warmup: int, timings: Timings) -> str:
+    """The sentences that say how the table's times were taken."""
+    caches = (
+        "caches flushed (64 MiB written) before every timed call"
+        if timings.flushed
+        else "caches NOT flushed (warm: a diagnostic run, not the harness's figures)"
+    )
+    return (
+        f"{rounds} interleaved rounds after {warmup} warm-up rounds (compile time excluded); "
+        f"{caches}; this thread's CPU time (it was {timings.thread_share:.1%} of the process's "
+        "CPU time over the timed calls). Ratios are per round, to the baseline timed in the same "
+        "round: median, quartiles (IQR) and min-max over the rounds; median ms: the case's "
+        "median over the rounds."
+    )
+
+
 TIME_HEADER = "median ms | ratio (median) | ratio IQR | ratio min-max"
 
 
@@ -168,6 +187,9 @@ def arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds (100)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (3)")
     parser.add_argument("--out", default=None, help="write the table to this markdown file")
+    parser.add_argument(
+        "--no-flush", action="store_true", help="warm caches (to see what the flush changes)"
+    )
     return parser
 
 

@@ -165,7 +165,7 @@ def op_counts(fn: Callable, args: list) -> tuple[dict[str, int], Callable]:
 
 
 def run(
-    B: int = 64, T: int = 2048, rounds: int = 100, warmup: int = 3
+    B: int = 64, T: int = 2048, rounds: int = 100, warmup: int = 3, flush: bool = True
 ) -> tuple[str, dict[str, _harness.Summary], dict[str, dict[str, int]]]:
     """Count and time every case; return the markdown table, the summaries and the counts."""
     args = make_inputs(B, T)
@@ -174,7 +174,7 @@ def run(
         counts[name], compiled = op_counts(fn, args)
         steps[name] = lambda compiled=compiled: jax.block_until_ready(compiled(*args))
         steps[name]()
-    timings = _harness.time_interleaved(steps, rounds, warmup)
+    timings = _harness.time_interleaved(steps, rounds, warmup, flush)
     summaries = {name: _harness.summarise(timings.thread, BASELINE, name) for name in steps}
     base = counts[BASELINE]
     lines = [
@@ -197,13 +197,9 @@ def run(
         "equations (recursively into sub-jaxprs, a loop body once), HLO instructions after "
         "XLA's optimisation (all computations), fusion instructions, and executed HLO "
         "instructions (outside fused computations and reduction bodies, less parameter, "
-        "constant, tuple, get-tuple-element, bitcast). Time: "
-        f"{rounds} interleaved rounds after {warmup} warm-up rounds (compile time excluded); "
-        "caches flushed (64 MiB written) before every timed call; this thread's CPU time of "
-        "the compiled call with block_until_ready, the process pinned to "
-        f"{len(os.sched_getaffinity(0))} CPU(s) (the thread's CPU time was "
-        f"{timings.thread_share:.1%} of the process's over the timed calls). Ratios are per "
-        "round, to PPO-clip timed in the same round: median, quartiles (IQR) and min-max.",
+        "constant, tuple, get-tuple-element, bitcast). Time: the compiled call with "
+        f"block_until_ready, the process pinned to {len(os.sched_getaffinity(0))} CPU(s), "
+        "synchronous dispatch; " + _harness.method_text(rounds, warmup, timings),
         "",
         _harness.platform_line(f"JAX {jax.__version__}")
         + f" Commit measured: {_harness.git_commit(ROOT)}.",
@@ -226,7 +222,7 @@ def main(argv=None) -> dict[str, _harness.Summary]:
     jax.config.update("jax_platforms", "cpu")
     # Asynchronous dispatch would hand the computation to another thread.
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-    text, summaries, _ = run(args.B, args.T, args.rounds, args.warmup)
+    text, summaries, _ = run(args.B, args.T, args.rounds, args.warmup, not args.no_flush)
     print(text)
     if args.out:
         _harness.write_results(Path(args.out), text)

@@ -112,7 +112,12 @@ def forward_backward(loss: Callable, logp: torch.Tensor) -> Callable[[], None]:
 
 
 def run(
-    B: int = 64, T: int = 2048, rounds: int = 100, warmup: int = 3, compiled: bool = True
+    B: int = 64,
+    T: int = 2048,
+    rounds: int = 100,
+    warmup: int = 3,
+    compiled: bool = True,
+    flush: bool = True,
 ) -> tuple[str, dict[str, _harness.Summary]]:
     """Time every case; return the markdown table and each case's :class:`_harness.Summary`."""
     torch.set_num_threads(1)
@@ -124,7 +129,7 @@ def run(
     }
     for step in steps.values():  # compile (and first-call set-up) before any round
         step()
-    timings = _harness.time_interleaved(steps, rounds, warmup)
+    timings = _harness.time_interleaved(steps, rounds, warmup, flush)
     summaries = {name: _harness.summarise(timings.thread, TARGETS[name][0], name) for name in steps}
     lines = [
         "| loss | ratio to | " + _harness.TIME_HEADER + " | target |",
@@ -139,12 +144,9 @@ def run(
     header = [
         "# torch loss benchmark: one-thread CPU time, forward + backward",
         "",
-        f"B={B}, T={T}, float32, ragged mask (lengths uniform in [T/4, T]), CPU, 1 thread. "
-        f"{rounds} interleaved rounds after {warmup} warm-up rounds (compile time excluded); "
-        "caches flushed (64 MiB written) before every timed call; this thread's CPU time "
-        f"(it was {timings.thread_share:.1%} of the process's CPU time over the timed calls). "
-        "Ratios are per round, to the baseline timed in the same round: median, quartiles "
-        "(IQR) and min-max over the rounds. Median ms: the case's median over the rounds.",
+        f"B={B}, T={T}, float32, ragged mask (lengths uniform in [T/4, T]), CPU, 1 thread; "
+        "forward + backward, each IS Reshape call returning its metrics. "
+        + _harness.method_text(rounds, warmup, timings),
         "",
         _harness.platform_line(f"torch {torch.__version__}")
         + f" Commit measured: {_harness.git_commit(ROOT)}.",
@@ -157,7 +159,9 @@ def main(argv=None) -> dict[str, _harness.Summary]:
     parser = _harness.arguments(__doc__.splitlines()[0])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args(argv)
-    text, summaries = run(args.B, args.T, args.rounds, args.warmup, not args.no_compile)
+    text, summaries = run(
+        args.B, args.T, args.rounds, args.warmup, not args.no_compile, not args.no_flush
+    )
     print(text)
     if args.out:
         _harness.write_results(Path(args.out), text)

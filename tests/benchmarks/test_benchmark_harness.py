@@ -64,3 +64,14 @@ def test_write_results_keeps_the_history_section(harness, tmp_path):
 def test_git_commit_outside_a_repository(harness, tmp_path):
     assert harness.git_commit(tmp_path) == "unknown"
     assert harness.git_commit(Path(__file__).resolve().parents[2]) != "unknown"
+
+
+def test_flush_before_every_timed_call_unless_told_not_to(harness):
+    seen = []
+    cases = {"a": lambda: seen.append(int(harness._FLUSH_BUFFER[-1]))}
+    timings = harness.time_interleaved(cases, rounds=3, warmup=0)
+    assert timings.flushed and len(set(seen)) == 3  # a new value written before each call
+    seen.clear()
+    timings = harness.time_interleaved(cases, rounds=3, warmup=0, flush=False)
+    assert not timings.flushed and len(set(seen)) == 1
+    assert "NOT flushed" in harness.method_text(3, 0, timings)
