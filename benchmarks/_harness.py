@@ -164,14 +164,16 @@ def platform_line(frameworks: str) -> str:
 
 
 def git_commit(root: Path) -> str:
-    """The checked-out commit of ``root`` (short hash, ``+dirty`` if tracked files have
-    changes), or ``"unknown"`` outside a git work tree."""
+    """``"<HEAD> (loss code last changed in <commit>)"``: the checked-out commit of ``root``
+    (``+dirty`` if tracked files have changes) and the last commit that touched
+    ``isreshape_core/`` or ``adapters/``; ``"unknown"`` outside a git work tree."""
     try:
         head = _git(root, "rev-parse", "--short", "HEAD")
         dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+        code = _git(root, "log", "-1", "--format=%h", "--", "isreshape_core", "adapters")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + ("+dirty" if dirty else "")
+    return f"{head}{'+dirty' if dirty else ''} (loss code last changed in {code})"
 
 
 def _git(root: Path, *args: str) -> str:
