@@ -12,7 +12,8 @@ How a loss is timed, and why:
   hits all cases alike.
 - **Cold caches.** Before every timed call a 64 MiB buffer is written, as a model's backward
   pass would between two loss calls: a loss timed with its inputs still in cache is timed in a
-  state it is never in during training.
+  state it is never in during training. 64 MiB is far more than a core's L1 and L2; a large
+  server L3 (hundreds of MiB on some, shared by the cores) is only partly evicted.
 - **This thread's CPU time** (``time.thread_time_ns``): on one thread it is the work done,
   insensitive to other processes competing for the cores. The process's CPU time is recorded
   too, and the table states the fraction of it the thread accounts for: near 1 means no work
