@@ -182,14 +182,21 @@ def _git(root: Path, *args: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def arguments(description: str) -> argparse.ArgumentParser:
-    """The options both benchmarks take: shapes, rounds, warm-up rounds and the output file."""
+def arguments(description: str, results: Path) -> argparse.ArgumentParser:
+    """The options both benchmarks take: shapes, rounds, warm-up rounds and the output file
+    (``--out`` alone: ``results``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--B", type=int, default=64, help="responses (default 64)")
     parser.add_argument("--T", type=int, default=2048, help="tokens per response (2048)")
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds (100)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (3)")
-    parser.add_argument("--out", default=None, help="write the table to this markdown file")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(results),
+        default=None,
+        help=f"write the table to this markdown file (no value: {results.name} in results/)",
+    )
     parser.add_argument(
         "--no-flush", action="store_true", help="warm caches (to see what the flush changes)"
     )

@@ -25,8 +25,8 @@ states the share of the process's CPU time the thread accounts for).
 Target (issue 16): under ``jax.jit`` the loss (the default: sequence level, exact-ESS gamma)
 within 1.2x of the jitted PPO-clip.
 
-    python benchmarks/jax_loss.py                      # print the table
-    python benchmarks/jax_loss.py --out benchmarks/results/jax_loss.md
+    python benchmarks/jax_loss.py            # print the table
+    python benchmarks/jax_loss.py --out      # and write benchmarks/results/jax_loss.md
 """
 
 from __future__ import annotations
@@ -216,7 +216,9 @@ def pin_to_one_cpu() -> None:
 
 
 def main(argv=None) -> dict[str, _harness.Summary]:
-    parser = _harness.arguments(__doc__.splitlines()[0])
+    parser = _harness.arguments(
+        __doc__.splitlines()[0], ROOT / "benchmarks" / "results" / "jax_loss.md"
+    )
     args = parser.parse_args(argv)
     pin_to_one_cpu()
     jax.config.update("jax_platforms", "cpu")

@@ -11,8 +11,8 @@ Targets (issue 16, ratios of one-thread CPU time): the default (sequence level, 
 <= 1.1x PPO-clip; fixed gamma, sequence and token level, <= 1.2x; token-level exact-ESS
 <= 2.5x; under ``torch.compile`` the default within 1.2x of the compiled PPO-clip.
 
-    python benchmarks/torch_loss.py                      # print the table
-    python benchmarks/torch_loss.py --out benchmarks/results/torch_loss.md
+    python benchmarks/torch_loss.py          # print the table
+    python benchmarks/torch_loss.py --out    # and write benchmarks/results/torch_loss.md
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ def run(
 
 
 def main(argv=None) -> dict[str, _harness.Summary]:
-    parser = _harness.arguments(__doc__.splitlines()[0])
+    parser = _harness.arguments(
+        __doc__.splitlines()[0], ROOT / "benchmarks" / "results" / "torch_loss.md"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args(argv)
     text, summaries = run(

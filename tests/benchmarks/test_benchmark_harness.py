@@ -78,3 +78,10 @@ def test_flush_before_every_timed_call_unless_told_not_to(harness):
     timings = harness.time_interleaved(cases, rounds=3, warmup=0, flush=False)
     assert not timings.flushed and len(set(seen)) == 1
     assert "NOT flushed" in harness.method_text(3, 0, timings)
+
+
+def test_out_without_a_value_is_the_results_file(harness, tmp_path):
+    parser = harness.arguments("d", tmp_path / "x.md")
+    assert parser.parse_args(["--out"]).out == str(tmp_path / "x.md")
+    assert parser.parse_args(["--out", "y.md"]).out == "y.md"
+    assert parser.parse_args([]).out is None
