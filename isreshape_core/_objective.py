@@ -22,6 +22,7 @@ from ._lib.numerics import expm1_capped as _expm1_capped
 from ._lib.numerics import log_abs, logsumexp, safe_sum, tempered_log_weights
 from ._lib.reduce import sample_count
 from ._lib.rows import row_param as _per_row
+from ._lib.saturate import times_exp
 from ._lib.tracing import is_concrete
 
 __all__ = [
@@ -155,15 +156,6 @@ def _log_abs_boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
     return log_abs(xp, r) + xp.where(r == 0, 0.0, log_h)  # r = 0: the term is 0
 
 
-def _scale_grad(
-    xp: Namespace, grad: Array, l: Array, mask: Array | None, axis: int, reduction: str
-) -> Array:
-    if reduction != "mean":
-        return grad
-    n = sample_count(xp, l, mask, axis)
-    return grad / xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
-
-
 def sign(xp: Namespace, x: Array) -> Array:
     """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
     ``torch.func.vmap`` cannot batch)."""
@@ -207,8 +199,32 @@ def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
 
 
 def _tempered_reward(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
-    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``)."""
+    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``), ``+-inf``
+    where ``w**g`` overflows: a factor of the REINFORCE terms, whose sum is formed in log
+    space there (a saturated factor times ``logp`` could overflow again)."""
     return _times_nonzero(xp, r, _exp_capped(xp, tempered_log_weights(xp, l, g)))
+
+
+def _gradient(
+    xp: Namespace,
+    l: Array,
+    r: Array,
+    g: Array,
+    mask: Array | None,
+    axis: int,
+    reduction: str,
+    poison_l: Array,
+) -> Array:
+    """``r w**g`` (``/ n`` for ``"mean"``) saturating at ``+-max_float`` (see
+    :func:`objective_grad`); traced NaN where ``poison_l`` or ``r`` is not finite."""
+    x = tempered_log_weights(xp, l, g)
+    grad, capped = times_exp(xp, r, x)
+    if reduction == "mean":
+        n = sample_count(xp, l, mask, axis)
+        n = xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
+        per_n, _ = times_exp(xp, r / n, x)  # r w**g / n can be in range where r w**g is not
+        grad = xp.where(capped, per_n, grad / n)
+    return _traced_poison(xp, poison_l, r, grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,13 +331,25 @@ def objective_grad(
         \frac{\partial L_\gamma}{\partial l_i} = \frac{r_i\, w_i^\gamma}{n}
         \quad(\text{"mean"}), \qquad r_i\, w_i^\gamma \quad(\text{"sum"}, \text{"none"}),
 
-    exact for every ``gamma`` in ``[0, 1]``, computed as ``r * exp(gamma * l)`` in log space
-    (no ``1/gamma``). At ``gamma = 0``, ``w**0`` is 1 for finite ``l`` and 0 for ``l = -inf`` or
-    a masked sample (``0**0`` is not 1 here). ``exp`` overflows (to ``+inf``, without a warning)
-    only where ``gamma * l`` exceeds ``log`` of the largest float, that is, where the value of
-    :func:`objective` itself is out of range. With ``"none"`` each entry is the derivative of
-    its own term. Chain rule for the policy: ``d l / d logp = 1``, so the policy gradient is
+    exact for every ``gamma`` in ``[0, 1]``, computed as ``r * exp(gamma * l)`` (no
+    ``1/gamma``). At ``gamma = 0``, ``w**0`` is 1 for finite ``l`` and 0 for ``l = -inf`` or a
+    masked sample (``0**0`` is not 1 here). With ``"none"`` each entry is the derivative of its
+    own term. Chain rule for the policy: ``d l / d logp = 1``, so the policy gradient is
     ``mean(r w**gamma grad log pi)`` (the paper's Theorem 2.1).
+
+    Saturation: for every finite input every entry is finite, with no floating-point warning.
+    Where ``w**gamma`` is a normal float and the product fits, an entry is the plain
+    ``r * exp(gamma l)`` (``/ n``), bit for bit. Where ``w**gamma`` alone overflows (``gamma l``
+    above ``log`` of the largest float, 88.7 in float32) but ``r w**gamma`` fits, as with a small
+    reward, or where ``w**gamma`` is subnormal and the product is not, the product is formed
+    from two (four) factors ``exp(gamma l / 2)`` (``/ 4``), within 2 (4) ulp of the exact
+    value. Where the exact value is out of range (or within 2 ulp of the largest float), the
+    entry saturates at ``sign(r) * finfo(dtype).max``, the rule of :func:`objective` and
+    :func:`reinforce_objective`; ``"mean"`` divides by ``n`` first, so ``r w**gamma / n`` is
+    exact wherever it fits. The saturated entries are those equal to ``+-finfo(dtype).max``;
+    this function returns no count. The loss (:func:`is_reshape_loss_and_grad`) never
+    saturates a gradient: it rescales all of them by one factor and reports that factor as
+    ``log_scale`` and the units it concerns as ``n_capped`` (:ref:`numerical-safety`).
 
     Parameters
     ----------
@@ -348,8 +376,7 @@ def objective_grad(
     [ 0.3333 -0.3333  0.6667]
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
-    grad = _traced_poison(xp, l, r, _tempered_reward(xp, l, r, g))
-    return _scale_grad(xp, grad, l, mask, axis, reduction)
+    return _gradient(xp, l, r, g, mask, axis, reduction, l)
 
 
 def _prepare_logp(xp: Namespace, logp: Array, l: Array, mask: Array | None) -> Array:
@@ -484,6 +511,4 @@ def reinforce_objective_grad(
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
     lp = _prepare_logp(xp, logp, l, mask)
-    lp_finite = xp.where(lp == -xp.inf, 0.0, lp)
-    grad = _traced_poison(xp, l + lp_finite, r, _tempered_reward(xp, l, r, g))
-    return _scale_grad(xp, grad, l, mask, axis, reduction)
+    return _gradient(xp, l, r, g, mask, axis, reduction, l + xp.where(lp == -xp.inf, 0.0, lp))
