@@ -14,15 +14,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ._lib.checks import check_gamma, check_real_floating
-from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import exp_capped as _exp_capped
 from ._lib.numerics import expm1_capped as _expm1_capped
 from ._lib.numerics import log_abs, logsumexp, safe_sum, tempered_log_weights
 from ._lib.reduce import sample_count
 from ._lib.rows import row_param as _per_row
-from ._lib.saturate import times_exp
+from ._lib.saturate import divide_or_inf, times_exp, times_or_inf
 from ._lib.tracing import is_concrete
 
 __all__ = [
@@ -84,9 +82,9 @@ def _traced_poison(xp: Namespace, l: Array, r: Array, value: Array) -> Array:
 
 
 def _times_nonzero(xp: Namespace, r: Array, value: Array) -> Array:
-    """``r * value`` with ``0 * (+-inf) = 0``: a sample of reward 0 contributes 0."""
-    zero = r == 0
-    return r * xp.where(zero, 0.0, value)
+    """``r * value`` with ``0 * (+-inf) = 0``: a sample of reward 0 contributes 0; ``+-inf``
+    (no overflow warning) where the product is out of range."""
+    return times_or_inf(xp, r, xp.where(r == 0, 0.0, value))
 
 
 def _reduce(
@@ -106,9 +104,9 @@ def _reduce(
     log space (positive and negative terms apart) and saturates at ``+-max_float``.
     """
     exact_inf = ~(log_abs_terms < xp.inf) & (terms != 0)  # infinite by definition, or NaN
-    top = float(xp.finfo(terms.dtype).max)
-    if reduction == "none":
-        return xp.where(exact_inf, terms, xp.clip(terms, -top, top))
+    if reduction == "none":  # a term that overflowed on the way is taken from its logarithm
+        from_log, _ = times_exp(xp, sign(xp, terms), log_abs_terms)
+        return xp.where(exact_inf | xp.isfinite(terms), terms, from_log)
     finite = xp.isfinite(terms)
     total = safe_sum(xp, xp.where(finite, terms, 0.0), axis=axis)
     n = sample_count(xp, l, mask, axis)
@@ -116,7 +114,7 @@ def _reduce(
     plain = total if reduction == "sum" else total / n_safe
     log_n = xp.zeros_like(total) if reduction == "sum" else xp.log(n_safe)
     sign_s, log_s = _signed_exp_sum(xp, terms, xp.where(exact_inf, -xp.inf, log_abs_terms), axis)
-    saturated = sign_s * xp.exp(xp.minimum(log_s - log_n, _log_max(xp, terms.dtype)))
+    saturated, _ = times_exp(xp, sign_s, log_s - log_n)
     fits = xp.isfinite(total) & xp.all(finite, axis=axis)
     return xp.where(xp.any(exact_inf, axis=axis), _sum_of_infinite(xp, terms, exact_inf, axis),
                     xp.where(fits, plain, saturated))  # fmt: skip
@@ -175,7 +173,7 @@ def boxcox(xp: Namespace, l: Array, g: Array) -> Array:
     g_safe = xp.where(positive, g, 1.0)
     # gamma > 0: expm1(g*l)/g (no cancellation: expm1 is accurate near 0); l = -inf gives -1/g,
     # which is -inf (without an overflow warning) for a subnormal gamma below 1/max.
-    value = _expm1_capped(xp, g * l0) / g_safe
+    value = divide_or_inf(xp, _expm1_capped(xp, g * l0), g_safe)
     in_range = g_safe * float(xp.finfo(l.dtype).max) >= 1.0  # finfo: dtype metadata, not data
     at_zero_w = -1.0 / xp.where(in_range, g_safe, 1.0)
     value = xp.where(finite, value, xp.where(in_range, at_zero_w, -xp.inf))
@@ -199,10 +197,12 @@ def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
 
 
 def _tempered_reward(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
-    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``), ``+-inf``
-    where ``w**g`` overflows: a factor of the REINFORCE terms, whose sum is formed in log
-    space there (a saturated factor times ``logp`` could overflow again)."""
-    return _times_nonzero(xp, r, _exp_capped(xp, tempered_log_weights(xp, l, g)))
+    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``) as in
+    :func:`objective_grad`, but ``+-inf`` where that saturates: a factor of the REINFORCE
+    terms, which are then formed in log space (a saturated factor times ``logp`` is wrong)."""
+    value, capped = times_exp(xp, r, tempered_log_weights(xp, l, g))
+    inf = xp.full_like(value, xp.inf)
+    return xp.where(capped, xp.where(value > 0, inf, -inf), value)
 
 
 def _gradient(
@@ -459,7 +459,8 @@ def reinforce_objective(
     # 0 * (-inf) and inf * 0 both count as 0: a term with a zero factor contributes nothing.
     lp_safe = xp.where(coef == 0, 0.0, lp)
     coef_safe = xp.where(lp_safe == 0, 0.0, coef)
-    terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, coef_safe * lp_safe)
+    terms = times_or_inf(xp, coef_safe, lp_safe)
+    terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, terms)
     log_w_g = tempered_log_weights(xp, l, g)
     zero = (log_w_g == -xp.inf) | (r == 0)  # the term is 0 whatever logp is
     log_abs_terms = log_abs(xp, r) + log_w_g + xp.where(zero, 0.0, log_abs(xp, lp))

@@ -12,7 +12,7 @@ import math
 from .dtypes import log_max
 from .namespace import Array, Namespace
 
-__all__ = ["times_exp"]
+__all__ = ["divide_or_inf", "times_exp", "times_or_inf"]
 
 #: ``exp(x)`` is taken in up to this many equal factors: a power of 2, so that ``x / k`` is exact.
 _MAX_PIECES = 4
@@ -51,3 +51,30 @@ def times_exp(xp: Namespace, a: Array, x: Array) -> tuple[Array, Array]:
         acc = acc * xp.where(use & fits, e, 1.0)  # times 1: exact
     saturated = xp.where(a > 0, top * one, -top * one)
     return xp.where(capped, saturated, acc), capped
+
+
+def times_or_inf(xp: Namespace, a: Array, b: Array) -> Array:
+    """``a * b``, ``+-inf`` (the sign of the product) where it overflows, without the warning.
+
+    The plain product, bit for bit, wherever it provably fits (``|a| <= max / |b|``, rounded
+    down); products within about 2 ulp below ``finfo.max`` count as overflowing. ``0 * inf``
+    is NaN, as in IEEE arithmetic: callers replace the zero factors they define first.
+    """
+    info = xp.finfo(b.dtype)
+    top, eps = float(info.max), float(info.eps)
+    big = xp.abs(b) > 1.0
+    bound = xp.where(big, top / xp.where(big, xp.abs(b), 1.0) * (1.0 - 4.0 * eps), xp.inf)
+    fits = xp.abs(a) <= bound
+    product = xp.where(fits, a, 0.0) * xp.where(fits, b, 0.0)
+    inf = xp.full_like(product, xp.inf)
+    return xp.where(fits, product, xp.where((a > 0) == (b > 0), inf, -inf))
+
+
+def divide_or_inf(xp: Namespace, a: Array, d: Array) -> Array:
+    """``a / d`` for ``0 < d <= 1``, ``+-inf`` (the sign of ``a``) where it overflows, without
+    the warning; the plain quotient, bit for bit, wherever it provably fits."""
+    info = xp.finfo(d.dtype)
+    fits = xp.abs(a) <= float(info.max) * d * (1.0 - 4.0 * float(info.eps))
+    quotient = xp.where(fits, a, 0.0) / xp.where(fits, d, 1.0)
+    inf = xp.full_like(quotient, xp.inf)
+    return xp.where(fits, quotient, xp.where(a > 0, inf, -inf))
