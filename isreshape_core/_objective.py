@@ -257,11 +257,15 @@ def objective(
     Limits, elementwise: a sample with ``r = 0`` contributes 0, also where ``l = -inf``; with
     ``gamma > 0`` a sample with ``l = -inf`` contributes ``-r/gamma``; with ``gamma = 0`` it
     contributes ``-inf * sign(r)`` (the log-likelihood of a sample the policy cannot produce).
-    Numerical safety: for every finite input the value is finite. Where a term (``gamma * l``
-    beyond ``log`` of the largest float) or the sum is out of range, the result is formed in log
-    space, positive and negative terms apart, so that terms of both signs cancel exactly, and
-    saturates at ``+-max_float`` with the sign of the exact value; where everything is
-    representable it is the plain sum, unchanged. Terms that are infinite by definition
+    Numerical safety: for every finite input the value is finite, with no floating-point
+    warning. Where every factor, term and the sum fit the dtype it is the plain formula, bit
+    for bit. A term whose factor overflows (``gamma * l`` beyond ``log`` of the largest float,
+    88.7 in float32) although the term may not (a small reward) is taken from its logarithm,
+    within about ``|log r| + |gamma l|`` times eps relative. Where a term or the sum is out of
+    range, the sum is formed in log space, positive and negative terms apart, so that huge
+    terms of both signs cancel (to about eps of the largest, not to the small remainder), and
+    saturates at ``+-finfo(dtype).max`` with the sign of the exact value, the rule of
+    :func:`objective_grad` (:ref:`numerical-safety`). Terms that are infinite by definition
     (``l = -inf`` at ``gamma = 0``) stay infinite, and ``+inf`` with ``-inf`` among them is NaN.
 
     Parameters
@@ -338,18 +342,19 @@ def objective_grad(
     ``mean(r w**gamma grad log pi)`` (the paper's Theorem 2.1).
 
     Saturation: for every finite input every entry is finite, with no floating-point warning.
-    Where ``w**gamma`` is a normal float and the product fits, an entry is the plain
-    ``r * exp(gamma l)`` (``/ n``), bit for bit. Where ``w**gamma`` alone overflows (``gamma l``
-    above ``log`` of the largest float, 88.7 in float32) but ``r w**gamma`` fits, as with a small
+    Where ``w**gamma`` is a normal float and the product fits, an entry is the plain ``r *
+    exp(gamma l)`` (``/ n``), bit for bit. Where ``w**gamma`` alone overflows (``gamma l`` above
+    ``log`` of the largest float, 88.7 in float32) but ``r w**gamma`` fits, as with a small
     reward, or where ``w**gamma`` is subnormal and the product is not, the product is formed
-    from two (four) factors ``exp(gamma l / 2)`` (``/ 4``), within 2 (4) ulp of the exact
-    value. Where the exact value is out of range (or within 2 ulp of the largest float), the
-    entry saturates at ``sign(r) * finfo(dtype).max``, the rule of :func:`objective` and
-    :func:`reinforce_objective`; ``"mean"`` divides by ``n`` first, so ``r w**gamma / n`` is
-    exact wherever it fits. The saturated entries are those equal to ``+-finfo(dtype).max``;
-    this function returns no count. The loss (:func:`is_reshape_loss_and_grad`) never
-    saturates a gradient: it rescales all of them by one factor and reports that factor as
-    ``log_scale`` and the units it concerns as ``n_capped`` (:ref:`numerical-safety`).
+    from two (four) factors ``exp(gamma l / 2)`` (``/ 4``), within 2 (4) ulp of the exact value
+    plus the error of the backend's ``exp``. Where the exact value is out of range (or within 2
+    ulp of the largest float), the entry saturates at ``sign(r) * finfo(dtype).max``, the rule
+    of :func:`objective` and :func:`reinforce_objective`; ``"mean"`` divides by ``n`` first, so
+    ``r w**gamma / n`` is exact wherever it fits. The saturated entries are those equal to
+    ``+-finfo(dtype).max``; this function returns no count. The loss
+    (:func:`is_reshape_loss_and_grad`) never saturates a gradient: it rescales all of them by
+    one factor and reports that factor as ``log_scale`` and the units it concerns as
+    ``n_capped`` (:ref:`numerical-safety`).
 
     Parameters
     ----------
@@ -424,8 +429,9 @@ def reinforce_objective(
 
     A term is 0 where ``w**gamma = 0`` (``l = -inf`` or masked), where ``r = 0`` or where
     ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``. For every finite input
-    the value is finite: a term or sum out of range saturates at ``+-max_float`` as in
-    :func:`objective`.
+    the value is finite, with no floating-point warning: the factor ``r w**gamma`` is that of
+    :func:`reinforce_objective_grad`, and a term or sum that overflows is formed from its
+    logarithm and saturates at ``+-finfo(dtype).max`` as in :func:`objective`.
 
     Parameters
     ----------
@@ -484,8 +490,9 @@ def reinforce_objective_grad(
         \frac{\partial L^{\mathrm{RF}}_\gamma}{\partial \log p_i} = \frac{r_i\, w_i^\gamma}{n}
         \quad(\text{"mean"}), \qquad r_i\, w_i^\gamma \quad(\text{"sum"}, \text{"none"}),
 
-    identical to :func:`objective_grad` (``d l / d logp = 1``). ``logp`` is validated but does
-    not enter the value.
+    identical to :func:`objective_grad` (``d l / d logp = 1``), saturation included: finite
+    for every finite input, ``+-finfo(dtype).max`` where the exact value is out of range.
+    ``logp`` is validated but does not enter the value.
 
     Parameters
     ----------
