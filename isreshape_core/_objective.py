@@ -342,16 +342,16 @@ def objective_grad(
     ``mean(r w**gamma grad log pi)`` (the paper's Theorem 2.1).
 
     Saturation: for every finite input every entry is finite, with no floating-point warning.
-    Where ``w**gamma`` is a normal float and the product fits, an entry is the plain ``r *
-    exp(gamma l)`` (``/ n``), bit for bit. Where ``w**gamma`` alone overflows (``gamma l`` above
-    ``log`` of the largest float, 88.7 in float32) but ``r w**gamma`` fits, as with a small
-    reward, or where ``w**gamma`` is subnormal and the product is not, the product is formed
-    from two (four) factors ``exp(gamma l / 2)`` (``/ 4``), within 2 (4) ulp of the exact value
-    plus the error of the backend's ``exp``. Where the exact value is out of range (or within 2
-    ulp of the largest float), the entry saturates at ``sign(r) * finfo(dtype).max``, the rule
-    of :func:`objective` and :func:`reinforce_objective`; ``"mean"`` divides by ``n`` first, so
-    ``r w**gamma / n`` is exact wherever it fits. The saturated entries are those equal to
-    ``+-finfo(dtype).max``; this function returns no count. The loss
+    Where ``w**gamma`` is a normal float and the product fits, an entry is the plain
+    ``r * exp(gamma l)`` (``/ n``), bit for bit. Where ``w**gamma`` alone overflows (``gamma l``
+    above ``log`` of the largest float, 88.7 in float32) but ``r w**gamma`` fits, as with a
+    small reward, or where ``w**gamma`` is subnormal and the product is not, the product is
+    formed from two (four) factors ``exp(gamma l / 2)`` (``/ 4``), within 2 (4) ulp of the exact
+    value plus the error of the backend's ``exp``. Where the exact value is out of range (or
+    within 2 ulp of the largest float), the entry saturates at ``sign(r) * finfo(dtype).max``,
+    the rule of :func:`objective` and :func:`reinforce_objective`; ``"mean"`` divides by ``n``
+    first, so ``r w**gamma / n`` does not saturate wherever it fits. The saturated entries are
+    those equal to ``+-finfo(dtype).max``; this function returns no count. The loss
     (:func:`is_reshape_loss_and_grad`) never saturates a gradient: it rescales all of them by
     one factor and reports that factor as ``log_scale`` and the units it concerns as
     ``n_capped`` (:ref:`numerical-safety`).
