@@ -20,7 +20,7 @@ from ._lib.numerics import expm1_capped as _expm1_capped
 from ._lib.numerics import log_abs, logsumexp, safe_sum, tempered_log_weights
 from ._lib.reduce import sample_count
 from ._lib.rows import row_param as _per_row
-from ._lib.saturate import divide_or_inf, times_exp, times_or_inf
+from ._lib.saturate import divide_or_inf, exp_factors, times_exp, times_factors, times_or_inf
 from ._lib.tracing import is_concrete
 
 __all__ = [
@@ -217,12 +217,12 @@ def _gradient(
 ) -> Array:
     """``r w**g`` (``/ n`` for ``"mean"``) saturating at ``+-max_float`` (see
     :func:`objective_grad`); traced NaN where ``poison_l`` or ``r`` is not finite."""
-    x = tempered_log_weights(xp, l, g)
-    grad, capped = times_exp(xp, r, x)
+    factors = exp_factors(xp, tempered_log_weights(xp, l, g))
+    grad, capped = times_factors(xp, r, factors)
     if reduction == "mean":
         n = sample_count(xp, l, mask, axis)
         n = xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
-        per_n, _ = times_exp(xp, r / n, x)  # r w**g / n can be in range where r w**g is not
+        per_n, _ = times_factors(xp, r / n, factors)  # in range where r w**g may not be
         grad = xp.where(capped, per_n, grad / n)
     return _traced_poison(xp, poison_l, r, grad)
 

@@ -8,14 +8,63 @@ floating-point warning and no ``inf * 0 = NaN``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from .dtypes import log_max
 from .namespace import Array, Namespace
 
-__all__ = ["divide_or_inf", "times_exp", "times_or_inf"]
+__all__ = [
+    "ExpFactors",
+    "divide_or_inf",
+    "exp_factors",
+    "times_exp",
+    "times_factors",
+    "times_or_inf",
+]
 
 #: ``exp(x)`` is taken in up to this many equal factors: a power of 2, so that ``x / k`` is exact.
 _MAX_PIECES = 4
+
+
+class ExpFactors(NamedTuple):
+    """``exp(x)`` as ``pieces`` equal factors ``e`` (1, 2 or 4), and ``bound``: a ``|value|``
+    up to it times ``e`` cannot overflow. From :func:`exp_factors`, for :func:`times_factors`."""
+
+    e: Array
+    pieces: Array
+    bound: Array
+
+
+def exp_factors(xp: Namespace, x: Array) -> ExpFactors:
+    """The factors of ``exp(x)``: one (``exp(x)`` itself) where it is a normal float, two
+    ``exp(x / 2)`` where it over- or underflows, four ``exp(x / 4)`` beyond twice the limit
+    (halving is exact). Beyond four times the limit every nonzero product is out of range
+    anyway: the factor is held at the limit, finite."""
+    info = xp.finfo(x.dtype)  # dtype metadata, not data: safe under tracing
+    top, eps, cap = float(info.max), float(info.eps), log_max(xp, x.dtype)
+    low = math.log(float(info.smallest_normal))  # exp(x) is subnormal below it
+    one = xp.ones_like(x)
+    fits_1 = (x <= cap) & (x >= low)
+    fits_2 = (x <= 2.0 * cap) & (x >= 2.0 * low)
+    pieces = xp.where(fits_1, one, xp.where(fits_2, 2.0 * one, float(_MAX_PIECES) * one))
+    e = xp.exp(xp.minimum(x / pieces, cap))
+    grows = e > 1.0
+    # |acc| <= bound guarantees |acc * e| < max_float: the bound is rounded down by 4 eps.
+    bound = xp.where(grows, top / xp.where(grows, e, 1.0) * (1.0 - 4.0 * eps), xp.inf)
+    return ExpFactors(e, pieces, bound)
+
+
+def times_factors(xp: Namespace, a: Array, f: ExpFactors) -> tuple[Array, Array]:
+    """``(a * exp(x), capped)`` from ``f = exp_factors(xp, x)``: see :func:`times_exp`."""
+    top = float(xp.finfo(f.e.dtype).max)
+    acc, capped = a, xp.zeros_like(f.bound > 0)
+    for step in range(_MAX_PIECES):  # a fixed number of steps, not a loop over data
+        use = f.pieces > step
+        fits = xp.abs(acc) <= f.bound
+        capped = capped | (use & ~fits)
+        acc = acc * xp.where(use & fits, f.e, 1.0)  # times 1: exact
+    full = xp.full_like(acc, top)
+    return xp.where(capped, xp.where(a > 0, full, -full), acc), capped
 
 
 def times_exp(xp: Namespace, a: Array, x: Array) -> tuple[Array, Array]:
@@ -31,26 +80,7 @@ def times_exp(xp: Namespace, a: Array, x: Array) -> tuple[Array, Array]:
     where it provably cannot overflow). ``a = 0`` gives 0, ``x = -inf`` gives ``0 * sign(a)``;
     NaN in either gives NaN or a capped entry (callers mark traced bad inputs themselves).
     """
-    info = xp.finfo(x.dtype)  # dtype metadata, not data: safe under tracing
-    top, eps, cap = float(info.max), float(info.eps), log_max(xp, x.dtype)
-    low = math.log(float(info.smallest_normal))  # exp(x) is subnormal below it
-    one = xp.ones_like(x)
-    fits_1 = (x <= cap) & (x >= low)
-    fits_2 = (x <= 2.0 * cap) & (x >= 2.0 * low)
-    pieces = xp.where(fits_1, one, xp.where(fits_2, 2.0 * one, float(_MAX_PIECES) * one))
-    # Beyond _MAX_PIECES * cap every nonzero product is out of range: the factor stays finite.
-    e = xp.exp(xp.minimum(x / pieces, cap))
-    grows = e > 1.0
-    # |acc| <= bound guarantees |acc * e| < max_float: the bound is rounded down by 4 eps.
-    bound = xp.where(grows, top / xp.where(grows, e, 1.0) * (1.0 - 4.0 * eps), xp.inf)
-    acc, capped = a, xp.zeros_like(grows)
-    for step in range(_MAX_PIECES):  # a fixed number of steps, not a loop over data
-        use = pieces > step
-        fits = xp.abs(acc) <= bound
-        capped = capped | (use & ~fits)
-        acc = acc * xp.where(use & fits, e, 1.0)  # times 1: exact
-    saturated = xp.where(a > 0, top * one, -top * one)
-    return xp.where(capped, saturated, acc), capped
+    return times_factors(xp, a, exp_factors(xp, x))
 
 
 def times_or_inf(xp: Namespace, a: Array, b: Array) -> Array:
