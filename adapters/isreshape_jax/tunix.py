@@ -73,7 +73,7 @@ from isreshape_core import (
     metric_reduction,
     step_gamma,
 )
-from isreshape_core._versions import require
+from isreshape_core.extend import require
 
 from .loss import is_reshape_loss
 

@@ -73,7 +73,7 @@ from typing import Any
 
 import torch
 
-from isreshape_core._versions import require
+from isreshape_core.extend import require
 
 #: The TRL releases this module supports (tested with 1.16.0); on others its import fails.
 TRL_SUPPORTED = ">=1.16,<1.17"

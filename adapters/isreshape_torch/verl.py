@@ -70,7 +70,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from isreshape_core._versions import require
+from isreshape_core.extend import require
 
 #: The verl releases this module supports (tested with 0.9.1); on others its import fails.
 VERL_SUPPORTED = ">=0.9,<0.10"
