@@ -22,7 +22,7 @@ import numbers
 from typing import Any, Literal
 
 from ._ess import kish_ess_from_log
-from ._lib.checks import check_gamma, check_log_weights, check_rho_min
+from ._lib.checks import check_choice, check_gamma, check_log_weights, check_rho_min
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask, prepare_log_weights
@@ -173,13 +173,9 @@ def _behaviour_log_weight(
 
 def _check_arguments(logp, logp_prox, logq, advantages, level, loss_agg_mode, behaviour, gamma,
                      cap, rho_min, clip_low, clip_high, log_ratio_clamp) -> None:  # fmt: skip
-    for name, value, choices in (
-        ("level", level, _LEVELS),
-        ("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
-        ("behaviour", behaviour, BEHAVIOUR_CORRECTIONS),
-    ):
-        if not isinstance(value, str) or value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    check_choice(level, "level", _LEVELS)
+    check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    check_choice(behaviour, "behaviour", BEHAVIOUR_CORRECTIONS)
     for name, value in (("logp", logp), ("logp_prox", logp_prox), ("logq", logq)):
         if not hasattr(value, "shape"):
             raise TypeError(f"{name} must be an array, got {type(value).__name__}")
