@@ -20,6 +20,9 @@ Checks
   ``loss_agg_mode``, ``form``, a gamma method), without any array (a module's constructor).
 - :func:`check_loss_arguments`: every boundary check of the loss on its arguments.
 - :func:`check_logq`: refuses ``logq = +inf`` (a probability above 1) on eager inputs.
+- :func:`check_choice`: a value among string choices, the error naming the argument (an
+  integration's config field, e.g. ``is_reshape_level``).
+- :func:`check_rho_min`: a target ESS ratio in ``(0, 1]``, the error naming the argument.
 
 Stages of the loss (:func:`isreshape_core.is_reshape_loss_and_grad`)
 
@@ -45,6 +48,7 @@ Examples
 
 from __future__ import annotations
 
+from ._lib.checks import check_choice, check_rho_min
 from ._lib.namespace import Array, array_device
 from ._loss import (
     check_loss_arguments,
@@ -61,9 +65,11 @@ from ._weights import check_logq
 __all__ = [
     "Array",
     "array_device",
+    "check_choice",
     "check_logq",
     "check_loss_arguments",
     "check_loss_options",
+    "check_rho_min",
     "prepare_loss_inputs",
     "require",
     "row_coefficients",

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFINED_IN = {
     "Array": "isreshape_core._lib.namespace",
     "array_device": "isreshape_core._lib.namespace",
+    "check_choice": "isreshape_core._lib.checks",
+    "check_rho_min": "isreshape_core._lib.checks",
     "check_logq": "isreshape_core._weights",
     "check_loss_arguments": "isreshape_core._loss",
     "check_loss_options": "isreshape_core._loss",
