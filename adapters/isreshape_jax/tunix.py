@@ -73,7 +73,7 @@ from isreshape_core import (
     metric_reduction,
     step_gamma,
 )
-from isreshape_core.extend import require
+from isreshape_core.extend import check_choice, check_rho_min, require
 
 from .loss import is_reshape_loss
 
@@ -193,17 +193,10 @@ class ISReshapeGRPOConfig(grpo_learner.GRPOConfig):
             if not 0.0 <= float(gamma) <= 1.0:
                 raise ValueError(f"is_reshape_gamma must lie in [0, 1], got {gamma!r}")
             self.is_reshape_gamma = float(gamma)
-        if not 0.0 < float(self.is_reshape_rho_min) <= 1.0:
-            raise ValueError(
-                f"is_reshape_rho_min must lie in (0, 1], got {self.is_reshape_rho_min!r}"
-            )
-        for name, choices in (
-            ("is_reshape_level", LEVELS),
-            ("is_reshape_form", LOSS_FORMS),
-            ("loss_agg_mode", TUNIX_LOSS_AGG_MODES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_rho_min(float(self.is_reshape_rho_min), "is_reshape_rho_min")
+        check_choice(self.is_reshape_level, "is_reshape_level", LEVELS)
+        check_choice(self.is_reshape_form, "is_reshape_form", LOSS_FORMS)
+        check_choice(self.loss_agg_mode, "loss_agg_mode", TUNIX_LOSS_AGG_MODES)
         if self.policy_loss_fn != POLICY_LOSS_NAME:
             raise ValueError(
                 f"ISReshapeGRPOConfig trains with policy_loss_fn={POLICY_LOSS_NAME!r}, got "
