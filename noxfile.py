@@ -70,7 +70,8 @@ def tests(session: nox.Session, backend: str) -> None:
         session.install(*BACKEND_REQUIREMENTS[backend])
     session.install("-e", ".[test,plot]")
     doctests = ["--doctest-modules", *DOCTESTS[backend]] if DOCTESTS[backend] else []
-    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    # One worker per core (xdist): the suite is CPU-bound, and under JAX mostly compile time.
+    args = session.posargs or ["-q", "-p", "no:cacheprovider", "-n", "auto"]
     if backend == "cupy":
         # The GPU tests skip where CuPy sees no device: make that an error here instead.
         session.run("python", "-c", CUPY_SEES_GPU)

@@ -402,50 +402,11 @@ def plot_diagnostics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import isreshape_core as core
-
     l_all = log_w if log_w.ndim == 1 else log_w[row]
     m_row = None if mask is None else (mask if mask.ndim == 1 else mask[row])
-    l = l_all if m_row is None else l_all[m_row]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    _, edges, _ = ax1.hist(l, bins="auto", color="0.6", label="log weights")
-    k_hat = result["k_hat"][row]
-    fit = _gpd_tail(l)
-    top = l.max()
-    if fit is not None:
-        cutoff, k, sigma, m = fit
-        ax1.axvspan(cutoff + top, top, color="tab:orange", alpha=0.2, label=f"tail (top {m})")
-        grid = np.linspace(cutoff, 0.0, 200)
-        x = np.exp(grid) - math.exp(cutoff)
-        z = 1.0 + k * x / sigma
-        ok = z > 0
-        log_dens = np.full_like(grid, -np.inf)
-        log_dens[ok] = -math.log(sigma) - (1.0 / k + 1.0) * np.log(z[ok]) + grid[ok]
-        width = edges[1] - edges[0]
-        ax1.plot(grid + top, m * width * np.exp(log_dens), color="tab:red", label="GPD fit")
-    ax1.set(
-        xlabel="log weight l = log pi - log mu",
-        ylabel="count",
-        title=f"k_hat = {k_hat:.3f} ({result['k_hat_verdict'][row]})",
-    )
-    ax1.legend(fontsize=8)
-    gammas = np.linspace(0.0, 1.0, 101)
-    m_arg = None if m_row is None else m_row
-    ratios = [float(np.asarray(core.ess_ratio(l_all, float(g), mask=m_arg))) for g in gammas]
-    ax2.plot(gammas, ratios, color="k", label="ESS(gamma)/n")
-    ax2.axhline(result["rho_min"], color="0.5", ls="--", label=f"rho_min = {result['rho_min']:g}")
-    markers = "osD^v<>"
-    for marker, (method, values) in zip(markers, result["methods"].items(), strict=False):
-        ax2.plot(
-            values["gamma"][row],
-            values["ess_ratio"][row],
-            marker,
-            ms=8,
-            mfc="none",
-            label=f"{method}: gamma {values['gamma'][row]:.3f}",
-        )
-    ax2.set(xlabel="gamma", ylabel="ESS/n", ylim=(0, 1.05), title="ESS ratio versus gamma")
-    ax2.legend(fontsize=8)
+    _plot_tail(ax1, l_all if m_row is None else l_all[m_row], result, row)
+    _plot_ess_curve(ax2, l_all, m_row, result, row)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=100)
@@ -453,6 +414,55 @@ def plot_diagnostics(
         raise DiagnoseError(f"cannot write the plot {str(path)!r}: {exc}") from None
     finally:
         plt.close(fig)
+
+
+def _plot_tail(ax: Any, l: np.ndarray, result: dict[str, Any], row: int) -> None:
+    """The histogram of the row's valid log weights ``l``, with the PSIS tail and its fitted
+    generalised Pareto density (scaled to the histogram's counts)."""
+    _, edges, _ = ax.hist(l, bins="auto", color="0.6", label="log weights")
+    fit = _gpd_tail(l)
+    top = l.max()
+    if fit is not None:
+        cutoff, k, sigma, m = fit
+        ax.axvspan(cutoff + top, top, color="tab:orange", alpha=0.2, label=f"tail (top {m})")
+        grid = np.linspace(cutoff, 0.0, 200)
+        x = np.exp(grid) - math.exp(cutoff)
+        z = 1.0 + k * x / sigma
+        ok = z > 0
+        log_dens = np.full_like(grid, -np.inf)
+        log_dens[ok] = -math.log(sigma) - (1.0 / k + 1.0) * np.log(z[ok]) + grid[ok]
+        width = edges[1] - edges[0]
+        ax.plot(grid + top, m * width * np.exp(log_dens), color="tab:red", label="GPD fit")
+    ax.set(
+        xlabel="log weight l = log pi - log mu",
+        ylabel="count",
+        title=f"k_hat = {result['k_hat'][row]:.3f} ({result['k_hat_verdict'][row]})",
+    )
+    ax.legend(fontsize=8)
+
+
+def _plot_ess_curve(
+    ax: Any, l_all: np.ndarray, m_row: np.ndarray | None, result: dict[str, Any], row: int
+) -> None:
+    """``ESS(gamma)/n`` of the row on a grid of gamma, ``rho_min``, and each method's choice."""
+    import isreshape_core as core
+
+    gammas = np.linspace(0.0, 1.0, 101)
+    ratios = [float(np.asarray(core.ess_ratio(l_all, float(g), mask=m_row))) for g in gammas]
+    ax.plot(gammas, ratios, color="k", label="ESS(gamma)/n")
+    ax.axhline(result["rho_min"], color="0.5", ls="--", label=f"rho_min = {result['rho_min']:g}")
+    markers = "osD^v<>"
+    for marker, (method, values) in zip(markers, result["methods"].items(), strict=False):
+        ax.plot(
+            values["gamma"][row],
+            values["ess_ratio"][row],
+            marker,
+            ms=8,
+            mfc="none",
+            label=f"{method}: gamma {values['gamma'][row]:.3f}",
+        )
+    ax.set(xlabel="gamma", ylabel="ESS/n", ylim=(0, 1.05), title="ESS ratio versus gamma")
+    ax.legend(fontsize=8)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -296,53 +296,63 @@ def diagnose(
     if not isinstance(rho_min, (int, float)):
         raise TypeError(f"rho_min must be a number for diagnose, got {type(rho_min).__name__}")
     n = sample_count(xp, l, mask, axis)
+    stats, ratio_at_zero = _statistics(xp, l, mask, axis, n, rho_min)
+    code = _verdict_codes(xp, stats, ratio_at_zero, rho_min)
+    bad = traced_bad_rows(xp, l, axis)
+    if bad is not None:
+        code = xp.where(bad, 5, code)
+        stats = {name: poison(xp, v, bad) for name, v in stats.items()}
+    return Diagnostics(
+        n=n,
+        rho_min=float(rho_min),
+        verdict_code=xp.astype(code, xp.int32),
+        k_threshold=pareto_k_threshold(l.shape[axis]) if l.shape[axis] > 1 else 0.0,
+        shapiro_p=_shapiro(xp, l, axis),
+        **stats,
+    )
+
+
+def _statistics(
+    xp: Namespace, l: Array, mask: Array | None, axis: int, n: Array, rho_min: float
+) -> tuple[dict[str, Array], Array]:
+    """The array fields of :class:`Diagnostics` but ``n`` and the verdict, by field name, and the
+    ESS ratio at ``gamma = 0`` (the verdict's test of whether any gamma meets ``rho_min``)."""
     n_safe = xp.where(n > 0, n, 1.0)
     sigma2, skew, kurt = _moments(xp, l, axis)
     l_rel = shift_by_max(xp, l, axis)[0]  # relative to the max: exact, as gamma_ess works
     lse = logsumexp(xp, l_rel, axis)
     informative = lse > -xp.inf
-    max_weight = xp.where(informative, xp.exp(-xp.where(informative, lse, 0.0)), 0.0)
 
     def ratio(g):
         z = tempered_log_weights(xp, l_rel, xp.expand_dims(g, axis=axis))
         return kish_ess_from_log(xp, z, axis) / n_safe
 
-    ess1 = kish_ess_from_log(xp, l_rel, axis) / n_safe
     gamma = gamma_ess(l, rho_min, axis=axis, mask=mask)
-    at_gamma = ratio(gamma)
     closed = closed_form_gamma(xp, l, axis, rho_min, 0.0, 1.0)
-    at_closed = ratio(closed)
-    ratio_at_zero = ratio(xp.zeros_like(gamma))
+    stats = {
+        "sigma2": sigma2,
+        "skewness": skew,
+        "excess_kurtosis": kurt,
+        "max_weight": xp.where(informative, xp.exp(-xp.where(informative, lse, 0.0)), 0.0),
+        "ess_ratio_at_1": kish_ess_from_log(xp, l_rel, axis) / n_safe,
+        "gamma": gamma,
+        "ess_ratio_at_gamma": ratio(gamma),
+        "gamma_closed_form": closed,
+        "ess_ratio_at_closed_form": ratio(closed),
+        "k_hat": psis(l, axis=axis)[1],
+    }
+    return stats, ratio(xp.zeros_like(gamma))
 
-    k_hat = psis(l, axis=axis)[1]
-    code = xp.zeros(gamma.shape, dtype=xp.int32, device=array_device(gamma))
-    heavy = (kurt > HEAVY_KURTOSIS) | (at_closed < rho_min) | (xp.isfinite(k_hat) & (k_hat > 0.7))
+
+def _verdict_codes(
+    xp: Namespace, stats: dict[str, Array], ratio_at_zero: Array, rho_min: float
+) -> Array:
+    """The verdict of every row (:data:`VERDICTS`), the later tests taking precedence."""
+    k_hat, at_closed = stats["k_hat"], stats["ess_ratio_at_closed_form"]
+    heavy = (stats["excess_kurtosis"] > HEAVY_KURTOSIS) | (at_closed < rho_min)
+    heavy = heavy | (xp.isfinite(k_hat) & (k_hat > 0.7))
+    code = xp.zeros(k_hat.shape, dtype=xp.int32, device=array_device(k_hat))
     code = xp.where(heavy, 1, code)
-    code = xp.where(sigma2 > REFRESH_SIGMA2, 2, code)
+    code = xp.where(stats["sigma2"] > REFRESH_SIGMA2, 2, code)
     code = xp.where(ratio_at_zero < rho_min, 3, code)
-    code = xp.where(informative, code, 4)
-    bad = traced_bad_rows(xp, l, axis)
-    if bad is not None:
-        code = xp.where(bad, 5, code)
-        fields = (sigma2, skew, kurt, max_weight, ess1, gamma, at_gamma, closed, at_closed, k_hat)
-        sigma2, skew, kurt, max_weight, ess1, gamma, at_gamma, closed, at_closed, k_hat = (
-            poison(xp, v, bad) for v in fields
-        )
-    code = xp.astype(code, xp.int32)
-    return Diagnostics(
-        n=n,
-        sigma2=sigma2,
-        skewness=skew,
-        excess_kurtosis=kurt,
-        max_weight=max_weight,
-        ess_ratio_at_1=ess1,
-        gamma=gamma,
-        ess_ratio_at_gamma=at_gamma,
-        gamma_closed_form=closed,
-        ess_ratio_at_closed_form=at_closed,
-        rho_min=float(rho_min),
-        verdict_code=code,
-        k_hat=k_hat,
-        k_threshold=pareto_k_threshold(l.shape[axis]) if l.shape[axis] > 1 else 0.0,
-        shapiro_p=_shapiro(xp, l, axis),
-    )
+    return xp.where(stats["max_weight"] > 0, code, 4)

@@ -98,6 +98,8 @@ def lognormal_ess_ratio(sigma2: float | Array, gamma: float | Array) -> float | 
 
     Examples
     --------
+    A Python float for two numbers, an array of their namespace otherwise:
+
     >>> import numpy as np
     >>> from isreshape_core import lognormal_ess_ratio
     >>> print(round(lognormal_ess_ratio(2.0, 0.5), 4))
@@ -127,18 +129,13 @@ def lognormal_second_moment(sigma2: float | Array, gamma: float | Array) -> floa
     Parameters
     ----------
     sigma2, gamma : float or array
-        As in :func:`lognormal_ess_ratio`.
+        As in :func:`lognormal_ess_ratio`, which also says what raises and when the result is a
+        Python float.
 
     Returns
     -------
     float or array
-        ``exp(sigma2 * gamma * (2 gamma - 1))``, ``+inf`` where it overflows the dtype; a Python
-        float when both arguments are Python numbers.
-
-    Raises
-    ------
-    ValueError
-        ``sigma2`` negative or not finite, or ``gamma`` outside ``[0, 1]`` (eager inputs).
+        ``exp(sigma2 * gamma * (2 gamma - 1))``, ``+inf`` where it overflows the dtype.
 
     References
     ----------
@@ -172,18 +169,12 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
     Parameters
     ----------
     sigma2, gamma : float or array
-        As in :func:`lognormal_ess_ratio`.
+        As in :func:`lognormal_second_moment`.
 
     Returns
     -------
     float or array
-        ``Var(w**gamma) >= 0``, ``+inf`` where it overflows the dtype; a Python float when both
-        arguments are Python numbers.
-
-    Raises
-    ------
-    ValueError
-        ``sigma2`` negative or not finite, or ``gamma`` outside ``[0, 1]`` (eager inputs).
+        ``Var(w**gamma) >= 0``, ``+inf`` where it overflows the dtype.
 
     References
     ----------
@@ -192,11 +183,14 @@ def lognormal_variance(sigma2: float | Array, gamma: float | Array) -> float | A
 
     Examples
     --------
+    The second moment less the squared mean ``E[w**gamma] = exp(sigma2 gamma (gamma - 1) / 2)``:
+
     >>> import numpy as np
-    >>> from isreshape_core import lognormal_variance
+    >>> from isreshape_core import lognormal_second_moment, lognormal_variance
     >>> g = np.array([0.0, 0.5, 1.0])
-    >>> print(np.round(np.asarray(lognormal_variance(1.0, g)), 4))
-    [0.     0.2212 1.7183]
+    >>> v = lognormal_variance(1.0, g)
+    >>> print(np.round(v, 4), np.allclose(v, lognormal_second_moment(1.0, g) - np.exp(g * (g - 1))))
+    [0.     0.2212 1.7183] True
     """
     xp, s, g = _common_arrays(sigma2, gamma)
     b = s * g * g

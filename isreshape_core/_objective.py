@@ -14,14 +14,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ._lib.checks import check_gamma, check_real_floating
-from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import exp_capped as _exp_capped
 from ._lib.numerics import expm1_capped as _expm1_capped
 from ._lib.numerics import log_abs, logsumexp, safe_sum, tempered_log_weights
 from ._lib.reduce import sample_count
 from ._lib.rows import row_param as _per_row
+from ._lib.saturate import divide_or_inf, exp_factors, times_exp, times_factors, times_or_inf
 from ._lib.tracing import is_concrete
 
 __all__ = [
@@ -83,9 +82,9 @@ def _traced_poison(xp: Namespace, l: Array, r: Array, value: Array) -> Array:
 
 
 def _times_nonzero(xp: Namespace, r: Array, value: Array) -> Array:
-    """``r * value`` with ``0 * (+-inf) = 0``: a sample of reward 0 contributes 0."""
-    zero = r == 0
-    return r * xp.where(zero, 0.0, value)
+    """``r * value`` with ``0 * (+-inf) = 0``: a sample of reward 0 contributes 0; ``+-inf``
+    (no overflow warning) where the product is out of range."""
+    return times_or_inf(xp, r, xp.where(r == 0, 0.0, value))
 
 
 def _reduce(
@@ -105,9 +104,9 @@ def _reduce(
     log space (positive and negative terms apart) and saturates at ``+-max_float``.
     """
     exact_inf = ~(log_abs_terms < xp.inf) & (terms != 0)  # infinite by definition, or NaN
-    top = float(xp.finfo(terms.dtype).max)
-    if reduction == "none":
-        return xp.where(exact_inf, terms, xp.clip(terms, -top, top))
+    if reduction == "none":  # a term that overflowed on the way is taken from its logarithm
+        from_log, _ = times_exp(xp, sign(xp, terms), log_abs_terms)
+        return xp.where(exact_inf | xp.isfinite(terms), terms, from_log)
     finite = xp.isfinite(terms)
     total = safe_sum(xp, xp.where(finite, terms, 0.0), axis=axis)
     n = sample_count(xp, l, mask, axis)
@@ -115,7 +114,7 @@ def _reduce(
     plain = total if reduction == "sum" else total / n_safe
     log_n = xp.zeros_like(total) if reduction == "sum" else xp.log(n_safe)
     sign_s, log_s = _signed_exp_sum(xp, terms, xp.where(exact_inf, -xp.inf, log_abs_terms), axis)
-    saturated = sign_s * xp.exp(xp.minimum(log_s - log_n, _log_max(xp, terms.dtype)))
+    saturated, _ = times_exp(xp, sign_s, log_s - log_n)
     fits = xp.isfinite(total) & xp.all(finite, axis=axis)
     return xp.where(xp.any(exact_inf, axis=axis), _sum_of_infinite(xp, terms, exact_inf, axis),
                     xp.where(fits, plain, saturated))  # fmt: skip
@@ -155,15 +154,6 @@ def _log_abs_boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
     return log_abs(xp, r) + xp.where(r == 0, 0.0, log_h)  # r = 0: the term is 0
 
 
-def _scale_grad(
-    xp: Namespace, grad: Array, l: Array, mask: Array | None, axis: int, reduction: str
-) -> Array:
-    if reduction != "mean":
-        return grad
-    n = sample_count(xp, l, mask, axis)
-    return grad / xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
-
-
 def sign(xp: Namespace, x: Array) -> Array:
     """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
     ``torch.func.vmap`` cannot batch)."""
@@ -183,7 +173,7 @@ def boxcox(xp: Namespace, l: Array, g: Array) -> Array:
     g_safe = xp.where(positive, g, 1.0)
     # gamma > 0: expm1(g*l)/g (no cancellation: expm1 is accurate near 0); l = -inf gives -1/g,
     # which is -inf (without an overflow warning) for a subnormal gamma below 1/max.
-    value = _expm1_capped(xp, g * l0) / g_safe
+    value = divide_or_inf(xp, _expm1_capped(xp, g * l0), g_safe)
     in_range = g_safe * float(xp.finfo(l.dtype).max) >= 1.0  # finfo: dtype metadata, not data
     at_zero_w = -1.0 / xp.where(in_range, g_safe, 1.0)
     value = xp.where(finite, value, xp.where(in_range, at_zero_w, -xp.inf))
@@ -207,8 +197,34 @@ def _boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
 
 
 def _tempered_reward(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
-    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``)."""
-    return _times_nonzero(xp, r, _exp_capped(xp, tempered_log_weights(xp, l, g)))
+    """Elementwise ``r * w**g`` (``w**0 = 1`` for finite ``l``, 0 for ``l = -inf``) as in
+    :func:`objective_grad`, but ``+-inf`` where that saturates: a factor of the REINFORCE
+    terms, which are then formed in log space (a saturated factor times ``logp`` is wrong)."""
+    value, capped = times_exp(xp, r, tempered_log_weights(xp, l, g))
+    inf = xp.full_like(value, xp.inf)
+    return xp.where(capped, xp.where(value > 0, inf, -inf), value)
+
+
+def _gradient(
+    xp: Namespace,
+    l: Array,
+    r: Array,
+    g: Array,
+    mask: Array | None,
+    axis: int,
+    reduction: str,
+    poison_l: Array,
+) -> Array:
+    """``r w**g`` (``/ n`` for ``"mean"``) saturating at ``+-max_float`` (see
+    :func:`objective_grad`); traced NaN where ``poison_l`` or ``r`` is not finite."""
+    factors = exp_factors(xp, tempered_log_weights(xp, l, g))
+    grad, capped = times_factors(xp, r, factors)
+    if reduction == "mean":
+        n = sample_count(xp, l, mask, axis)
+        n = xp.expand_dims(xp.where(n > 0, n, 1.0), axis=axis)
+        per_n, _ = times_factors(xp, r / n, factors)  # in range where r w**g may not be
+        grad = xp.where(capped, per_n, grad / n)
+    return _traced_poison(xp, poison_l, r, grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,11 +257,15 @@ def objective(
     Limits, elementwise: a sample with ``r = 0`` contributes 0, also where ``l = -inf``; with
     ``gamma > 0`` a sample with ``l = -inf`` contributes ``-r/gamma``; with ``gamma = 0`` it
     contributes ``-inf * sign(r)`` (the log-likelihood of a sample the policy cannot produce).
-    Numerical safety: for every finite input the value is finite. Where a term (``gamma * l``
-    beyond ``log`` of the largest float) or the sum is out of range, the result is formed in log
-    space, positive and negative terms apart, so that terms of both signs cancel exactly, and
-    saturates at ``+-max_float`` with the sign of the exact value; where everything is
-    representable it is the plain sum, unchanged. Terms that are infinite by definition
+    Numerical safety: for every finite input the value is finite, with no floating-point
+    warning. Where every factor, term and the sum fit the dtype it is the plain formula, bit
+    for bit. A term whose factor overflows (``gamma * l`` beyond ``log`` of the largest float,
+    88.7 in float32) although the term may not (a small reward) is taken from its logarithm,
+    within about ``|log r| + |gamma l|`` times eps relative. Where a term or the sum is out of
+    range, the sum is formed in log space, positive and negative terms apart, so that huge
+    terms of both signs cancel (to about eps of the largest, not to the small remainder), and
+    saturates at ``+-finfo(dtype).max`` with the sign of the exact value, the rule of
+    :func:`objective_grad` (:ref:`numerical-safety`). Terms that are infinite by definition
     (``l = -inf`` at ``gamma = 0``) stay infinite, and ``+inf`` with ``-inf`` among them is NaN.
 
     Parameters
@@ -315,13 +335,26 @@ def objective_grad(
         \frac{\partial L_\gamma}{\partial l_i} = \frac{r_i\, w_i^\gamma}{n}
         \quad(\text{"mean"}), \qquad r_i\, w_i^\gamma \quad(\text{"sum"}, \text{"none"}),
 
-    exact for every ``gamma`` in ``[0, 1]``, computed as ``r * exp(gamma * l)`` in log space
-    (no ``1/gamma``). At ``gamma = 0``, ``w**0`` is 1 for finite ``l`` and 0 for ``l = -inf`` or
-    a masked sample (``0**0`` is not 1 here). ``exp`` overflows (to ``+inf``, without a warning)
-    only where ``gamma * l`` exceeds ``log`` of the largest float, that is, where the value of
-    :func:`objective` itself is out of range. With ``"none"`` each entry is the derivative of
-    its own term. Chain rule for the policy: ``d l / d logp = 1``, so the policy gradient is
+    exact for every ``gamma`` in ``[0, 1]``, computed as ``r * exp(gamma * l)`` (no
+    ``1/gamma``). At ``gamma = 0``, ``w**0`` is 1 for finite ``l`` and 0 for ``l = -inf`` or a
+    masked sample (``0**0`` is not 1 here). With ``"none"`` each entry is the derivative of its
+    own term. Chain rule for the policy: ``d l / d logp = 1``, so the policy gradient is
     ``mean(r w**gamma grad log pi)`` (the paper's Theorem 2.1).
+
+    Saturation: for every finite input every entry is finite, with no floating-point warning.
+    Where ``w**gamma`` is a normal float and the product fits, an entry is the plain
+    ``r * exp(gamma l)`` (``/ n``), bit for bit. Where ``w**gamma`` alone overflows (``gamma l``
+    above ``log`` of the largest float, 88.7 in float32) but ``r w**gamma`` fits, as with a
+    small reward, or where ``w**gamma`` is subnormal and the product is not, the product is
+    formed from two (four) factors ``exp(gamma l / 2)`` (``/ 4``), within 2 (4) ulp of the exact
+    value plus the error of the backend's ``exp``. Where the exact value is out of range (or
+    within 2 ulp of the largest float), the entry saturates at ``sign(r) * finfo(dtype).max``,
+    the rule of :func:`objective` and :func:`reinforce_objective`; ``"mean"`` divides by ``n``
+    first, so ``r w**gamma / n`` does not saturate wherever it fits. The saturated entries are
+    those equal to ``+-finfo(dtype).max``; this function returns no count. The loss
+    (:func:`is_reshape_loss_and_grad`) never saturates a gradient: it rescales all of them by
+    one factor and reports that factor as ``log_scale`` and the units it concerns as
+    ``n_capped`` (:ref:`numerical-safety`).
 
     Parameters
     ----------
@@ -348,8 +381,7 @@ def objective_grad(
     [ 0.3333 -0.3333  0.6667]
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
-    grad = _traced_poison(xp, l, r, _tempered_reward(xp, l, r, g))
-    return _scale_grad(xp, grad, l, mask, axis, reduction)
+    return _gradient(xp, l, r, g, mask, axis, reduction, l)
 
 
 def _prepare_logp(xp: Namespace, logp: Array, l: Array, mask: Array | None) -> Array:
@@ -397,8 +429,9 @@ def reinforce_objective(
 
     A term is 0 where ``w**gamma = 0`` (``l = -inf`` or masked), where ``r = 0`` or where
     ``logp = 0``; elsewhere ``logp = -inf`` gives ``-inf * sign(r)``. For every finite input
-    the value is finite: a term or sum out of range saturates at ``+-max_float`` as in
-    :func:`objective`.
+    the value is finite, with no floating-point warning: the factor ``r w**gamma`` is that of
+    :func:`reinforce_objective_grad`, and a term or sum that overflows is formed from its
+    logarithm and saturates at ``+-finfo(dtype).max`` as in :func:`objective`.
 
     Parameters
     ----------
@@ -432,7 +465,8 @@ def reinforce_objective(
     # 0 * (-inf) and inf * 0 both count as 0: a term with a zero factor contributes nothing.
     lp_safe = xp.where(coef == 0, 0.0, lp)
     coef_safe = xp.where(lp_safe == 0, 0.0, coef)
-    terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, coef_safe * lp_safe)
+    terms = times_or_inf(xp, coef_safe, lp_safe)
+    terms = _traced_poison(xp, l + xp.where(lp == -xp.inf, 0.0, lp), r, terms)
     log_w_g = tempered_log_weights(xp, l, g)
     zero = (log_w_g == -xp.inf) | (r == 0)  # the term is 0 whatever logp is
     log_abs_terms = log_abs(xp, r) + log_w_g + xp.where(zero, 0.0, log_abs(xp, lp))
@@ -456,8 +490,9 @@ def reinforce_objective_grad(
         \frac{\partial L^{\mathrm{RF}}_\gamma}{\partial \log p_i} = \frac{r_i\, w_i^\gamma}{n}
         \quad(\text{"mean"}), \qquad r_i\, w_i^\gamma \quad(\text{"sum"}, \text{"none"}),
 
-    identical to :func:`objective_grad` (``d l / d logp = 1``). ``logp`` is validated but does
-    not enter the value.
+    identical to :func:`objective_grad` (``d l / d logp = 1``), saturation included: finite
+    for every finite input, ``+-finfo(dtype).max`` where the exact value is out of range.
+    ``logp`` is validated but does not enter the value.
 
     Parameters
     ----------
@@ -484,6 +519,4 @@ def reinforce_objective_grad(
     """
     xp, l, r, g, mask, axis = _prepare(log_w, rewards, gamma, axis, mask, reduction)
     lp = _prepare_logp(xp, logp, l, mask)
-    lp_finite = xp.where(lp == -xp.inf, 0.0, lp)
-    grad = _traced_poison(xp, l + lp_finite, r, _tempered_reward(xp, l, r, g))
-    return _scale_grad(xp, grad, l, mask, axis, reduction)
+    return _gradient(xp, l, r, g, mask, axis, reduction, l + xp.where(lp == -xp.inf, 0.0, lp))

@@ -230,17 +230,10 @@ def gamma_tail(
 
     Parameters
     ----------
-    log_w : array, shape (..., S, ...)
-        Log importance weights, samples along ``axis``.
+    log_w, axis, mask, r_eff
+        As in :func:`gamma_psis`.
     k_target : float, default 0.5
         Target Pareto shape, ``> 0``.
-    axis : int, default -1
-        The sample axis.
-    mask : bool array broadcastable to ``log_w.shape``, optional
-        False removes a sample: it is a zero weight for PSIS (which sorts the whole axis, so it
-        still counts in the tail length ``S``) and is left out of every ESS.
-    r_eff : float, default 1.0
-        Relative efficiency of the draws, as in :func:`isreshape_core.psis`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
         Bounds on gamma.
     max_iter : int, default 12
@@ -346,23 +339,9 @@ def gamma_combined(
     """
     check_rho_min(rho_min)
     tail_iter = check_count(tail_iter, "tail_iter")
+    shared = {"axis": axis, "mask": mask, "gamma_min": gamma_min, "gamma_max": gamma_max}
     gamma_t, k_hat, _ = gamma_tail(
-        log_w,
-        k_target=k_target,
-        axis=axis,
-        mask=mask,
-        r_eff=r_eff,
-        gamma_min=gamma_min,
-        gamma_max=gamma_max,
-        max_iter=tail_iter,
+        log_w, k_target=k_target, r_eff=r_eff, max_iter=tail_iter, **shared
     )
-    gamma_e = gamma_ess(
-        log_w,
-        rho_min,
-        axis=axis,
-        mask=mask,
-        gamma_min=gamma_min,
-        gamma_max=gamma_max,
-        max_iter=max_iter,
-    )
+    gamma_e = gamma_ess(log_w, rho_min, max_iter=max_iter, **shared)
     return namespace(gamma_e).minimum(gamma_e, gamma_t), k_hat

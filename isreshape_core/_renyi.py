@@ -227,6 +227,8 @@ def log_mean_tempered_weight(
 
     Examples
     --------
+    Four weights ``1, 1, 2, 4``: their mean, the mean of their squares, and Theorem 5.2.
+
     >>> import numpy as np
     >>> l = np.log(np.array([1.0, 1.0, 2.0, 4.0]))
     >>> print(np.round(np.exp(log_mean_tempered_weight(l, 1.0)), 4))  # mean(w)

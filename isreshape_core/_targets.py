@@ -295,14 +295,8 @@ def stationary_log_probs(
 
     Parameters
     ----------
-    logq : array, shape (..., K, ...)
-        Log-probabilities of ``mu`` along ``axis`` (finite or ``-inf``; need not be normalised).
-    rewards : array, same shape as ``logq``
-        Rewards ``r >= 0`` (0 is an outcome of zero mass).
-    gamma : float or array
-        In ``[0, 1]``; a number or an array broadcastable to the batch shape.
-    axis : int, default -1
-        The outcome axis.
+    logq, rewards, gamma, axis
+        As in :func:`target_log_probs`.
 
     Returns
     -------
@@ -373,16 +367,8 @@ def bias(
 
     Parameters
     ----------
-    logq : array, shape (..., K, ...)
-        Log-probabilities of ``mu`` along ``axis`` (finite or ``-inf``; need not be normalised).
-    rewards : array, same shape as ``logq``
-        Rewards ``r >= 0``.
-    gamma : float or array
-        In ``[0, 1]``; a number or an array broadcastable to the batch shape.
-    tau : float or array
-        Temperature ``> 0``; a number or an array broadcastable to the batch shape.
-    axis : int, default -1
-        The outcome axis.
+    logq, rewards, gamma, tau, axis
+        As in :func:`target_log_probs`.
 
     Returns
     -------

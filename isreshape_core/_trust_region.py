@@ -22,7 +22,7 @@ import numbers
 from typing import Any, Literal
 
 from ._ess import kish_ess_from_log
-from ._lib.checks import check_gamma, check_log_weights, check_rho_min
+from ._lib.checks import check_choice, check_gamma, check_log_weights, check_rho_min
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask, prepare_log_weights
@@ -34,6 +34,7 @@ from ._loss import LOSS_AGG_MODES, _aggregation_weights
 from ._select import GAMMA_METHODS
 from ._step import step_gamma
 from ._weights import LEVELS as _LEVELS
+from ._weights import unit_log_weights
 
 __all__ = ["BEHAVIOUR_CORRECTIONS", "decoupled_ppo_loss_and_grad", "ess_truncation_cap"]
 
@@ -133,17 +134,6 @@ def ess_truncation_cap(
     return xp.where(any_valid, out, -xp.inf)
 
 
-def _units(xp: Namespace, token_l: Array, maskf: Array, level: str) -> Array:
-    """Unit log weights of token log ratios at a level: per token, mean or sum per sequence."""
-    if level == "token":
-        return token_l
-    total = xp.sum(token_l, axis=-1)
-    if level == "sequence":
-        return total
-    n_tok = xp.sum(maskf, axis=-1)
-    return total / xp.where(n_tok > 0, n_tok, 1.0)
-
-
 def _behaviour_log_weight(
     xp: Namespace,
     beh_l: Array,
@@ -183,13 +173,9 @@ def _behaviour_log_weight(
 
 def _check_arguments(logp, logp_prox, logq, advantages, level, loss_agg_mode, behaviour, gamma,
                      cap, rho_min, clip_low, clip_high, log_ratio_clamp) -> None:  # fmt: skip
-    for name, value, choices in (
-        ("level", level, _LEVELS),
-        ("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
-        ("behaviour", behaviour, BEHAVIOUR_CORRECTIONS),
-    ):
-        if not isinstance(value, str) or value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    check_choice(level, "level", _LEVELS)
+    check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
+    check_choice(behaviour, "behaviour", BEHAVIOUR_CORRECTIONS)
     for name, value in (("logp", logp), ("logp_prox", logp_prox), ("logq", logq)):
         if not hasattr(value, "shape"):
             raise TypeError(f"{name} must be an array, got {type(value).__name__}")
@@ -312,10 +298,9 @@ def decoupled_ppo_loss_and_grad(
     Examples
     --------
     >>> import numpy as np
-    >>> logp = np.log(np.array([[0.5, 0.5], [0.25, 0.5]]))
-    >>> logq = np.log(np.array([[0.25, 0.5], [0.5, 0.5]]))
-    >>> loss, grad, m = decoupled_ppo_loss_and_grad(
-    ...     logp, logp, logq, np.array([1.0, -1.0]), behaviour="tempered", gamma=1.0)
+    >>> logp, logq = np.log([[0.5, 0.5], [0.25, 0.5]]), np.log([[0.25, 0.5], [0.5, 0.5]])
+    >>> a = np.array([1.0, -1.0])
+    >>> loss, grad, m = decoupled_ppo_loss_and_grad(logp, logp, logq, a, gamma=1.0)
     >>> print(np.round(loss, 4), grad[0])  # -(2 + 1 - 0.5 - 1)/4; -c b A = -(1/4)(2, 1)
     -0.375 [-0.5  -0.25]
     """
@@ -323,6 +308,33 @@ def decoupled_ppo_loss_and_grad(
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     _check_arguments(logp, logp_prox, logq, advantages, level, loss_agg_mode, behaviour, gamma,
                      cap, rho_min, low, high, log_ratio_clamp)  # fmt: skip
+    xp, lp, lprox, lq, a, mask, one_d = _prepare_inputs(logp, logp_prox, logq, advantages, mask)
+    ratio_tok = xp.where(mask, lp, 0.0) - xp.where(mask, lprox, 0.0)
+    beh_tok = xp.where(mask, lprox, 0.0) - xp.where(mask, lq, 0.0)
+    check_log_weights(xp, ratio_tok, "logp - logp_prox")
+    check_log_weights(xp, beh_tok, "logp_prox - logq")
+    n_tok = xp.sum(xp.astype(mask, lp.dtype), axis=-1)
+    valid = mask if level == "token" else n_tok > 0
+    beh_l = unit_log_weights(xp, beh_tok, n_tok, level)
+    log_b, metrics = _behaviour_log_weight(
+        xp, beh_l, valid, behaviour, gamma, cap, rho_min, reducer,
+        gamma_options,
+    )  # fmt: skip
+    c = _aggregation_weights(xp, mask, lp.dtype, loss_agg_mode, loss_scale_factor, reducer)
+    clip = (1.0 - low, 1.0 + high, log_ratio_clamp)
+    u = unit_log_weights(xp, ratio_tok, n_tok, level)
+    loss, token_grad, active = _clipped_loss(xp, u, log_b, a, c, level, clip, reducer)
+    grad = _scatter_gradient(xp, token_grad, mask, n_tok, level)
+    metrics.update(_metrics(xp, mask, active, log_b, beh_l, valid, reducer))
+    return loss, (grad[:, 0] if one_d else grad), metrics
+
+
+def _prepare_inputs(
+    logp: Array, logp_prox: Array, logq: Array, advantages: Array, mask: Array | None
+) -> tuple[Namespace, Array, Array, Array, Array, Array, bool]:
+    """``(xp, logp, logp_prox, logq, advantages, mask, one_d)``: the log-probabilities in the
+    compute dtype, shape ``(B, T)`` (``(B,)`` inputs become ``(B, 1)``, flagged by ``one_d``),
+    the advantages broadcast to ``(B, T)`` and 0 on padding, and ``mask`` boolean ``(B, T)``."""
     xp = namespace(logp, logp_prox, logq, advantages, mask)
     one_d = logp.ndim == 1
     lp = as_compute_array(xp, logp)
@@ -340,42 +352,50 @@ def decoupled_ppo_loss_and_grad(
     mask = broadcast_mask(xp, mask, (B, T))
     if mask is None:
         mask = xp.broadcast_to(xp.ones((1, 1), dtype=xp.bool, device=array_device(lp)), (B, T))
-    maskf = xp.astype(mask, dtype)
     a = xp.where(mask, xp.broadcast_to(a, (B, T)), 0.0)
     if is_concrete(a) and not bool(xp.all(xp.isfinite(a))):
         raise ValueError("advantages contain NaN or inf; they must be finite")
-    ratio_tok = xp.where(mask, lp, 0.0) - xp.where(mask, lprox, 0.0)
-    beh_tok = xp.where(mask, lprox, 0.0) - xp.where(mask, lq, 0.0)
-    check_log_weights(xp, ratio_tok, "logp - logp_prox")
-    check_log_weights(xp, beh_tok, "logp_prox - logq")
-    n_tok = xp.sum(maskf, axis=-1)
-    valid = mask if level == "token" else n_tok > 0
-    u = _units(xp, ratio_tok, maskf, level)
-    beh_l = _units(xp, beh_tok, maskf, level)
-    log_b, metrics = _behaviour_log_weight(
-        xp, beh_l, valid, behaviour, gamma, cap, rho_min, reducer,
-        gamma_options,
-    )  # fmt: skip
-    b = xp.exp(xp.minimum(log_b, _log_max(xp, dtype)))  # 0 for invalid units
-    inside = (u >= -log_ratio_clamp) & (u <= log_ratio_clamp)
-    rho = xp.exp(xp.clip(u, -log_ratio_clamp, log_ratio_clamp))
-    clipped = xp.clip(rho, 1.0 - low, 1.0 + high)
+    return xp, lp, lprox, lq, a, mask, one_d
+
+
+def _clipped_loss(
+    xp: Namespace,
+    u: Array,
+    log_b: Array,
+    a: Array,
+    c: Array,
+    level: str,
+    clip: tuple[float, float, float],
+    reducer: Reducer | None,
+) -> tuple[Array, Array, Array]:
+    """The PPO-clip loss ``sum c b max(-A rho, -A clip(rho))`` (over every shard), its derivative
+    with respect to the unit log ratios ``u`` per token, and the tokens whose unclipped term is
+    active. ``clip``: the ratio's floor and ceiling, and the clamp of ``u``."""
+    floor, ceiling, clamp = clip
+    b = xp.exp(xp.minimum(log_b, _log_max(xp, u.dtype)))  # 0 for invalid units
+    inside = (u >= -clamp) & (u <= clamp)
+    rho = xp.exp(xp.clip(u, -clamp, clamp))
+    clipped = xp.clip(rho, floor, ceiling)
     if level != "token":
         b, rho, clipped, inside = b[:, None], rho[:, None], clipped[:, None], inside[:, None]
-    c = _aggregation_weights(xp, mask, dtype, loss_agg_mode, loss_scale_factor, reducer)
     active = a * rho <= a * clipped  # the unclipped term is the max of the two losses
-    loss_mat = xp.where(active, -a * rho, -a * clipped)
-    local = xp.sum(c * b * loss_mat)
+    local = xp.sum(c * b * xp.where(active, -a * rho, -a * clipped))
     loss = local if reducer is None else reducer.sum(local)
-    token_grad = xp.where(active & inside, -c * b * a * rho, 0.0)  # d loss / d u, per token
+    token_grad = xp.where(active & inside, -c * b * a * rho, 0.0)
+    return loss, token_grad, active
+
+
+def _scatter_gradient(
+    xp: Namespace, token_grad: Array, mask: Array, n_tok: Array, level: str
+) -> Array:
+    """``d loss / d logp_bt`` from the per-token ``d loss / d u``: ``d u / d logp_bt`` is 1
+    (token, sequence: the unit's tokens share its derivative) or ``1 / n_b`` (geometric)."""
+    maskf = xp.astype(mask, token_grad.dtype)
     if level == "token":
-        grad = token_grad * maskf
-    else:
-        per_unit = xp.sum(token_grad, axis=-1, keepdims=True)
-        scale = 1.0 if level == "sequence" else 1.0 / xp.where(n_tok > 0, n_tok, 1.0)[:, None]
-        grad = per_unit * scale * maskf
-    metrics.update(_metrics(xp, mask, active, log_b, beh_l, valid, reducer))
-    return loss, (grad[:, 0] if one_d else grad), metrics
+        return token_grad * maskf
+    per_unit = xp.sum(token_grad, axis=-1, keepdims=True)
+    scale = 1.0 if level == "sequence" else 1.0 / xp.where(n_tok > 0, n_tok, 1.0)[:, None]
+    return per_unit * scale * maskf
 
 
 def _metrics(xp, mask, active, log_b, beh_l, valid, reducer) -> dict[str, Array]:

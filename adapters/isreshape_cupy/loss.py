@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import isreshape_core
-from isreshape_core._lib.namespace import Array, array_device
-from isreshape_core._loss import (
+from isreshape_core.extend import (
+    Array,
+    array_device,
+    check_logq,
     check_loss_arguments,
     prepare_loss_inputs,
     row_coefficients,
@@ -23,7 +25,6 @@ from isreshape_core._loss import (
     unit_loss,
     units_from_row_sums,
 )
-from isreshape_core._weights import check_logq
 
 from . import kernels
 

@@ -6,7 +6,7 @@ value-plus-derivative and registers the exact gradient with :func:`jax.custom_jv
 ``lax.pmax`` over a named axis (``shard_map``, ``pmap``).
 """
 
-from isreshape_core._versions import require
+from isreshape_core.extend import require
 
 require("jax", ">=0.4.35", tested="0.10.2", integration=__name__, extra="jax")
 

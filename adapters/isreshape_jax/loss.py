@@ -89,6 +89,23 @@ def _as_jax_array(value: Any, name: str, shape_hint: str) -> jax.Array:
     )
 
 
+def as_loss_inputs(
+    named: dict[str, tuple[Any, str]], mask: Any
+) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
+    """The arrays of a loss, ``{name: (value, shape hint)}`` with ``logp`` first, as jax.Arrays,
+    and the mask; a wrong type is refused with the expected shape, and ``logp``, which carries
+    the gradient, must have a floating dtype."""
+    arrays = tuple(_as_jax_array(value, name, hint) for name, (value, hint) in named.items())
+    if mask is not None:
+        mask = _as_jax_array(mask, "mask", "(B, T), boolean")
+    if not jnp.issubdtype(arrays[0].dtype, jnp.floating):
+        raise TypeError(
+            f"logp must have a floating dtype to carry gradient, got {arrays[0].dtype}; pass "
+            "log-probabilities as float32/float64 (or bfloat16/float16)"
+        )
+    return arrays, mask
+
+
 def _varying_axes(x: jax.Array) -> frozenset:
     """The mesh axes over which ``x`` is typed as varying inside ``shard_map`` (empty elsewhere:
     outside a mesh, under ``pmap``, or with ``check_vma=False``)."""
@@ -248,16 +265,14 @@ def is_reshape_loss(
     ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'log_scale', 'max_weight', 'n_capped',
      'n_nonfinite', 'sigma2']
     """
-    logp = _as_jax_array(logp, "logp", "(B, T) or (B,)")
-    logq = _as_jax_array(logq, "logq", "(B, T) or (B,), like logp")
-    rewards = _as_jax_array(rewards, "rewards", "(B,) or (B, T)")
-    if mask is not None:
-        mask = _as_jax_array(mask, "mask", "(B, T), boolean")
-    if not jnp.issubdtype(logp.dtype, jnp.floating):
-        raise TypeError(
-            f"logp must have a floating dtype to carry gradient, got {logp.dtype}; pass "
-            "log-probabilities as float32/float64 (or bfloat16/float16)"
-        )
+    arrays, mask = as_loss_inputs(
+        {
+            "logp": (logp, "(B, T) or (B,)"),
+            "logq": (logq, "(B, T) or (B,), like logp"),
+            "rewards": (rewards, "(B,) or (B, T)"),
+        },
+        mask,
+    )
     group_size = options.get("group_size")
     if group_size is not None and (
         not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool)
@@ -265,7 +280,7 @@ def is_reshape_loss(
         raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
     try:
         loss, metrics = exact_gradient_loss(
-            is_reshape_loss_and_grad, (logp, logq, rewards), mask, axis_name, options
+            is_reshape_loss_and_grad, arrays, mask, axis_name, options
         )
     except NameError as exc:
         if axis_name is None or "unbound axis name" not in str(exc):

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from isreshape_core import decoupled_ppo_loss_and_grad
 
-from .loss import _as_jax_array, exact_gradient_loss
+from .loss import as_loss_inputs, exact_gradient_loss
 
 __all__ = ["decoupled_ppo_loss"]
 
@@ -51,13 +50,14 @@ def decoupled_ppo_loss(
     >>> print(jax.grad(f)(logp))  # -c b A
     [[-1.  -0.5]]
     """
-    logp = _as_jax_array(logp, "logp", "(B, T) or (B,)")
-    logp_prox = _as_jax_array(logp_prox, "logp_prox", "(B, T) or (B,), like logp")
-    logq = _as_jax_array(logq, "logq", "(B, T) or (B,), like logp")
-    advantages = _as_jax_array(advantages, "advantages", "(B,) or (B, T)")
-    if mask is not None:
-        mask = _as_jax_array(mask, "mask", "(B, T), boolean")
-    if not jnp.issubdtype(logp.dtype, jnp.floating):
-        raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
-    arrays = (logp, logp_prox, logq, advantages)
+    like_logp = "(B, T) or (B,), like logp"
+    arrays, mask = as_loss_inputs(
+        {
+            "logp": (logp, "(B, T) or (B,)"),
+            "logp_prox": (logp_prox, like_logp),
+            "logq": (logq, like_logp),
+            "advantages": (advantages, "(B,) or (B, T)"),
+        },
+        mask,
+    )
     return exact_gradient_loss(decoupled_ppo_loss_and_grad, arrays, mask, axis_name, options)

@@ -73,7 +73,7 @@ from isreshape_core import (
     metric_reduction,
     step_gamma,
 )
-from isreshape_core._versions import require
+from isreshape_core.extend import check_choice, check_rho_min, require
 
 from .loss import is_reshape_loss
 
@@ -193,17 +193,10 @@ class ISReshapeGRPOConfig(grpo_learner.GRPOConfig):
             if not 0.0 <= float(gamma) <= 1.0:
                 raise ValueError(f"is_reshape_gamma must lie in [0, 1], got {gamma!r}")
             self.is_reshape_gamma = float(gamma)
-        if not 0.0 < float(self.is_reshape_rho_min) <= 1.0:
-            raise ValueError(
-                f"is_reshape_rho_min must lie in (0, 1], got {self.is_reshape_rho_min!r}"
-            )
-        for name, choices in (
-            ("is_reshape_level", LEVELS),
-            ("is_reshape_form", LOSS_FORMS),
-            ("loss_agg_mode", TUNIX_LOSS_AGG_MODES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_rho_min(float(self.is_reshape_rho_min), "is_reshape_rho_min")
+        check_choice(self.is_reshape_level, "is_reshape_level", LEVELS)
+        check_choice(self.is_reshape_form, "is_reshape_form", LOSS_FORMS)
+        check_choice(self.loss_agg_mode, "loss_agg_mode", TUNIX_LOSS_AGG_MODES)
         if self.policy_loss_fn != POLICY_LOSS_NAME:
             raise ValueError(
                 f"ISReshapeGRPOConfig trains with policy_loss_fn={POLICY_LOSS_NAME!r}, got "
@@ -267,17 +260,28 @@ class ISReshapeTrainExample(grpo_learner.TrainExample):
     is_reshape_metrics: dict[str, jax.Array] | None = None
 
 
-def _per_token_logps(model: Any, train_example: Any, algo_config: Any, pad_id: int, eos_id: int):
+def _token_logps(
+    model: Any,
+    prompt_ids: jax.Array,
+    completion_ids: jax.Array,
+    *,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    stop_gradient: bool,
+) -> jax.Array:
+    """The per-token log-probabilities of the completions under ``model`` at ``temperature``,
+    by Tunix's own ``compute_per_token_logps``, in float32."""
     graphdef, state = nnx.split(model)
     logp = common.compute_per_token_logps(
         graphdef,
         state,
-        prompt_tokens=train_example.prompt_ids,
-        completion_tokens=train_example.completion_ids,
+        prompt_tokens=prompt_ids,
+        completion_tokens=completion_ids,
         pad_id=pad_id,
         eos_id=eos_id,
-        stop_gradient=False,
-        temperature=algo_config.temperature,
+        stop_gradient=stop_gradient,
+        temperature=temperature,
     )
     return jnp.astype(logp, jnp.float32)
 
@@ -338,7 +342,15 @@ def is_reshape_policy_loss_fn(
         )
     if getattr(train_example, "segment_ids", None) is not None:
         raise ValueError("the is_reshape policy loss does not support packed sequences")
-    logp = _per_token_logps(model, train_example, algo_config, pad_id, eos_id)
+    logp = _token_logps(
+        model,
+        train_example.prompt_ids,
+        train_example.completion_ids,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        temperature=algo_config.temperature,
+        stop_gradient=False,
+    )
     old = train_example.old_per_token_logps
     logq = jax.lax.stop_gradient(logp) if old is None else jnp.astype(old, jnp.float32)
     mask = jnp.asarray(train_example.completion_mask) > 0
@@ -433,19 +445,17 @@ class _StepQueue:
 
 
 @functools.partial(nnx.jit, static_argnames=("pad_id", "eos_id", "temperature"))
-def _current_logps(model, prompt_ids, completion_ids, *, pad_id, eos_id, temperature):
-    graphdef, state = nnx.split(model)
-    logp = common.compute_per_token_logps(
-        graphdef,
-        state,
-        prompt_tokens=prompt_ids,
-        completion_tokens=completion_ids,
+def _detached_logps(model, prompt_ids, completion_ids, *, pad_id, eos_id, temperature):
+    """:func:`_token_logps` without gradient, compiled: a scoring pass outside the loss."""
+    return _token_logps(
+        model,
+        prompt_ids,
+        completion_ids,
         pad_id=pad_id,
         eos_id=eos_id,
-        stop_gradient=True,
         temperature=temperature,
+        stop_gradient=True,
     )
-    return jnp.astype(logp, jnp.float32)
 
 
 class ISReshapeGRPOLearner(grpo_learner.GRPOLearner):
@@ -525,17 +535,30 @@ class ISReshapeGRPOLearner(grpo_learner.GRPOLearner):
         rows = example.prompt_ids.shape[0]
         size = (self._compute_logps_micro_batch_size or rows) * self.algo_config.num_generations
         old = [
-            _current_logps(
+            self._score(
                 model,
                 example.prompt_ids[lo : lo + size],
                 example.completion_ids[lo : lo + size],
-                pad_id=self.rl_cluster.rollout.pad_id(),
-                eos_id=self.rl_cluster.rollout.eos_id(),
-                temperature=temperature,
+                temperature,
             )
             for lo in range(0, rows, size)
         ]
         return example.replace(old_per_token_logps=jnp.concatenate(old, axis=0))
+
+    def _score(
+        self, model: Any, prompt_ids: jax.Array, completion_ids: jax.Array, temperature: float
+    ) -> jax.Array:
+        """Detached log-probabilities of the completions under ``model``, with the rollout's
+        pad and end-of-sequence ids."""
+        rollout = self.rl_cluster.rollout
+        return _detached_logps(
+            model,
+            prompt_ids,
+            completion_ids,
+            pad_id=rollout.pad_id(),
+            eos_id=rollout.eos_id(),
+            temperature=temperature,
+        )
 
     def _needs_step_gamma(self, micro_batches_per_step: int) -> bool:
         cfg = self.algo_config
@@ -579,14 +602,7 @@ class ISReshapeGRPOLearner(grpo_learner.GRPOLearner):
         units, valid, groups, shapes = [], [], [], []
         num_groups = 0
         for ex in examples:
-            logp = _current_logps(
-                model,
-                ex.prompt_ids,
-                ex.completion_ids,
-                pad_id=self.rl_cluster.rollout.pad_id(),
-                eos_id=self.rl_cluster.rollout.eos_id(),
-                temperature=cfg.temperature,
-            )
+            logp = self._score(model, ex.prompt_ids, ex.completion_ids, cfg.temperature)
             mask = jnp.asarray(ex.completion_mask) > 0
             logq = jnp.astype(ex.old_per_token_logps, jnp.float32)
             l = log_weights(logp, logq, mask, level=cfg.is_reshape_level)

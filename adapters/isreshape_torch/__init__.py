@@ -5,7 +5,7 @@ the core's value-plus-derivative on detached tensors and register the exact grad
 autograd; :class:`TorchDistributedReducer` merges the statistics of data-parallel ranks.
 """
 
-from isreshape_core._versions import require
+from isreshape_core.extend import require
 
 require("torch", ">=2.5", tested="2.13.0", integration=__name__, extra="torch")
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from isreshape_core import is_reshape_loss_and_grad
-from isreshape_core._loss import check_loss_options
+from isreshape_core.extend import check_loss_options
 
 from .distributed import resolve_reducer
 

@@ -73,7 +73,7 @@ from typing import Any
 
 import torch
 
-from isreshape_core._versions import require
+from isreshape_core.extend import check_choice, check_rho_min, require
 
 #: The TRL releases this module supports (tested with 1.16.0); on others its import fails.
 TRL_SUPPORTED = ">=1.16,<1.17"
@@ -233,19 +233,12 @@ class ISReshapeGRPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.is_reshape_gamma = _parse_gamma(self.is_reshape_gamma)
-        if not (0.0 < float(self.is_reshape_rho_min) <= 1.0):
-            raise ValueError(
-                f"is_reshape_rho_min must lie in (0, 1], got {self.is_reshape_rho_min!r}"
-            )
-        for name, choices in (
-            ("is_reshape_level", LEVELS),
-            ("is_reshape_form", LOSS_FORMS),
-            ("is_reshape_loss_agg_mode", TRL_LOSS_AGG_MODES),
-            ("is_reshape_behavior", BEHAVIORS),
-            ("is_reshape_gamma_scope", GAMMA_SCOPES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_rho_min(float(self.is_reshape_rho_min), "is_reshape_rho_min")
+        check_choice(self.is_reshape_level, "is_reshape_level", LEVELS)
+        check_choice(self.is_reshape_form, "is_reshape_form", LOSS_FORMS)
+        check_choice(self.is_reshape_loss_agg_mode, "is_reshape_loss_agg_mode", TRL_LOSS_AGG_MODES)
+        check_choice(self.is_reshape_behavior, "is_reshape_behavior", BEHAVIORS)
+        check_choice(self.is_reshape_gamma_scope, "is_reshape_gamma_scope", GAMMA_SCOPES)
         self._check_unsupported()
         self._check_step_scope()
         self._check_ignored_fields()

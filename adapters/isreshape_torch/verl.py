@@ -70,7 +70,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from isreshape_core._versions import require
+from isreshape_core.extend import require
 
 #: The verl releases this module supports (tested with 0.9.1); on others its import fails.
 VERL_SUPPORTED = ">=0.9,<0.10"
@@ -644,7 +644,16 @@ def _rows(gamma: torch.Tensor, level: str, shape: tuple[int, int]) -> torch.Tens
     return gamma.reshape(B, T)[:, 0] if T else gamma.new_ones(B)
 
 
-_LOSS_METRICS = {"k_hat": "k_hat_max"}  # verl's reduce_metrics takes the max of keys with "max"
+def _verl_metric_name(name: str) -> str:
+    """The name under which verl reduces the metric ``name`` as the core merges it.
+
+    verl's ``reduce_metrics`` takes the maximum of the values of a key that contains ``"max"``
+    and the mean of any other; a metric that :data:`isreshape_core.METRIC_MERGE` merges by its
+    maximum (``k_hat``, as ``max_weight``) gets the suffix ``_max`` where its name lacks it.
+    """
+    return f"{name}_max" if isr.metric_reduction(name) == "max" and "max" not in name else name
+
+
 _ROLLOUT_CORR_METRICS = {
     "gamma": "rollout_is_gamma",
     "ess_ratio_pooled": "rollout_is_eff_sample_size",
@@ -743,7 +752,7 @@ def prepare_step_gamma(
     log_w = isr.log_weights(log_prob.detach().to(torch.float64), old, mask, level=options["level"])
     _, _, gamma, metrics = _step_gamma_of_units(log_w, mask, options, data, dp_group)
     data[GAMMA_FIELD] = _rows(gamma, options["level"], tuple(mask.shape))
-    return {f"actor/is_reshape/{_LOSS_METRICS.get(k, k)}": v for k, v in metrics.items()}
+    return {f"actor/is_reshape/{_verl_metric_name(k)}": v for k, v in metrics.items()}
 
 
 def _rollout_correction_step(data: Any, options: Mapping, dp_group: Any) -> dict[str, float]:

@@ -10,6 +10,8 @@
 - :mod:`.rows`: per-row parameters (a number or one value per row of the batch);
 - :mod:`.numerics`: overflow-free log-space arithmetic (shift by the max, log-sum-exp, capped
   exponentials, moments of log weights);
+- :mod:`.saturate`: products with an exponential that saturate at the largest float, and
+  products and quotients that overflow to ``+-inf`` without a warning;
 - :mod:`.reduce`: the public :class:`Reducer` protocol and reductions over shards;
 - :mod:`.pareto`: constants of the generalised Pareto fit shared by the portable PSIS and its
   NumPy kernel.

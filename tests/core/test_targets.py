@@ -281,16 +281,7 @@ def test_mse_matches_closed_form_per_row(xp):
     r = rng.uniform(0.1, 2.0, (3, 4))
     gamma, tau = np.array([0.0, 0.35, 0.9]), np.array([0.5, 1.0, 2.0])
     sigma2, n = np.array([0.5, 2.0, 4.0]), np.array([10.0, 100.0, 1000.0])
-    got = to_numpy(
-        mse(
-            xp.asarray(np.log(mu)),
-            xp.asarray(r),
-            xp.asarray(gamma),
-            xp.asarray(tau),
-            xp.asarray(sigma2),
-            xp.asarray(n),
-        )
-    )
+    got = to_numpy(mse(*(xp.asarray(a) for a in (np.log(mu), r, gamma, tau, sigma2, n))))
     want = [ref_mse(mu[i], r[i], gamma[i], tau[i], sigma2[i], n[i]) for i in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
@@ -303,15 +294,7 @@ def test_mse_optimal_gamma_matches_brute_force_grid_search(xp):
     tau = rng.uniform(0.3, 2.0, b)
     sigma2 = rng.uniform(0.1, 5.0, b)
     n = rng.choice([8.0, 64.0, 512.0], b)
-    got = to_numpy(
-        mse_optimal_gamma(
-            xp.asarray(np.log(mu)),
-            xp.asarray(r),
-            xp.asarray(tau),
-            xp.asarray(sigma2),
-            xp.asarray(n),
-        )
-    )
+    got = to_numpy(mse_optimal_gamma(*(xp.asarray(a) for a in (np.log(mu), r, tau, sigma2, n))))
     grid = [i / 100 for i in range(101)]
     for i in range(b):
         values = [ref_mse(mu[i], r[i], g, tau[i], sigma2[i], n[i]) for g in grid]

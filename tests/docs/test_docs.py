@@ -39,6 +39,10 @@ PACKAGES = {
     "isreshape_cupy": ROOT / "adapters" / "isreshape_cupy" / "__init__.py",
 }
 
+# The layer for adapters re-exports the private stages and checks; the module docstring holds its
+# example, and it is listed in the reference like the packages.
+REFERENCED = {**PACKAGES, "isreshape_core.extend": ROOT / "isreshape_core" / "extend.py"}
+
 
 def _module_all(path: Path) -> list[str]:
     for node in ast.parse(path.read_text()).body:
@@ -77,10 +81,10 @@ def _documented(package: str, name: str, entries: set[str]) -> bool:
     )
 
 
-@pytest.mark.parametrize("package", list(PACKAGES))
+@pytest.mark.parametrize("package", list(REFERENCED))
 def test_api_reference_lists_every_public_name(package):
     entries = _api_entries()
-    missing = [n for n in _module_all(PACKAGES[package]) if not _documented(package, n, entries)]
+    missing = [n for n in _module_all(REFERENCED[package]) if not _documented(package, n, entries)]
     assert not missing, f"docs/api/ has no entry for {package}: {missing}"
 
 

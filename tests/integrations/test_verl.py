@@ -1047,3 +1047,21 @@ def test_trainer_rollout_correction_weights_reach_every_micro_batch(trainer_run)
         assert "rollout_corr/rollout_is_gamma" in m and not any(
             k.startswith("actor/rollout_corr") for k in m
         )
+
+
+def test_logged_names_reduce_as_the_core_merges():
+    # verl's reduce_metrics takes the max of a key with "max" in it and the mean of the others:
+    # every name logged for a step metric must say "max" exactly where METRIC_MERGE says max.
+    from isreshape_torch import verl as isreshape_verl
+
+    names = ["gamma", "sigma2", "ess_ratio", "ess_ratio_at_1", "ess_ratio_pooled", "max_weight"]
+    names += ["k_hat", "log_scale"]
+    for name in names:
+        merged_by_max = isr.metric_reduction(name) == "max"
+        logged = isreshape_verl._verl_metric_name(name)
+        assert ("max" in logged) == merged_by_max, (name, logged)
+        rollout = isreshape_verl._ROLLOUT_CORR_METRICS.get(name)
+        if rollout is not None:
+            assert ("max" in rollout) == merged_by_max, (name, rollout)
+    assert isreshape_verl._verl_metric_name("k_hat") == "k_hat_max"
+    assert isreshape_verl._verl_metric_name("max_weight") == "max_weight"
