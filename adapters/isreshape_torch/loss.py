@@ -91,6 +91,12 @@ def _check_tensor(value: Any, name: str, shape_hint: str) -> None:
         )
 
 
+def _data(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as data: detached where it is part of a graph (a detach is one more operator, the
+    identity on a tensor that requires no gradient)."""
+    return x.detach() if x is not None and x.requires_grad else x
+
+
 def is_reshape_loss(
     logp: torch.Tensor,
     logq: torch.Tensor,
@@ -182,9 +188,7 @@ def is_reshape_loss(
         )
     loss, grad_logp, metrics = is_reshape_loss_and_grad(
         logp.detach(),
-        logq.detach(),
-        rewards.detach(),
-        None if mask is None else mask.detach(),
+        *(_data(x) for x in (logq, rewards, mask)),
         reducer=reducer,
         **options,
     )
