@@ -119,7 +119,11 @@ def main(argv=None) -> dict[str, int]:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        # The history of the table (written by hand, one column per milestone) is kept.
+        old = out.read_text() if out.exists() else ""
+        history = old[old.index("## History") :] if "## History" in old else ""
+        out.write_text(text + ("\n" + history if history else ""))
     return totals
 
 

@@ -78,8 +78,8 @@ def largest_feasible_gamma(
     d: Array,
     offset: Array,
     needed: Array,
-    lo: Array,
-    hi: Array,
+    lo: Array | float,
+    hi: Array | float,
     *,
     candidates: int,
     passes: int,
@@ -93,37 +93,44 @@ def largest_feasible_gamma(
     ``offset`` (..., n) is ``-inf`` for a zero weight and ``log|r|`` (or 0) otherwise;
     ``top_is_zero`` says that ``offset`` is 0 or ``-inf`` (Kish's ESS), so that the largest
     exponent is ``g max(d) = 0`` and no max is taken, as in the Newton search.
-    ``needed``, ``lo``, ``hi`` have the batch shape ``(...)``. The result is ``hi`` where ``hi`` is
-    feasible, else the largest tested candidate found feasible, within ``(hi - lo) /
-    ((candidates - 1) candidates**(passes - 1))`` of the right end of the feasible set where the
-    ESS is monotone in gamma.
+    ``needed`` has the batch shape ``(...)``, ``lo`` and ``hi`` too or are Python numbers (then
+    the bracket's widths are Python numbers, and no array holds them). The result is ``hi``
+    where ``hi`` is feasible, else the largest tested candidate found feasible, within ``(hi -
+    lo) / ((candidates - 1) candidates**(passes - 1))`` of the right end of the feasible set
+    where the ESS is monotone in gamma.
     """
     dtype = d.dtype
     device = getattr(d, "device", None)
+    batch = tuple(needed.shape)
     d = xp.expand_dims(d, axis=-2)
     offset = xp.expand_dims(offset, axis=-2)
     shift = not top_is_zero
-    needed = xp.reshape(needed, (*needed.shape, 1, 1))
+    needed = xp.reshape(needed, (*batch, 1, 1))
     # The first pass includes both ends, each exactly: (1 - t) lo + t hi.
     t = xp.reshape(xp.linspace(0.0, 1.0, candidates, dtype=dtype, device=device), (-1, 1))
     gamma_min, gamma_max = lo, hi
-    lo = xp.reshape(lo, (*lo.shape, 1, 1))
-    hi = xp.reshape(hi, (*hi.shape, 1, 1))
-    none = xp.asarray(-1.0, dtype=dtype, device=device)
-    feasible = feasible_candidates(xp, (1.0 - t) * lo + t * hi, d, offset, needed, reducer, shift)
-    first = xp.max(xp.where(feasible, t, none), axis=-2, keepdims=True)
+    numbers = not hasattr(lo, "shape")
+    if not numbers:
+        lo = xp.reshape(lo, (*lo.shape, 1, 1))
+        hi = xp.reshape(hi, (*hi.shape, 1, 1))
+    g = t if numbers and (lo, hi) == (0.0, 1.0) else (1.0 - t) * lo + t * hi
+    none = xp.asarray(-1.0, dtype=dtype, device=device)  # below every candidate
+    feasible = feasible_candidates(xp, g, d, offset, needed, reducer, shift)
+    first = xp.max(xp.where(feasible, g, none), axis=-2, keepdims=True)
     width = (hi - lo) / (candidates - 1)
-    lo = (1.0 - first) * lo + first * hi  # meaningless where first = -1: replaced at the end
-    # Later passes test [lo, lo + width): lo is known feasible, lo + width is not.
+    # Where no candidate is feasible the later passes refine gamma_min (then replaced).
+    lo = xp.clip(first, min=lo) if numbers else xp.maximum(first, lo)
+    # Later passes test [lo, lo + width): lo is known feasible, lo + width is not; the largest
+    # feasible candidate is the next lo (lo itself is the candidate t = 0, and passes again).
     t = t * ((candidates - 1) / candidates)
     for _ in range(passes - 1):
-        feasible = feasible_candidates(xp, lo + width * t, d, offset, needed, reducer, shift)
-        step = xp.max(xp.where(feasible, t, none), axis=-2, keepdims=True)
-        lo = lo + width * step
+        g = lo + width * t
+        feasible = feasible_candidates(xp, g, d, offset, needed, reducer, shift)
+        lo = xp.max(xp.where(feasible, g, none), axis=-2, keepdims=True)
         width = width / candidates
-    squeeze = (-2, -1)
-    first = xp.squeeze(first, axis=squeeze)
-    gamma = xp.where(first >= 1.0, gamma_max, xp.squeeze(lo, axis=squeeze))
+    first, lo = xp.reshape(first, batch), xp.reshape(lo, batch)
+    # Where gamma_max passed (the candidate t = 1), every later candidate is at least gamma_max.
+    gamma = xp.clip(lo, max=gamma_max) if numbers else xp.minimum(lo, gamma_max)
     return xp.where(first < 0.0, gamma_min, gamma)  # even gamma_min misses the target
 
 

@@ -156,6 +156,18 @@ def _ess_and_slope(
     return s1, s2, log_ess, slope
 
 
+def _weigh_by_rewards(
+    xp: Namespace, l: Array, rewards: Array, axis: int, reducer: Reducer | None, bad: Array | None
+) -> tuple[Array, Array, Array | None]:
+    """``(l, log|r|, bad)``: samples of reward 0 get weight 0 (``l = -inf``), and a traced
+    non-finite reward marks its row bad like a non-finite log weight."""
+    r = broadcast_rewards(xp, rewards, l)
+    r_bad = traced_bad_rows(xp, xp.abs(r), axis, reducer=reducer)
+    bad = bad if r_bad is None else (r_bad if bad is None else bad | r_bad)
+    log_r = log_abs(xp, r)
+    return xp.where(log_r > -xp.inf, l, -xp.inf), log_r, bad
+
+
 def gamma_ess(
     log_w: Array,
     rho_min: Any = 0.3,
@@ -244,11 +256,7 @@ def gamma_ess(
     bad = traced_bad_rows(xp, l, axis, rho_min, gamma_min, gamma_max, reducer=reducer)
     log_r = None
     if rewards is not None:
-        r = broadcast_rewards(xp, rewards, l)
-        r_bad = traced_bad_rows(xp, xp.abs(r), axis, reducer=reducer)
-        bad = bad if r_bad is None else (r_bad if bad is None else bad | r_bad)
-        log_r = log_abs(xp, r)
-        l = xp.where(log_r > -xp.inf, l, -xp.inf)
+        l, log_r, bad = _weigh_by_rewards(xp, l, rewards, axis, reducer, bad)
 
     n = sample_count(xp, l, mask, axis, reducer)
     shape = tuple(n.shape)
@@ -283,17 +291,8 @@ def gamma_ess(
     # reducer every shard takes the Newton search, whose collectives have one shape everywhere.
     plan = grid_plan(math.prod(tuple(l.shape)), xp.finfo(l.dtype).bits)
     if max_iter is None and plan is not None and reducer is None:
-        gamma = largest_feasible_gamma(
-            xp,
-            d,
-            offset,
-            needed,
-            lo,
-            hi,
-            candidates=plan[0],
-            passes=plan[1],
-            top_is_zero=top_is_zero,
-        )
+        grid = {"candidates": plan[0], "passes": plan[1], "top_is_zero": top_is_zero}
+        gamma = largest_feasible_gamma(xp, d, offset, needed, lo, hi, **grid)
     else:
 
         def polish(x: Array, lo: Array) -> Array:

@@ -135,29 +135,9 @@ def check_loss_arguments(
     reach the core by another path (the CuPy fused kernels), so that every entry point rejects
     the same inputs with the same messages."""
     check_loss_options(gamma=gamma, level=level, loss_agg_mode=loss_agg_mode, form=form)
-    if isinstance(gamma, str):
-        pass
-    elif hasattr(gamma, "shape"):
-        _check_gamma_array(gamma, logp, level, group_size)
-    elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
-        raise TypeError(
-            f"gamma must be a method name, a number in [0, 1] or an array of them, got {gamma!r}"
-        )
-    else:
-        check_gamma(gamma, "gamma")
+    _check_gamma_option(gamma, logp, level, group_size)
     check_rho_min(rho_min)
-    if loss_scale_factor is not None:
-        if not isinstance(loss_scale_factor, numbers.Real) or isinstance(loss_scale_factor, bool):
-            raise TypeError(
-                "loss_scale_factor must be a positive finite number (the divisor of "
-                f"seq-mean-token-sum-norm) or None, got {type(loss_scale_factor).__name__}"
-            )
-        if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
-            raise ValueError(
-                "loss_scale_factor must be a positive finite number (the divisor of "
-                f"seq-mean-token-sum-norm; 0, NaN or inf would make the loss NaN or 0, a "
-                f"negative one would flip its sign), got {loss_scale_factor!r}"
-            )
+    _check_loss_scale_factor(loss_scale_factor)
     if rewards is None:
         raise TypeError(
             "rewards are required (there is no r = 1 default, which would silently train pure "
@@ -185,6 +165,38 @@ def check_loss_arguments(
             raise ValueError(
                 f"group_size must be a positive int dividing the batch size {B}, got {group_size!r}"
             )
+
+
+def _check_gamma_option(gamma: Any, logp: Any, level: Any, group_size: Any) -> None:
+    """``gamma`` is a method name, a number in ``[0, 1]`` or an array of them."""
+    if isinstance(gamma, str):
+        return
+    if hasattr(gamma, "shape"):
+        _check_gamma_array(gamma, logp, level, group_size)
+    elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
+        raise TypeError(
+            f"gamma must be a method name, a number in [0, 1] or an array of them, got {gamma!r}"
+        )
+    else:
+        check_gamma(gamma, "gamma")
+
+
+def _check_loss_scale_factor(loss_scale_factor: Any) -> None:
+    """``None`` or a positive finite number: 0, NaN or inf would make the loss NaN or 0, and a
+    negative factor would flip its sign (training in the wrong direction)."""
+    if loss_scale_factor is None:
+        return
+    if not isinstance(loss_scale_factor, numbers.Real) or isinstance(loss_scale_factor, bool):
+        raise TypeError(
+            "loss_scale_factor must be a positive finite number (the divisor of "
+            f"seq-mean-token-sum-norm) or None, got {type(loss_scale_factor).__name__}"
+        )
+    if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
+        raise ValueError(
+            "loss_scale_factor must be a positive finite number (the divisor of "
+            f"seq-mean-token-sum-norm; 0, NaN or inf would make the loss NaN or 0, a "
+            f"negative one would flip its sign), got {loss_scale_factor!r}"
+        )
 
 
 _NAMED_OPTIONS = (

@@ -27,7 +27,8 @@ def _shape(l):
 
 
 def _rewards_like(xp, l):
-    return xp.asarray(np.broadcast_to(np.linspace(-1.0, 2.0, _shape(l)[-1]), _shape(l)))
+    # A copy: torch warns (once per process) when it wraps a read-only NumPy view.
+    return xp.asarray(np.broadcast_to(np.linspace(-1.0, 2.0, _shape(l)[-1]), _shape(l)).copy())
 
 
 def _const(xp, l, value):

@@ -91,6 +91,12 @@ def _check_tensor(value: Any, name: str, shape_hint: str) -> None:
         )
 
 
+def _data(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as data: detached where it is part of a graph (a detach is one more operator, the
+    identity on a tensor that requires no gradient)."""
+    return x.detach() if x is not None and x.requires_grad else x
+
+
 def is_reshape_loss(
     logp: torch.Tensor,
     logq: torch.Tensor,
@@ -154,19 +160,37 @@ def is_reshape_loss(
     ['ess_ratio', 'ess_ratio_at_1', 'gamma', 'log_scale', 'max_weight', 'n_capped',
      'n_nonfinite', 'sigma2']
     """
+    data = {"logq": logq, "rewards": rewards, "mask": mask}
+    hints = {"logq": "(B, T) or (B,), like logp", "rewards": "(B,) or (B, T)"}
+    return exact_gradient_loss(
+        is_reshape_loss_and_grad, logp, data, hints, distributed, scale_by_world_size, options
+    )
+
+
+def exact_gradient_loss(
+    core: Any,
+    logp: torch.Tensor,
+    data: dict[str, torch.Tensor | None],
+    hints: dict[str, str],
+    distributed: Any,
+    scale_by_world_size: bool,
+    options: dict[str, Any],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``core(logp, *data, reducer=..., **options)`` on detached tensors, its exact gradient
+    with respect to ``logp`` attached through :class:`_AttachGradient`: the wiring that the
+    IS Reshape loss and decoupled PPO share (``data`` in the core's argument order, ``hints``
+    the expected shapes for the error messages)."""
     _check_tensor(logp, "logp", "(B, T) or (B,)")
-    _check_tensor(logq, "logq", "(B, T) or (B,), like logp")
-    _check_tensor(rewards, "rewards", "(B,) or (B, T)")
-    if mask is not None:
-        _check_tensor(mask, "mask", "(B, T), boolean")
+    for name, value in data.items():
+        if value is not None or name != "mask":
+            _check_tensor(value, name, hints.get(name, "(B, T), boolean"))
     if not logp.dtype.is_floating_point:
         raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
     gamma = options.get("gamma")
     if hasattr(gamma, "shape"):
         _check_tensor(gamma, "gamma", "() or (B,) (a precomputed gamma)")
         options["gamma"] = gamma = gamma.detach()
-    tensors = (("logq", logq), ("rewards", rewards), ("mask", mask))
-    for name, value in (*tensors, ("gamma", gamma if hasattr(gamma, "shape") else None)):
+    for name, value in (*data.items(), ("gamma", gamma if hasattr(gamma, "shape") else None)):
         if value is not None and value.device != logp.device:
             raise ValueError(
                 f"{name} is on {value.device} but logp is on {logp.device}; move every input "
@@ -180,17 +204,10 @@ def is_reshape_loss(
             "scale_by_world_size=True needs a known world size: pass distributed='auto', True or "
             "a ProcessGroup rather than a custom reducer"
         )
-    loss, grad_logp, metrics = is_reshape_loss_and_grad(
-        logp.detach(),
-        logq.detach(),
-        rewards.detach(),
-        None if mask is None else mask.detach(),
-        reducer=reducer,
-        **options,
-    )
+    args = (_data(x) for x in data.values())
+    loss, grad_logp, metrics = core(logp.detach(), *args, reducer=reducer, **options)
     if scale_by_world_size and world != 1:
-        loss = loss * world
-        grad_logp = grad_logp * world
+        loss, grad_logp = loss * world, grad_logp * world
     return _AttachGradient.apply(logp, loss, grad_logp), metrics
 
 

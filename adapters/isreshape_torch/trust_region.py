@@ -14,8 +14,7 @@ import torch
 
 from isreshape_core import decoupled_ppo_loss_and_grad
 
-from .distributed import resolve_reducer
-from .loss import _AttachGradient, _check_tensor
+from .loss import exact_gradient_loss
 
 __all__ = ["decoupled_ppo_loss"]
 
@@ -73,31 +72,12 @@ def decoupled_ppo_loss(
     >>> print(round(loss.item(), 4), logp.grad.tolist())  # -(2 + 1)/2; -c b A
     -1.5 [[-1.0, -0.5]]
     """
-    _check_tensor(logp, "logp", "(B, T) or (B,)")
-    _check_tensor(logp_prox, "logp_prox", "(B, T) or (B,), like logp")
-    _check_tensor(logq, "logq", "(B, T) or (B,), like logp")
-    _check_tensor(advantages, "advantages", "(B,) or (B, T)")
-    if not logp.dtype.is_floating_point:
-        raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
-    gamma = options.get("gamma")
-    if isinstance(gamma, torch.Tensor):
-        options["gamma"] = gamma.detach()
-    for name, value in (("logp_prox", logp_prox), ("logq", logq), ("advantages", advantages),
-                        ("mask", mask)):  # fmt: skip
-        if value is not None and value.device != logp.device:
-            raise ValueError(f"{name} is on {value.device} but logp is on {logp.device}")
-    reducer, world = resolve_reducer(distributed, logp.device)
-    if scale_by_world_size and world is None:
-        raise ValueError("scale_by_world_size=True needs distributed='auto', True or a group")
-    loss, grad_logp, metrics = decoupled_ppo_loss_and_grad(
-        logp.detach(),
-        logp_prox.detach(),
-        logq.detach(),
-        advantages.detach(),
-        None if mask is None else mask.detach(),
-        reducer=reducer,
-        **options,
+    data = {"logp_prox": logp_prox, "logq": logq, "advantages": advantages, "mask": mask}
+    hints = {
+        "logp_prox": "(B, T) or (B,), like logp",
+        "logq": "(B, T) or (B,), like logp",
+        "advantages": "(B,) or (B, T)",
+    }
+    return exact_gradient_loss(
+        decoupled_ppo_loss_and_grad, logp, data, hints, distributed, scale_by_world_size, options
     )
-    if scale_by_world_size and world != 1:
-        loss, grad_logp = loss * world, grad_logp * world
-    return _AttachGradient.apply(logp, loss, grad_logp), metrics

@@ -1,0 +1,55 @@
+"""ATen operator counts of the torch loss, forward + backward (issue 16).
+
+The counts are those of ``benchmarks/loss_ops.py`` (its ``count_ops`` and ``cases``, at its
+shapes B = 64, T = 2048, float32): deterministic for given shapes and options, so a change that
+adds operators to the loss fails here and has to update the numbers (and
+``benchmarks/results/loss_ops.md``) on purpose.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+import loss_ops  # noqa: E402
+from torch_loss import make_inputs  # noqa: E402
+
+#: Operators of one forward + backward at the benchmark's shapes (benchmarks/results/loss_ops.md).
+EXPECTED = {
+    loss_ops.BASELINE: 46,
+    "IS Reshape, fixed gamma 0.5, sequence": 557,
+    "IS Reshape, fixed gamma 0.5, token": 507,
+    "IS Reshape, exact-ESS gamma (default), sequence": 652,
+    "IS Reshape, exact-ESS gamma, token": 1442,
+    "IS Reshape, closed-form gamma, sequence": 639,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 557,
+}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    torch.set_num_threads(1)
+    # float32 by default, as in the benchmark's own process (another test may change it).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        logp0, logq, adv, mask = make_inputs(64, 2048, torch.device("cpu"))
+        logp = logp0.clone().requires_grad_()
+        steps = loss_ops.cases(logq, adv, mask)
+        return {
+            name: sum(loss_ops.count_ops(steps[name], logp).counts.values()) for name in EXPECTED
+        }
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_operator_count(counts, name):
+    assert counts[name] == EXPECTED[name]
