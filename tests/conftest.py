@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from _helpers import available_backends, get_namespace
@@ -51,3 +54,21 @@ settings.load_profile("isreshape")
 def xp(request):
     """An array-API namespace: numpy, array-api-strict, torch, jax or cupy, all in float64."""
     return get_namespace(request.param)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("torch_loss")``: the module of ``benchmarks/torch_loss.py`` (the scripts
+    of benchmarks/ are not a package, so they are imported by file)."""
+    return _load_benchmark
