@@ -13,11 +13,11 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from ._ess import kish_ess_from_log
+from ._ess import kish_ess_from_log, kish_from_sums
 from ._lib.checks import check_choice, check_rho_min
 from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device
-from ._lib.numerics import log_variance_stats, logsumexp, shift_by_max, tempered_log_weights
+from ._lib.numerics import log_variance_stats, shift_by_max, tempered_log_weights
 from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete
 from ._metrics import merge_rows
@@ -77,14 +77,14 @@ def tempered_metrics(
     count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, stats_reducer)
     n = xp.where(count > 0, count, 1.0)
     ess_at_gamma = kish_ess_from_log(xp, tempered, axis, stats_reducer)
-    ess_at_1 = kish_ess_from_log(xp, masked_l, axis, stats_reducer)
     _, sigma2 = log_variance_stats(xp, masked_l, axis, stats_reducer)
-    # Relative to the max (exact at any offset of l): max_weight = 1 / sum e^(l - max).
-    lse = logsumexp(
-        xp, shift_by_max(xp, masked_l, axis, stats_reducer)[0], axis, reducer=stats_reducer
-    )
-    informative = lse > -xp.inf
-    max_weight = xp.where(informative, xp.exp(-xp.where(informative, lse, 0.0)), 0.0)
+    # Relative to the max (exact at any offset of l), one pass serves both: Kish's ESS at
+    # gamma = 1 from the sums of e^(l - max), and max_weight = 1 / sum e^(l - max).
+    e = xp.exp(shift_by_max(xp, masked_l, axis, stats_reducer)[0])
+    s1 = reduce_sum(xp, e, axis, stats_reducer)
+    ess_at_1 = kish_from_sums(xp, s1, reduce_sum(xp, e * e, axis, stats_reducer), count)
+    informative = s1 > 0
+    max_weight = xp.where(informative, xp.exp(-xp.log(xp.where(informative, s1, 1.0))), 0.0)
     rows = {
         "gamma": gamma,
         "sigma2": sigma2,
