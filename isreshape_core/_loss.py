@@ -384,7 +384,7 @@ def is_reshape_loss_and_grad(
         xp, units, coef, grad_dtype, gamma, rho_min, group_size, reducer, gamma_options
     )
     metrics["n_nonfinite"] = n_nonfinite
-    return loss, scatter_gradient(xp, unit_grad, units, mask, level, one_d), metrics
+    return loss, scatter_gradient(xp, unit_grad, units.n_tok, mask, level, one_d), metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,12 +757,12 @@ def _unit_terms(
 
 
 def scatter_gradient(
-    xp: Namespace, unit_grad: Array, units: Units, mask: Array, level: str, one_d: bool
+    xp: Namespace, unit_grad: Array, n_tok: Array, mask: Array, level: str, one_d: bool
 ) -> Array:
-    """``d loss / d logp_bt`` from the unit gradients: ``d l_u / d logp_bt`` is 1 (token,
-    sequence) or ``1 / n_b`` (geometric). Masked tokens get exactly 0 (a where, not a product:
-    no ``inf * 0`` can arise)."""
+    """``d loss / d logp_bt`` from the unit gradients (``n_tok``: valid tokens per sequence):
+    ``d l_u / d logp_bt`` is 1 (token, sequence) or ``1 / n_b`` (geometric). Masked tokens get
+    exactly 0 (a where, not a product: no ``inf * 0`` can arise)."""
     if level == "geometric":
-        unit_grad = unit_grad / xp.where(units.n_tok > 0, units.n_tok, 1.0)
+        unit_grad = unit_grad / xp.where(n_tok > 0, n_tok, 1.0)
     grad = xp.where(mask, unit_grad if level == "token" else unit_grad[:, None], 0.0)
     return grad[:, 0] if one_d else grad

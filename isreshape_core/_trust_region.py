@@ -30,7 +30,7 @@ from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import tempered_log_weights
 from ._lib.reduce import Reducer, reduce_max, reduce_sum
 from ._lib.tracing import is_concrete
-from ._loss import LOSS_AGG_MODES, _aggregation_weights
+from ._loss import LOSS_AGG_MODES, _aggregation_weights, scatter_gradient
 from ._select import GAMMA_METHODS
 from ._step import step_gamma
 from ._weights import LEVELS as _LEVELS
@@ -324,9 +324,10 @@ def decoupled_ppo_loss_and_grad(
     clip = (1.0 - low, 1.0 + high, log_ratio_clamp)
     u = unit_log_weights(xp, ratio_tok, n_tok, level)
     loss, token_grad, active = _clipped_loss(xp, u, log_b, a, c, level, clip, reducer)
-    grad = _scatter_gradient(xp, token_grad, mask, n_tok, level)
+    # A sequence's tokens share its unit derivative, the sum of its tokens' terms.
+    unit_grad = token_grad if level == "token" else xp.sum(token_grad, axis=-1)
     metrics.update(_metrics(xp, mask, active, log_b, beh_l, valid, reducer))
-    return loss, (grad[:, 0] if one_d else grad), metrics
+    return loss, scatter_gradient(xp, unit_grad, n_tok, mask, level, one_d), metrics
 
 
 def _prepare_inputs(
@@ -383,19 +384,6 @@ def _clipped_loss(
     loss = local if reducer is None else reducer.sum(local)
     token_grad = xp.where(active & inside, -c * b * a * rho, 0.0)
     return loss, token_grad, active
-
-
-def _scatter_gradient(
-    xp: Namespace, token_grad: Array, mask: Array, n_tok: Array, level: str
-) -> Array:
-    """``d loss / d logp_bt`` from the per-token ``d loss / d u``: ``d u / d logp_bt`` is 1
-    (token, sequence: the unit's tokens share its derivative) or ``1 / n_b`` (geometric)."""
-    maskf = xp.astype(mask, token_grad.dtype)
-    if level == "token":
-        return token_grad * maskf
-    per_unit = xp.sum(token_grad, axis=-1, keepdims=True)
-    scale = 1.0 if level == "sequence" else 1.0 / xp.where(n_tok > 0, n_tok, 1.0)[:, None]
-    return per_unit * scale * maskf
 
 
 def _metrics(xp, mask, active, log_b, beh_l, valid, reducer) -> dict[str, Array]:
