@@ -276,8 +276,8 @@ def _token_logps(
     logp = common.compute_per_token_logps(
         graphdef,
         state,
-        prompt_tokens=prompt_ids,
-        completion_tokens=completion_ids,
+        prompt_ids,
+        completion_ids,
         pad_id=pad_id,
         eos_id=eos_id,
         stop_gradient=stop_gradient,
@@ -584,12 +584,12 @@ class ISReshapeGRPOLearner(grpo_learner.GRPOLearner):
         if mode == rl_cluster_lib.Mode.TRAIN and self._needs_step_gamma(proceed_num_steps):
             data_queue = _StepQueue(data_queue, self, proceed_num_steps)
         return super()._prepare_data(
-            iterator=iterator,
-            proceed_num_steps=proceed_num_steps,
-            sample_repeat=sample_repeat,
-            batch_repeat=batch_repeat,
-            service_target_batch_size=service_target_batch_size,
-            data_queue=data_queue,
+            iterator,
+            proceed_num_steps,
+            sample_repeat,
+            batch_repeat,
+            service_target_batch_size,
+            data_queue,
             async_loading=async_loading,
             mode=mode,
         )
