@@ -155,9 +155,8 @@ def _log_abs_boxcox_terms(xp: Namespace, l: Array, r: Array, g: Array) -> Array:
 
 
 def sign(xp: Namespace, x: Array) -> Array:
-    """-1, 0 or 1 (array-api-compat's torch ``sign`` indexes with a boolean mask, which
-    ``torch.func.vmap`` cannot batch)."""
-    return xp.astype(x > 0, x.dtype) - xp.astype(x < 0, x.dtype)
+    """-1, 0 or 1; NaN at NaN (0 under torch), where every caller's result is NaN anyway."""
+    return xp.sign(x)
 
 
 def boxcox(xp: Namespace, l: Array, g: Array) -> Array:

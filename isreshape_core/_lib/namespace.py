@@ -27,10 +27,12 @@ def namespace(*arrays: Any) -> Namespace:
 
 
 # array-api-compat's torch wrappers promote a Python scalar operand with `torch.result_type`,
-# which returns a dtype and so breaks a `torch.compile(fullgraph=True)` graph. The core passes
-# Python scalars to `where`, `maximum`, ...: while compiling, they become 0-d tensors of the other
-# operand's dtype and device first, which is what the array API's promotion rules ask anyway
-# (eagerly, array-api-compat's own promotion is cheaper and gives the same result).
+# which returns a dtype and so breaks a `torch.compile(fullgraph=True)` graph; eagerly, torch
+# turns every such scalar into a fresh 0-d tensor (one more operator per call, and the core's
+# finite-for-every-input guards pass dozens of them to `where`, `maximum`, ...). So a Python
+# number becomes a 0-d tensor of the floating operand's dtype and device first, which is what
+# the array API's promotion rules ask anyway: while compiling a new one (it is a graph
+# constant), eagerly one made once and kept (:func:`_constant`).
 _SCALAR_PROMOTING = (
     "where",
     "maximum",
@@ -48,6 +50,27 @@ _SCALAR_PROMOTING = (
     "greater",
     "greater_equal",
 )
+#: Eager 0-d constants by (value, dtype, device); a few dozen in practice, bounded anyway.
+_CONSTANTS: dict[tuple[str, Any, Any], Any] = {}
+_MAX_CONSTANTS = 1024
+
+
+def _constant(torch: Any, value: numbers.Real, like: Any) -> Any:
+    """A 0-d tensor holding ``value`` in ``like``'s dtype and on its device, made once.
+
+    The core never writes to its operands, so one tensor can serve every call. It is made
+    outside inference mode and without grad, so that autograd may save it for a backward.
+    """
+    key = (float(value).hex(), like.dtype, like.device)
+    out = _CONSTANTS.get(key)
+    if out is None:
+        with torch.inference_mode(False), torch.no_grad():
+            out = torch.asarray(value, dtype=like.dtype, device=like.device)
+        if len(_CONSTANTS) < _MAX_CONSTANTS:
+            _CONSTANTS[key] = out
+    return out
+
+
 _TORCH_NAMESPACES: dict[int, Any] = {}
 
 
@@ -67,6 +90,9 @@ class _TorchNamespace:
         self.__name__ = compat.__name__
         for name in _SCALAR_PROMOTING:
             setattr(self, name, self._wrap(getattr(compat, name)))
+        torch = sys.modules["torch"]
+        self.isfinite = _finite_by_abs(torch, compat.isfinite)
+        self.sign = _real_sign(torch, compat.sign)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._compat, name)
@@ -76,24 +102,51 @@ class _TorchNamespace:
         torch = sys.modules["torch"]
 
         def wrapped(*args: Any) -> Any:
-            if not torch.compiler.is_compiling():
-                # Eager: array-api-compat's own scalar promotion is fine, and cheaper.
+            if not any(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in args):
                 return fn(*args)
             like = next(
                 (a for a in args if hasattr(a, "dtype") and a.dtype.is_floating_point), None
             )
-            if like is None:
+            compiling = torch.compiler.is_compiling()
+            if like is None and compiling:
                 like = next(
                     (a for a in args if hasattr(a, "dtype") and a.dtype != torch.bool), None
                 )
-            if like is not None:
-                args = tuple(
-                    torch.asarray(a, dtype=like.dtype, device=like.device)
-                    if isinstance(a, numbers.Number)
-                    else a
-                    for a in args
-                )
-            return fn(*args)
+            # Eagerly only plain tensors share constants (not fakes, functorch wrappers, ...).
+            if like is None or not (compiling or type(like) is torch.Tensor):
+                return fn(*args)
+            return fn(*(_scalar_operand(torch, a, like, compiling) for a in args))
 
         wrapped.__name__ = getattr(fn, "__name__", "wrapped")
         return wrapped
+
+
+def _scalar_operand(torch: Any, a: Any, like: Any, compiling: bool) -> Any:
+    """``a`` as a 0-d tensor like ``like`` where it is a Python number (not a bool)."""
+    if not isinstance(a, numbers.Real) or isinstance(a, bool):
+        return a
+    if compiling:
+        return torch.asarray(a, dtype=like.dtype, device=like.device)
+    return _constant(torch, a, like)
+
+
+def _finite_by_abs(torch: Any, isfinite: Any) -> Any:
+    """``isfinite`` as ``|x| < inf`` on real floating tensors: the same predicate (NaN fails
+    the comparison) in 2 operators, where ``torch.isfinite`` dispatches 4."""
+
+    def finite(x: Any) -> Any:
+        if x.dtype.is_floating_point:
+            return torch.abs(x) < torch.inf
+        return isfinite(x)
+
+    return finite
+
+
+def _real_sign(torch: Any, sign: Any) -> Any:
+    """``torch.sign`` on real tensors (0 at NaN): array-api-compat's ``sign`` mends NaN by
+    boolean-mask indexing, which ``torch.func.vmap`` cannot batch."""
+
+    def real_sign(x: Any) -> Any:
+        return sign(x) if x.dtype.is_complex else torch.sign(x)
+
+    return real_sign
