@@ -539,8 +539,7 @@ def _given_gamma(
     if reducer is not None:
         totals = reducer.sum(totals)
     mean_g = totals[0] / xp.where(totals[1] > 0, totals[1], 1.0)
-    tempered = tempered_log_weights(xp, masked_l, flat_g)
-    return unit_g, tempered_metrics(xp, masked_l, tempered, mean_g, reducer, None)
+    return unit_g, tempered_metrics(xp, masked_l, flat_g, xp.reshape(mean_g, (1,)), reducer, None)
 
 
 def _chosen_gamma(
@@ -565,8 +564,7 @@ def _chosen_gamma(
         stats_reducer, merge_reducer = None, reducer  # a group lives on one shard
     g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, stats_reducer, gamma_options)
     masked_l = xp.where(rows_valid, rows_l, -xp.inf)
-    tempered = tempered_log_weights(xp, masked_l, g[:, None])
-    metrics = tempered_metrics(xp, masked_l, tempered, g, stats_reducer, merge_reducer, k_hat)
+    metrics = tempered_metrics(xp, masked_l, g[:, None], g, stats_reducer, merge_reducer, k_hat)
     unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
     return unit_g, metrics
 

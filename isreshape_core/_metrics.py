@@ -65,6 +65,8 @@ def merge_rows(xp: Namespace, rows: dict[str, Array], reducer: Reducer | None) -
 
     Every shard must hold the same metric names; ``"mean"`` weighs every group once.
     """
+    if reducer is None and all(v.shape == (1,) for v in rows.values()):
+        return {k: xp.reshape(v, ()) for k, v in rows.items()}  # one group: nothing to merge
     means = [k for k in rows if metric_reduction(k) == "mean"]
     sums = [k for k in rows if metric_reduction(k) == "sum"]
     maxima = [k for k in rows if metric_reduction(k) == "max"]

@@ -12,12 +12,12 @@ from typing import Any
 from ._gamma import gamma_closed_form, gamma_ess
 from ._lib.checks import check_gamma, check_gamma_bounds
 from ._lib.inputs import prepare_log_weights
-from ._lib.namespace import Array
+from ._lib.namespace import Array, Namespace, array_device
 from ._lib.reduce import Reducer
 from ._lib.rows import batch_param
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
 
-__all__ = ["GAMMA_METHODS", "select_gamma"]
+__all__ = ["GAMMA_METHODS", "fixed_gamma_rows", "select_gamma"]
 
 GAMMA_METHODS = ("ess", "closed_form", "psis", "tail", "combined")
 
@@ -109,7 +109,18 @@ def _fixed_gamma(
     """``gamma`` for every row, clipped to ``[gamma_min, gamma_max]``."""
     xp, l, _, axis = prepare_log_weights(log_w, axis=axis, mask=mask)
     check_gamma_bounds(gamma_min, gamma_max)
+    return fixed_gamma_rows(xp, l, gamma, axis, gamma_min, gamma_max)
+
+
+def fixed_gamma_rows(
+    xp: Namespace, l: Array, gamma: float, axis: int, gamma_min: Any, gamma_max: Any
+) -> Array:
+    """``gamma`` clipped to ``[gamma_min, gamma_max]`` for every row of validated log weights
+    ``l`` (samples along ``axis``); the bounds are numbers or arrays of the batch shape."""
     shape = tuple(s for i, s in enumerate(l.shape) if i != axis)
+    if all(isinstance(b, numbers.Real) for b in (gamma_min, gamma_max)):
+        value = min(max(gamma, gamma_min), gamma_max)  # Python numbers: no array work
+        return xp.full(shape, value, dtype=l.dtype, device=array_device(l))
     value = batch_param(xp, gamma, l, shape)
     lo = batch_param(xp, gamma_min, l, shape)
     hi = batch_param(xp, gamma_max, l, shape)

@@ -14,15 +14,20 @@ import numbers
 from typing import Any
 
 from ._ess import kish_ess_from_log, kish_from_sums
-from ._lib.checks import check_choice, check_rho_min
+from ._lib.checks import check_choice, check_gamma, check_gamma_bounds, check_rho_min
 from ._lib.inputs import prepare_log_weights
-from ._lib.namespace import Array, Namespace, array_device
-from ._lib.numerics import log_variance_stats, shift_by_max, tempered_log_weights
+from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.numerics import (
+    power_of_two_below,
+    scaled_square,
+    shift_from_max,
+    tempered_log_weights,
+)
 from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete
 from ._metrics import merge_rows
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
-from ._select import GAMMA_METHODS, select_gamma
+from ._select import GAMMA_METHODS, fixed_gamma_rows, select_gamma
 
 __all__ = ["step_gamma"]
 
@@ -50,6 +55,12 @@ def choose_gamma(
         args = (l,) if method == "tail" else (l, rho_min)
         g, k_hat = rule(*args, axis=-1, mask=valid, **options)[:2]
         return g, k_hat
+    if isinstance(method, numbers.Real) and not options.keys() - {"gamma_min", "gamma_max"}:
+        # The loss has validated l already: a fixed number needs no second check of it.
+        check_gamma(method, "gamma")
+        bounds = {"gamma_min": 0.0, "gamma_max": 1.0, **options}
+        check_gamma_bounds(bounds["gamma_min"], bounds["gamma_max"])
+        return fixed_gamma_rows(namespace(l), l, method, l.ndim - 1, **bounds), None
     g = select_gamma(l, rho_min, method=method, axis=-1, mask=valid, reducer=reducer, **options)
     return g, None
 
@@ -57,14 +68,15 @@ def choose_gamma(
 def tempered_metrics(
     xp: Namespace,
     masked_l: Array,
-    tempered: Array,
+    unit_gamma: Array,
     gamma: Array,
     stats_reducer: Reducer | None,
     merge_reducer: Reducer | None,
     k_hat: Array | None = None,
 ) -> dict[str, Array]:
     """0-d summaries of unit log weights ``masked_l`` (rows = groups, ``-inf`` = invalid) and of
-    their tempered log weights ``tempered`` (``gamma * l`` per unit, same shape).
+    the weights tempered by ``unit_gamma`` (broadcastable to ``masked_l``: one gamma per row
+    or per unit, in ``[0, 1]``).
 
     ``gamma`` holds one value per row (the row means for per-unit gammas), ``k_hat`` (Pareto
     methods) one per row too. ``stats_reducer`` merges the samples of a row across shards (rows
@@ -73,29 +85,54 @@ def tempered_metrics(
     whole batch: ``gamma``, ``sigma2``, ``ess_ratio`` and ``ess_ratio_at_1`` are means over rows,
     ``max_weight`` the largest normalised unit weight, ``k_hat`` the worst row's.
     """
-    axis = -1
-    count = reduce_sum(xp, xp.astype(masked_l > -xp.inf, masked_l.dtype), axis, stats_reducer)
+    finite = masked_l > -xp.inf
+    d, u = _shifted_and_scaled(xp, masked_l, finite, stats_reducer)
+    # Every statistic is relative to the row max, d = l - max <= 0: the tempered weights
+    # e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for gamma >= 0), and their
+    # exponents are bit for bit those of gamma_ess and ess_ratio.
+    e = xp.exp(d)
+    eg = xp.exp(tempered_log_weights(xp, d, unit_gamma))
+    parts = [xp.astype(finite, d.dtype), e, e * e, eg, eg * eg, u[0]]
+    count, s1, s2, sg1, sg2, su = _row_sums(xp, parts, stats_reducer)
     n = xp.where(count > 0, count, 1.0)
-    ess_at_gamma = kish_ess_from_log(xp, tempered, axis, stats_reducer)
-    _, sigma2 = log_variance_stats(xp, masked_l, axis, stats_reducer)
-    # Relative to the max (exact at any offset of l), one pass serves both: Kish's ESS at
-    # gamma = 1 from the sums of e^(l - max), and max_weight = 1 / sum e^(l - max).
-    e = xp.exp(shift_by_max(xp, masked_l, axis, stats_reducer)[0])
-    s1 = reduce_sum(xp, e, axis, stats_reducer)
-    ess_at_1 = kish_from_sums(xp, s1, reduce_sum(xp, e * e, axis, stats_reducer), count)
-    informative = s1 > 0
-    max_weight = xp.where(informative, xp.exp(-xp.log(xp.where(informative, s1, 1.0))), 0.0)
+    dev = xp.where(finite, u[0] - xp.expand_dims(su / n, axis=-1), 0.0)
+    var = reduce_sum(xp, dev * dev, -1, stats_reducer) / xp.where(count > 1, count - 1.0, 1.0)
+    informative = s1 > 0  # s1 >= 1 (the max's own e^0) wherever a weight is positive
     rows = {
         "gamma": gamma,
-        "sigma2": sigma2,
-        "ess_ratio": ess_at_gamma / n,
-        "ess_ratio_at_1": ess_at_1 / n,
-        "max_weight": max_weight,
+        "sigma2": scaled_square(xp, var, xp.squeeze(u[1], axis=-1)),
+        "ess_ratio": kish_from_sums(xp, sg1, sg2, count) / n,
+        "ess_ratio_at_1": kish_from_sums(xp, s1, s2, count) / n,
+        "max_weight": xp.where(informative, 1.0 / xp.where(informative, s1, 1.0), 0.0),
     }
     if k_hat is not None:
         rows["k_hat"] = k_hat
-    rows = {k: xp.reshape(xp.broadcast_to(v, tuple(count.shape)), (-1,)) for k, v in rows.items()}
     return merge_rows(xp, rows, merge_reducer)
+
+
+def _shifted_and_scaled(
+    xp: Namespace, l: Array, finite: Array, reducer: Reducer | None
+) -> tuple[Array, tuple[Array, Array]]:
+    """``d = l - max`` (:func:`shift_from_max`) and ``(d / scale, scale)``, ``scale`` a power of 2
+    near ``max |l|`` (keepdims), so that no square of ``d / scale`` (in ``[-4, 0]``) overflows or
+    loses its digits; the max and ``max |l|`` in one reduction over all shards."""
+    l0 = xp.where(finite, l, 0.0)
+    tops = xp.stack([xp.max(l, axis=-1), xp.max(xp.abs(l0), axis=-1)])
+    if reducer is not None:
+        tops = reducer.max(tops)
+    top, size = xp.expand_dims(tops[0, ...], axis=-1), xp.expand_dims(tops[1, ...], axis=-1)
+    d = shift_from_max(xp, l, top)[0]
+    scale = power_of_two_below(xp, size)
+    return d, (xp.where(finite, d / scale, 0.0), scale)
+
+
+def _row_sums(xp: Namespace, parts: list[Array], reducer: Reducer | None) -> list[Array]:
+    """The sums along the last axis of equally shaped arrays, in one reduction (over all
+    shards: one collective)."""
+    sums = xp.sum(xp.stack(parts), axis=-1)
+    if reducer is not None:
+        sums = reducer.sum(sums)
+    return [sums[i, ...] for i in range(len(parts))]
 
 
 def _check_groups(xp: Namespace, group_ids: Any, num_groups: Any, n: int) -> None:
@@ -231,8 +268,7 @@ def step_gamma(
     g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, reducer, gamma_options)
     unit_g = g[0] * xp.ones_like(l) if group_ids is None else xp.take(g, ids)
     masked_rows = xp.where(rows_valid, rows_l, -xp.inf)
-    tempered_rows = tempered_log_weights(xp, masked_rows, g[:, None])
-    metrics = tempered_metrics(xp, masked_rows, tempered_rows, g, reducer, None, k_hat)
+    metrics = tempered_metrics(xp, masked_rows, g[:, None], g, reducer, None, k_hat)
     pooled = tempered_log_weights(xp, xp.where(valid, l, -xp.inf), unit_g)
     total = reduce_sum(xp, xp.astype(valid, l.dtype), 0, reducer)
     pooled_ess = kish_ess_from_log(xp, pooled, 0, reducer)

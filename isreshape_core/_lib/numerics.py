@@ -18,10 +18,12 @@ __all__ = [
     "log_abs",
     "log_variance_stats",
     "logsumexp",
+    "power_of_two_below",
     "safe_sum",
     "scaled_deviations",
     "scaled_square",
     "shift_by_max",
+    "shift_from_max",
     "tempered_log_weights",
 ]
 
@@ -61,7 +63,12 @@ def shift_by_max(
     without a finite entry. Statistics that are invariant to a constant shift of the log
     weights take their input relative to the max first, so that the shift costs no digits
     (``1e15 + l`` rounds ``l`` to 0.125, but every later step is exact relative to the max)."""
-    top = reduce_max(xp, x, axis, reducer, keepdims=True)
+    return shift_from_max(xp, x, reduce_max(xp, x, axis, reducer, keepdims=True))
+
+
+def shift_from_max(xp: Namespace, x: Array, top: Array) -> tuple[Array, Array]:
+    """:func:`shift_by_max` given the row maximum ``top`` (keepdims), for callers that take it
+    in one reduction with other statistics."""
     top = xp.where(xp.isfinite(top), top, 0.0)
     # x - top can overflow only for a positive max. Entries further than 2^-20 of the largest
     # float below the max (a relative weight of exp(-3e32) in float32) are set to that floor:
@@ -74,29 +81,37 @@ def shift_by_max(
     return xp.where(x == -xp.inf, -xp.inf, xp.maximum(d, floor)), top
 
 
+def power_of_two_below(xp: Namespace, size: Array) -> Array:
+    """The largest power of 2 at most ``size`` (``size > 0``; 1 where ``size`` is 0), clamped
+    below the dtype's exponent limit: dividing by it is exact and brings ``size`` into
+    ``[1, 2)``."""
+    # log2 of a value near the largest float can round up to the exponent limit: clamp it.
+    top_exp = float(math.frexp(float(xp.finfo(size.dtype).max))[1] - 1)  # 127, 1023
+    return xp.pow(2.0, xp.minimum(xp.floor(xp.log2(xp.where(size > 0, size, 1.0))), top_exp))
+
+
 def safe_sum(xp: Namespace, x: Array, axis: int = -1) -> Array:
-    """``sum(x, axis)`` of finite entries without an intermediate overflow.
+    """``sum(x, axis)`` without an intermediate overflow (``x``: finite, ``-inf`` or NaN).
 
     Where ``max|x|`` times the number of terms could exceed the largest float, the row is
-    divided by a power of 2 at least that number first (exact) and multiplied back at the end;
-    the result is ``+-inf`` only where the sum itself is out of range, never ``inf - inf = NaN``
-    from a partial sum. Rows that cannot overflow are summed as they are (bit for bit).
+    multiplied by ``2^-k`` (exact: ``2^k`` at least that number) first and by ``2^k`` at the
+    end; the result is ``+-inf`` only where the sum itself is out of range, never ``inf - inf =
+    NaN`` from a partial sum. Rows that cannot overflow are summed as they are (bit for bit).
     """
     n = x.shape[axis]
-    fmax = float(xp.finfo(x.dtype).max)
     if n <= 1:
         return xp.sum(x, axis=axis)
     factor = 2.0 ** math.ceil(math.log2(n))
-    finite = xp.where(xp.isfinite(x), x, 0.0)
-    risky = xp.max(xp.abs(finite), axis=axis, keepdims=True) > fmax / factor
-    scaled = xp.where(risky, x / factor, x)
-    total = xp.sum(scaled, axis=axis)
+    fmax = float(xp.finfo(x.dtype).max)
+    # Rows with -inf or NaN are taken as risky too: scaled or not, their sum is -inf or NaN.
+    risky = ~(xp.max(xp.abs(x), axis=axis, keepdims=True) <= fmax / factor)
+    total = xp.sum(xp.where(risky, x / factor, x), axis=axis)
     risky = xp.squeeze(risky, axis=axis)
-    fits = ~risky | (xp.abs(total) <= fmax / factor) | ~xp.isfinite(total)
-    kept = xp.where(fits & risky, total, 0.0)
-    back = xp.where(risky, kept * factor, total)
-    inf = xp.full_like(total, xp.inf)
-    return xp.where(fits, back, xp.where(total > 0, inf, -inf))  # out of range: +-inf
+    back_fits = xp.abs(total) <= fmax / factor  # the scaled sum, multiplied back, fits
+    fits = ~risky | back_fits
+    back = xp.where(risky, xp.where(back_fits, total, 0.0) * factor, total)
+    # Out of range: +-inf, as total * inf gives, with no overflow warning.
+    return xp.where(fits, back, xp.where(fits, 1.0, total) * xp.inf)
 
 
 def logsumexp(
@@ -130,9 +145,7 @@ def scaled_deviations(
     if reducer is not None:
         big = reducer.max(big)
     size, top = xp.expand_dims(big[0, ...], axis=axis), xp.expand_dims(big[1, ...], axis=axis)
-    # log2 of a value near the largest float can round up to the exponent limit: clamp it.
-    top_exp = float(math.frexp(float(xp.finfo(l.dtype).max))[1] - 1)  # 127, 1023
-    scale = xp.pow(2.0, xp.minimum(xp.floor(xp.log2(xp.where(size > 0, size, 1.0))), top_exp))
+    scale = power_of_two_below(xp, size)
     top = xp.where(xp.isfinite(top), top, 0.0)
     u = xp.where(finite, l0 / scale - top / scale, 0.0)  # in [-4, 0]
     count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)

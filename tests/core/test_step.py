@@ -305,3 +305,24 @@ def test_tempered_weights_float32_cap_and_errors():
         isr.tempered_weights(np.zeros(3), 2.0)
     with pytest.raises(ValueError, match="NaN or"):
         isr.tempered_weights(np.array([0.0, np.nan]), 0.5)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.37, 1.0, "ess", "closed_form"])
+def test_loss_metrics_agree_with_the_public_statistics(xp, gamma):
+    """The loss's weight metrics against independent float64 sums over the unit weights, and its
+    ess_ratio equal to ess_ratio() of the same weights at the chosen gamma (one shift by the max:
+    the same exponents as gamma_ess, so the chosen gamma meets rho_min in the reported metric)."""
+    logp, logq, rewards, mask = make_batch(11, B=9, T=6)
+    args = [xp.asarray(a) for a in (logp, logq, rewards, mask)]
+    _, _, metrics = is_reshape_loss_and_grad(*args, gamma=gamma, rho_min=0.6)
+    l = np.where(mask, logp - logq, 0.0).sum(axis=-1)
+    g = float(to_numpy(metrics["gamma"]))
+    w = np.exp(l - l.max())
+    np.testing.assert_allclose(to_numpy(metrics["sigma2"]), np.var(l, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(metrics["max_weight"]), w.max() / w.sum(), rtol=1e-12)
+    at_1 = brute_force_ess(w) / l.size
+    np.testing.assert_allclose(to_numpy(metrics["ess_ratio_at_1"]), at_1, rtol=1e-12)
+    public = isr.ess_ratio(xp.asarray(l), g)
+    np.testing.assert_allclose(to_numpy(metrics["ess_ratio"]), to_numpy(public), rtol=1e-15)
+    if gamma == "ess" and g < 1.0:
+        assert to_numpy(metrics["ess_ratio"]) >= 0.6
