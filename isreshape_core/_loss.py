@@ -35,6 +35,7 @@ from ._lib.checks import (
     check_mask_type,
     check_real_floating,
     check_rho_min,
+    check_same_shape,
 )
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
@@ -143,18 +144,13 @@ def check_loss_arguments(
             "rewards are required (there is no r = 1 default, which would silently train pure "
             "SFT); pass rewards or advantages of shape (B,) or (B, T)"
         )
-    for name, value in (("logp", logp), ("logq", logq), ("rewards", rewards)):
-        if not hasattr(value, "shape"):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    check_same_shape({"logp": logp, "logq": logq})
+    if not hasattr(rewards, "shape"):
+        raise TypeError(f"rewards must be an array, got {type(rewards).__name__}")
     check_mask_type(mask)
     xp = namespace(logp, logq)
     check_real_floating(xp, logp, "logp")
     check_real_floating(xp, logq, "logq")
-    if tuple(logp.shape) != tuple(logq.shape):
-        raise ValueError(
-            f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
-            f"{tuple(logq.shape)}"
-        )
     if logp.ndim not in (1, 2):
         raise ValueError(f"logp must have shape (B, T) or (B,), got {tuple(logp.shape)}")
     if logp.shape[0] == 0:

@@ -22,7 +22,13 @@ import numbers
 from typing import Any, Literal
 
 from ._ess import kish_ess_from_log
-from ._lib.checks import check_choice, check_gamma, check_log_weights, check_rho_min
+from ._lib.checks import (
+    check_choice,
+    check_gamma,
+    check_log_weights,
+    check_rho_min,
+    check_same_shape,
+)
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask, prepare_log_weights
@@ -176,14 +182,7 @@ def _check_arguments(logp, logp_prox, logq, advantages, level, loss_agg_mode, be
     check_choice(level, "level", _LEVELS)
     check_choice(loss_agg_mode, "loss_agg_mode", LOSS_AGG_MODES)
     check_choice(behaviour, "behaviour", BEHAVIOUR_CORRECTIONS)
-    for name, value in (("logp", logp), ("logp_prox", logp_prox), ("logq", logq)):
-        if not hasattr(value, "shape"):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(logp.shape):
-            raise ValueError(
-                f"logp, logp_prox and logq must have the same shape; {name} has "
-                f"{tuple(value.shape)}, logp {tuple(logp.shape)}"
-            )
+    check_same_shape({"logp": logp, "logp_prox": logp_prox, "logq": logq})
     if logp.ndim not in (1, 2) or logp.shape[0] == 0:
         raise ValueError(f"logp must have shape (B, T) or (B,) with B > 0, got {tuple(logp.shape)}")
     if not hasattr(advantages, "shape"):

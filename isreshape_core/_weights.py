@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ._lib.checks import check_gamma, check_log_weights, check_mask_type, check_real_floating
+from ._lib.checks import (
+    check_gamma,
+    check_log_weights,
+    check_mask_type,
+    check_real_floating,
+    check_same_shape,
+)
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
@@ -103,14 +109,7 @@ def log_weights(
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    for name, value in (("logp", logp), ("logq", logq)):
-        if not hasattr(value, "shape"):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-    if tuple(logp.shape) != tuple(logq.shape):
-        raise ValueError(
-            f"logp and logq must have the same shape, got {tuple(logp.shape)} and "
-            f"{tuple(logq.shape)}"
-        )
+    check_same_shape({"logp": logp, "logq": logq})
     check_mask_type(mask)
     xp = namespace(logp, logq, mask)
     check_real_floating(xp, logp, "logp")

@@ -26,6 +26,7 @@ __all__ = [
     "check_positive_number",
     "check_real_floating",
     "check_rho_min",
+    "check_same_shape",
     "normalize_axis",
 ]
 
@@ -69,6 +70,25 @@ def check_log_weights(xp: Namespace, log_w: Array, name: str = "log_w") -> None:
             f"{name} contains NaN or +inf; log weights must be finite or -inf (weight 0). "
             "Check logp/logq for NaN or use `mask` to drop those samples."
         )
+
+
+def check_same_shape(arrays: dict[str, Any]) -> None:
+    """Every value of ``arrays`` (name to value, in order) must be an array, all of one shape.
+
+    Checked before the namespace is looked up, whose error would not name the argument.
+    """
+    for name, value in arrays.items():
+        if not hasattr(value, "shape"):
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    names = list(arrays)
+    first = tuple(arrays[names[0]].shape)
+    for name in names[1:]:
+        shape = tuple(arrays[name].shape)
+        if shape != first:
+            together = ", ".join(names[:-1]) + " and " + names[-1]
+            raise ValueError(
+                f"{together} must have the same shape; {name} has {shape}, {names[0]} {first}"
+            )
 
 
 def check_mask_type(mask: Any, name: str = "mask") -> None:

@@ -3,28 +3,16 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from isreshape_core._lib.namespace import namespace  # noqa: E402
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_scalar_operands_match_torch_without_a_new_tensor_per_call(dtype):
+def test_scalar_operands_match_torch_without_a_new_tensor_per_call(dtype, load_benchmark):
+    count_ops = load_benchmark("loss_ops").CountOps  # the op counter of benchmarks/loss_ops.py
     x = torch.tensor([-2.0, 0.5, float("inf"), float("nan")], dtype=dtype)
     xp = namespace(x)
     pos = x > 0
@@ -36,12 +24,12 @@ def test_scalar_operands_match_torch_without_a_new_tensor_per_call(dtype):
     ]
     for fn, want in cases:
         fn()  # the first call may make the constant
-        mode = _Count()
+        mode = count_ops()
         with mode:
             got = fn()
         assert got.dtype == dtype
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
-        assert sum(mode.ops.values()) == 1, mode.ops  # the operator itself, nothing else
+        assert sum(mode.counts.values()) == 1, mode.counts  # the operator itself, nothing else
 
 
 def test_constants_made_in_inference_mode_serve_autograd_later():
