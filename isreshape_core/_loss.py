@@ -372,10 +372,13 @@ def is_reshape_loss_and_grad(
     )
     grad_dtype = logp.dtype  # the adapters return the gradient in logp's own dtype
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
-    r = xp.where(mask, xp.broadcast_to(r, tuple(logp.shape)), 0.0)
-    units, n_nonfinite = token_units(xp, logp, logq, r, mask, level, form, reducer)
-    c = _aggregation_weights(xp, mask, logp.dtype, loss_agg_mode, loss_scale_factor, reducer)
-    coef = c * r if level == "token" else xp.sum(c * r, axis=-1)  # sum_t c_bt r_bt per unit
+    n_tok = xp.sum(xp.astype(mask, logp.dtype), axis=-1)
+    r = masked_rewards(xp, r, mask, n_tok)
+    units, n_nonfinite = token_units(xp, logp, logq, r, mask, n_tok, level, form, reducer)
+    divisor = aggregation_divisor(
+        xp, n_tok, logp.shape[-1], loss_agg_mode, loss_scale_factor, reducer
+    )
+    coef = unit_coefficients(xp, r, n_tok, mask, divisor, level)
     loss, unit_grad, metrics = unit_loss(
         xp, units, coef, grad_dtype, gamma, rho_min, group_size, reducer, gamma_options
     )
@@ -414,36 +417,51 @@ def token_units(
     logq: Array,
     r: Array,
     mask: Array,
+    n_tok: Array,
     level: str,
     form: str,
     reducer: Reducer | None,
 ) -> tuple[Units, Array]:
-    """The units of ``(B, T)`` token log-probabilities (``r``: the masked ``(B, T)`` rewards), and
-    ``n_nonfinite``: the valid tokens, over every shard, whose log ratio is NaN or ``+inf`` or
-    whose reward is not finite (0 on eager inputs, which raise instead)."""
+    """The units of ``(B, T)`` token log-probabilities (``r``: the rewards of
+    :func:`masked_rewards`, ``n_tok``: valid tokens per sequence), and ``n_nonfinite``: the valid
+    tokens, over every shard, whose log ratio is NaN or ``+inf`` or whose reward is not finite (0
+    on eager inputs, which raise instead).
+
+    One max and one min per sequence serve the checks, the overflow guard of the sums and the
+    test for a ``-inf`` token: no other pass over the tokens."""
     lp = xp.where(mask, logp, 0.0)
-    token_l = checked_log_ratio(xp, lp, xp.where(mask, logq, 0.0))  # logq = +inf refused too
+    token_l = checked_log_ratio(xp, lp, xp.where(mask, logq, 0.0), check=False)
+    hi, lo = xp.max(token_l, axis=-1), xp.min(token_l, axis=-1)  # NaN propagates into both
+    check_log_weights(xp, hi, "logp - logq")
     check_finite_rewards(xp, r)
-    n_tok = xp.sum(xp.astype(mask, logp.dtype), axis=-1)
-    unit_l = unit_log_weights(xp, token_l, n_tok, level)
+    unit_l = unit_log_weights(xp, token_l, n_tok, level, absmax=xp.maximum(hi, -lo))
     log_p = unit_log_weights(xp, lp, n_tok, level) if form == "reinforce" else None
     if level == "token":
         valid, capped = mask, xp.zeros(tuple(mask.shape), dtype=xp.bool, device=array_device(lp))
     else:
         valid = n_tok > 0
         # A token that is -inf is a weight 0 (and stays so); a sum of finite ones can overflow.
-        finite_tokens = xp.all(xp.isfinite(token_l) | ~mask, axis=-1)
-        capped = valid & xp.isinf(unit_l) & finite_tokens
+        capped = valid & xp.isinf(unit_l) & (lo > -xp.inf) & (hi < xp.inf)
         top = xp.asarray(float(xp.finfo(lp.dtype).max), dtype=lp.dtype, device=array_device(lp))
         unit_l = xp.where(capped, xp.where(unit_l > 0, top, -top), unit_l)
     # Traced inputs cannot raise: NaN / +inf log ratios and non-finite rewards make their unit
     # NaN (and every batch statistic they enter), counted in the metrics.
     bad, n_bad = None, xp.zeros((), dtype=lp.dtype, device=array_device(lp))
     if not (is_concrete(token_l) and is_concrete(r)):
-        token_bad = xp.isnan(token_l) | (token_l == xp.inf) | ~xp.isfinite(r)
+        token_bad = (xp.isnan(token_l) | (token_l == xp.inf) | ~xp.isfinite(r)) & mask
         bad = token_bad if level == "token" else xp.any(token_bad, axis=-1)
         n_bad = reduce_sum(xp, xp.reshape(xp.astype(token_bad, lp.dtype), (-1,)), 0, reducer)
     return Units(unit_l, valid, n_tok, log_p, capped, bad), n_bad
+
+
+def masked_rewards(xp: Namespace, r: Array, mask: Array, n_tok: Array) -> Array:
+    """Rewards ``(B, 1)`` or ``(B, T)`` with those of no valid token set to 0 (padding may hold
+    anything, NaN included): a per-token reward outside the mask, a per-sequence reward of a
+    sequence without a valid token. Per-sequence rewards stay ``(B, 1)``, so that no ``(B, T)``
+    copy of them is made."""
+    if tuple(r.shape) == tuple(mask.shape):
+        return xp.where(mask, r, 0.0)
+    return xp.where(n_tok[:, None] > 0, r, 0.0)
 
 
 def check_finite_rewards(xp: Namespace, r: Array) -> None:
@@ -495,6 +513,24 @@ def _aggregation_weights(
     return m / aggregation_divisor(
         xp, n_tok, m.shape[-1], loss_agg_mode, loss_scale_factor, reducer
     )
+
+
+def unit_coefficients(
+    xp: Namespace, r: Array, n_tok: Array, mask: Array, divisor: Array, level: str
+) -> Array:
+    """``coef_u = sum_t c_bt r_bt`` of each unit, with ``c_bt = m_bt / d_b``: ``r_bt m_bt / d_b``
+    per token at ``level="token"``, else ``(sum_t m_bt r_bt) / d_b`` per sequence.
+
+    ``r`` from :func:`masked_rewards`, ``n_tok`` the valid tokens ``(B,)``, ``divisor`` the
+    ``(B, 1)`` of :func:`aggregation_divisor`. A per-sequence reward ``(B, 1)`` enters as
+    ``r_b (n_b / d_b)``: no pass over the tokens."""
+    per_token = tuple(r.shape) == tuple(mask.shape)
+    if level == "token":
+        return r / divisor if per_token else xp.where(mask, r / divisor, 0.0)
+    # Divided before the sum: r_b n_b or sum_t r_bt may overflow where the coefficient does not.
+    if per_token:
+        return xp.sum(r / divisor, axis=-1)
+    return r[:, 0] * (n_tok / divisor[:, 0])
 
 
 def units_from_row_sums(xp: Namespace, sums: dict[str, Array], form: str) -> Units:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from ._lib.checks import (
@@ -28,8 +29,11 @@ Level = Literal["sequence", "geometric", "token"]
 def check_logq(xp: Namespace, logq: Array) -> bool:
     """Refuse ``logq = +inf`` (a probability above 1, padding already removed) on eager inputs;
     ``False`` where ``logq`` is traced and nothing can raise (the caller makes those NaN)."""
-    refused = xp.any(logq == xp.inf) if is_concrete(logq) else None
-    if refused is None or not is_concrete(refused):
+    # One max-reduction: +inf is the largest value (a NaN is left to the log ratio's check).
+    if not is_concrete(logq) or math.prod(tuple(logq.shape)) == 0:
+        return is_concrete(logq)
+    refused = xp.max(logq) == xp.inf
+    if not is_concrete(refused):
         return False
     if bool(refused):
         raise ValueError(
@@ -39,17 +43,19 @@ def check_logq(xp: Namespace, logq: Array) -> bool:
     return True
 
 
-def checked_log_ratio(xp: Namespace, logp: Array, logq: Array) -> Array:
+def checked_log_ratio(xp: Namespace, logp: Array, logq: Array, *, check: bool = True) -> Array:
     """``logp - logq`` (padding already removed) with the checks of :func:`log_weights`.
 
     ``logq = +inf`` claims a probability above 1: it is refused (eager) or made NaN (traced),
-    never the weight 0 that ``logp - inf`` would silently give.
+    never the weight 0 that ``logp - inf`` would silently give. ``check=False`` leaves the
+    NaN / ``+inf`` check of the difference to the caller (which takes it on row maxima).
     """
     if check_logq(xp, logq):
         diff = logp - logq
     else:
         diff = xp.where(logq == xp.inf, xp.nan, logp - logq)
-    check_log_weights(xp, diff, "logp - logq")
+    if check:
+        check_log_weights(xp, diff, "logp - logq")
     return diff
 
 
@@ -131,17 +137,20 @@ def log_weights(
     return unit_log_weights(xp, diff, count, level)
 
 
-def unit_log_weights(xp: Namespace, token_l: Array, n_tok: Array, level: str) -> Array:
+def unit_log_weights(
+    xp: Namespace, token_l: Array, n_tok: Array, level: str, *, absmax: Array | None = None
+) -> Array:
     """Unit log weights from token log ratios ``token_l`` (``(..., T)``, 0 at padding) and the
     valid-token counts ``n_tok`` (``(...)``): the tokens themselves, their sum, or their mean.
 
     A sum is ``+-inf`` only where it is out of range; the mean is then taken term by term, so a
     geometric mean of finite tokens is always finite. Also used on token log-probabilities (the
-    unit log-probability of the REINFORCE form).
+    unit log-probability of the REINFORCE form). ``absmax``: the row maxima of ``|token_l|``
+    where the caller has them (see :func:`safe_sum`).
     """
     if level == "token":
         return token_l
-    total = safe_sum(xp, token_l, axis=-1)  # +-inf only where the sum is out of range
+    total = safe_sum(xp, token_l, axis=-1, absmax=absmax)  # +-inf only where out of range
     if level == "sequence":
         return total
     n_safe = xp.where(n_tok > 0, n_tok, 1.0)
