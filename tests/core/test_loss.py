@@ -41,6 +41,31 @@ def test_value_matches_loops(xp, level, mode):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_padding_may_hold_anything(xp, level, per_token):
+    """NaN and infinities outside the mask (log-probabilities, per-token rewards, the reward of
+    a sequence without a valid token) change nothing: the loss is the loops' loss of the clean
+    batch, and every padded token gets exactly 0."""
+    logp, logq, rewards, mask = make_batch(3, per_token_rewards=per_token)
+    mask[2] = False  # a sequence without a valid token: it adds 0 to a sum divided by B
+    keep = np.arange(len(mask)) != 2
+    want = reference_loss(logp[keep], logq[keep], rewards[keep], mask[keep], 0.5, level,
+                          "seq-mean-token-sum") * (keep.sum() / len(keep))  # fmt: skip
+    dirty_p, dirty_q, dirty_r = logp.copy(), logq.copy(), rewards.copy()
+    dirty_p[~mask], dirty_q[~mask] = np.nan, np.inf
+    if per_token:
+        dirty_r[~mask] = np.nan
+    else:
+        dirty_r[2] = np.nan
+    loss, grad, _ = is_reshape_loss_and_grad(
+        xp.asarray(dirty_p), xp.asarray(dirty_q), xp.asarray(dirty_r), xp.asarray(mask),
+        gamma=0.5, level=level, loss_agg_mode="seq-mean-token-sum",
+    )  # fmt: skip
+    np.testing.assert_allclose(to_numpy(loss), want, rtol=1e-12, atol=1e-14)
+    assert np.all(to_numpy(grad)[~mask] == 0.0)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("form", ["objective", "reinforce"])
 def test_gradient_matches_finite_differences(xp, level, form):
     logp, logq, rewards, mask = make_batch(2)
