@@ -43,7 +43,7 @@ from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import log_abs, tempered_log_weights
 from ._lib.reduce import Reducer, reduce_sum
-from ._lib.tracing import is_concrete
+from ._lib.tracing import is_concrete, nan_or_plus_inf
 from ._objective import boxcox, log_abs_boxcox, sign
 from ._select import GAMMA_METHODS
 from ._step import choose_gamma, tempered_metrics
@@ -448,7 +448,7 @@ def token_units(
     # NaN (and every batch statistic they enter), counted in the metrics.
     bad, n_bad = None, xp.zeros((), dtype=lp.dtype, device=array_device(lp))
     if not (is_concrete(token_l) and is_concrete(r)):
-        token_bad = (xp.isnan(token_l) | (token_l == xp.inf) | ~xp.isfinite(r)) & mask
+        token_bad = (nan_or_plus_inf(xp, token_l) | ~xp.isfinite(r)) & mask
         bad = token_bad if level == "token" else xp.any(token_bad, axis=-1)
         n_bad = reduce_sum(xp, xp.reshape(xp.astype(token_bad, lp.dtype), (-1,)), 0, reducer)
     return Units(unit_l, valid, n_tok, log_p, capped, bad), n_bad

@@ -32,7 +32,7 @@ from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import logsumexp, shift_by_max
 from ._lib.pareto import MIN_TAIL, PRIOR_BS, grid_size, quartile_index, with_prior
-from ._lib.tracing import is_concrete, poison
+from ._lib.tracing import is_concrete, nan_or_plus_inf, poison
 
 __all__ = [
     "check_r_eff",
@@ -285,7 +285,7 @@ def _checked_shift(xp: Namespace, rows: Array) -> tuple[Array, Array | None]:
     # constant closed over by jax.jit is traced although the constant is not.)
     bad = None
     if not is_concrete(xp.max(rows, axis=-1)):
-        bad = xp.any(xp.isnan(rows) | (rows == xp.inf), axis=-1)
+        bad = xp.any(nan_or_plus_inf(xp, rows), axis=-1)
     return shift_by_max(xp, rows, -1)[0], bad  # no overflow for rows spanning the float range
 
 

@@ -27,7 +27,7 @@ from ._lib.dtypes import as_compute_array
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import log_abs, logsumexp
 from ._lib.rows import row_param, squeeze_row
-from ._lib.tracing import is_concrete
+from ._lib.tracing import is_concrete, nan_or_plus_inf
 from ._lognormal import lognormal_second_moment
 
 __all__ = [
@@ -65,7 +65,7 @@ def _support(logq: Any, rewards: Any, axis: int) -> tuple[Namespace, Array, Arra
             f"logq has no outcomes along axis {axis} (shape {tuple(logq.shape)}); "
             "the support must not be empty"
         )
-    if is_concrete(logq) and bool(xp.any(xp.isnan(logq) | (logq == xp.inf))):
+    if is_concrete(logq) and bool(xp.any(nan_or_plus_inf(xp, logq))):
         raise ValueError(
             "logq contains NaN or +inf; log-probabilities must be finite or -inf (probability 0)"
         )

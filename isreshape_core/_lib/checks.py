@@ -13,7 +13,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from .namespace import Array, Namespace
-from .tracing import is_concrete
+from .tracing import is_concrete, nan_or_plus_inf
 
 __all__ = [
     "check_choice",
@@ -64,7 +64,7 @@ def check_log_weights(xp: Namespace, log_w: Array, name: str = "log_w") -> None:
         return
     # The result, not only the input, must be concrete: inside jax.jit a constant closed over is
     # concrete, but what is computed from it is traced (and then NaN rows are made NaN instead).
-    bad = xp.any(xp.isnan(log_w) | (log_w == xp.inf))
+    bad = xp.any(nan_or_plus_inf(xp, log_w))
     if is_concrete(bad) and bool(bad):
         raise ValueError(
             f"{name} contains NaN or +inf; log weights must be finite or -inf (weight 0). "

@@ -15,7 +15,7 @@ from array_api_compat import is_jax_array, is_torch_array
 from .namespace import Array, Namespace
 from .reduce import Reducer
 
-__all__ = ["is_concrete", "nonfinite_rows", "poison", "traced_bad_rows"]
+__all__ = ["is_concrete", "nan_or_plus_inf", "nonfinite_rows", "poison", "traced_bad_rows"]
 
 
 def is_concrete(x: Array) -> bool:
@@ -33,6 +33,12 @@ def is_concrete(x: Array) -> bool:
     return True
 
 
+def nan_or_plus_inf(xp: Namespace, x: Array) -> Array:
+    """Where ``x`` is NaN or ``+inf`` (the values a log weight may not take), as one comparison:
+    ``not x < inf`` (``isnan`` is a scalar loop in some compilers' generated code)."""
+    return ~(x < xp.inf)
+
+
 def nonfinite_rows(
     xp: Namespace, x: Array, axis: int | None, reducer: Reducer | None = None
 ) -> Array | None:
@@ -44,7 +50,7 @@ def nonfinite_rows(
     """
     if is_concrete(x) and not is_jax_array(x):
         return None
-    bad = xp.isnan(x) | (x == xp.inf)
+    bad = nan_or_plus_inf(xp, x)
     if axis is None:
         out = xp.any(bad)
     else:
