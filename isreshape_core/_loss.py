@@ -449,8 +449,10 @@ def token_units(
     bad, n_bad = None, xp.zeros((), dtype=lp.dtype, device=array_device(lp))
     if not (is_concrete(token_l) and is_concrete(r)):
         token_bad = (nan_or_plus_inf(xp, token_l) | ~xp.isfinite(r)) & mask
-        bad = token_bad if level == "token" else xp.any(token_bad, axis=-1)
-        n_bad = reduce_sum(xp, xp.reshape(xp.astype(token_bad, lp.dtype), (-1,)), 0, reducer)
+        # Row sums, which a compiler fuses into the pass of the row max and min.
+        bad_per_row = xp.sum(xp.astype(token_bad, lp.dtype), axis=-1)
+        bad = token_bad if level == "token" else bad_per_row > 0
+        n_bad = reduce_sum(xp, bad_per_row, 0, reducer)
     return Units(unit_l, valid, n_tok, log_p, capped, bad), n_bad
 
 
