@@ -346,9 +346,9 @@ def _newton_gamma(
     # A row without a positive weight (its gamma is overridden) gets a target that keeps its
     # logs finite.
     needed = xp.where(n_pos > 0, _needed_ess(xp, rho, base), 1.0)
-    pairs = xp.asarray([[2.0, -1.0], [2.0, -2.0]], dtype=d.dtype, device=array_device(d))
+    pairs = xp.asarray([[-4.0, 2.0], [2.0, -2.0]], dtype=d.dtype, device=array_device(d))
     pairs = xp.reshape(pairs, (2, 2) + (1,) * len(kept))
-    factors = (pairs[0, ...], pairs[1, ...], xp.log(needed))
+    factors = (pairs[0, ...], pairs[1, ...], -2.0 * xp.log(needed))
     feasible, log_excess, slope = _newton_terms(xp, s, t, needed, factors)
     done_hi, feasible_lo = feasible[0:1, ...], feasible[1:2, ...]
     gamma_min, state = lo, (x, lo, hi, 0.5 * (hi - lo))
@@ -369,21 +369,22 @@ def _newton_terms(
     xp: Namespace, s: Array, t: Array, needed: Array, factors: tuple[Array, Array, Array]
 ) -> tuple[Array, Array, Array]:
     """From :func:`weight_sums`: whether ``ESS >= needed`` (``s1^2 >= needed s2``, without the
-    division: the margin in ``needed`` covers the rounding), ``log ESS - log needed`` and
-    ``d log ESS / dg = 2 (t1 / s1 - t2 / s2)`` (``d/dg LSE(g d + c) = E_softmax[d]``);
-    ``factors`` are ``[2, -1]``, ``[2, -2]`` (along the leading axis) and ``log needed``."""
+    division: the margin in ``needed`` covers the rounding), ``-2 (log ESS - log needed)`` and
+    ``d log ESS / dg = 2 (t1 / s1 - t2 / s2)`` (``d/dg LSE(g d + c) = E_softmax[d]``).
+
+    ``factors`` are ``[-4, 2]`` and ``[2, -2]`` along the leading axis and ``-2 log needed``:
+    each term is one product and one sum, with the roundings of ``2 log s1 - log s2`` and of
+    the separate ratios (the factors of 2 are exact)."""
     s1, s2 = s[0, ...], s[1, ...]
-    # [2, -1] and [2, -2] along the leading axis: 2 log s1 - log s2 and 2 (t1/s1 - t2/s2) as
-    # one product and one sum each, with the same roundings as the separate terms.
-    log_ess = xp.sum(xp.log(s) * factors[0], axis=0)
+    log_excess = xp.sum(xp.log(s) * factors[0], axis=0) - factors[2]
     slope = xp.sum(t / s * factors[1], axis=0)
-    return s1 * s1 >= needed * s2, log_ess - factors[2], slope
+    return s1 * s1 >= needed * s2, log_excess, slope
 
 
 def _newton_step(
     xp: Namespace,
     feasible: Array,
-    log_excess: Array,
+    log_excess_2: Array,
     slope: Array,
     x: Array,
     lo: Array,
@@ -393,14 +394,15 @@ def _newton_step(
     """One step of the search: ``x`` narrows the bracket ``[lo, hi]``, then the next point is
     the Newton point on ``F = log ESS - log needed`` in ``u = g^2`` (exact in one step for
     log-normal weights), aimed ``_OVERSHOOT`` past the predicted root,
-    ``u' = x^2 + (1 + o) du`` with ``du = -F / (dF/dg / (2 x))``, or the bracket's midpoint
+    ``u' = x^2 + (1 + o) du`` with ``du = -F / (dF/dg / (2 x))`` (``log_excess_2`` is
+    ``-2 F``, from :func:`_newton_terms`), or the bracket's midpoint
     where that point leaves the bracket, does not halve the previous step (``half_step`` is
     half of it), or the slope is not negative."""
     lo = xp.where(feasible, x, lo)
     hi = xp.where(feasible, hi, x)
     # A NaN slope (where it is not negative) makes a NaN candidate, which no comparison
     # accepts; a candidate of 0 (x = 0, or u <= 0) is never above lo >= 0 either.
-    du = log_excess * -2.0 * x / xp.where(slope < 0, slope, xp.nan)
+    du = log_excess_2 * x / xp.where(slope < 0, slope, xp.nan)
     candidate = xp.sqrt(xp.maximum(x * x + (1.0 + _OVERSHOOT) * du, 0.0))
     step = xp.abs(candidate - x)
     newton_ok = (candidate > lo) & (candidate < hi) & (step <= half_step)

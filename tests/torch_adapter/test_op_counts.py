@@ -19,7 +19,7 @@ EXPECTED = {
     "IS Reshape, fixed gamma 0.5, sequence": 318,
     "IS Reshape, fixed gamma 0.5, token": 285,
     "IS Reshape, exact-ESS gamma (default), sequence": 419,
-    "IS Reshape, exact-ESS gamma, token": 1157,
+    "IS Reshape, exact-ESS gamma, token": 1012,
     "IS Reshape, closed-form gamma, sequence": 400,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 334,
 }
