@@ -20,10 +20,12 @@ from ._lib.reduce import Reducer, reduce_max
 
 __all__ = [
     "GRID_ELEMENTS",
+    "exponent_floor",
     "feasible_candidates",
     "grid_plan",
     "largest_feasible_gamma",
     "polish_feasible_end",
+    "weight_sums",
 ]
 
 #: Candidates times samples evaluated per pass at most; beyond it (token-level gamma over a
@@ -57,14 +59,16 @@ def feasible_candidates(
     needed: Array,
     reducer: Reducer | None,
     shift: bool,
+    floor: bool = False,
 ) -> Array:
     """Whether each candidate ``g`` (..., k, 1) meets ``s1^2 >= needed s2`` for the weights
-    ``e = exp(g d + offset - max)``; without ``shift`` the max is known to be 0 and not taken."""
+    ``e = exp(g d + offset - max)``, floored (:func:`exponent_floor`) with ``floor``; without
+    ``shift`` the max is known to be 0 and not taken."""
     z = g * d + offset
     if shift:
         m = reduce_max(xp, z, -1, reducer, keepdims=True)
         z = z - xp.where(xp.isfinite(m), m, 0.0)
-    e = xp.exp(z)
+    e = xp.exp(xp.maximum(z, exponent_floor(xp, z.dtype)) if floor else z)
     s1 = xp.sum(e, axis=-1, keepdims=True)
     s2 = xp.sum(e * e, axis=-1, keepdims=True)
     if reducer is not None:
@@ -118,20 +122,61 @@ def largest_feasible_gamma(
     feasible = feasible_candidates(xp, g, d, offset, needed, reducer, shift)
     first = xp.max(xp.where(feasible, g, none), axis=-2, keepdims=True)
     width = (hi - lo) / (candidates - 1)
-    # Where no candidate is feasible the later passes refine gamma_min (then replaced).
+    # Where no candidate is feasible the later passes keep gamma_min (then replaced).
     lo = xp.clip(first, min=lo) if numbers else xp.maximum(first, lo)
     # Later passes test [lo, lo + width): lo is known feasible, lo + width is not; the largest
-    # feasible candidate is the next lo (lo itself is the candidate t = 0, and passes again).
+    # feasible candidate is the next lo (lo itself is the candidate t = 0, and passes again;
+    # where it does not, lo stays, so that no candidate is ever negative).
     t = t * ((candidates - 1) / candidates)
     for _ in range(passes - 1):
         g = lo + width * t
         feasible = feasible_candidates(xp, g, d, offset, needed, reducer, shift)
-        lo = xp.max(xp.where(feasible, g, none), axis=-2, keepdims=True)
+        lo = xp.max(xp.where(feasible, g, lo), axis=-2, keepdims=True)
         width = width / candidates
     first, lo = xp.reshape(first, batch), xp.reshape(lo, batch)
     # Where gamma_max passed (the candidate t = 1), every later candidate is at least gamma_max.
     gamma = xp.clip(lo, max=gamma_max) if numbers else xp.minimum(lo, gamma_max)
     return xp.where(first < 0.0, gamma_min, gamma)  # even gamma_min misses the target
+
+
+def exponent_floor(xp: Namespace, dtype: object) -> float:
+    """``log(smallest_normal) / 2 + 1``: exponentials at or above it and their squares are normal
+    numbers. A weight below ``exp`` of it counts as that (a change below rounding next to the
+    weight 1 of the row's maximum), which keeps ``exp`` off its slow paths (``-inf`` for a zero
+    weight, subnormal results)."""
+    return 0.5 * math.log(float(xp.finfo(dtype).smallest_normal)) + 1.0
+
+
+def weight_sums(
+    xp: Namespace,
+    g: Array,
+    d: Array,
+    offset: Array,
+    d_slope: Array,
+    axis: int,
+    reducer: Reducer | None,
+    shift: bool,
+) -> tuple[Array, Array]:
+    """``([sum e, sum e^2], [sum e d', sum e^2 d'])`` along ``axis`` (keepdims; ``axis``
+    negative) for the weights ``e = exp(max(g d + offset - max, floor))``, two arrays with a
+    new leading axis of 2 (:func:`exponent_floor`; the max is taken only with ``shift``, else
+    it is known to be 0).
+
+    ``g`` may carry leading axes (several gammas in one pass); ``d'`` is ``d_slope``. With a
+    ``reducer`` the four sums travel in one collective.
+    """
+    z = g * d + offset
+    if shift:
+        m = reduce_max(xp, z, axis, reducer, keepdims=True)
+        z = z - xp.where(m > -xp.inf, m, 0.0)
+    e = xp.exp(xp.maximum(z, exponent_floor(xp, z.dtype)))
+    p = xp.stack([e, e * e])
+    s = xp.sum(p, axis=axis, keepdims=True)
+    t = xp.sum(p * d_slope, axis=axis, keepdims=True)  # broadcast: d_slope has no axis of 2
+    if reducer is None:
+        return s, t
+    sums = reducer.sum(xp.stack([s, t]))
+    return sums[0, ...], sums[1, ...]
 
 
 def polish_feasible_end(
@@ -155,7 +200,9 @@ def polish_feasible_end(
     """
     dtype = d.dtype
     device = getattr(d, "device", None)
-    shrink = [1.0] + [1.0 - 2.0**-j for j in range(20, 52, 4)]
+    # Factors that round to 1 in the dtype repeat x and are left out.
+    half_eps = 0.5 * float(xp.finfo(dtype).eps)
+    shrink = [1.0] + [1.0 - 2.0**-j for j in range(20, 52, 4) if 2.0**-j >= half_eps]
     t = xp.reshape(xp.asarray(shrink, dtype=dtype, device=device), (-1, 1))
     x = xp.reshape(x, (*x.shape, 1, 1))
     candidates = x * t
@@ -167,6 +214,7 @@ def polish_feasible_end(
         xp.reshape(needed, (*needed.shape, 1, 1)),
         reducer,
         not top_is_zero,
+        floor=True,
     )
     best = xp.max(xp.where(feasible, candidates, -1.0), axis=(-2, -1))
     return xp.maximum(best, lo)

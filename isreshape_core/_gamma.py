@@ -11,16 +11,22 @@ weights to ``(groups, G)`` and reduce along the group axis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
-from ._ess_grid import grid_plan, largest_feasible_gamma, polish_feasible_end
+from ._ess_grid import (
+    grid_plan,
+    largest_feasible_gamma,
+    polish_feasible_end,
+    weight_sums,
+)
 from ._lib.checks import check_count, check_gamma_bounds, check_rho_min
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
-from ._lib.namespace import Array, Namespace
+from ._lib.namespace import Array, Namespace, array_device
 from ._lib.numerics import log_abs, log_variance_stats, shift_by_max
-from ._lib.reduce import Reducer, reduce_max, reduce_sum, sample_count
+from ._lib.reduce import Reducer, reduce_sum, sample_count
 from ._lib.rows import batch_param
 from ._lib.tracing import poison, traced_bad_rows
 
@@ -31,6 +37,8 @@ __all__ = ["closed_form_gamma", "gamma_closed_form", "gamma_ess"]
 _OVERSHOOT = 0.02
 # Newton iterations where the candidate grid does not apply (see gamma_ess).
 _NEWTON_ITERATIONS = 12
+# Log weights below the max by more than this count as this much in the Newton slope.
+_SLOPE_FLOOR = 2.0**16
 
 
 def closed_form_gamma(
@@ -111,49 +119,6 @@ def gamma_closed_form(
     check_gamma_bounds(gamma_min, gamma_max)
     bad = traced_bad_rows(xp, l, axis, rho_min, gamma_min, gamma_max, reducer=reducer)
     return poison(xp, closed_form_gamma(xp, l, axis, rho_min, gamma_min, gamma_max, reducer), bad)
-
-
-def _ess_and_slope(
-    xp: Namespace,
-    d: Array,
-    offset: Array,
-    g: Array,
-    n_pos: Array,
-    axis: int,
-    reducer: Reducer | None,
-    *,
-    top_is_zero: bool,
-):
-    """Sums ``s1 = sum e``, ``s2 = sum e^2``, ``log ESS(g)`` and ``d log ESS / d g`` of the weights
-    ``e = exp(g d + offset)`` (Kish's ESS is ``s1^2 / s2``).
-
-    ``d`` is the log weight relative to its row maximum (zero weights set to 0); ``offset`` is
-    ``-inf`` for zero weights and ``log|r|`` (or 0) otherwise. One exponential per sample: with
-    ``e = exp(g d + offset - max)`` the weights at ``2g`` are ``e^2``, and ``d/dg LSE(g d + c)
-    = E_softmax[d]``. With a ``reducer``, the four sums travel in one collective. With
-    ``top_is_zero`` (no rewards: ``offset`` is 0 or ``-inf``) the exponent's max is
-    ``g max(d) = 0`` and no max is taken: the exponents are then bit for bit those of
-    :func:`isreshape_core.ess_ratio` (``g (l - max l)``), so that its recomputation agrees with
-    the feasibility test here.
-    """
-    z = g * d + offset
-    if not top_is_zero:
-        m = reduce_max(xp, z, axis, reducer, keepdims=True)
-        z = z - xp.where(xp.isfinite(m), m, 0.0)
-    e = xp.exp(z)
-    e2 = e * e
-    s1, s2 = xp.sum(e, axis=axis), xp.sum(e2, axis=axis)
-    t1, t2 = xp.sum(e * d, axis=axis), xp.sum(e2 * d, axis=axis)
-    if reducer is not None:
-        sums = reducer.sum(xp.stack([s1, s2, t1, t2]))
-        s1, s2, t1, t2 = sums[0, ...], sums[1, ...], sums[2, ...], sums[3, ...]
-    # A row without a positive weight has s1 = s2 = 0; the floor keeps its logs finite (its
-    # gamma is overridden by the caller).
-    tiny = xp.finfo(s1.dtype).smallest_normal
-    s1, s2 = xp.maximum(s1, tiny), xp.maximum(s2, tiny)
-    log_ess = 2.0 * xp.log(s1) - xp.log(s2)
-    slope = 2.0 * (t1 / s1 - t2 / s2)
-    return s1, s2, log_ess, slope
 
 
 def _weigh_by_rewards(
@@ -271,40 +236,64 @@ def gamma_ess(
     offset = xp.where(finite, xp.zeros_like(l) if log_r is None else log_r, -xp.inf)
     # Relative to the max (exact for nearby values): a constant offset of l costs no digits.
     d = xp.where(finite, shift_by_max(xp, l, axis, reducer)[0], 0.0)
-
-    def stats_at(g: Array, d: Array = d, offset: Array = offset) -> tuple[Array, ...]:
-        g = xp.expand_dims(g, axis=axis)
-        return _ess_and_slope(xp, d, offset, g, n_pos, axis, reducer, top_is_zero=log_r is None)
-
-    # The ESS that gamma must reach: rho_min n, or rho_min ESS_grad(0) with rewards, where
-    # ESS_grad(0) = s1^2 / s2 of the weights |r| (w^0 = 1 for every positive weight).
-    if log_r is None:
-        base = n
-    else:
-        s1_zero, s2_zero = stats_at(xp.zeros_like(lo))[:2]
-        base = s1_zero * s1_zero / s2_zero
-    needed = _needed_ess(xp, batch_param(xp, rho_min, l, shape), base)
-    last = (lambda a: a) if axis == l.ndim - 1 else (lambda a: xp.moveaxis(a, axis, -1))
-    d, offset = last(d), last(offset)
-    top_is_zero = log_r is None
+    rho = batch_param(xp, rho_min, l, shape)
     # Shards may hold different numbers of samples, and the grid's size follows it: with a
     # reducer every shard takes the Newton search, whose collectives have one shape everywhere.
     plan = grid_plan(math.prod(tuple(l.shape)), xp.finfo(l.dtype).bits)
     if max_iter is None and plan is not None and reducer is None:
-        grid = {"candidates": plan[0], "passes": plan[1], "top_is_zero": top_is_zero}
-        gamma = largest_feasible_gamma(xp, d, offset, needed, lo, hi, **grid)
+        gamma = _grid_gamma(xp, d, offset, rho, n, lo, hi, axis, plan, log_r is None)
     else:
-
-        def polish(x: Array, lo: Array) -> Array:
-            return polish_feasible_end(
-                xp, x, lo, d, offset, needed, reducer=reducer, top_is_zero=top_is_zero
-            )
-
         start = closed_form_gamma(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
+        batch = {"rho": rho, "n": n, "n_pos": n_pos, "lo": lo, "hi": hi, "start": start}
         iterations = _NEWTON_ITERATIONS if max_iter is None else max_iter
-        gamma = _safeguarded_newton(xp, stats_at, needed, lo, hi, start, iterations, polish)
+        last = _samples_last(xp, axis, d.ndim)
+        polish = functools.partial(
+            _polish, xp, d=last(d), offset=last(offset), reducer=reducer, top=log_r is None
+        )
+        search = (xp, d, offset, axis, reducer, log_r is None, batch, iterations, polish)
+        gamma = _newton_gamma(*search)
     gamma = xp.where(n_pos > 0, gamma, hi)  # no positive weight: no information, gamma_max
     return poison(xp, gamma, bad)
+
+
+def _grid_gamma(
+    xp: Namespace,
+    d: Array,
+    offset: Array,
+    rho: Array,
+    n: Array,
+    lo: Array,
+    hi: Array,
+    axis: int,
+    plan: tuple[int, int],
+    top_is_zero: bool,
+) -> Array:
+    """:func:`largest_feasible_gamma` for ``gamma_ess``: samples moved to the last axis, and the
+    target ``rho n`` (or ``rho ESS_grad(0)`` with rewards, where ``w^0 = 1``)."""
+    if top_is_zero:
+        base = n
+    else:
+        kept = (1, *tuple(xp.expand_dims(n, axis=axis).shape))
+        g = xp.reshape(xp.zeros_like(n), kept)
+        s = weight_sums(xp, g, d, offset, d, axis - d.ndim, None, True)[0]
+        base = xp.reshape(s[0, ...] * s[0, ...] / s[1, ...], tuple(n.shape))
+    needed = _needed_ess(xp, rho, base)
+    last = _samples_last(xp, axis, d.ndim)
+    grid = {"candidates": plan[0], "passes": plan[1], "top_is_zero": top_is_zero}
+    return largest_feasible_gamma(xp, last(d), last(offset), needed, lo, hi, **grid)
+
+
+def _samples_last(xp: Namespace, axis: int, ndim: int) -> Callable[[Array], Array]:
+    """The sample axis moved last (the layout of the grid and of the polishing pass)."""
+    return (lambda a: a) if axis == ndim - 1 else (lambda a: xp.moveaxis(a, axis, -1))
+
+
+def _polish(xp: Namespace, x: Array, lo: Array, needed: Array, **kw: Any) -> Array:
+    """:func:`polish_feasible_end` with ``d, offset, reducer, top`` (``top_is_zero``) bound."""
+    top = kw.pop("top")
+    return polish_feasible_end(
+        xp, x, lo, kw.pop("d"), kw.pop("offset"), needed, top_is_zero=top, **kw
+    )
 
 
 def _needed_ess(xp: Namespace, rho: Array, base: Array) -> Array:
@@ -314,47 +303,109 @@ def _needed_ess(xp: Namespace, rho: Array, base: Array) -> Array:
     return xp.minimum(rho * base * margin, base)
 
 
-def _safeguarded_newton(
+def _newton_gamma(
     xp: Namespace,
-    stats_at: Callable[[Array], tuple[Array, Array, Array, Array]],
-    needed: Array,
+    d: Array,
+    offset: Array,
+    axis: int,
+    reducer: Reducer | None,
+    top_is_zero: bool,
+    batch: dict[str, Array],
+    iterations: int,
+    polish: Callable[[Array, Array, Array], Array],
+) -> Array:
+    """The largest ``g`` in ``[lo, hi]`` with ``ESS(g) >= needed`` (``lo`` where none is), by
+    ``iterations`` safeguarded Newton steps from ``start`` and a last pass just below the final
+    iterate (``polish(x, lo, needed)``, :func:`polish_feasible_end`); ``batch`` holds ``rho, n,
+    n_pos, lo, hi, start`` in the batch shape.
+
+    Every array has a leading axis of gammas (1 but in the passes that test several) and the
+    batch shape with the sample axis kept, so that one :func:`weight_sums` serves them all. The
+    first pass tests ``hi``, ``lo`` and the first iterate (and ``g = 0`` for the rewards'
+    target) at once; each iteration then costs one pass and one stacked sum (a max too with
+    rewards, whose exponents have no known maximum).
+    """
+    kept = (1, *tuple(xp.expand_dims(batch["n"], axis=axis).shape))
+    lo, hi, start, n, rho, n_pos = (
+        xp.reshape(batch[k], kept) for k in ("lo", "hi", "start", "n", "rho", "n_pos")
+    )
+    # The slope's factor d, floored so that a weight the exponent floor lifts adds at most
+    # 2e-14 (float32) to its sums (it would add exp(g d) d).
+    d_slope = xp.maximum(d, -_SLOPE_FLOOR)
+
+    def sums_at(g: Array) -> tuple[Array, Array]:
+        return weight_sums(xp, g, d, offset, d_slope, axis - d.ndim, reducer, not top_is_zero)
+
+    x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
+    s, t = sums_at(xp.concat([hi, lo, x] if top_is_zero else [xp.zeros_like(hi), hi, lo, x]))
+    if top_is_zero:
+        base = n
+    else:  # ESS_grad(0) = s1^2 / s2 of the weights |r| (w^0 = 1 for every positive weight)
+        base = s[0, :1, ...] * s[0, :1, ...] / s[1, :1, ...]
+        s, t = s[:, 1:, ...], t[:, 1:, ...]
+    # A row without a positive weight (its gamma is overridden) gets a target that keeps its
+    # logs finite.
+    needed = xp.where(n_pos > 0, _needed_ess(xp, rho, base), 1.0)
+    pairs = xp.asarray([[-4.0, 2.0], [2.0, -2.0]], dtype=d.dtype, device=array_device(d))
+    pairs = xp.reshape(pairs, (2, 2) + (1,) * len(kept))
+    factors = (pairs[0, ...], pairs[1, ...], -2.0 * xp.log(needed))
+    feasible, log_excess, slope = _newton_terms(xp, s, t, needed, factors)
+    done_hi, feasible_lo = feasible[0:1, ...], feasible[1:2, ...]
+    gamma_min, state = lo, (x, lo, hi, 0.5 * (hi - lo))
+    terms = (feasible[2:, ...], log_excess[2:, ...], slope[2:, ...])
+    for i in range(iterations):
+        if i > 0:
+            terms = _newton_terms(xp, *sums_at(state[0]), needed, factors)
+        state = _newton_step(xp, *terms, *state)
+    x, lo, hi_end = state[:3]
+    shape = tuple(batch["n"].shape)
+    x = xp.reshape(xp.minimum(xp.maximum(x, lo), hi_end), shape)
+    lo = xp.reshape(polish(x, xp.reshape(lo, shape), xp.reshape(needed, shape)), kept)
+    gamma = xp.where(done_hi, hi, xp.where(feasible_lo, lo, gamma_min))
+    return xp.reshape(gamma, shape)
+
+
+def _newton_terms(
+    xp: Namespace, s: Array, t: Array, needed: Array, factors: tuple[Array, Array, Array]
+) -> tuple[Array, Array, Array]:
+    """From :func:`weight_sums`: whether ``ESS >= needed`` (``s1^2 >= needed s2``, without the
+    division: the margin in ``needed`` covers the rounding), ``-2 (log ESS - log needed)`` and
+    ``d log ESS / dg = 2 (t1 / s1 - t2 / s2)`` (``d/dg LSE(g d + c) = E_softmax[d]``).
+
+    ``factors`` are ``[-4, 2]`` and ``[2, -2]`` along the leading axis and ``-2 log needed``:
+    each term is one product and one sum, with the roundings of ``2 log s1 - log s2`` and of
+    the separate ratios (the factors of 2 are exact)."""
+    s1, s2 = s[0, ...], s[1, ...]
+    log_excess = xp.sum(xp.log(s) * factors[0], axis=0) - factors[2]
+    slope = xp.sum(t / s * factors[1], axis=0)
+    return s1 * s1 >= needed * s2, log_excess, slope
+
+
+def _newton_step(
+    xp: Namespace,
+    feasible: Array,
+    log_excess_2: Array,
+    slope: Array,
+    x: Array,
     lo: Array,
     hi: Array,
-    start: Array,
-    max_iter: int,
-    polish: Callable[[Array, Array], Array],
-) -> Array:
-    """The largest ``g`` in ``[lo, hi]`` with ``ESS(g) >= needed`` (``lo`` where none is): a
-    bracket narrowed by Newton steps on ``log ESS`` in ``g^2`` from ``start``, by bisection
-    where a step leaves the bracket or does not halve the previous one (see :func:`gamma_ess`).
-    ``stats_at(g)`` returns ``(s1, s2, log ESS, d log ESS / dg)``; ``polish(x, lo)`` moves the
-    feasible end ``lo`` up to just below the last iterate ``x``, where the root lies."""
-    log_needed = xp.log(xp.where(needed > 0, needed, 1.0))
-
-    def meets(s1: Array, s2: Array) -> Array:
-        # ESS = s1^2 / s2 >= needed, without the division (the margin covers the rounding).
-        return s1 * s1 >= needed * s2
-
-    gamma_min = lo
-    done_hi = meets(*stats_at(hi)[:2])  # even gamma_max is feasible
-    infeasible = ~meets(*stats_at(lo)[:2])  # even gamma_min misses the target
-    x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
-    step_old = hi - lo
-    for _ in range(max_iter):
-        s1, s2, log_ess, slope = stats_at(x)
-        feasible = meets(s1, s2)
-        # x always lies in [lo, hi]: it is a Newton point inside the bracket or its midpoint.
-        lo = xp.where(feasible, x, lo)
-        hi = xp.where(feasible, hi, x)
-        # Newton on F(u) = log ESS - target with u = gamma^2: du = -F / (dF/dgamma / (2 gamma)).
-        has_slope = (slope < 0) & (x > 0)
-        du = -(log_ess - log_needed) * 2.0 * x / xp.where(has_slope, slope, -1.0)
-        u = x * x + (1.0 + _OVERSHOOT) * du
-        candidate = xp.sqrt(xp.where(u > 0, u, 0.0))
-        step = xp.abs(candidate - x)
-        newton_ok = has_slope & (candidate > lo) & (candidate < hi) & (step <= 0.5 * step_old)
-        step_old = xp.where(newton_ok, step, 0.5 * (hi - lo))
-        x = xp.where(newton_ok, candidate, 0.5 * (lo + hi))
-    lo = polish(xp.minimum(xp.maximum(x, lo), hi), lo)
-    gamma = xp.where(done_hi, hi, lo)
-    return xp.where(infeasible & ~done_hi, gamma_min, gamma)
+    half_step: Array,
+) -> tuple[Array, Array, Array, Array]:
+    """One step of the search: ``x`` narrows the bracket ``[lo, hi]``, then the next point is
+    the Newton point on ``F = log ESS - log needed`` in ``u = g^2`` (exact in one step for
+    log-normal weights), aimed ``_OVERSHOOT`` past the predicted root,
+    ``u' = x^2 + (1 + o) du`` with ``du = -F / (dF/dg / (2 x))`` (``log_excess_2`` is
+    ``-2 F``, from :func:`_newton_terms`), or the bracket's midpoint
+    where that point leaves the bracket, does not halve the previous step (``half_step`` is
+    half of it), or the slope is not negative."""
+    lo = xp.where(feasible, x, lo)
+    hi = xp.where(feasible, hi, x)
+    # A NaN slope (where it is not negative) makes a NaN candidate, which no comparison
+    # accepts; a candidate of 0 (x = 0, or u <= 0) is never above lo >= 0 either.
+    du = log_excess_2 * x / xp.where(slope < 0, slope, xp.nan)
+    candidate = xp.sqrt(xp.maximum(x * x + (1.0 + _OVERSHOOT) * du, 0.0))
+    step = xp.abs(candidate - x)
+    newton_ok = (candidate > lo) & (candidate < hi) & (step <= half_step)
+    half_step = xp.where(newton_ok, 0.5 * step, 0.25 * (hi - lo))
+    x = xp.where(newton_ok, candidate, 0.5 * (lo + hi))
+    return x, lo, hi, half_step

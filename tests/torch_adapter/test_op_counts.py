@@ -19,7 +19,7 @@ EXPECTED = {
     "IS Reshape, fixed gamma 0.5, sequence": 318,
     "IS Reshape, fixed gamma 0.5, token": 287,
     "IS Reshape, exact-ESS gamma (default), sequence": 418,
-    "IS Reshape, exact-ESS gamma, token": 1158,
+    "IS Reshape, exact-ESS gamma, token": 1013,
     "IS Reshape, closed-form gamma, sequence": 399,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 334,
 }
@@ -30,7 +30,7 @@ EXPECTED_FULL_SIZE = {
     "IS Reshape, fixed gamma 0.5, sequence": 15,
     "IS Reshape, fixed gamma 0.5, token": 175,
     "IS Reshape, exact-ESS gamma (default), sequence": 15,
-    "IS Reshape, exact-ESS gamma, token": 362,
+    "IS Reshape, exact-ESS gamma, token": 332,
     "IS Reshape, closed-form gamma, sequence": 15,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 15,
 }
