@@ -16,12 +16,12 @@ __all__ = ["ess", "ess_ratio", "gradient_ess", "kish_ess_from_log", "kish_from_s
 
 
 def kish_from_sums(xp: Namespace, s1: Array, s2: Array, n_pos: Array) -> Array:
-    """Kish's ESS ``s1^2 / s2`` from the sums of shifted weights and their squares, clipped to
-    ``[1, n_pos]`` (rounding can exceed the number of positive weights); 0 where ``n_pos = 0``."""
-    positive = n_pos > 0
-    value = s1 * s1 / xp.where(positive, s2, 1.0)
-    value = xp.minimum(xp.maximum(value, 1.0), n_pos)
-    return xp.where(positive, value, 0.0)
+    """Kish's ESS ``s1^2 / s2`` from the sums of weights shifted by their max (so ``s2 >= 1``,
+    the max's own ``e^0``, wherever ``n_pos > 0``, and ``s1 = s2 = 0`` where ``n_pos = 0``),
+    clipped to ``[1, n_pos]`` (rounding can exceed the number of positive weights); 0 where
+    ``n_pos = 0``."""
+    value = s1 * s1 / xp.maximum(s2, 1.0)  # a dummy 1 only where s2 = 0: no 0 / 0
+    return xp.minimum(xp.maximum(value, 1.0), n_pos)
 
 
 def kish_ess_from_log(xp: Namespace, z: Array, axis: int, reducer: Reducer | None = None) -> Array:

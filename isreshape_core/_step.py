@@ -10,6 +10,7 @@ array (:func:`is_reshape_loss_and_grad`), so that every micro-batch of the step 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -17,13 +18,8 @@ from ._ess import kish_ess_from_log, kish_from_sums
 from ._lib.checks import check_choice, check_gamma, check_gamma_bounds, check_rho_min
 from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import (
-    power_of_two_below,
-    scaled_square,
-    shift_from_max,
-    tempered_log_weights,
-)
-from ._lib.reduce import Reducer, reduce_sum
+from ._lib.numerics import floored_shift, tempered_log_weights
+from ._lib.reduce import Reducer, reduce_max, reduce_sum
 from ._lib.tracing import is_concrete
 from ._metrics import merge_rows
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
@@ -86,53 +82,82 @@ def tempered_metrics(
     ``max_weight`` the largest normalised unit weight, ``k_hat`` the worst row's.
     """
     finite = masked_l > -xp.inf
-    d, u = _shifted_and_scaled(xp, masked_l, finite, stats_reducer)
-    # Every statistic is relative to the row max, d = l - max <= 0: the tempered weights
-    # e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for gamma >= 0), and their
-    # exponents are bit for bit those of gamma_ess and ess_ratio.
-    e = xp.exp(d)
-    eg = xp.exp(tempered_log_weights(xp, d, unit_gamma))
-    parts = [xp.astype(finite, d.dtype), e, e * e, eg, eg * eg, u[0]]
-    count, s1, s2, sg1, sg2, su = _row_sums(xp, parts, stats_reducer)
-    n = xp.where(count > 0, count, 1.0)
-    dev = xp.where(finite, u[0] - xp.expand_dims(su / n, axis=-1), 0.0)
-    var = reduce_sum(xp, dev * dev, -1, stats_reducer) / xp.where(count > 1, count - 1.0, 1.0)
-    informative = s1 > 0  # s1 >= 1 (the max's own e^0) wherever a weight is positive
+    # One row and nothing to merge over shards: reduce over both axes, to the 0-d metrics.
+    whole = masked_l.shape[0] == 1 and merge_reducer is None
+    axis = (-2, -1) if whole else -1
+    top = reduce_max(xp, masked_l, axis, stats_reducer, keepdims=not whole)
+    top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
+    # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
+    # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
+    # gamma >= 0), and their exponents are bit for bit those of gamma_ess and ess_ratio.
+    d = xp.where(finite, floored_shift(xp, masked_l, top), 0.0)
+    e = xp.where(finite, xp.exp(xp.stack([unit_gamma * d, d])), 0.0)  # at gamma, at 1
+    s1, s2, count, total = _row_sums(xp, e, finite, d, axis, stats_reducer)
+    n = xp.maximum(count, 1.0)
+    mean = total / n
+    ess = kish_from_sums(xp, s1, s2, count) / n
+    at_1 = s1[1, ...]  # >= 1 (the max's own e^0) wherever a weight is positive, else 0
     rows = {
         "gamma": gamma,
-        "sigma2": scaled_square(xp, var, xp.squeeze(u[1], axis=-1)),
-        "ess_ratio": kish_from_sums(xp, sg1, sg2, count) / n,
-        "ess_ratio_at_1": kish_from_sums(xp, s1, s2, count) / n,
-        "max_weight": xp.where(informative, 1.0 / xp.where(informative, s1, 1.0), 0.0),
+        "sigma2": _variance(xp, d, finite, mean, count, total, axis, stats_reducer, whole),
+        "ess_ratio": ess[0, ...],
+        "ess_ratio_at_1": ess[1, ...],
+        "max_weight": xp.minimum(at_1, 1.0 / xp.maximum(at_1, 1.0)),
     }
     if k_hat is not None:
         rows["k_hat"] = k_hat
+    if whole:
+        return {k: xp.reshape(v, ()) if v.ndim else v for k, v in rows.items()}
     return merge_rows(xp, rows, merge_reducer)
 
 
-def _shifted_and_scaled(
-    xp: Namespace, l: Array, finite: Array, reducer: Reducer | None
-) -> tuple[Array, tuple[Array, Array]]:
-    """``d = l - max`` (:func:`shift_from_max`) and ``(d / scale, scale)``, ``scale`` a power of 2
-    near ``max |l|`` (keepdims), so that no square of ``d / scale`` (in ``[-4, 0]``) overflows or
-    loses its digits; the max and ``max |l|`` in one reduction over all shards."""
-    l0 = xp.where(finite, l, 0.0)
-    tops = xp.stack([xp.max(l, axis=-1), xp.max(xp.abs(l0), axis=-1)])
-    if reducer is not None:
-        tops = reducer.max(tops)
-    top, size = xp.expand_dims(tops[0, ...], axis=-1), xp.expand_dims(tops[1, ...], axis=-1)
-    d = shift_from_max(xp, l, top)[0]
-    scale = power_of_two_below(xp, size)
-    return d, (xp.where(finite, d / scale, 0.0), scale)
+def _row_sums(
+    xp: Namespace, e: Array, finite: Array, d: Array, axis: Any, reducer: Reducer | None
+) -> tuple[Array, Array, Array, Array]:
+    """``(sum e, sum e^2, count, sum d)`` over ``axis`` (``e`` stacks two arrays like ``d``),
+    over all shards in one collective."""
+    s1, s2 = xp.sum(e, axis=axis), xp.sum(e * e, axis=axis)
+    count = xp.sum(xp.astype(finite, d.dtype), axis=axis)
+    total = xp.sum(d, axis=axis)
+    if reducer is None:
+        return s1, s2, count, total
+    sums = reducer.sum(xp.concat([s1, s2, xp.stack([count, total])]))
+    return sums[0:2, ...], sums[2:4, ...], sums[4, ...], sums[5, ...]
 
 
-def _row_sums(xp: Namespace, parts: list[Array], reducer: Reducer | None) -> list[Array]:
-    """The sums along the last axis of equally shaped arrays, in one reduction (over all
-    shards: one collective)."""
-    sums = xp.sum(xp.stack(parts), axis=-1)
-    if reducer is not None:
-        sums = reducer.sum(sums)
-    return [sums[i, ...] for i in range(len(parts))]
+def _variance(
+    xp: Namespace,
+    d: Array,
+    finite: Array,
+    mean: Array,
+    count: Array,
+    total: Array,
+    axis: Any,
+    reducer: Reducer | None,
+    whole: bool,
+) -> Array:
+    """``sum (d - mean)^2 / (count - 1)`` over the valid entries (the variance of the log
+    weights, which ``d`` shifts; ``total = sum d``), ``+inf`` only where it exceeds the dtype.
+
+    With ``2^e`` the dtype's overflow limit and ``h = e/2``: where ``|total| <= 2^(h-24)`` every
+    ``|d - mean|`` is that small too and the squares are summed as they are; beyond it (a spread
+    of at least ``2^(h-24) / count``) the deviations are multiplied by ``2^(1-h)`` first and the
+    variance by ``2^(2h-2)`` at the end, exact powers of 2, so that no square over- or underflows
+    (``d >= -2^(e-20)``, up to ``2^38`` samples) and the result is the unscaled one's.
+    """
+    h = (math.frexp(float(xp.finfo(d.dtype).max))[1]) // 2  # 64, 512
+    big = total < -(2.0 ** (h - 24))
+    if not whole:
+        mean, big = mean[..., None], big[..., None]
+    dev = xp.where(finite, d - mean, 0.0)
+    dev = xp.where(big, dev * 2.0 ** (1 - h), dev)
+    var = reduce_sum(xp, dev * dev, axis, reducer) / xp.maximum(count - 1.0, 1.0)
+    if not whole:
+        big = big[..., 0]
+    # var * 2^(2h-2) fits exactly where var <= max_float / 2^(2h-2) (a power-of-2 product).
+    cap = float(xp.finfo(d.dtype).max) * 2.0 ** (2 - 2 * h)
+    scaled_back = xp.where(var > cap, xp.inf, xp.minimum(var, cap) * 2.0 ** (2 * h - 2))
+    return xp.where(big, scaled_back, var)
 
 
 def _check_groups(xp: Namespace, group_ids: Any, num_groups: Any, n: int) -> None:

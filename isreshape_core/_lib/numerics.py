@@ -15,6 +15,7 @@ from .reduce import Reducer, reduce_max, reduce_sum
 __all__ = [
     "exp_capped",
     "expm1_capped",
+    "floored_shift",
     "log_abs",
     "log_variance_stats",
     "logsumexp",
@@ -70,15 +71,23 @@ def shift_from_max(xp: Namespace, x: Array, top: Array) -> tuple[Array, Array]:
     """:func:`shift_by_max` given the row maximum ``top`` (keepdims), for callers that take it
     in one reduction with other statistics."""
     top = xp.where(xp.isfinite(top), top, 0.0)
-    # x - top can overflow only for a positive max. Entries further than 2^-20 of the largest
-    # float below the max (a relative weight of exp(-3e32) in float32) are set to that floor:
-    # finite (a weight 0 for every gamma that matters, still a positive weight at gamma = 0),
-    # and sums of up to 2^20 of them cannot overflow.
+    return xp.where(x == -xp.inf, -xp.inf, floored_shift(xp, x, top)), top
+
+
+def floored_shift(xp: Namespace, x: Array, top: Array) -> Array:
+    """``max(x - top, floor)`` for ``x <= top`` (``top`` finite, or ``-inf`` with ``x``), with
+    ``floor = -max_float * 2^-20`` and no overflow on the way.
+
+    Entries further below the max than the floor (a relative weight of ``exp(-3e32)`` in float32)
+    are set to it: finite (a weight 0 for every gamma that matters, still a positive weight at
+    gamma = 0), and sums of up to 2^20 of them cannot overflow. A ``-inf`` entry gives the floor
+    too (callers mask it).
+    """
     floor = -float(xp.finfo(x.dtype).max) * 2.0**-20
-    limit = xp.where(top > 0, top + floor, -xp.inf)
-    below = x < limit
-    d = xp.where(below, floor, xp.where(below, top, x) - top)
-    return xp.where(x == -xp.inf, -xp.inf, xp.maximum(d, floor)), top
+    # x - top overflows only for a positive top and x below top - max_float: such x (and any x
+    # below top + 2 floor, which maps to the floor anyway) are raised to top + 2 floor first.
+    low = xp.where(top > 0, top, -xp.inf) + 2.0 * floor
+    return xp.maximum(xp.maximum(x, low) - top, floor)
 
 
 def power_of_two_below(xp: Namespace, size: Array) -> Array:

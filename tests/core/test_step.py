@@ -326,3 +326,18 @@ def test_loss_metrics_agree_with_the_public_statistics(xp, gamma):
     np.testing.assert_allclose(to_numpy(metrics["ess_ratio"]), to_numpy(public), rtol=1e-15)
     if gamma == "ess" and g < 1.0:
         assert to_numpy(metrics["ess_ratio"]) >= 0.6
+
+
+@pytest.mark.parametrize("spread", [1e3, 1e15, 1e18, 1e19, 3e19, 1e30])
+def test_loss_sigma2_is_inf_only_where_the_variance_exceeds_float32(xp, spread):
+    """Float32 unit log weights of every spread: sigma2 against the float64 variance (finite
+    and within float32 rounding, or +inf exactly where the variance exceeds float32)."""
+    l = np.array([0.0, -spread, -0.5 * spread, 0.25 * spread], dtype=np.float32)
+    args = [xp.asarray(a) for a in (l, np.zeros(4, np.float32), np.ones(4, np.float32))]
+    _, _, metrics = is_reshape_loss_and_grad(*args, gamma=0.5)
+    want = np.var(l.astype(np.float64), ddof=1)
+    got = float(to_numpy(metrics["sigma2"]))
+    if want > np.finfo(np.float32).max:
+        assert got == np.inf
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6)
