@@ -16,12 +16,12 @@ BASELINE = "PPO-clip, token-mean (baseline)"  # loss_ops.BASELINE
 #: Operators of one forward + backward at the benchmark's shapes (benchmarks/results/loss_ops.md).
 EXPECTED = {
     BASELINE: 46,
-    "IS Reshape, fixed gamma 0.5, sequence": 318,
-    "IS Reshape, fixed gamma 0.5, token": 285,
-    "IS Reshape, exact-ESS gamma (default), sequence": 419,
-    "IS Reshape, exact-ESS gamma, token": 1157,
-    "IS Reshape, closed-form gamma, sequence": 400,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 334,
+    "IS Reshape, fixed gamma 0.5, sequence": 248,
+    "IS Reshape, fixed gamma 0.5, token": 215,
+    "IS Reshape, exact-ESS gamma (default), sequence": 349,
+    "IS Reshape, exact-ESS gamma, token": 1087,
+    "IS Reshape, closed-form gamma, sequence": 330,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 264,
 }
 
 
