@@ -41,10 +41,10 @@ from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import log_abs, tempered_log_weights
+from ._lib.numerics import log_abs
 from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete, nan_or_plus_inf
-from ._objective import boxcox, log_abs_boxcox, sign
+from ._objective import sign
 from ._select import GAMMA_METHODS
 from ._step import choose_gamma, tempered_metrics
 from ._weights import LEVELS as _LEVELS
@@ -666,69 +666,87 @@ def unit_loss_and_grad(
     ``max_float / K`` (so that the sum is finite too); a term whose factors overflow on their own
     is formed in log space (``cap``: the log of ``max_float`` of the narrower of the compute
     dtype and logp's own). ``s`` is reported as ``log_scale``, the number of units whose term
-    needed it (or whose summed log weight was clipped) as ``n_capped``.
+    needed it (or whose summed log weight was clipped) as ``n_capped``. Invalid units count as
+    ``coef = 0``: value and gradient exactly 0.
     """
     if units.bad is not None:
         units = units._replace(bad=units.bad | xp.isnan(unit_g))
-    logs = _log_terms(xp, units, unit_g, coef)
+    logs = _log_terms(xp, units, unit_g, coef, cap)
     scale, n_capped = _common_scale(xp, logs, units, reducer, cap)
-    unit_grad = _unit_gradient(xp, logs, coef, scale, cap)
-    terms = _unit_terms(xp, logs, units, unit_g, coef, scale, cap)
+    unit_grad = _unit_gradient(xp, logs, scale, cap)
+    neg_terms = _unit_terms(xp, logs, scale, cap)
     if units.bad is not None:
-        nan = xp.asarray(xp.nan, dtype=terms.dtype, device=array_device(terms))
-        terms, unit_grad = xp.where(units.bad, nan, terms), xp.where(units.bad, nan, unit_grad)
-    local_value = -xp.sum(terms)
+        nan = xp.asarray(xp.nan, dtype=neg_terms.dtype, device=array_device(neg_terms))
+        neg_terms = xp.where(units.bad, nan, neg_terms)
+        unit_grad = xp.where(units.bad, nan, unit_grad)
+    local_value = xp.sum(neg_terms)
     loss = local_value if reducer is None else reducer.sum(local_value)
     return loss, unit_grad, {"n_capped": n_capped, "log_scale": scale}
 
 
 class _LogTerms(NamedTuple):
-    """Log-space factors of the unit terms: ``z = gamma l`` (clipped to +-max/4), ``log|coef|``,
-    ``log|h|`` and the sign of ``h``, and ``log_term``, the log of the larger of ``|coef h|``
-    and the gradient ``|coef| w^gamma`` (``-inf`` for units that take no part in the scale)."""
+    """The factors of the unit terms ``-coef h`` and gradients ``-coef w^gamma``.
+
+    ``z = gamma l`` (clipped to ``+-max/4``, ``-inf`` at weight 0); ``neg_c = -coef`` (``+0``
+    on invalid units and at ``coef = 0``) and its sign ``sign_c``; ``log_c = log|coef|``,
+    ``log_value = log|coef h|`` and ``log_term``, the larger of it and ``log|coef| + z``
+    (``-inf`` for units that take no part in the scale);
+    ``fits``: ``h`` is representable (and ``coef != 0``); ``num / den`` is ``h`` there
+    (``den = 1`` for the REINFORCE form) and ``num`` has the sign of ``h`` everywhere.
+    """
 
     z: Array
+    neg_c: Array
+    sign_c: Array
     log_c: Array
-    log_h: Array
-    sign_h: Array
+    log_value: Array
     log_term: Array
+    fits: Array
+    num: Array
+    den: Array | None
 
 
-def _log_terms(xp: Namespace, units: Units, unit_g: Array, coef: Array) -> _LogTerms:
-    valid_l = xp.where(units.valid, units.log_w, -xp.inf)
-    z = tempered_log_weights(xp, valid_l, unit_g)  # gamma * l, -inf for weight 0 / invalid
+def _log_terms(xp: Namespace, units: Units, unit_g: Array, coef: Array, cap: float) -> _LogTerms:
+    """The log-space factors of every unit, with ``log|coef|`` and ``z = gamma l`` formed once;
+    ``h`` is formed directly where it fits the narrower dtype (``cap``)."""
+    neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
+    nonzero = neg_c != 0
+    log_c = xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, neg_c, 1.0))), -xp.inf)
+    finite = units.log_w > -xp.inf
+    l0 = xp.where(finite, units.log_w, 0.0)
     # Exponents beyond a quarter of the largest float are weights e^(+-1e37) or more: clip
-    # them there, so that no difference below can overflow (their relative size is 0 or inf
-    # either way; they are counted in n_capped through the scale).
-    quarter = float(xp.finfo(z.dtype).max) / 4.0
-    z = xp.where(z == -xp.inf, z, xp.minimum(xp.maximum(z, -quarter), quarter))
-    finite_l = valid_l > -xp.inf
-    z0 = xp.where(finite_l, z, 0.0)
+    # them there, so that no difference below can overflow.
+    quarter = float(xp.finfo(l0.dtype).max) / 4.0
+    z = xp.where(finite, xp.clip(unit_g * l0, -quarter, quarter), -xp.inf)
+    top = _log_max(xp, z.dtype)  # exp of anything up to it is finite in the compute dtype
     if units.log_p is None:
-        g_pos = unit_g > 0
-        log_h = log_abs_boxcox(xp, xp.where(finite_l, units.log_w, 0.0), unit_g, z0)
-        # Weight 0: h = -1/g (g > 0); at g = 0, h = -inf, a term that is infinite by definition
-        # (the log-likelihood of a sample the policy cannot produce) and takes no part here.
-        log_h = xp.where(finite_l, log_h, -xp.log(xp.where(g_pos, unit_g, 1.0)))
-        sign_h = xp.where(finite_l, sign(xp, valid_l), -1.0)
-        in_scale = units.valid & (finite_l | g_pos)
+        log_h, num, den = _boxcox_logs(xp, units.log_w, l0, unit_g, z, top)
+        fits = (log_h <= cap) & nonzero
     else:
-        lp0 = _clipped_log_p(xp, units)
-        log_h = xp.where(finite_l, z + log_abs(xp, lp0), -xp.inf)  # w = 0: term 0
-        sign_h = sign(xp, lp0)
-        in_scale = units.valid
-    log_c = log_abs(xp, coef)
-    log_term = xp.where(in_scale, xp.maximum(log_c + log_h, log_c + z), -xp.inf)
+        big = float(xp.finfo(z.dtype).max)  # a sum of log-probabilities may overflow: clip it
+        log_p = xp.clip(xp.where(units.valid, units.log_p, 0.0), -big, big)
+        log_h, num, den = z + log_abs(xp, log_p), log_p, None  # w = 0: log_h = -inf, term 0
+        fits = (log_h <= cap) & (z <= cap) & nonzero
+    log_value = log_c + log_h
+    log_term = xp.maximum(log_c + z, log_value)
     if units.bad is not None:
         log_term = xp.where(units.bad, -xp.inf, log_term)
-    return _LogTerms(z, log_c, log_h, sign_h, log_term)
+    sign_c = sign(xp, neg_c)
+    return _LogTerms(z, neg_c, sign_c, log_c, log_value, log_term, fits, num, den)
 
 
-def _clipped_log_p(xp: Namespace, units: Units) -> Array:
-    """The unit log-probability, 0 on invalid units; a sum that overflows is clipped to +-max."""
-    top = float(xp.finfo(units.log_w.dtype).max)
-    lp0 = xp.where(units.valid, units.log_p, 0.0)
-    return xp.minimum(xp.maximum(lp0, -top), top)
+def _boxcox_logs(
+    xp: Namespace, l: Array, l0: Array, g: Array, z: Array, top: float
+) -> tuple[Array, Array, Array]:
+    """``(log|h|, num, den)`` of the Box-Cox value ``h = num / den``: ``expm1(z) / g``, and
+    ``l / 1`` at ``g = 0`` (``-inf`` at weight 0: an infinite term, which gets ``log|h| =
+    -inf`` so that it takes no part in the scale; with ``g > 0`` weight 0 gives ``-1/g``)."""
+    g_pos = g > 0
+    den = xp.where(g_pos, g, 1.0)
+    em = xp.expm1(xp.minimum(z, top))
+    # log|expm1(z)| is z beyond top (e^-top is below eps), log|em| up to it.
+    log_h = log_abs(xp, xp.where(g_pos, em, l0)) + xp.maximum(z - top, 0.0) - xp.log(den)
+    return log_h, xp.where(g_pos, em, l), den
 
 
 def _common_scale(
@@ -736,51 +754,42 @@ def _common_scale(
 ) -> tuple[Array, Array]:
     """``s``, the common log scale of every term and gradient over every shard (0 where nothing
     overflows), and ``n_capped``."""
-    counted = logs.log_term > -xp.inf
-    worst = xp.max(xp.reshape(logs.log_term, (-1,)))
-    n_terms = xp.sum(xp.astype(counted, units.log_w.dtype))
+    worst = xp.max(logs.log_term)
+    n_terms = xp.sum(xp.astype(logs.log_term > -xp.inf, worst.dtype))
     if reducer is not None:  # one scale for the whole batch: the loss is one sum
         worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
-    bound = cap - xp.log(xp.where(n_terms > 1, n_terms, 1.0))  # each term below max / K
-    scale = xp.where(worst > -xp.inf, xp.maximum(worst - bound, 0.0), 0.0)
-    n_capped = xp.sum(xp.astype(counted & (logs.log_term > bound) | units.capped, worst.dtype))
+    bound = cap - xp.log(xp.maximum(n_terms, 1.0))  # each term below max / K
+    scale = xp.maximum(worst - bound, 0.0)  # 0 without any term (worst = -inf)
+    n_capped = xp.sum(xp.astype((logs.log_term > bound) | units.capped, worst.dtype))
     if reducer is not None:
         n_capped = reducer.sum(n_capped)
     return scale, n_capped
 
 
-def _unit_gradient(xp: Namespace, logs: _LogTerms, coef: Array, scale: Array, cap: float) -> Array:
-    """``-coef e^(z - s)``, in log space where ``e^(z - s)`` alone would overflow."""
+def _unit_gradient(xp: Namespace, logs: _LogTerms, scale: Array, cap: float) -> Array:
+    """``-coef e^(z - s)``: the plain product where it and ``e^(z - s)`` are provably finite,
+    else ``sign(-coef) e^(log|coef| + z - s)`` (one ``exp`` for both). ``log|coef| + (z - s)``
+    is accurate where it matters (``z - s`` is exact near the top), unlike the rounded
+    ``log|coef| + z`` of a huge ``z``, so the product never overflows by a rounding."""
     shifted = logs.z - scale
-    direct = coef * xp.exp(xp.minimum(shifted, cap))
-    in_log = sign(xp, coef) * xp.exp(xp.minimum(logs.log_c + logs.z - scale, cap))
-    unit_grad = -xp.where(shifted <= cap, direct, in_log)
-    return xp.where(coef == 0, 0.0, unit_grad)
+    log_grad = logs.log_c + shifted
+    direct = xp.maximum(shifted, log_grad) <= cap
+    factor = xp.where(direct, logs.neg_c, logs.sign_c)
+    exponent = xp.where(direct, shifted, xp.minimum(log_grad, cap))
+    return factor * xp.exp(exponent)
 
 
-def _unit_terms(
-    xp: Namespace,
-    logs: _LogTerms,
-    units: Units,
-    unit_g: Array,
-    coef: Array,
-    scale: Array,
-    cap: float,
-) -> Array:
-    """The value terms ``coef h e^-s``: the plain product where ``h`` is representable."""
-    valid_l = xp.where(units.valid, units.log_w, -xp.inf)
-    finite_l = valid_l > -xp.inf
-    z0 = xp.where(finite_l, logs.z, 0.0)
-    h_fits = (logs.log_h <= cap) & (z0 <= cap)
-    if units.log_p is None:
-        h = boxcox(xp, xp.where(h_fits, valid_l, 0.0), unit_g)
+def _unit_terms(xp: Namespace, logs: _LogTerms, scale: Array, cap: float) -> Array:
+    """The negated value terms ``-coef h e^-s``: the plain product where ``h`` is
+    representable, else formed from ``log|coef h|``."""
+    num = xp.where(logs.fits, logs.num, 0.0)
+    if logs.den is None:  # REINFORCE: h = w^gamma log pi
+        h = xp.exp(xp.minimum(logs.z, cap)) * num
     else:
-        w = xp.exp(xp.minimum(z0, cap))
-        h = xp.where(finite_l, w * xp.where(h_fits, _clipped_log_p(xp, units), 0.0), 0.0)
-    counts = units.valid & (coef != 0)
-    plain = coef * (xp.where(h_fits & counts, h, 0.0) * xp.exp(-scale))
-    in_log = sign(xp, coef) * logs.sign_h * xp.exp(xp.minimum(logs.log_c + logs.log_h - scale, cap))
-    return xp.where(counts, xp.where(h_fits, plain, in_log), 0.0)
+        h = num / logs.den
+    plain = logs.neg_c * (h * xp.exp(-scale))
+    magnitude = xp.exp(xp.minimum(logs.log_value - scale, cap))
+    return xp.where(logs.fits, plain, logs.sign_c * xp.copysign(magnitude, logs.num))
 
 
 # --------------------------------------------------------------------------------------------
