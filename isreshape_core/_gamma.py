@@ -248,8 +248,9 @@ def gamma_ess(
         iterations = _NEWTON_ITERATIONS if max_iter is None else max_iter
         last = _samples_last(xp, axis, d.ndim)
         polish = functools.partial(
-            _polish, xp, d=last(d), offset=last(offset), reducer=reducer, top=log_r is None
-        )
+            polish_feasible_end, xp, d=last(d), offset=last(offset), reducer=reducer,
+            top_is_zero=log_r is None,
+        )  # fmt: skip
         search = (xp, d, offset, axis, reducer, log_r is None, batch, iterations, polish)
         gamma = _newton_gamma(*search)
     gamma = xp.where(n_pos > 0, gamma, hi)  # no positive weight: no information, gamma_max
@@ -288,14 +289,6 @@ def _samples_last(xp: Namespace, axis: int, ndim: int) -> Callable[[Array], Arra
     return (lambda a: a) if axis == ndim - 1 else (lambda a: xp.moveaxis(a, axis, -1))
 
 
-def _polish(xp: Namespace, x: Array, lo: Array, needed: Array, **kw: Any) -> Array:
-    """:func:`polish_feasible_end` with ``d, offset, reducer, top`` (``top_is_zero``) bound."""
-    top = kw.pop("top")
-    return polish_feasible_end(
-        xp, x, lo, kw.pop("d"), kw.pop("offset"), needed, top_is_zero=top, **kw
-    )
-
-
 def _needed_ess(xp: Namespace, rho: Array, base: Array) -> Array:
     """``rho * base`` with a margin of a few ulps, so that the returned gamma meets ``rho_min``
     also when the ratio is recomputed in another order (e.g. fused by a compiler)."""
@@ -316,7 +309,7 @@ def _newton_gamma(
 ) -> Array:
     """The largest ``g`` in ``[lo, hi]`` with ``ESS(g) >= needed`` (``lo`` where none is), by
     ``iterations`` safeguarded Newton steps from ``start`` and a last pass just below the final
-    iterate (``polish(x, lo, needed)``, :func:`polish_feasible_end`); ``batch`` holds ``rho, n,
+    iterate (``polish(x, lo, needed=...)``, :func:`polish_feasible_end`); ``batch`` holds ``rho, n,
     n_pos, lo, hi, start`` in the batch shape.
 
     Every array has a leading axis of gammas (1 but in the passes that test several) and the
@@ -360,7 +353,7 @@ def _newton_gamma(
     x, lo, hi_end = state[:3]
     shape = tuple(batch["n"].shape)
     x = xp.reshape(xp.minimum(xp.maximum(x, lo), hi_end), shape)
-    lo = xp.reshape(polish(x, xp.reshape(lo, shape), xp.reshape(needed, shape)), kept)
+    lo = xp.reshape(polish(x, xp.reshape(lo, shape), needed=xp.reshape(needed, shape)), kept)
     gamma = xp.where(done_hi, hi, xp.where(feasible_lo, lo, gamma_min))
     return xp.reshape(gamma, shape)
 

@@ -710,7 +710,7 @@ def _log_terms(xp: Namespace, units: Units, unit_g: Array, coef: Array, cap: flo
     """The log-space factors of every unit, with ``log|coef|`` and ``z = gamma l`` formed once;
     ``h`` is formed directly where it fits the narrower dtype (``cap``)."""
     neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
-    nonzero = neg_c != 0
+    nonzero = neg_c != 0  # log_abs written out: its mask serves `fits` below
     log_c = xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, neg_c, 1.0))), -xp.inf)
     finite = units.log_w > -xp.inf
     l0 = xp.where(finite, units.log_w, 0.0)
