@@ -41,7 +41,7 @@ from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import log_abs
+from ._lib.numerics import log_abs, quiet_overflow
 from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete, nan_or_plus_inf
 from ._objective import sign
@@ -576,33 +576,6 @@ def _given_gamma(
     return unit_g, tempered_metrics(xp, masked_l, flat_g, xp.reshape(mean_g, (1,)), reducer, None)
 
 
-def _chosen_gamma(
-    xp: Namespace,
-    unit_l: Array,
-    unit_valid: Array,
-    method: Any,
-    rho_min: Any,
-    group_size: int | None,
-    reducer: Reducer | None,
-    gamma_options: dict[str, Any],
-) -> tuple[Array, dict[str, Array]]:
-    """Gamma per unit by a method (or a fixed number), per batch or per group of
-    ``group_size`` consecutive rows, and the metrics of the unit weights."""
-    if group_size is None:
-        rows_l = xp.reshape(unit_l, (1, -1))
-        rows_valid = xp.reshape(unit_valid, (1, -1))
-        stats_reducer, merge_reducer = reducer, None
-    else:
-        shape = (unit_l.shape[0] // group_size, -1)
-        rows_l, rows_valid = xp.reshape(unit_l, shape), xp.reshape(unit_valid, shape)
-        stats_reducer, merge_reducer = None, reducer  # a group lives on one shard
-    g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, method, stats_reducer, gamma_options)
-    masked_l = xp.where(rows_valid, rows_l, -xp.inf)
-    metrics = tempered_metrics(xp, masked_l, g[:, None], g, stats_reducer, merge_reducer, k_hat)
-    unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
-    return unit_g, metrics
-
-
 # --------------------------------------------------------------------------------------------
 # Stage 2: gamma, and the unit loss, gradient and metrics.
 # --------------------------------------------------------------------------------------------
@@ -617,13 +590,22 @@ def unit_gamma(
     reducer: Reducer | None,
     gamma_options: dict[str, Any],
 ) -> tuple[Array, dict[str, Array]]:
-    """Each unit's gamma (precomputed, fixed, or chosen from the detached unit log weights per
-    batch or per group) and the metrics of the tempered unit weights."""
+    """Each unit's gamma (precomputed, fixed, or chosen by a method from the detached unit log
+    weights, per batch or per group of ``group_size`` consecutive rows) and the metrics of the
+    tempered unit weights."""
+    unit_l = units.log_w
     if hasattr(gamma, "shape"):
-        return _given_gamma(xp, gamma, units.log_w, units.valid, reducer)
-    return _chosen_gamma(
-        xp, units.log_w, units.valid, gamma, rho_min, group_size, reducer, gamma_options
-    )
+        return _given_gamma(xp, gamma, unit_l, units.valid, reducer)
+    if group_size is None:
+        shape, stats_reducer, merge_reducer = (1, -1), reducer, None
+    else:  # a group lives on one shard
+        shape, stats_reducer, merge_reducer = (unit_l.shape[0] // group_size, -1), None, reducer
+    rows_l, rows_valid = xp.reshape(unit_l, shape), xp.reshape(units.valid, shape)
+    g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, gamma, stats_reducer, gamma_options)
+    masked_l = xp.where(rows_valid, rows_l, -xp.inf)
+    metrics = tempered_metrics(xp, masked_l, g[:, None], g, stats_reducer, merge_reducer, k_hat)
+    unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
+    return unit_g, metrics
 
 
 def unit_loss(
@@ -671,6 +653,55 @@ def unit_loss_and_grad(
     """
     if units.bad is not None:
         units = units._replace(bad=units.bad | xp.isnan(unit_g))
+    elif is_concrete(units.log_w):
+        plain = _plain_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
+        if plain is not None:
+            return plain
+    return _scaled_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
+
+
+def _plain_loss_and_grad(
+    xp: Namespace, units: Units, unit_g: Array, coef: Array, reducer: Reducer | None, cap: float
+) -> tuple[Array, Array, dict[str, Array]] | None:
+    """Eager fast path: the loss and unit gradients by the plain products ``-coef h`` and
+    ``-coef w^gamma``, or ``None`` unless one synchronising check proves that they are exactly
+    what :func:`_scaled_loss_and_grad` returns (no scale, every factor and product
+    representable): every ``|h|`` and ``w^gamma`` at most ``e^(cap - 1)``, every term and
+    gradient at most ``e^(cap - 1) / N`` for ``N`` units over every shard. The margin ``e``
+    covers the rounding of the products. Most batches take it: one exponential and a few
+    products instead of the log-space terms."""
+    with quiet_overflow(xp):  # whatever overflows here fails the check
+        neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
+        finite = units.log_w > -xp.inf
+        l0 = xp.where(finite, units.log_w, 0.0)
+        z = xp.where(finite, unit_g * l0, -xp.inf)
+        e = xp.exp(z)
+        if units.log_p is None:
+            g_pos = unit_g > 0
+            h = xp.where(g_pos, xp.expm1(z), units.log_w) / xp.where(g_pos, unit_g, 1.0)
+        else:
+            h = e * xp.where(units.valid, units.log_p, 0.0)
+        neg_terms, unit_grad = neg_c * h, neg_c * e
+        n_units = float(math.prod(units.log_w.shape))
+        product_peak = xp.max(xp.maximum(xp.abs(neg_terms), xp.abs(unit_grad)))
+        factor_peak = xp.max(xp.maximum(xp.abs(h), e))
+        if reducer is not None:
+            peaks = reducer.max(xp.stack([product_peak, factor_peak]))
+            product_peak, factor_peak = peaks[0], peaks[1]
+            n_units = reducer.sum(xp.asarray(n_units, dtype=e.dtype, device=array_device(e)))
+        if not bool(xp.maximum(product_peak * n_units, factor_peak) <= math.exp(cap - 1.0)):
+            return None
+    local_value = xp.sum(neg_terms)
+    loss = local_value if reducer is None else reducer.sum(local_value)
+    # A valid unit whose summed log ratio was clipped has |h| or w^gamma beyond e^cap: none here.
+    zero = xp.zeros((), dtype=e.dtype, device=array_device(e))
+    return loss, unit_grad, {"n_capped": zero, "log_scale": zero}
+
+
+def _scaled_loss_and_grad(
+    xp: Namespace, units: Units, unit_g: Array, coef: Array, reducer: Reducer | None, cap: float
+) -> tuple[Array, Array, dict[str, Array]]:
+    """The general path of :func:`unit_loss_and_grad`: log-space terms, one common scale."""
     logs = _log_terms(xp, units, unit_g, coef, cap)
     scale, n_capped = _common_scale(xp, logs, units, reducer, cap)
     unit_grad = _unit_gradient(xp, logs, scale, cap)

@@ -6,7 +6,12 @@ exponentials, ``log|x|``, and the variance of log weights taken on scaled deviat
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
+
+import numpy as np
+from array_api_compat import is_array_api_strict_namespace, is_numpy_namespace
 
 from .dtypes import log_max
 from .namespace import Array, Namespace
@@ -20,6 +25,7 @@ __all__ = [
     "log_variance_stats",
     "logsumexp",
     "power_of_two_below",
+    "quiet_overflow",
     "safe_sum",
     "scaled_deviations",
     "scaled_square",
@@ -190,3 +196,11 @@ def log_variance_stats(
     )
     var = scaled_square(xp, var, scale)
     return xp.squeeze(count, axis=axis), xp.squeeze(var, axis=axis)
+
+
+def quiet_overflow(xp: Namespace) -> contextlib.AbstractContextManager[Any]:
+    """NumPy's floating-point warnings off (NumPy and array-api-strict; the other libraries do
+    not warn), for a fast path that checks its results and discards them where any overflowed."""
+    if is_numpy_namespace(xp) or is_array_api_strict_namespace(xp):
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()

@@ -12,6 +12,8 @@ import pytest
 from _helpers import to_numpy
 
 import isreshape_core as isr
+from isreshape_core import _loss as loss_module
+from isreshape_core._lib.dtypes import log_max
 
 
 def _loss(xp, lp, lq, r, mask, dtype, **kw):
@@ -168,3 +170,59 @@ def test_jax_jit_loss_nan_in_nan_out(gamma):
         clean = fn(*(jnp.asarray(a[keep]) for a in (lp, lq, r, mask)))[1]
         # token-mean: the clean call has 14 tokens, the batch 19.
         np.testing.assert_allclose(grad[keep] * 19 / 14, np.asarray(clean), rtol=1e-12)
+
+
+def _random_units(xp, rng, dtype, form, shape):
+    """Units whose terms range from tiny to beyond the dtype: normal log weights, weight 0,
+    and exponents near the largest float's log, with coefficients from 0 to huge."""
+    top = float(np.log(np.finfo(dtype).max))
+    choices = np.array([0.0, -0.5, 1.5, -40.0, top - 3.0, top - 0.5, top + 2.0, 3 * top, -np.inf])
+    l = np.where(rng.random(shape) < 0.3, rng.choice(choices, shape), rng.normal(0, 3, shape))
+    valid = rng.random(shape) < 0.8
+    coef = rng.normal(0, 1, shape) * 10.0 ** rng.choice([-30, -3, 0, 3, 30], shape)
+    coef = np.where(rng.random(shape) < 0.2, 0.0, coef)
+    gamma = rng.choice([0.0, 1e-30, 0.3, 1.0], shape) if rng.random() < 0.5 else rng.random()
+    log_p = -np.abs(rng.normal(0, 1, shape)) * 10.0 ** rng.choice([0, 3, 36], shape)
+
+    def cast(a):
+        return xp.asarray(np.array(np.broadcast_to(a, shape), dtype=dtype))
+
+    units = loss_module.Units(
+        cast(l),
+        xp.asarray(valid),
+        xp.asarray(np.ones(shape[0], dtype=dtype)),
+        cast(log_p) if form == "reinforce" else None,
+        xp.asarray(np.zeros(shape, dtype=bool)),
+        None,
+    )
+    return units, cast(gamma), cast(np.where(valid, coef, 0.0).astype(dtype))
+
+
+def _bits(a):
+    """The array as NumPy with the sign of every zero kept (``-0.0 == 0.0`` would hide it)."""
+    a = np.asarray(to_numpy(a))
+    return a, np.signbit(a)
+
+
+@pytest.mark.parametrize("form", ["objective", "reinforce"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype):
+    """The eager fast path returns exactly what the log-space path returns, or declines."""
+
+    rng = np.random.default_rng(11)
+    taken = 0
+    for case in range(300):
+        shape = (5,) if case % 2 else (3, 4)
+        units, unit_g, coef = _random_units(xp, rng, dtype, form, shape)
+        grad_dtype = np.float16 if case % 7 == 0 else dtype
+        cap = min(log_max(np, dtype), log_max(np, grad_dtype))  # as the loss sets it
+        plain = loss_module._plain_loss_and_grad(xp, units, unit_g, coef, None, cap)
+        scaled = loss_module._scaled_loss_and_grad(xp, units, unit_g, coef, None, cap)
+        if plain is None:
+            continue
+        taken += 1
+        for got, want in zip(plain[:2], scaled[:2], strict=True):
+            np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=str(case))
+        for key in ("n_capped", "log_scale"):
+            assert to_numpy(plain[2][key]) == to_numpy(scaled[2][key]) == 0, (case, key)
+    assert 30 < taken < 270  # both paths are exercised
