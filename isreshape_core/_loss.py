@@ -42,7 +42,7 @@ from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import log_abs, quiet_overflow
-from ._lib.reduce import Reducer, reduce_sum
+from ._lib.reduce import Reducer, count_true, reduce_sum
 from ._lib.tracing import is_concrete, nan_or_plus_inf
 from ._objective import sign
 from ._select import GAMMA_METHODS
@@ -372,7 +372,7 @@ def is_reshape_loss_and_grad(
     )
     grad_dtype = logp.dtype  # the adapters return the gradient in logp's own dtype
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
-    n_tok = xp.sum(xp.astype(mask, logp.dtype), axis=-1)
+    n_tok = count_true(xp, mask, -1, logp.dtype)
     r = masked_rewards(xp, r, mask, n_tok)
     units, n_nonfinite = token_units(xp, logp, logq, r, mask, n_tok, level, form, reducer)
     divisor = aggregation_divisor(
@@ -560,20 +560,20 @@ def row_coefficients(xp: Namespace, sums: dict[str, Array], T: int, options: dic
 def _given_gamma(
     xp: Namespace, gamma: Array, unit_l: Array, unit_valid: Array, reducer: Reducer | None
 ) -> tuple[Array, dict[str, Array]]:
-    """A precomputed gamma (0-d, per sequence or per token) broadcast to the units' shape, and
-    the metrics of the unit weights tempered by it (``gamma``: its mean over the valid units)."""
+    """A precomputed gamma (0-d, per sequence or per token) in a shape that broadcasts to the
+    units', and the metrics of the unit weights tempered by it (``gamma``: its mean over the
+    valid units)."""
     g = as_compute_array(xp, gamma, unit_l.dtype)
     if g.ndim == 1 and unit_l.ndim == 2:  # one gamma per sequence at the token level
         g = g[:, None]
-    unit_g = xp.broadcast_to(g, tuple(unit_l.shape))
     masked_l = xp.reshape(xp.where(unit_valid, unit_l, -xp.inf), (1, -1))
-    flat_g = xp.reshape(unit_g, (1, -1))
+    flat_g = xp.reshape(xp.broadcast_to(g, tuple(unit_l.shape)), (1, -1))
     valid = masked_l > -xp.inf
-    totals = xp.stack([xp.sum(xp.where(valid, flat_g, 0.0)), xp.sum(xp.astype(valid, g.dtype))])
+    totals = xp.stack([xp.sum(xp.where(valid, flat_g, 0.0)), count_true(xp, valid, None, g.dtype)])
     if reducer is not None:
         totals = reducer.sum(totals)
     mean_g = totals[0] / xp.where(totals[1] > 0, totals[1], 1.0)
-    return unit_g, tempered_metrics(xp, masked_l, flat_g, xp.reshape(mean_g, (1,)), reducer, None)
+    return g, tempered_metrics(xp, masked_l, flat_g, xp.reshape(mean_g, (1,)), reducer, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,8 +591,9 @@ def unit_gamma(
     gamma_options: dict[str, Any],
 ) -> tuple[Array, dict[str, Array]]:
     """Each unit's gamma (precomputed, fixed, or chosen by a method from the detached unit log
-    weights, per batch or per group of ``group_size`` consecutive rows) and the metrics of the
-    tempered unit weights."""
+    weights, per batch or per group of ``group_size`` consecutive rows), in a shape that
+    broadcasts to the units' (one value, one per sequence, or one per unit), and the metrics
+    of the tempered unit weights."""
     unit_l = units.log_w
     if hasattr(gamma, "shape"):
         return _given_gamma(xp, gamma, unit_l, units.valid, reducer)
@@ -604,8 +605,10 @@ def unit_gamma(
     g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, gamma, stats_reducer, gamma_options)
     masked_l = xp.where(rows_valid, rows_l, -xp.inf)
     metrics = tempered_metrics(xp, masked_l, g[:, None], g, stats_reducer, merge_reducer, k_hat)
-    unit_g = xp.reshape(xp.broadcast_to(g[:, None], tuple(masked_l.shape)), tuple(unit_l.shape))
-    return unit_g, metrics
+    if group_size is None:
+        return xp.reshape(g, (1,) * unit_l.ndim), metrics
+    per_row = xp.reshape(xp.broadcast_to(g[:, None], (g.shape[0], group_size)), (-1,))
+    return (per_row if unit_l.ndim == 1 else per_row[:, None]), metrics
 
 
 def unit_loss(
@@ -666,36 +669,55 @@ def _plain_loss_and_grad(
     """Eager fast path: the loss and unit gradients by the plain products ``-coef h`` and
     ``-coef w^gamma``, or ``None`` unless one synchronising check proves that they are exactly
     what :func:`_scaled_loss_and_grad` returns (no scale, every factor and product
-    representable): every ``|h|`` and ``w^gamma`` at most ``e^(cap - 1)``, every term and
-    gradient at most ``e^(cap - 1) / N`` for ``N`` units over every shard. The margin ``e``
-    covers the rounding of the products. Most batches take it: one exponential and a few
+    representable): every ``|h|`` and ``w^gamma`` at most ``e^(cap - 1)``, and
+    ``max|coef| max(|h|, w^gamma)``, a bound of every term and gradient, at most
+    ``e^(cap - 1) / N`` for ``N`` units over every shard. The margin ``e`` covers the rounding
+    of the products. Most batches take it: one exponential and a few
     products instead of the log-space terms."""
     with quiet_overflow(xp):  # whatever overflows here fails the check
         neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
-        finite = units.log_w > -xp.inf
-        l0 = xp.where(finite, units.log_w, 0.0)
-        z = xp.where(finite, unit_g * l0, -xp.inf)
-        e = xp.exp(z)
-        if units.log_p is None:
-            g_pos = unit_g > 0
-            h = xp.where(g_pos, xp.expm1(z), units.log_w) / xp.where(g_pos, unit_g, 1.0)
-        else:
-            h = e * xp.where(units.valid, units.log_p, 0.0)
+        e, h = _plain_factors(xp, units, unit_g)
         neg_terms, unit_grad = neg_c * h, neg_c * e
         n_units = float(math.prod(units.log_w.shape))
-        product_peak = xp.max(xp.maximum(xp.abs(neg_terms), xp.abs(unit_grad)))
-        factor_peak = xp.max(xp.maximum(xp.abs(h), e))
+        # Plain reductions of the factors (no |x| pass): every product is at most their peaks'
+        # product, times 1 + 2^-24 for its rounding.
+        peaks = xp.stack([xp.max(neg_c), -xp.min(neg_c), xp.max(h), -xp.min(h), xp.max(e)])
         if reducer is not None:
-            peaks = reducer.max(xp.stack([product_peak, factor_peak]))
-            product_peak, factor_peak = peaks[0], peaks[1]
+            peaks = reducer.max(peaks)
             n_units = reducer.sum(xp.asarray(n_units, dtype=e.dtype, device=array_device(e)))
-        if not bool(xp.maximum(product_peak * n_units, factor_peak) <= math.exp(cap - 1.0)):
+        factor_peak = xp.max(peaks[2:])
+        product_bound = xp.maximum(peaks[0], peaks[1]) * factor_peak * (n_units * (1 + 2**-20))
+        if not bool(xp.maximum(product_bound, factor_peak) <= math.exp(cap - 1.0)):
             return None
     local_value = xp.sum(neg_terms)
     loss = local_value if reducer is None else reducer.sum(local_value)
     # A valid unit whose summed log ratio was clipped has |h| or w^gamma beyond e^cap: none here.
     zero = xp.zeros((), dtype=e.dtype, device=array_device(e))
     return loss, unit_grad, {"n_capped": zero, "log_scale": zero}
+
+
+def _plain_factors(xp: Namespace, units: Units, unit_g: Array) -> tuple[Array, Array]:
+    """``(w^gamma, h)`` of every unit by the plain formulas (``unit_g`` broadcasts to the
+    units). Eager only: one host read of whether every gamma is positive."""
+    log_w, objective = units.log_w, units.log_p is None
+    if bool(xp.all(unit_g > 0)):  # g l is -inf at weight 0: the exponent needs no mask
+        z = unit_g * log_w
+        h = xp.expm1(z) / _full(xp, unit_g, z) if objective else None
+    else:
+        finite = log_w > -xp.inf
+        z = xp.where(finite, unit_g * xp.where(finite, log_w, 0.0), -xp.inf)
+        g_pos = unit_g > 0
+        den = _full(xp, xp.where(g_pos, unit_g, 1.0), z)
+        h = xp.where(g_pos, xp.expm1(z), log_w) / den if objective else None
+    e = xp.exp(z)
+    return e, (h if objective else e * xp.where(units.valid, units.log_p, 0.0))
+
+
+def _full(xp: Namespace, divisor: Array, like: Array) -> Array:
+    """``divisor`` broadcast to ``like``'s shape (a view in NumPy and torch). Dividing by it
+    is correctly rounded everywhere: XLA turns a division by a broadcast value into a product
+    with its reciprocal, which is not."""
+    return xp.broadcast_to(divisor, tuple(like.shape))
 
 
 def _scaled_loss_and_grad(
@@ -777,7 +799,7 @@ def _boxcox_logs(
     em = xp.expm1(xp.minimum(z, top))
     # log|expm1(z)| is z beyond top (e^-top is below eps), log|em| up to it.
     log_h = log_abs(xp, xp.where(g_pos, em, l0)) + xp.maximum(z - top, 0.0) - xp.log(den)
-    return log_h, xp.where(g_pos, em, l), den
+    return log_h, xp.where(g_pos, em, l), _full(xp, den, z)
 
 
 def _common_scale(
@@ -786,7 +808,7 @@ def _common_scale(
     """``s``, the common log scale of every term and gradient over every shard (0 where nothing
     overflows), and ``n_capped``."""
     worst = xp.max(logs.log_term)
-    n_terms = xp.sum(xp.astype(logs.log_term > -xp.inf, worst.dtype))
+    n_terms = count_true(xp, logs.log_term > -xp.inf, None, worst.dtype)
     if reducer is not None:  # one scale for the whole batch: the loss is one sum
         worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
     bound = cap - xp.log(xp.maximum(n_terms, 1.0))  # each term below max / K

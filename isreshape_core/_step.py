@@ -19,7 +19,7 @@ from ._lib.checks import check_choice, check_gamma, check_gamma_bounds, check_rh
 from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import floored_shift, tempered_log_weights
-from ._lib.reduce import Reducer, reduce_max, reduce_sum
+from ._lib.reduce import Reducer, count_true, reduce_max, reduce_sum
 from ._lib.tracing import is_concrete
 from ._metrics import merge_rows
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
@@ -91,7 +91,9 @@ def tempered_metrics(
     # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
     # gamma >= 0), and their exponents are bit for bit those of gamma_ess and ess_ratio.
     d = xp.where(finite, floored_shift(xp, masked_l, top), 0.0)
-    e = xp.where(finite, xp.exp(xp.stack([unit_gamma * d, d])), 0.0)  # at gamma, at 1
+    # The exponents at gamma and at 1 in one product (1 d is d), not two arrays and a copy.
+    gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
+    e = xp.where(finite, xp.exp(gammas * d), 0.0)  # at gamma, at 1
     s1, s2, count, total = _row_sums(xp, e, finite, d, axis, stats_reducer)
     n = xp.maximum(count, 1.0)
     mean = total / n
@@ -117,7 +119,7 @@ def _row_sums(
     """``(sum e, sum e^2, count, sum d)`` over ``axis`` (``e`` stacks two arrays like ``d``),
     over all shards in one collective."""
     s1, s2 = xp.sum(e, axis=axis), xp.sum(e * e, axis=axis)
-    count = xp.sum(xp.astype(finite, d.dtype), axis=axis)
+    count = count_true(xp, finite, axis, d.dtype)
     total = xp.sum(d, axis=axis)
     if reducer is None:
         return s1, s2, count, total
@@ -147,13 +149,12 @@ def _variance(
     """
     h = (math.frexp(float(xp.finfo(d.dtype).max))[1]) // 2  # 64, 512
     big = total < -(2.0 ** (h - 24))
-    if not whole:
-        mean, big = mean[..., None], big[..., None]
-    dev = xp.where(finite, d - mean, 0.0)
-    dev = xp.where(big, dev * 2.0 ** (1 - h), dev)
+    dev = xp.where(finite, d - (mean if whole else mean[..., None]), 0.0)
+    if not (is_concrete(big) and not bool(xp.any(big))):  # eager: skipped where no row is big
+        small = xp.asarray(2.0 ** (1 - h), dtype=d.dtype, device=array_device(d))
+        factor = xp.where(big, small, 1.0)  # per row: one product over the samples
+        dev = dev * (factor if whole else factor[..., None])
     var = reduce_sum(xp, dev * dev, axis, reducer) / xp.maximum(count - 1.0, 1.0)
-    if not whole:
-        big = big[..., 0]
     # var * 2^(2h-2) fits exactly where var <= max_float / 2^(2h-2) (a power-of-2 product).
     cap = float(xp.finfo(d.dtype).max) * 2.0 ** (2 - 2 * h)
     scaled_back = xp.where(var > cap, xp.inf, xp.minimum(var, cap) * 2.0 ** (2 * h - 2))

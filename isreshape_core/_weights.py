@@ -17,6 +17,7 @@ from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, namespace
 from ._lib.numerics import safe_sum, tempered_log_weights
+from ._lib.reduce import count_true
 from ._lib.tracing import is_concrete
 
 __all__ = ["LEVELS", "log_weights", "tempered_weights"]
@@ -133,7 +134,7 @@ def log_weights(
     if mask is None:
         count = xp.sum(xp.ones_like(diff), axis=-1)
     else:
-        count = xp.sum(xp.astype(mask, diff.dtype), axis=-1)
+        count = count_true(xp, mask, -1, diff.dtype)
     return unit_log_weights(xp, diff, count, level)
 
 

@@ -82,7 +82,7 @@ def shift_from_max(xp: Namespace, x: Array, top: Array) -> tuple[Array, Array]:
 
 def floored_shift(xp: Namespace, x: Array, top: Array) -> Array:
     """``max(x - top, floor)`` for ``x <= top`` (``top`` finite, or ``-inf`` with ``x``), with
-    ``floor = -max_float * 2^-20`` and no overflow on the way.
+    ``floor = -max_float * 2^-20``, finite and without a floating-point warning.
 
     Entries further below the max than the floor (a relative weight of ``exp(-3e32)`` in float32)
     are set to it: finite (a weight 0 for every gamma that matters, still a positive weight at
@@ -90,10 +90,10 @@ def floored_shift(xp: Namespace, x: Array, top: Array) -> Array:
     too (callers mask it).
     """
     floor = -float(xp.finfo(x.dtype).max) * 2.0**-20
-    # x - top overflows only for a positive top and x below top - max_float: such x (and any x
-    # below top + 2 floor, which maps to the floor anyway) are raised to top + 2 floor first.
-    low = xp.where(top > 0, top, -xp.inf) + 2.0 * floor
-    return xp.maximum(xp.maximum(x, low) - top, floor)
+    # x - top overflows (to -inf) only far below the floor, which the max then returns: the
+    # overflow is exact here, so only NumPy's warning about it is silenced.
+    with quiet_overflow(xp):
+        return xp.maximum(x - top, floor)
 
 
 def power_of_two_below(xp: Namespace, size: Array) -> Array:

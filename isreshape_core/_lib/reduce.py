@@ -6,7 +6,7 @@ from typing import Protocol
 
 from .namespace import Array, Namespace, array_device
 
-__all__ = ["Reducer", "reduce_max", "reduce_sum", "sample_count"]
+__all__ = ["Reducer", "count_true", "reduce_max", "reduce_sum", "sample_count"]
 
 
 class Reducer(Protocol):
@@ -56,6 +56,14 @@ def reduce_max(
     return out if reducer is None else reducer.max(out)
 
 
+def count_true(xp: Namespace, x: Array, axis: int | tuple[int, ...] | None, dtype: object) -> Array:
+    """The number of ``True`` entries of the boolean ``x`` along ``axis`` (``None``: all), in
+    ``dtype``: exact, in one pass over ``x`` and with no floating copy of it (unlike a sum of
+    ``astype(x)``)."""
+    # NumPy returns a scalar where every axis is reduced: asarray makes it a 0-d array.
+    return xp.astype(xp.asarray(xp.count_nonzero(x, axis=axis)), dtype)
+
+
 def sample_count(
     xp: Namespace, log_w: Array, mask: Array | None, axis: int, reducer: Reducer | None = None
 ) -> Array:
@@ -64,4 +72,5 @@ def sample_count(
         shape = tuple(s for i, s in enumerate(log_w.shape) if i != axis)
         local = xp.full(shape, log_w.shape[axis], dtype=log_w.dtype, device=array_device(log_w))
         return local if reducer is None else reducer.sum(local)
-    return reduce_sum(xp, xp.astype(mask, log_w.dtype), axis, reducer)
+    local = count_true(xp, mask, axis, log_w.dtype)
+    return local if reducer is None else reducer.sum(local)

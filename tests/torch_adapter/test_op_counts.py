@@ -18,21 +18,21 @@ EXPECTED = {
     BASELINE: 46,
     "IS Reshape, fixed gamma 0.5, sequence": 157,
     "IS Reshape, fixed gamma 0.5, token": 126,
-    "IS Reshape, exact-ESS gamma (default), sequence": 255,
-    "IS Reshape, exact-ESS gamma, token": 850,
+    "IS Reshape, exact-ESS gamma (default), sequence": 251,
+    "IS Reshape, exact-ESS gamma, token": 846,
     "IS Reshape, closed-form gamma, sequence": 238,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 173,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 175,
 }
 
 #: Of those, the operators with an operand of B T elements (passes over the tokens).
 EXPECTED_FULL_SIZE = {
     BASELINE: 37,
-    "IS Reshape, fixed gamma 0.5, sequence": 15,
-    "IS Reshape, fixed gamma 0.5, token": 62,
-    "IS Reshape, exact-ESS gamma (default), sequence": 15,
-    "IS Reshape, exact-ESS gamma, token": 217,
-    "IS Reshape, closed-form gamma, sequence": 15,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 15,
+    "IS Reshape, fixed gamma 0.5, sequence": 14,
+    "IS Reshape, fixed gamma 0.5, token": 47,
+    "IS Reshape, exact-ESS gamma (default), sequence": 14,
+    "IS Reshape, exact-ESS gamma, token": 200,
+    "IS Reshape, closed-form gamma, sequence": 14,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 14,
 }
 
 
