@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "adapters"), str(ROOT / "benchmarks")]
 
-from torch_loss import make_inputs, ppo_clip_loss  # noqa: E402
+from torch_loss import STALE, make_inputs, ppo_clip_loss, stale_behaviour  # noqa: E402
 
 from isreshape_torch import is_reshape_loss  # noqa: E402
 
@@ -40,6 +40,7 @@ TARGETS = {
     "IS Reshape, fixed gamma 0.5, sequence": 2.0,
     "IS Reshape, fixed gamma 0.5, token": 2.0,
     "IS Reshape, exact-ESS gamma, token": 4.0,
+    STALE: 4.0,
 }
 
 
@@ -78,8 +79,8 @@ def count_ops(step: Callable[[torch.Tensor], torch.Tensor], logp: torch.Tensor) 
 
 
 def cases(logq, adv, mask) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    def isr(**kw):
-        return lambda lp: is_reshape_loss(lp, logq, adv, mask, distributed=False, **kw)[0]
+    def isr(q=logq, **kw):
+        return lambda lp: is_reshape_loss(lp, q, adv, mask, distributed=False, **kw)[0]
 
     return {
         BASELINE: lambda lp: ppo_clip_loss(lp, logq, adv, mask),
@@ -87,6 +88,7 @@ def cases(logq, adv, mask) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         "IS Reshape, fixed gamma 0.5, token": isr(gamma=0.5, level="token"),
         "IS Reshape, exact-ESS gamma (default), sequence": isr(),
         "IS Reshape, exact-ESS gamma, token": isr(level="token"),
+        STALE: isr(stale_behaviour(logq), level="token"),
         "IS Reshape, closed-form gamma, sequence": isr(gamma="closed_form"),
         "IS Reshape, precomputed gamma tensor (step gamma), sequence": isr(gamma=torch.tensor(0.5)),
         "IS Reshape, PSIS gamma, sequence": isr(gamma="psis"),

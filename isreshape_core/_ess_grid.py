@@ -17,6 +17,7 @@ import math
 
 from ._lib.namespace import Array, Namespace
 from ._lib.reduce import Reducer, reduce_max
+from ._lib.tracing import eager_all
 
 __all__ = [
     "GRID_ELEMENTS",
@@ -128,7 +129,9 @@ def largest_feasible_gamma(
     # feasible candidate is the next lo (lo itself is the candidate t = 0, and passes again;
     # where it does not, lo stays, so that no candidate is ever negative).
     t = t * ((candidates - 1) / candidates)
-    for _ in range(passes - 1):
+    # Eager: where every row passed at hi or failed everywhere, the later passes change nothing.
+    decided = eager_all(xp, (first >= hi) | (first < 0.0))
+    for _ in range(0 if decided else passes - 1):
         g = lo + width * t
         feasible = feasible_candidates(xp, g, d, offset, needed, reducer, shift)
         lo = xp.max(xp.where(feasible, g, lo), axis=-2, keepdims=True)
@@ -156,11 +159,12 @@ def weight_sums(
     axis: int,
     reducer: Reducer | None,
     shift: bool,
-) -> tuple[Array, Array]:
+    slopes: bool = True,
+) -> tuple[Array, Array | None]:
     """``([sum e, sum e^2], [sum e d', sum e^2 d'])`` along ``axis`` (keepdims; ``axis``
     negative) for the weights ``e = exp(max(g d + offset - max, floor))``, two arrays with a
     new leading axis of 2 (:func:`exponent_floor`; the max is taken only with ``shift``, else
-    it is known to be 0).
+    it is known to be 0); ``None`` for the second without ``slopes``.
 
     ``g`` may carry leading axes (several gammas in one pass); ``d'`` is ``d_slope``. With a
     ``reducer`` the four sums travel in one collective.
@@ -172,6 +176,8 @@ def weight_sums(
     e = xp.exp(xp.maximum(z, exponent_floor(xp, z.dtype)))
     p = xp.stack([e, e * e])
     s = xp.sum(p, axis=axis, keepdims=True)
+    if not slopes:
+        return (s if reducer is None else reducer.sum(s)), None
     t = xp.sum(p * d_slope, axis=axis, keepdims=True)  # broadcast: d_slope has no axis of 2
     if reducer is None:
         return s, t

@@ -26,9 +26,9 @@ from ._lib.checks import check_count, check_gamma_bounds, check_rho_min
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device
 from ._lib.numerics import log_abs, log_variance_stats, shift_by_max
-from ._lib.reduce import Reducer, reduce_sum, sample_count
+from ._lib.reduce import Reducer, count_true, sample_count
 from ._lib.rows import batch_param
-from ._lib.tracing import poison, traced_bad_rows
+from ._lib.tracing import eager_all, is_concrete, poison, traced_bad_rows
 
 __all__ = ["closed_form_gamma", "gamma_closed_form", "gamma_ess"]
 
@@ -170,6 +170,10 @@ def gamma_ess(
       sample an iteration. A last pass tests points just below the final iterate, so that the
       feasible end catches up with it.
 
+    Eagerly (not under tracing), one host read after the first pass ends either search where
+    every row is decided by its ends (``gamma_max`` meets the target, or ``gamma_min`` misses
+    it), with the same result: fresh data, whose gamma is ``gamma_max``, costs one pass.
+
     The two agree to about 1e-13 in float64. The result is always a value that passed the test
     ``ESS(gamma) >= rho_min n`` (with a margin of a few ulps), or ``gamma_min`` where even
     ``gamma_min`` misses it. No distributional assumption.
@@ -227,12 +231,12 @@ def gamma_ess(
     shape = tuple(n.shape)
     lo = batch_param(xp, gamma_min, l, shape)
     hi = batch_param(xp, gamma_max, l, shape)
-    n_pos = reduce_sum(xp, xp.astype(l > -xp.inf, l.dtype), axis, reducer)
+    finite = l > -xp.inf
+    n_pos = count_true(xp, finite, axis, l.dtype, reducer)
 
     # Loop invariants: zero weights as an offset of -inf, and (for Kish's ESS) the log weights
     # shifted by their maximum once, so that no iteration needs a max-reduction or a collective
     # for it: max(g l) = g max(l) for g >= 0.
-    finite = l > -xp.inf
     offset = xp.where(finite, xp.zeros_like(l) if log_r is None else log_r, -xp.inf)
     # Relative to the max (exact for nearby values): a constant offset of l costs no digits.
     d = xp.where(finite, shift_by_max(xp, l, axis, reducer)[0], 0.0)
@@ -243,7 +247,10 @@ def gamma_ess(
     if max_iter is None and plan is not None and reducer is None:
         gamma = _grid_gamma(xp, d, offset, rho, n, lo, hi, axis, plan, log_r is None)
     else:
-        start = closed_form_gamma(xp, l, axis, rho_min, gamma_min, gamma_max, reducer)
+        # The closed form's start, computed only where the search runs.
+        start = functools.partial(
+            closed_form_gamma, xp, l, axis, rho_min, gamma_min, gamma_max, reducer
+        )
         batch = {"rho": rho, "n": n, "n_pos": n_pos, "lo": lo, "hi": hi, "start": start}
         iterations = _NEWTON_ITERATIONS if max_iter is None else max_iter
         last = _samples_last(xp, axis, d.ndim)
@@ -303,42 +310,46 @@ def _newton_gamma(
     axis: int,
     reducer: Reducer | None,
     top_is_zero: bool,
-    batch: dict[str, Array],
+    batch: dict[str, Any],
     iterations: int,
     polish: Callable[[Array, Array, Array], Array],
 ) -> Array:
     """The largest ``g`` in ``[lo, hi]`` with ``ESS(g) >= needed`` (``lo`` where none is), by
     ``iterations`` safeguarded Newton steps from ``start`` and a last pass just below the final
     iterate (``polish(x, lo, needed=...)``, :func:`polish_feasible_end`); ``batch`` holds ``rho, n,
-    n_pos, lo, hi, start`` in the batch shape.
+    n_pos, lo, hi`` in the batch shape and ``start``, a function that returns the start.
 
     Every array has a leading axis of gammas (1 but in the passes that test several) and the
     batch shape with the sample axis kept, so that one :func:`weight_sums` serves them all. The
     first pass tests ``hi``, ``lo`` and the first iterate (and ``g = 0`` for the rewards'
     target) at once; each iteration then costs one pass and one stacked sum (a max too with
-    rewards, whose exponents have no known maximum).
+    rewards, whose exponents have no known maximum). Eagerly a pass at ``hi`` alone comes first:
+    where ``hi`` meets the target in every row, it is the result, without the start or a step.
     """
     kept = (1, *tuple(xp.expand_dims(batch["n"], axis=axis).shape))
-    lo, hi, start, n, rho, n_pos = (
-        xp.reshape(batch[k], kept) for k in ("lo", "hi", "start", "n", "rho", "n_pos")
-    )
+    lo, hi, n, rho, n_pos = (xp.reshape(batch[k], kept) for k in ("lo", "hi", "n", "rho", "n_pos"))
+    shape = tuple(batch["n"].shape)
     # The slope's factor d, floored so that a weight the exponent floor lifts adds at most
     # 2e-14 (float32) to its sums (it would add exp(g d) d).
     d_slope = xp.maximum(d, -_SLOPE_FLOOR)
 
-    def sums_at(g: Array) -> tuple[Array, Array]:
-        return weight_sums(xp, g, d, offset, d_slope, axis - d.ndim, reducer, not top_is_zero)
+    def sums_at(g: Array, slopes: bool = True) -> tuple[Array, Array]:
+        shift = not top_is_zero
+        return weight_sums(xp, g, d, offset, d_slope, axis - d.ndim, reducer, shift, slopes)
 
+    def first_pass(gammas: list[Array], slopes: bool = True) -> tuple[Array, Array, Array]:
+        zero = [] if top_is_zero else [xp.zeros_like(hi)]  # the rewards' target needs g = 0
+        sums = sums_at(xp.concat(zero + gammas), slopes)
+        return _with_target(xp, *sums, top_is_zero, n, rho, n_pos)
+
+    if is_concrete(d):  # eager: where gamma_max meets the target in every row, no search
+        s, _, needed = first_pass([hi], slopes=False)
+        s1 = s[0, ...]
+        if eager_all(xp, s1 * s1 >= needed * s[1, ...]):
+            return xp.reshape(hi, shape)
+    start = xp.reshape(batch["start"](), kept)
     x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
-    s, t = sums_at(xp.concat([hi, lo, x] if top_is_zero else [xp.zeros_like(hi), hi, lo, x]))
-    if top_is_zero:
-        base = n
-    else:  # ESS_grad(0) = s1^2 / s2 of the weights |r| (w^0 = 1 for every positive weight)
-        base = s[0, :1, ...] * s[0, :1, ...] / s[1, :1, ...]
-        s, t = s[:, 1:, ...], t[:, 1:, ...]
-    # A row without a positive weight (its gamma is overridden) gets a target that keeps its
-    # logs finite.
-    needed = xp.where(n_pos > 0, _needed_ess(xp, rho, base), 1.0)
+    s, t, needed = first_pass([hi, lo, x])
     pairs = xp.asarray([[-4.0, 2.0], [2.0, -2.0]], dtype=d.dtype, device=array_device(d))
     pairs = xp.reshape(pairs, (2, 2) + (1,) * len(kept))
     factors = (pairs[0, ...], pairs[1, ...], -2.0 * xp.log(needed))
@@ -351,11 +362,31 @@ def _newton_gamma(
             terms = _newton_terms(xp, *sums_at(state[0]), needed, factors)
         state = _newton_step(xp, *terms, *state)
     x, lo, hi_end = state[:3]
-    shape = tuple(batch["n"].shape)
     x = xp.reshape(xp.minimum(xp.maximum(x, lo), hi_end), shape)
     lo = xp.reshape(polish(x, xp.reshape(lo, shape), needed=xp.reshape(needed, shape)), kept)
     gamma = xp.where(done_hi, hi, xp.where(feasible_lo, lo, gamma_min))
     return xp.reshape(gamma, shape)
+
+
+def _with_target(
+    xp: Namespace,
+    s: Array,
+    t: Array,
+    top_is_zero: bool,
+    n: Array,
+    rho: Array,
+    n_pos: Array,
+) -> tuple[Array, Array, Array]:
+    """``(s, t, needed)`` from the first pass's :func:`weight_sums`: the target ``rho n``, or
+    ``rho ESS_grad(0)`` from the sums at ``g = 0`` (then taken off ``s`` and ``t``)."""
+    if top_is_zero:
+        base = n
+    else:  # ESS_grad(0) = s1^2 / s2 of the weights |r| (w^0 = 1 for every positive weight)
+        base = s[0, :1, ...] * s[0, :1, ...] / s[1, :1, ...]
+        s, t = s[:, 1:, ...], (None if t is None else t[:, 1:, ...])
+    # A row without a positive weight (its gamma is overridden) gets a target that keeps its
+    # logs finite.
+    return s, t, xp.where(n_pos > 0, _needed_ess(xp, rho, base), 1.0)
 
 
 def _newton_terms(

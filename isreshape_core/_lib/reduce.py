@@ -56,12 +56,19 @@ def reduce_max(
     return out if reducer is None else reducer.max(out)
 
 
-def count_true(xp: Namespace, x: Array, axis: int | tuple[int, ...] | None, dtype: object) -> Array:
+def count_true(
+    xp: Namespace,
+    x: Array,
+    axis: int | tuple[int, ...] | None,
+    dtype: object,
+    reducer: Reducer | None = None,
+) -> Array:
     """The number of ``True`` entries of the boolean ``x`` along ``axis`` (``None``: all), in
-    ``dtype``: exact, in one pass over ``x`` and with no floating copy of it (unlike a sum of
-    ``astype(x)``)."""
+    ``dtype``, over every shard with a ``reducer``: exact, in one pass over ``x`` and with no
+    floating copy of it (unlike a sum of ``astype(x)``)."""
     # NumPy returns a scalar where every axis is reduced: asarray makes it a 0-d array.
-    return xp.astype(xp.asarray(xp.count_nonzero(x, axis=axis)), dtype)
+    local = xp.astype(xp.asarray(xp.count_nonzero(x, axis=axis)), dtype)
+    return local if reducer is None else reducer.sum(local)
 
 
 def sample_count(
@@ -72,5 +79,4 @@ def sample_count(
         shape = tuple(s for i, s in enumerate(log_w.shape) if i != axis)
         local = xp.full(shape, log_w.shape[axis], dtype=log_w.dtype, device=array_device(log_w))
         return local if reducer is None else reducer.sum(local)
-    local = count_true(xp, mask, axis, log_w.dtype)
-    return local if reducer is None else reducer.sum(local)
+    return count_true(xp, mask, axis, log_w.dtype, reducer)

@@ -15,7 +15,14 @@ from array_api_compat import is_jax_array, is_torch_array
 from .namespace import Array, Namespace
 from .reduce import Reducer
 
-__all__ = ["is_concrete", "nan_or_plus_inf", "nonfinite_rows", "poison", "traced_bad_rows"]
+__all__ = [
+    "eager_all",
+    "is_concrete",
+    "nan_or_plus_inf",
+    "nonfinite_rows",
+    "poison",
+    "traced_bad_rows",
+]
 
 
 def is_concrete(x: Array) -> bool:
@@ -31,6 +38,12 @@ def is_concrete(x: Array) -> bool:
             return False
         return x.device.type != "meta"
     return True
+
+
+def eager_all(xp: Namespace, x: Array) -> bool:
+    """Whether ``x`` (boolean) is concrete and all true: one host read, and ``False`` (nothing
+    read) under tracing, so that a shortcut it guards leaves traced code as it is."""
+    return is_concrete(x) and bool(xp.all(x))
 
 
 def nan_or_plus_inf(xp: Namespace, x: Array) -> Array:

@@ -284,3 +284,53 @@ def test_float32_in_float32_out(xp):
         assert got.dtype == xp.float32
         # float32 sums over 300 terms: a few float32 ulps of gamma (2**-24 ~ 6e-8 relative).
         np.testing.assert_allclose(to_numpy(got), want[method], rtol=2e-5)
+
+
+def _end_decided_batches(rng):
+    """Rows whose gamma is decided by the ends (gamma_max meets rho_min; or a gamma_min of 0.5
+    misses it, which only the grid settles early), alone and mixed with a row that needs the
+    search, with their gamma_min; small enough for the grid."""
+    fresh = rng.normal(0.0, 0.05, (3, 100))  # ESS(1)/n near 1: gamma_max
+    stale = rng.normal(0.0, 6.0, (2, 100))  # ESS(0.5)/n far below 0.3: gamma_min
+    middle = rng.normal(0.0, 1.5, (1, 100))  # gamma strictly inside (0.5, 1)
+    lo = np.array([0.0, 0.0, 0.0, 0.5, 0.5, 0.5])
+    return {
+        "fresh": (fresh, lo[:3]),
+        "fresh and stale": (np.concatenate([fresh, stale]), lo[:5]),
+        "mixed": (np.concatenate([fresh, stale, middle]), lo),
+    }
+
+
+@pytest.mark.parametrize("max_iter", [None, 12])  # the grid, Newton
+@pytest.mark.parametrize("with_rewards", [False, True])
+def test_eager_exit_by_the_ends_changes_nothing(xp, monkeypatch, max_iter, with_rewards):
+    import isreshape_core._ess_grid as grid_module
+    import isreshape_core._gamma as gamma_module
+
+    calls = []  # Newton steps, or grid passes
+    spied = (gamma_module, "_newton_step") if max_iter else (grid_module, "feasible_candidates")
+    original = getattr(*spied)
+    monkeypatch.setattr(*spied, lambda *a, **k: calls.append(1) or original(*a, **k))
+    rng = np.random.default_rng(3)
+    for kind, (l, lo) in _end_decided_batches(rng).items():
+        assert grid_module.grid_plan(l.size, 64) is not None  # max_iter=None: the grid
+        kw = {"gamma_min": xp.asarray(lo), "max_iter": max_iter}
+        if with_rewards:
+            kw["rewards"] = xp.asarray(rng.uniform(0.5, 2.0, l.shape))
+        calls.clear()
+        fast = to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, **kw))
+        steps = len(calls)
+        with monkeypatch.context() as m:
+            for module in (gamma_module, grid_module):
+                m.setattr(module, "eager_all", lambda xp, x: False)
+            full = to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, **kw))
+        np.testing.assert_array_equal(fast, full)
+        early = kind == "fresh" or (kind == "fresh and stale" and not max_iter)
+        if kind != "mixed":
+            np.testing.assert_array_equal(fast, np.where(lo == 0.0, 1.0, 0.5))
+        if early:
+            assert steps == (0 if max_iter else 1)  # no Newton step; the grid's first pass
+        else:
+            assert steps == (max_iter or grid_module.grid_plan(l.size, 64)[1])
+        if kind == "mixed" and not with_rewards:
+            assert abs(fast[-1] - brute_gamma(l[-1], 0.3, 0.5, 1.0)) < 1e-9

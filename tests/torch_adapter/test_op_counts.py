@@ -18,8 +18,9 @@ EXPECTED = {
     BASELINE: 46,
     "IS Reshape, fixed gamma 0.5, sequence": 157,
     "IS Reshape, fixed gamma 0.5, token": 126,
-    "IS Reshape, exact-ESS gamma (default), sequence": 251,
-    "IS Reshape, exact-ESS gamma, token": 846,
+    "IS Reshape, exact-ESS gamma (default), sequence": 255,
+    "IS Reshape, exact-ESS gamma, token": 184,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 865,
     "IS Reshape, closed-form gamma, sequence": 238,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 175,
 }
@@ -30,7 +31,8 @@ EXPECTED_FULL_SIZE = {
     "IS Reshape, fixed gamma 0.5, sequence": 14,
     "IS Reshape, fixed gamma 0.5, token": 47,
     "IS Reshape, exact-ESS gamma (default), sequence": 14,
-    "IS Reshape, exact-ESS gamma, token": 200,
+    "IS Reshape, exact-ESS gamma, token": 72,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 205,
     "IS Reshape, closed-form gamma, sequence": 14,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 14,
 }
