@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from array_api_compat import is_array_api_strict_namespace
+
 from .namespace import Array, Namespace, array_device
 
 __all__ = ["Reducer", "count_true", "reduce_max", "reduce_sum", "sample_count"]
@@ -64,10 +66,14 @@ def count_true(
     reducer: Reducer | None = None,
 ) -> Array:
     """The number of ``True`` entries of the boolean ``x`` along ``axis`` (``None``: all), in
-    ``dtype``, over every shard with a ``reducer``: exact, in one pass over ``x`` and with no
-    floating copy of it (unlike a sum of ``astype(x)``)."""
-    # NumPy returns a scalar where every axis is reduced: asarray makes it a 0-d array.
-    local = xp.astype(xp.asarray(xp.count_nonzero(x, axis=axis)), dtype)
+    the floating ``dtype``, over every shard with a ``reducer``: one sum that reads the
+    booleans (no floating copy of ``x``; exact up to ``2**24`` in float32)."""
+    # The standard's sum takes numeric arrays only (array-api-strict holds to it); the others
+    # sum booleans directly. A float sum, unlike count_nonzero's integer one, fuses with the
+    # float reductions next to it under XLA.
+    if is_array_api_strict_namespace(xp):
+        x = xp.astype(x, dtype)
+    local = xp.sum(x, axis=axis, dtype=dtype)
     return local if reducer is None else reducer.sum(local)
 
 

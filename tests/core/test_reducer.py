@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import run_sharded
+from _helpers import run_sharded, to_numpy
 
 import isreshape_core as isr
+from isreshape_core._lib.reduce import count_true
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_sharded_gamma_and_ess_equal_the_whole_batch(world):
+@pytest.mark.parametrize("spread", [2.0, 0.05])  # gamma inside (0, 1); gamma_max (no search)
+def test_sharded_gamma_and_ess_equal_the_whole_batch(world, spread):
     rng = np.random.default_rng(world)
-    l = rng.standard_t(3, size=(2, 301)) * 2.0  # 2 rows, samples split unevenly along axis 1
+    l = rng.standard_t(3, size=(2, 301)) * spread  # 2 rows, samples split unevenly along axis 1
     l[0, 7] = -np.inf
     mask = rng.random((2, 301)) < 0.9
     cuts = np.sort(rng.choice(np.arange(1, 301), size=world - 1, replace=False))
@@ -38,3 +40,14 @@ def test_sharded_gamma_and_ess_equal_the_whole_batch(world):
     for result in run_sharded(stats, shards):
         for got, want in zip(result, whole, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("axis", [None, 0, -1])
+def test_count_true_counts_exactly(xp, axis):
+    rng = np.random.default_rng(0)
+    x = rng.random((37, 1001)) < 0.3
+    want = np.count_nonzero(x, axis=axis)
+    for dtype in (xp.float32, xp.float64):
+        got = count_true(xp, xp.asarray(x), axis, dtype)
+        assert got.dtype == dtype and tuple(got.shape) == np.shape(want)
+        np.testing.assert_array_equal(to_numpy(got), want)
