@@ -349,6 +349,8 @@ def _newton_gamma(
             return xp.reshape(hi, shape)
     start = xp.reshape(batch["start"](), kept)
     x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
+    # hi again (eagerly tested above): a pass over other gammas may round its sums otherwise
+    # (XLA reduces by shape), and the search must give what the traced code gives, bit for bit.
     s, t, needed = first_pass([hi, lo, x])
     pairs = xp.asarray([[-4.0, 2.0], [2.0, -2.0]], dtype=d.dtype, device=array_device(d))
     pairs = xp.reshape(pairs, (2, 2) + (1,) * len(kept))
