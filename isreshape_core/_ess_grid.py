@@ -21,6 +21,7 @@ from ._lib.tracing import eager_all
 
 __all__ = [
     "GRID_ELEMENTS",
+    "TRACED_GRID_ELEMENTS",
     "exponent_floor",
     "feasible_candidates",
     "grid_plan",
@@ -29,25 +30,34 @@ __all__ = [
     "weight_sums",
 ]
 
-#: Candidates times samples evaluated per pass at most; beyond it (token-level gamma over a
-#: large batch) the Newton search, with one candidate per step, does less arithmetic.
+#: Candidates times samples evaluated per pass at most (at the fewest candidates, 16, this is where
+#: the grid applies); beyond it (token-level gamma over a large batch) the Newton search, with one
+#: candidate per step, does less arithmetic.
 GRID_ELEMENTS = 2**15
+#: The same bound on traced inputs, for the candidates of a pass: a compiled graph fuses each
+#: pass into a few loops, so that what a pass costs is its exponentials (candidates times
+#: samples), not its operators as eagerly: more passes of fewer candidates do less work (at 64
+#: samples in float32, 5 passes of 32 candidates, 10,240 exponentials, against 3 of 512, 98,304).
+TRACED_GRID_ELEMENTS = 2**11
 _MAX_CANDIDATES = 512
 _MIN_CANDIDATES = 16
 
 
-def grid_plan(size: int, dtype_bits: int) -> tuple[int, int] | None:
+def grid_plan(size: int, dtype_bits: int, traced: bool = False) -> tuple[int, int] | None:
     """``(candidates, passes)`` for ``size`` samples in all rows, or ``None`` where the grid
     would need fewer than 16 candidates a pass (then Newton is cheaper).
 
-    The passes bring the bracket below ``2**-48`` (float64: 4e-15) or ``2**-24`` (float32 and
-    narrower: under the dtype's rounding).
+    Eagerly a pass costs about the same number of operators (kernel launches) whatever its
+    width, so the candidates fill :data:`GRID_ELEMENTS`; ``traced`` (a compiled graph) they fill
+    :data:`TRACED_GRID_ELEMENTS`. The passes bring the bracket below ``2**-48`` (float64: 4e-15)
+    or ``2**-24`` (float32 and narrower: under the dtype's rounding).
     """
-    k = _MAX_CANDIDATES
-    while k > _MIN_CANDIDATES and k * size > GRID_ELEMENTS:
-        k //= 2
-    if k * size > GRID_ELEMENTS:
+    if _MIN_CANDIDATES * size > GRID_ELEMENTS:
         return None
+    budget = TRACED_GRID_ELEMENTS if traced else GRID_ELEMENTS
+    k = _MAX_CANDIDATES
+    while k > _MIN_CANDIDATES and k * size > budget:
+        k //= 2
     bits = 48 if dtype_bits >= 64 else 24
     return k, math.ceil(bits * math.log(2.0) / math.log(k - 1))
 

@@ -160,7 +160,9 @@ def gamma_ess(
     - a **candidate grid** (the default for up to 2048 samples in all rows, without a
       ``reducer``): each pass tests 16 to 512 values of gamma spread over the bracket at once and
       keeps the interval after the largest feasible one; 3 passes in float32, 6 in float64 (at
-      512 candidates) leave a bracket narrower than ``2**-24`` and ``2**-48``. A few large array
+      512 candidates) leave a bracket narrower than ``2**-24`` and ``2**-48``. Traced, where a
+      compiled pass costs its exponentials rather than its operators, fewer candidates a pass
+      and more passes (at 64 samples, 5 passes of 32 in float32). A few large array
       operations instead of a dozen sequential rounds of small ones: what a sequence-level
       loss, whose statistics are a few dozen numbers, pays for in kernel launches;
     - **safeguarded Newton** (larger batches, a ``reducer``, or an explicit ``max_iter``):
@@ -243,7 +245,7 @@ def gamma_ess(
     rho = batch_param(xp, rho_min, l, shape)
     # Shards may hold different numbers of samples, and the grid's size follows it: with a
     # reducer every shard takes the Newton search, whose collectives have one shape everywhere.
-    plan = grid_plan(math.prod(tuple(l.shape)), xp.finfo(l.dtype).bits)
+    plan = grid_plan(math.prod(tuple(l.shape)), xp.finfo(l.dtype).bits, not is_concrete(l))
     if max_iter is None and plan is not None and reducer is None:
         gamma = _grid_gamma(xp, d, offset, rho, n, lo, hi, axis, plan, log_r is None)
     else:

@@ -8,7 +8,7 @@ import pytest
 from _helpers import to_numpy
 
 import isreshape_core as isr
-from isreshape_core._ess_grid import GRID_ELEMENTS, grid_plan
+from isreshape_core._ess_grid import GRID_ELEMENTS, TRACED_GRID_ELEMENTS, grid_plan
 
 
 def bisection_gamma(l, rho, r=None, iters=200):
@@ -95,13 +95,29 @@ def test_grid_float32_within_rounding():
 
 @pytest.mark.parametrize("size", [1, 7, 64, 500, 2048])
 @pytest.mark.parametrize("bits", [32, 64])
-def test_grid_plan_bounds_work_and_bracket(size, bits):
-    k, passes = grid_plan(size, bits)
-    assert 16 <= k <= 512 and k * size <= GRID_ELEMENTS
+@pytest.mark.parametrize("traced", [False, True])
+def test_grid_plan_bounds_work_and_bracket(size, bits, traced):
+    k, passes = grid_plan(size, bits, traced)
+    budget = TRACED_GRID_ELEMENTS if traced else GRID_ELEMENTS
+    assert 16 <= k <= 512 and (k * size <= budget or k == 16)
     # The first pass divides the bracket by k - 1, every later one by k.
     width = 1.0 / ((k - 1) * k ** (passes - 1))
     assert width <= 2.0 ** (-48 if bits == 64 else -24)
-    assert grid_plan(GRID_ELEMENTS // 16 + 1, bits) is None
+    # The fewest passes that do it: one pass fewer would leave the bracket too wide.
+    assert (k - 1) * k ** (passes - 2) < 2.0 ** (48 if bits == 64 else 24)
+    # Traced or not, the grid applies to the same sizes.
+    assert grid_plan(GRID_ELEMENTS // 16 + 1, bits, traced) is None
+
+
+def test_traced_plan_evaluates_fewer_exponentials():
+    """A traced pass costs its exponentials: the traced plan does fewer in all (at 64 samples,
+    5 passes of 32 candidates against 3 of 512)."""
+    assert grid_plan(64, 32, traced=True) == (32, 5)
+    assert grid_plan(64, 32) == (512, 3)
+    for size in (1, 7, 64, 500, 2048):
+        for bits in (32, 64):
+            (k_t, p_t), (k_e, p_e) = grid_plan(size, bits, True), grid_plan(size, bits)
+            assert k_t * p_t <= k_e * p_e
 
 
 def test_grid_search_uses_few_operators():

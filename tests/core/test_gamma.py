@@ -311,6 +311,11 @@ def test_eager_exit_by_the_ends_changes_nothing(xp, monkeypatch, max_iter, with_
     spied = (gamma_module, "_newton_step") if max_iter else (grid_module, "feasible_candidates")
     original = getattr(*spied)
     monkeypatch.setattr(*spied, lambda *a, **k: calls.append(1) or original(*a, **k))
+    plan = grid_module.grid_plan
+
+    def eager_plan(size, bits, traced):  # traced code's plan tests other candidates
+        return plan(size, bits)
+
     rng = np.random.default_rng(3)
     for kind, (l, lo) in _end_decided_batches(rng).items():
         assert grid_module.grid_plan(l.size, 64) is not None  # max_iter=None: the grid
@@ -324,6 +329,7 @@ def test_eager_exit_by_the_ends_changes_nothing(xp, monkeypatch, max_iter, with_
             for module in (gamma_module, grid_module):
                 m.setattr(module, "eager_all", lambda xp, x: False)
             m.setattr(gamma_module, "is_concrete", lambda x: False)
+            m.setattr(gamma_module, "grid_plan", eager_plan)
             full = to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, **kw))
         np.testing.assert_array_equal(fast, full)
         early = kind == "fresh" or (kind == "fresh and stale" and not max_iter)
