@@ -361,15 +361,31 @@ def _newton_gamma(
     done_hi, feasible_lo = feasible[0:1, ...], feasible[1:2, ...]
     gamma_min, state = lo, (x, lo, hi, 0.5 * (hi - lo))
     terms = (feasible[2:, ...], log_excess[2:, ...], slope[2:, ...])
+    # Eagerly, in float32 and narrower (a float64 bracket settles only at about the 12th step),
+    # the loop ends where every row's state is settled: the rest would not change it.
+    by_ends = done_hi | ~feasible_lo if is_concrete(d) and xp.finfo(d.dtype).bits <= 32 else None
     for i in range(iterations):
         if i > 0:
             terms = _newton_terms(xp, *sums_at(state[0]), needed, factors)
-        state = _newton_step(xp, *terms, *state)
+        previous_x, state = state[0], _newton_step(xp, *terms, *state)
+        if by_ends is not None and _settled(xp, previous_x, *state[:3], by_ends):
+            break
     x, lo, hi_end = state[:3]
     x = xp.reshape(xp.minimum(xp.maximum(x, lo), hi_end), shape)
     lo = xp.reshape(polish(x, xp.reshape(lo, shape), needed=xp.reshape(needed, shape)), kept)
     gamma = xp.where(done_hi, hi, xp.where(feasible_lo, lo, gamma_min))
     return xp.reshape(gamma, shape)
+
+
+def _settled(
+    xp: Namespace, previous_x: Array, x: Array, lo: Array, hi: Array, by_ends: Array
+) -> bool:
+    """Whether no later Newton step can change the state (one host read): in every row whose
+    result is not decided by the ends (``by_ends``), ``lo`` and ``hi`` are adjacent floats and
+    the next point is the one just tested. Then no Newton point lies strictly inside the
+    bracket, the bisection point is ``x`` again, and its test (the same pass over the same
+    value) gives what it gave: the state, and so the result, are those of all the steps."""
+    return eager_all(xp, by_ends | ((hi <= xp.nextafter(lo, hi)) & (x == previous_x)))
 
 
 def _with_target(

@@ -341,3 +341,53 @@ def test_eager_exit_by_the_ends_changes_nothing(xp, monkeypatch, max_iter, with_
             assert steps == (max_iter or grid_module.grid_plan(l.size, 64)[1])
         if kind == "mixed" and not with_rewards:
             assert abs(fast[-1] - brute_gamma(l[-1], 0.3, 0.5, 1.0)) < 1e-9
+
+
+def _newton_steps_and_gamma(xp, monkeypatch, l, traced=False, **kw):
+    """``(steps, gamma)`` of ``gamma_ess(l, 0.3, max_iter=12, **kw)``, eagerly or on the path
+    traced inputs take."""
+    import isreshape_core._gamma as gamma_module
+
+    calls = []
+    original = gamma_module._newton_step
+    with monkeypatch.context() as m:
+        m.setattr(gamma_module, "_newton_step", lambda *a: calls.append(1) or original(*a))
+        if traced:
+            m.setattr(gamma_module, "is_concrete", lambda x: False)
+        g = to_numpy(isr.gamma_ess(xp.asarray(l), 0.3, max_iter=12, **kw))
+    return len(calls), g
+
+
+@pytest.mark.parametrize("with_rewards", [False, True])
+def test_settled_newton_ends_early_with_the_same_gamma(xp, monkeypatch, with_rewards):
+    """Eagerly in float32, the Newton search stops once every row's bracket is two adjacent
+    floats and the next point is the one just tested; gamma is bit for bit that of all the
+    steps (the path traced code takes), in rows inside the bracket and in rows decided by the
+    ends, and within float32 rounding of a brute-force bisection."""
+    ended_early = 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        inside = rng.normal(0.0, 1.2, (1, 400))  # gamma strictly inside (0, 1)
+        fresh = rng.normal(0.0, 0.05, (1, 400))  # gamma_max
+        stale = rng.normal(0.0, 6.0, (1, 400))  # gamma_min = 0.5 misses the target
+        for l, lo in ((inside, [0.0]), (np.concatenate([inside, fresh, stale]), [0, 0, 0.5])):
+            l = l.astype(np.float32)
+            kw = {"gamma_min": xp.asarray(np.asarray(lo, dtype=np.float32))}
+            if with_rewards:
+                kw["rewards"] = xp.asarray(rng.uniform(0.5, 2.0, l.shape).astype(np.float32))
+            steps, fast = _newton_steps_and_gamma(xp, monkeypatch, l, **kw)
+            full_steps, full = _newton_steps_and_gamma(xp, monkeypatch, l, traced=True, **kw)
+            assert fast.dtype == np.float32 and full_steps == 12
+            np.testing.assert_array_equal(fast, full)
+            ended_early += steps < 12
+            if len(lo) == 3:
+                assert fast[1] == 1.0 and fast[2] == 0.5
+            if not with_rewards:
+                assert abs(fast[0] - brute_gamma(l[0], 0.3)) < 4e-7
+    assert ended_early >= 5  # out of 20 (about 12 on NumPy)
+
+
+def test_float64_newton_takes_every_step(xp, monkeypatch):
+    """A float64 bracket does not settle within 12 steps: no check, every step."""
+    l = np.random.default_rng(0).normal(0.0, 1.2, (1, 400))
+    assert _newton_steps_and_gamma(xp, monkeypatch, l)[0] == 12

@@ -20,7 +20,7 @@ EXPECTED = {
     "IS Reshape, fixed gamma 0.5, token": 124,
     "IS Reshape, exact-ESS gamma (default), sequence": 251,
     "IS Reshape, exact-ESS gamma, token": 180,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 861,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 682,
     "IS Reshape, closed-form gamma, sequence": 236,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 172,
 }
@@ -32,7 +32,7 @@ EXPECTED_FULL_SIZE = {
     "IS Reshape, fixed gamma 0.5, token": 47,
     "IS Reshape, exact-ESS gamma (default), sequence": 14,
     "IS Reshape, exact-ESS gamma, token": 72,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 205,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 160,
     "IS Reshape, closed-form gamma, sequence": 14,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 14,
 }
