@@ -363,7 +363,8 @@ def _newton_gamma(
     terms = (feasible[2:, ...], log_excess[2:, ...], slope[2:, ...])
     # Eagerly, in float32 and narrower (a float64 bracket settles only at about the 12th step),
     # the loop ends where every row's state is settled: the rest would not change it.
-    by_ends = done_hi | ~feasible_lo if is_concrete(d) and xp.finfo(d.dtype).bits <= 32 else None
+    settles = is_concrete(d) and xp.finfo(d.dtype).bits <= 32
+    by_ends = (done_hi | ~feasible_lo) if settles else None
     for i in range(iterations):
         if i > 0:
             terms = _newton_terms(xp, *sums_at(state[0]), needed, factors)
