@@ -66,16 +66,16 @@ def feasible_candidates(
     xp: Namespace,
     g: Array,
     d: Array,
-    offset: Array,
+    offset: Array | None,
     needed: Array,
     reducer: Reducer | None,
     shift: bool,
     floor: bool = False,
 ) -> Array:
     """Whether each candidate ``g`` (..., k, 1) meets ``s1^2 >= needed s2`` for the weights
-    ``e = exp(g d + offset - max)``, floored (:func:`exponent_floor`) with ``floor``; without
-    ``shift`` the max is known to be 0 and not taken."""
-    z = g * d + offset
+    ``e = exp(g d + offset - max)`` (no offset: ``None``), floored (:func:`exponent_floor`) with
+    ``floor``; without ``shift`` the max is known to be 0 and not taken."""
+    z = g * d if offset is None else g * d + offset
     if shift:
         m = reduce_max(xp, z, -1, reducer, keepdims=True)
         z = z - xp.where(xp.isfinite(m), m, 0.0)
@@ -91,7 +91,7 @@ def feasible_candidates(
 def largest_feasible_gamma(
     xp: Namespace,
     d: Array,
-    offset: Array,
+    offset: Array | None,
     needed: Array,
     lo: Array | float,
     hi: Array | float,
@@ -105,7 +105,9 @@ def largest_feasible_gamma(
     samples along the last axis of ``d``.
 
     ``d`` (..., n) is the log weight relative to its row maximum (0 for a zero weight),
-    ``offset`` (..., n) is ``-inf`` for a zero weight and ``log|r|`` (or 0) otherwise;
+    ``offset`` (..., n) is ``-inf`` for a zero weight and ``log|r|`` (or 0) otherwise, or
+    ``None`` where ``d`` holds every zero weight as a value whose ``exp(g d)`` is 0 for every
+    positive candidate;
     ``top_is_zero`` says that ``offset`` is 0 or ``-inf`` (Kish's ESS), so that the largest
     exponent is ``g max(d) = 0`` and no max is taken, as in the Newton search.
     ``needed`` has the batch shape ``(...)``, ``lo`` and ``hi`` too or are Python numbers (then
@@ -118,7 +120,7 @@ def largest_feasible_gamma(
     device = getattr(d, "device", None)
     batch = tuple(needed.shape)
     d = xp.expand_dims(d, axis=-2)
-    offset = xp.expand_dims(offset, axis=-2)
+    offset = None if offset is None else xp.expand_dims(offset, axis=-2)
     shift = not top_is_zero
     needed = xp.reshape(needed, (*batch, 1, 1))
     # The first pass includes both ends, each exactly: (1 - t) lo + t hi.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from ._lib.reduce import Reducer, count_true, sample_count
 from ._lib.rows import batch_param
 from ._lib.tracing import eager_all, is_concrete, poison, traced_bad_rows
 
-__all__ = ["closed_form_gamma", "gamma_closed_form", "gamma_ess"]
+__all__ = ["closed_form_gamma", "ess_search", "gamma_closed_form", "gamma_ess"]
 
 # Newton steps aim this fraction past the predicted root, so that the iterates land on both sides
 # of it and the feasible end of the bracket (the value returned) converges too.
@@ -230,24 +231,61 @@ def gamma_ess(
         l, log_r, bad = _weigh_by_rewards(xp, l, rewards, axis, reducer, bad)
 
     n = sample_count(xp, l, mask, axis, reducer)
-    shape = tuple(n.shape)
-    lo = batch_param(xp, gamma_min, l, shape)
-    hi = batch_param(xp, gamma_max, l, shape)
     finite = l > -xp.inf
-    n_pos = count_true(xp, finite, axis, l.dtype, reducer)
-
-    # Loop invariants: zero weights as an offset of -inf, and (for Kish's ESS) the log weights
-    # shifted by their maximum once, so that no iteration needs a max-reduction or a collective
-    # for it: max(g l) = g max(l) for g >= 0.
-    offset = xp.where(finite, xp.zeros_like(l) if log_r is None else log_r, -xp.inf)
+    # Loop invariants: zero weights as an offset of -inf (built by the search where it needs
+    # one), and (for Kish's ESS) the log weights shifted by their maximum once, so that no
+    # iteration needs a max-reduction or a collective for it: max(g l) = g max(l) for g >= 0.
+    offset = None if log_r is None else xp.where(finite, log_r, -xp.inf)
     # Relative to the max (exact for nearby values): a constant offset of l costs no digits.
     d = xp.where(finite, shift_by_max(xp, l, axis, reducer)[0], 0.0)
-    rho = batch_param(xp, rho_min, l, shape)
+    n_pos = count_true(xp, finite, axis, l.dtype, reducer)
+    prepared = {"l": l, "d": d, "finite": finite, "offset": offset, "n": n, "n_pos": n_pos}
+    bounds = {"rho_min": rho_min, "gamma_min": gamma_min, "gamma_max": gamma_max}
+    gamma = ess_search(xp, prepared, bounds, axis, reducer, max_iter)
+    return poison(xp, gamma, bad)
+
+
+def ess_search(
+    xp: Namespace,
+    prepared: dict[str, Array | None],
+    bounds: dict[str, Any],
+    axis: int,
+    reducer: Reducer | None,
+    max_iter: int | None,
+) -> Array:
+    """The search of :func:`gamma_ess` on prepared log weights (``axis`` non-negative).
+
+    ``prepared`` holds the validated ``l`` (``-inf``: weight 0), ``d`` (``l`` relative to its
+    row max, floored, 0 at weight 0), ``finite`` (the positive weights), ``offset`` (``log|r|``
+    for the gradient ESS, ``-inf`` at weight 0; absent or ``None``: Kish's ESS), the sample count
+    ``n`` and the positive-weight count ``n_pos`` (batch shape), and optionally ``floored``:
+    ``d`` with the floor of :func:`floored_shift` at weight 0. ``bounds``: the checked
+    ``rho_min``, ``gamma_min`` and ``gamma_max``; numbers stay numbers on the grid, where no
+    array needs to hold them."""
+    l, d, n, n_pos = (prepared[k] for k in ("l", "d", "n", "n_pos"))
+    offset = prepared.get("offset")
+    top_is_zero = offset is None
+    rho_min, gamma_min, gamma_max = bounds["rho_min"], bounds["gamma_min"], bounds["gamma_max"]
     # Shards may hold different numbers of samples, and the grid's size follows it: with a
     # reducer every shard takes the Newton search, whose collectives have one shape everywhere.
     plan = grid_plan(math.prod(tuple(l.shape)), xp.finfo(l.dtype).bits, not is_concrete(l))
-    if max_iter is None and plan is not None and reducer is None:
-        gamma = _grid_gamma(xp, d, offset, rho, n, lo, hi, axis, plan, log_r is None)
+    grid = max_iter is None and plan is not None and reducer is None
+    if grid and all(isinstance(v, numbers.Real) for v in bounds.values()):
+        floored = prepared.get("floored")
+        if top_is_zero and floored is not None and _floor_vanishes(xp, d, bounds, plan):
+            d = floored  # zero weights as the floor: no offset to add in any pass
+        else:
+            offset = _zero_weight_offset(xp, prepared)
+        scalars = (rho_min, gamma_min, gamma_max)
+        gamma = _grid_gamma(xp, d, offset, *scalars, n, axis, plan, top_is_zero)
+        # No positive weight: gamma_max. With Kish's ESS every candidate passes then (s1 = s2
+        # = 0; with the floor, s1 = s2 = n_all >= needed at g = 0), so the grid returns it.
+        return gamma if top_is_zero else xp.where(n_pos > 0, gamma, gamma_max)
+    offset = _zero_weight_offset(xp, prepared)
+    shape = tuple(n.shape)
+    lo, hi, rho = (batch_param(xp, v, l, shape) for v in (gamma_min, gamma_max, rho_min))
+    if grid:
+        gamma = _grid_gamma(xp, d, offset, rho, lo, hi, n, axis, plan, top_is_zero)
     else:
         # The closed form's start, computed only where the search runs.
         start = functools.partial(
@@ -258,28 +296,55 @@ def gamma_ess(
         last = _samples_last(xp, axis, d.ndim)
         polish = functools.partial(
             polish_feasible_end, xp, d=last(d), offset=last(offset), reducer=reducer,
-            top_is_zero=log_r is None,
+            top_is_zero=top_is_zero,
         )  # fmt: skip
-        search = (xp, d, offset, axis, reducer, log_r is None, batch, iterations, polish)
+        search = (xp, d, offset, axis, reducer, top_is_zero, batch, iterations, polish)
         gamma = _newton_gamma(*search)
-    gamma = xp.where(n_pos > 0, gamma, hi)  # no positive weight: no information, gamma_max
-    return poison(xp, gamma, bad)
+    return xp.where(n_pos > 0, gamma, hi)  # no positive weight: no information, gamma_max
+
+
+def _zero_weight_offset(xp: Namespace, prepared: dict[str, Array | None]) -> Array:
+    """The exponents' offset: the given one (gradient ESS), else 0, and ``-inf`` at weight 0."""
+    offset = prepared.get("offset")
+    if offset is not None:
+        return offset
+    return xp.where(prepared["finite"], xp.zeros_like(prepared["d"]), -xp.inf)
+
+
+def _floor_vanishes(xp: Namespace, d: Array, bounds: dict[str, float], plan: tuple) -> bool:
+    """Whether ``exp(g floor)`` is exactly 0 for every positive candidate ``g`` of the grid
+    (the floor of :func:`floored_shift`), so that the floor can stand for a zero weight.
+
+    At ``g = 0`` it gives the weight 1 instead of 0; the test there passes either way (``ESS(0)
+    = n`` meets every target ``<= n``, and so does the count of all samples). The smallest
+    positive candidate is ``gamma_min``, or at ``gamma_min = 0`` at least ``gamma_max /
+    candidates**(passes + 1)``."""
+    k, passes = plan
+    lo, hi = bounds["gamma_min"], bounds["gamma_max"]
+    smallest = lo if lo > 0 else hi / float(k) ** (passes + 1)
+    info = xp.finfo(d.dtype)
+    floor = float(info.max) * 2.0**-20  # floored_shift's, in magnitude
+    # exp(x) is 0 a little below the log of the smallest subnormal, itself above
+    # log(smallest_normal) - bits log 2 (bits: the dtype's width, more than its mantissa's).
+    underflow = -math.log(float(info.smallest_normal)) + info.bits * math.log(2.0)
+    return smallest * floor > underflow
 
 
 def _grid_gamma(
     xp: Namespace,
     d: Array,
-    offset: Array,
-    rho: Array,
+    offset: Array | None,
+    rho: Array | float,
+    lo: Array | float,
+    hi: Array | float,
     n: Array,
-    lo: Array,
-    hi: Array,
     axis: int,
     plan: tuple[int, int],
     top_is_zero: bool,
 ) -> Array:
     """:func:`largest_feasible_gamma` for ``gamma_ess``: samples moved to the last axis, and the
-    target ``rho n`` (or ``rho ESS_grad(0)`` with rewards, where ``w^0 = 1``)."""
+    target ``rho n`` (or ``rho ESS_grad(0)`` with rewards, where ``w^0 = 1``); ``offset``
+    ``None``: ``d`` holds the zero weights as a floor that vanishes (:func:`_floor_vanishes`)."""
     if top_is_zero:
         base = n
     else:
@@ -290,7 +355,8 @@ def _grid_gamma(
     needed = _needed_ess(xp, rho, base)
     last = _samples_last(xp, axis, d.ndim)
     grid = {"candidates": plan[0], "passes": plan[1], "top_is_zero": top_is_zero}
-    return largest_feasible_gamma(xp, last(d), last(offset), needed, lo, hi, **grid)
+    offset = None if offset is None else last(offset)
+    return largest_feasible_gamma(xp, last(d), offset, needed, lo, hi, **grid)
 
 
 def _samples_last(xp: Namespace, axis: int, ndim: int) -> Callable[[Array], Array]:
@@ -298,11 +364,14 @@ def _samples_last(xp: Namespace, axis: int, ndim: int) -> Callable[[Array], Arra
     return (lambda a: a) if axis == ndim - 1 else (lambda a: xp.moveaxis(a, axis, -1))
 
 
-def _needed_ess(xp: Namespace, rho: Array, base: Array) -> Array:
+def _needed_ess(xp: Namespace, rho: Array | float, base: Array) -> Array:
     """``rho * base`` with a margin of a few ulps, so that the returned gamma meets ``rho_min``
     also when the ratio is recomputed in another order (e.g. fused by a compiler)."""
-    margin = 1.0 + 4.0 * xp.finfo(base.dtype).eps
-    return xp.minimum(rho * base * margin, base)
+    eps = float(xp.finfo(base.dtype).eps)
+    needed = rho * base * (1.0 + 4.0 * eps)
+    if isinstance(rho, numbers.Real) and rho <= 1.0 - 8.0 * eps:  # the product stays <= base
+        return needed
+    return xp.minimum(needed, base)
 
 
 def _newton_gamma(

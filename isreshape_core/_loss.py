@@ -46,7 +46,13 @@ from ._lib.reduce import Reducer, count_true, reduce_sum
 from ._lib.tracing import is_concrete, nan_or_plus_inf
 from ._objective import sign
 from ._select import GAMMA_METHODS
-from ._step import choose_gamma, tempered_metrics
+from ._step import (
+    choose_gamma,
+    ess_gamma_of_shifted,
+    shifted_log_weights,
+    spread_bound,
+    tempered_metrics,
+)
 from ._weights import LEVELS as _LEVELS
 from ._weights import checked_log_ratio, unit_log_weights
 
@@ -373,8 +379,10 @@ def is_reshape_loss_and_grad(
     grad_dtype = logp.dtype  # the adapters return the gradient in logp's own dtype
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     n_tok = count_true(xp, mask, -1, logp.dtype)
-    r = masked_rewards(xp, r, mask, n_tok)
-    units, n_nonfinite = token_units(xp, logp, logq, r, mask, n_tok, level, form, reducer)
+    rows = n_tok > 0  # sequences with a valid token
+    r = masked_rewards(xp, r, mask, rows)
+    tokens = Tokens(logp, logq, r, mask, n_tok, rows)
+    units, n_nonfinite = token_units(xp, tokens, level, form, reducer)
     divisor = aggregation_divisor(
         xp, n_tok, logp.shape[-1], loss_agg_mode, loss_scale_factor, reducer
     )
@@ -399,47 +407,99 @@ class Units(NamedTuple):
     ratios that overflows the dtype is clipped to ``+-max_float``); ``valid``: units that count;
     ``n_tok``: valid tokens per sequence ``(B,)``; ``log_p``: the unit log-probability
     ``log pi_u`` (the REINFORCE form only, else ``None``); ``capped``: units whose summed log
-    ratio was clipped; ``bad``: traced inputs only, units with a NaN or ``+inf`` log ratio or
-    a non-finite reward (eager inputs raise instead), else ``None``.
+    ratio was clipped (``None``: none was); ``bad``: traced inputs only, units with a NaN or
+    ``+inf`` log ratio or a non-finite reward (eager inputs raise instead), else ``None``;
+    ``finite``: every log weight is known to be finite and within :func:`spread_bound` (no
+    zero weight, nothing clipped).
     """
 
     log_w: Array
     valid: Array
     n_tok: Array
     log_p: Array | None
-    capped: Array
+    capped: Array | None
     bad: Array | None
+    finite: bool = False
+
+
+class Tokens(NamedTuple):
+    """The token inputs of the loss: ``logp``, ``logq`` ``(B, T)`` in the compute dtype, the
+    rewards ``r`` of :func:`masked_rewards`, the boolean ``mask`` ``(B, T)``, the valid tokens
+    per sequence ``n_tok`` and ``rows``: the sequences with one (``n_tok > 0``), ``(B,)``."""
+
+    logp: Array
+    logq: Array
+    r: Array
+    mask: Array
+    n_tok: Array
+    rows: Array
 
 
 def token_units(
-    xp: Namespace,
-    logp: Array,
-    logq: Array,
-    r: Array,
-    mask: Array,
-    n_tok: Array,
-    level: str,
-    form: str,
-    reducer: Reducer | None,
+    xp: Namespace, tokens: Tokens, level: str, form: str, reducer: Reducer | None
 ) -> tuple[Units, Array]:
-    """The units of ``(B, T)`` token log-probabilities (``r``: the rewards of
-    :func:`masked_rewards`, ``n_tok``: valid tokens per sequence), and ``n_nonfinite``: the valid
-    tokens, over every shard, whose log ratio is NaN or ``+inf`` or whose reward is not finite (0
-    on eager inputs, which raise instead).
+    """The units of the token inputs, and ``n_nonfinite``: the valid tokens, over every shard,
+    whose log ratio is NaN or ``+inf`` or whose reward is not finite (0 on eager inputs, which
+    raise instead).
+
+    Eagerly, the plain sums of :func:`_ordinary_units` wherever one host read finds every unit
+    log weight and reward finite and bounded; otherwise :func:`_guarded_units`, which checks the
+    inputs, guards the sums against overflow and flags traced NaN inputs."""
+    if all(is_concrete(a) for a in tokens[:3]):
+        units = _ordinary_units(xp, tokens, level, form)
+        if units is not None:
+            like = tokens.logp
+            return units, xp.zeros((), dtype=like.dtype, device=array_device(like))
+    return _guarded_units(xp, tokens, level, form, reducer)
+
+
+def _ordinary_units(xp: Namespace, tokens: Tokens, level: str, form: str) -> Units | None:
+    """The units by plain sums of the masked token log ratios, or ``None`` unless one host read
+    finds every reward finite and every unit log weight within :func:`spread_bound` (8.6e9 at
+    64 sequences in float32; the metrics' variance needs no scaling then).
+
+    A finite plain sum had no partial sum overflow (an infinite partial sum stays infinite or
+    NaN), so it is the guarded sum of :func:`_guarded_units` (which scales only rows that could
+    overflow, by a power of 2); finite units also rule out a NaN, ``+inf`` or ``-inf`` token
+    log ratio and a ``logq = +inf``, so that no check and no clipping is left to do."""
+    logp, logq, r, mask, n_tok, rows = tokens
+    # Padding may hold inf - inf (the where discards it); a probe that overflows only sends a
+    # finite batch down the guarded path.
+    with quiet_overflow(xp):
+        token_l = xp.where(mask, logp - logq, 0.0)
+        total = xp.sum(token_l, axis=-1) if level != "token" else token_l
+        # NaN or +-inf where a unit or a reward is not finite.
+        probe = xp.max(xp.abs(total)) + xp.sum(r) * 0.0
+        if not bool(probe <= spread_bound(xp, total.dtype, math.prod(total.shape))):
+            return None
+    if level == "geometric":
+        total = total / xp.maximum(n_tok, 1.0)  # a count: 1 where it is 0
+    valid = mask if level == "token" else rows
+    lp = xp.where(mask, logp, 0.0) if form == "reinforce" else None
+    log_p = None if lp is None else unit_log_weights(xp, lp, n_tok, level)
+    return Units(total, valid, n_tok, log_p, None, None, finite=True)
+
+
+def _guarded_units(
+    xp: Namespace, tokens: Tokens, level: str, form: str, reducer: Reducer | None
+) -> tuple[Units, Array]:
+    """The units of :func:`token_units` for any input: eager ones are checked (and raise),
+    sums that could overflow are taken in steps, and traced NaN inputs are flagged.
 
     One max and one min per sequence serve the checks, the overflow guard of the sums and the
     test for a ``-inf`` token: no other pass over the tokens."""
+    logp, logq, r, mask, n_tok, rows = tokens
     lp = xp.where(mask, logp, 0.0)
     token_l = checked_log_ratio(xp, lp, xp.where(mask, logq, 0.0), check=False)
     hi, lo = xp.max(token_l, axis=-1), xp.min(token_l, axis=-1)  # NaN propagates into both
     check_log_weights(xp, hi, "logp - logq")
     check_finite_rewards(xp, r)
-    unit_l = unit_log_weights(xp, token_l, n_tok, level, absmax=xp.maximum(hi, -lo))
     log_p = unit_log_weights(xp, lp, n_tok, level) if form == "reinforce" else None
     if level == "token":
-        valid, capped = mask, xp.zeros(tuple(mask.shape), dtype=xp.bool, device=array_device(lp))
+        unit_l, valid, capped = token_l, mask, None
     else:
-        valid = n_tok > 0
+        unit_l = unit_log_weights(xp, token_l, n_tok, level, absmax=xp.maximum(hi, -lo))
+        valid = rows
         # A token that is -inf is a weight 0 (and stays so); a sum of finite ones can overflow.
         capped = valid & xp.isinf(unit_l) & (lo > -xp.inf) & (hi < xp.inf)
         top = xp.asarray(float(xp.finfo(lp.dtype).max), dtype=lp.dtype, device=array_device(lp))
@@ -448,7 +508,8 @@ def token_units(
     # NaN (and every batch statistic they enter), counted in the metrics.
     bad, n_bad = None, xp.zeros((), dtype=lp.dtype, device=array_device(lp))
     if not (is_concrete(token_l) and is_concrete(r)):
-        token_bad = (nan_or_plus_inf(xp, token_l) | ~xp.isfinite(r)) & mask
+        r_bad = ~xp.isfinite(r if r.ndim == 2 else r[:, None])
+        token_bad = (nan_or_plus_inf(xp, token_l) | r_bad) & mask
         # Row sums, which a compiler fuses into the pass of the row max and min.
         bad_per_row = xp.sum(xp.astype(token_bad, lp.dtype), axis=-1)
         bad = token_bad if level == "token" else bad_per_row > 0
@@ -456,14 +517,14 @@ def token_units(
     return Units(unit_l, valid, n_tok, log_p, capped, bad), n_bad
 
 
-def masked_rewards(xp: Namespace, r: Array, mask: Array, n_tok: Array) -> Array:
-    """Rewards ``(B, 1)`` or ``(B, T)`` with those of no valid token set to 0 (padding may hold
-    anything, NaN included): a per-token reward outside the mask, a per-sequence reward of a
-    sequence without a valid token. Per-sequence rewards stay ``(B, 1)``, so that no ``(B, T)``
-    copy of them is made."""
+def masked_rewards(xp: Namespace, r: Array, mask: Array, rows: Array) -> Array:
+    """Rewards of :func:`prepare_loss_inputs` (``(B, 1)`` or ``(B, T)``) with those of no valid
+    token set to 0 (padding may hold anything, NaN included): per token ``(B, T)``, 0 outside
+    the mask, or per sequence ``(B,)``, 0 where ``rows`` (the sequences with a valid token) is
+    false. Per-sequence rewards are never broadcast along the tokens."""
     if tuple(r.shape) == tuple(mask.shape):
         return xp.where(mask, r, 0.0)
-    return xp.where(n_tok[:, None] > 0, r, 0.0)
+    return xp.where(rows, r[:, 0], 0.0)
 
 
 def check_finite_rewards(xp: Namespace, r: Array) -> None:
@@ -480,7 +541,8 @@ def aggregation_divisor(
     loss_scale_factor: float | None,
     reducer: Reducer | None,
 ) -> Array:
-    """The divisor ``d_b`` (shape ``(B, 1)``) of verl's ``agg_loss``: ``c_bt = m_bt / d_b``.
+    """The divisor ``d_b`` of verl's ``agg_loss``, ``c_bt = m_bt / d_b``: one value (shape
+    ``()``) or, for ``seq-mean-token-mean``, one per sequence ``(B,)``.
 
     ``n_tok`` holds the valid tokens per sequence ``(B,)``; the normalisers (token count,
     sequence count) are global over the shards.
@@ -488,7 +550,7 @@ def aggregation_divisor(
     B, dtype, device = n_tok.shape[0], n_tok.dtype, array_device(n_tok)
     if loss_agg_mode == "token-mean":
         total = reduce_sum(xp, n_tok, 0, reducer)
-        d = xp.where(total > 0, total, 1.0)
+        d = xp.maximum(total, 1.0)  # a count: 1 where it is 0
     elif loss_agg_mode == "seq-mean-token-sum-norm":  # a constant (the response length T)
         scale = float(T) if loss_scale_factor is None else float(loss_scale_factor)
         d = xp.asarray(scale, dtype=dtype, device=device)
@@ -498,7 +560,12 @@ def aggregation_divisor(
             d = reducer.sum(d)
         if loss_agg_mode == "seq-mean-token-mean":
             d = xp.where(n_tok > 0, n_tok, 1.0) * d
-    return xp.broadcast_to(xp.reshape(d, (-1, 1)), (B, 1))
+    return d
+
+
+def _per_token(d: Array) -> Array:
+    """A divisor of :func:`aggregation_divisor` in a shape that broadcasts to ``(B, T)``."""
+    return d if d.ndim == 0 else d[:, None]
 
 
 def _aggregation_weights(
@@ -512,9 +579,8 @@ def _aggregation_weights(
     """Coefficients ``c`` (B, T) with ``loss = sum c * loss_mat``, as verl's ``agg_loss``."""
     m = xp.astype(mask, dtype)
     n_tok = xp.sum(m, axis=-1)
-    return m / aggregation_divisor(
-        xp, n_tok, m.shape[-1], loss_agg_mode, loss_scale_factor, reducer
-    )
+    d = aggregation_divisor(xp, n_tok, m.shape[-1], loss_agg_mode, loss_scale_factor, reducer)
+    return m / _per_token(d)
 
 
 def unit_coefficients(
@@ -523,16 +589,17 @@ def unit_coefficients(
     """``coef_u = sum_t c_bt r_bt`` of each unit, with ``c_bt = m_bt / d_b``: ``r_bt m_bt / d_b``
     per token at ``level="token"``, else ``(sum_t m_bt r_bt) / d_b`` per sequence.
 
-    ``r`` from :func:`masked_rewards`, ``n_tok`` the valid tokens ``(B,)``, ``divisor`` the
-    ``(B, 1)`` of :func:`aggregation_divisor`. A per-sequence reward ``(B, 1)`` enters as
+    ``r`` from :func:`masked_rewards`, ``n_tok`` the valid tokens ``(B,)``, ``divisor`` from
+    :func:`aggregation_divisor`. A per-sequence reward ``(B,)`` enters as
     ``r_b (n_b / d_b)``: no pass over the tokens."""
-    per_token = tuple(r.shape) == tuple(mask.shape)
+    per_token = r.ndim == 2
+    d = _per_token(divisor)
     if level == "token":
-        return r / divisor if per_token else xp.where(mask, r / divisor, 0.0)
+        return r / d if per_token else xp.where(mask, (r / divisor)[:, None], 0.0)
     # Divided before the sum: r_b n_b or sum_t r_bt may overflow where the coefficient does not.
     if per_token:
-        return xp.sum(r / divisor, axis=-1)
-    return r[:, 0] * (n_tok / divisor[:, 0])
+        return xp.sum(r / d, axis=-1)
+    return r * (n_tok / divisor)
 
 
 def units_from_row_sums(xp: Namespace, sums: dict[str, Array], form: str) -> Units:
@@ -545,16 +612,15 @@ def units_from_row_sums(xp: Namespace, sums: dict[str, Array], form: str) -> Uni
     check_finite_rewards(xp, xp.where(sums["bad_r"] > 0, xp.nan, 0.0))
     n_tok = sums["n_tok"]
     valid = n_tok > 0
-    capped = xp.zeros(tuple(valid.shape), dtype=xp.bool, device=array_device(unit_l))
     log_p = sums["unit_logp"] if form == "reinforce" else None
-    return Units(xp.where(valid, unit_l, 0.0), valid, n_tok, log_p, capped, None)
+    return Units(xp.where(valid, unit_l, 0.0), valid, n_tok, log_p, None, None)
 
 
 def row_coefficients(xp: Namespace, sums: dict[str, Array], T: int, options: dict) -> Array:
     """``coef_b = sum_t c_bt r_bt`` of each sequence of a fused token pass, from its masked
     reward sum ``sums["sum_r"]`` and token count (``options``: the named loss options)."""
     mode, factor = options["loss_agg_mode"], options["loss_scale_factor"]
-    return sums["sum_r"] / aggregation_divisor(xp, sums["n_tok"], T, mode, factor, None)[:, 0]
+    return sums["sum_r"] / aggregation_divisor(xp, sums["n_tok"], T, mode, factor, None)
 
 
 def _given_gamma(
@@ -597,18 +663,40 @@ def unit_gamma(
     unit_l = units.log_w
     if hasattr(gamma, "shape"):
         return _given_gamma(xp, gamma, unit_l, units.valid, reducer)
-    if group_size is None:
-        shape, stats_reducer, merge_reducer = (1, -1), reducer, None
-    else:  # a group lives on one shard
-        shape, stats_reducer, merge_reducer = (unit_l.shape[0] // group_size, -1), None, reducer
+    if group_size is None:  # one row of every unit: a 0-d gamma, which broadcasts to them
+        flat_l, flat_valid = unit_l, units.valid
+        if unit_l.ndim > 1:
+            flat_l, flat_valid = xp.reshape(unit_l, (-1,)), xp.reshape(units.valid, (-1,))
+        masked_l = xp.where(flat_valid, flat_l, -xp.inf)
+        # The metrics' and the search's; the plain units' check bounds every |l| of this shard.
+        bounded = units.finite and reducer is None
+        shifted = shifted_log_weights(xp, masked_l, -1, reducer, bounded=bounded)
+        if units.finite and _default_search(gamma, reducer, gamma_options):
+            g, k_hat = ess_gamma_of_shifted(xp, masked_l, shifted, rho_min, gamma_options), None
+        else:
+            g, k_hat = choose_gamma(flat_l, flat_valid, rho_min, gamma, reducer, gamma_options)
+        unit_g = xp.reshape(g, (1,))
+        return g, tempered_metrics(xp, masked_l, unit_g, g, reducer, None, k_hat, shifted)
+    # A group lives on one shard.
+    shape, stats_reducer, merge_reducer = (unit_l.shape[0] // group_size, -1), None, reducer
     rows_l, rows_valid = xp.reshape(unit_l, shape), xp.reshape(units.valid, shape)
     g, k_hat = choose_gamma(rows_l, rows_valid, rho_min, gamma, stats_reducer, gamma_options)
     masked_l = xp.where(rows_valid, rows_l, -xp.inf)
     metrics = tempered_metrics(xp, masked_l, g[:, None], g, stats_reducer, merge_reducer, k_hat)
-    if group_size is None:
-        return xp.reshape(g, (1,) * unit_l.ndim), metrics
     per_row = xp.reshape(xp.broadcast_to(g[:, None], (g.shape[0], group_size)), (-1,))
     return (per_row if unit_l.ndim == 1 else per_row[:, None]), metrics
+
+
+def _default_search(gamma: Any, reducer: Reducer | None, gamma_options: dict[str, Any]) -> bool:
+    """Whether gamma is the ESS search of one local row with number bounds at most, which
+    :func:`ess_gamma_of_shifted` runs on the metrics' shifted log weights."""
+    return (
+        isinstance(gamma, str)
+        and gamma == "ess"
+        and reducer is None
+        and gamma_options.keys() <= {"gamma_min", "gamma_max"}
+        and all(isinstance(v, numbers.Real) for v in gamma_options.values())
+    )
 
 
 def unit_loss(
@@ -628,9 +716,23 @@ def unit_loss(
     unit_g, metrics = unit_gamma(xp, gamma, units, rho_min, group_size, reducer, gamma_options)
     # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
     cap = min(_log_max(xp, units.log_w.dtype), _log_max(xp, grad_dtype))
-    loss, unit_grad, safety = unit_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
+    positive = _positive_by_options(gamma, gamma_options)
+    loss, unit_grad, safety = unit_loss_and_grad(xp, units, unit_g, coef, reducer, cap, positive)
     metrics.update(safety)
     return loss, unit_grad, metrics
+
+
+def _positive_by_options(gamma: Any, gamma_options: dict[str, Any]) -> bool:
+    """Whether the fast path may take every gamma as positive: unless the options make a gamma
+    of 0 likely (a fixed number that is, or is clipped to, 0; or ``gamma_max = 0``). A chosen or
+    precomputed gamma is positive but for the stalest batches, where a 0 only sends the batch
+    down the scaled path (``expm1(0) / 0`` fails the fast path's check)."""
+    lo, hi = gamma_options.get("gamma_min", 0.0), gamma_options.get("gamma_max", 1.0)
+    if not all(isinstance(b, numbers.Real) for b in (lo, hi)):
+        return True
+    if isinstance(gamma, numbers.Real):
+        return min(max(gamma, lo), hi) > 0
+    return hi > 0
 
 
 def unit_loss_and_grad(
@@ -640,6 +742,7 @@ def unit_loss_and_grad(
     coef: Array,
     reducer: Reducer | None,
     cap: float,
+    positive: bool = False,
 ) -> tuple[Array, Array, dict[str, Array]]:
     """The loss ``-sum_u coef_u h_u`` (over every shard), the unit gradients
     ``-coef_u w_u^gamma`` and the safety metrics ``log_scale`` and ``n_capped``, all finite.
@@ -652,67 +755,84 @@ def unit_loss_and_grad(
     is formed in log space (``cap``: the log of ``max_float`` of the narrower of the compute
     dtype and logp's own). ``s`` is reported as ``log_scale``, the number of units whose term
     needed it (or whose summed log weight was clipped) as ``n_capped``. Invalid units count as
-    ``coef = 0``: value and gradient exactly 0.
+    ``coef = 0``: value and gradient exactly 0. ``positive``: every gamma is known to be
+    positive (a wrong claim costs only the fast path: ``expm1(0) / 0`` fails its check).
     """
     if units.bad is not None:
         units = units._replace(bad=units.bad | xp.isnan(unit_g))
     elif is_concrete(units.log_w):
-        plain = _plain_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
+        factors = _plain_factors(xp, units, unit_g, positive)
+        plain = _plain_loss_and_grad(xp, units, factors, coef, reducer, cap)
         if plain is not None:
             return plain
     return _scaled_loss_and_grad(xp, units, unit_g, coef, reducer, cap)
 
 
 def _plain_loss_and_grad(
-    xp: Namespace, units: Units, unit_g: Array, coef: Array, reducer: Reducer | None, cap: float
+    xp: Namespace,
+    units: Units,
+    factors: tuple[Array, Array],
+    coef: Array,
+    reducer: Reducer | None,
+    cap: float,
 ) -> tuple[Array, Array, dict[str, Array]] | None:
     """Eager fast path: the loss and unit gradients by the plain products ``-coef h`` and
-    ``-coef w^gamma``, or ``None`` unless one synchronising check proves that they are exactly
-    what :func:`_scaled_loss_and_grad` returns (no scale, every factor and product
-    representable): every ``|h|`` and ``w^gamma`` at most ``e^(cap - 1)``, and
-    ``max|coef| max(|h|, w^gamma)``, a bound of every term and gradient, at most
-    ``e^(cap - 1) / N`` for ``N`` units over every shard. The margin ``e`` covers the rounding
-    of the products. Most batches take it: one exponential and a few
-    products instead of the log-space terms."""
+    ``-coef w^gamma`` (``factors``: ``(w^gamma, h)`` of :func:`_plain_factors`), or ``None``
+    unless one synchronising check proves that they are exactly what
+    :func:`_scaled_loss_and_grad` returns (no scale, every factor and product representable):
+    every ``|h|`` and ``w^gamma`` at most ``e^(cap - 1)``, and every term and gradient at most
+    ``e^(cap - 1) / N`` for ``N`` units over every shard (so that ``s = 0`` there). The margin
+    ``e`` covers the rounding of the products and of the log-space scale. Most batches take
+    it: one exponential and a few products instead of the log-space terms."""
     with quiet_overflow(xp):  # whatever overflows here fails the check
-        neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
-        e, h = _plain_factors(xp, units, unit_g)
+        # coef is +-0 at invalid units; 0 - x: +0 (not -0) there and at coef = 0.
+        neg_c = 0.0 - coef
+        e, h = factors
         neg_terms, unit_grad = neg_c * h, neg_c * e
         n_units = float(math.prod(units.log_w.shape))
-        # Plain reductions of the factors (no |x| pass): every product is at most their peaks'
-        # product, times 1 + 2^-20 (more than the 2^-24 of its rounding in float32).
-        peaks = xp.stack([xp.max(neg_c), -xp.min(neg_c), xp.max(h), -xp.min(h), xp.max(e)])
         if reducer is not None:
-            peaks = reducer.max(peaks)
             n_units = reducer.sum(xp.asarray(n_units, dtype=e.dtype, device=array_device(e)))
-        factor_peak = xp.max(peaks[2:])
-        product_bound = xp.maximum(peaks[0], peaks[1]) * factor_peak * (n_units * (1 + 2**-20))
-        if not bool(xp.maximum(product_bound, factor_peak) <= math.exp(cap - 1.0)):
+        # One max over the factors and the products times N (an overflow there fails too).
+        both = xp.stack([h, e, neg_terms * n_units, unit_grad * n_units])
+        worst = xp.max(xp.abs(both))
+        if reducer is not None:
+            worst = reducer.max(worst)
+        if not bool(worst <= math.exp(cap - 1.0)):
             return None
     local_value = xp.sum(neg_terms)
     loss = local_value if reducer is None else reducer.sum(local_value)
-    # A valid unit whose summed log ratio was clipped has |h| or w^gamma beyond e^cap: none here.
     zero = xp.zeros((), dtype=e.dtype, device=array_device(e))
-    return loss, unit_grad, {"n_capped": zero, "log_scale": zero}
+    # A valid unit whose summed log ratio was clipped counts as capped, as in the scaled path.
+    n_capped = zero if units.capped is None else count_true(xp, units.capped, None, e.dtype)
+    if reducer is not None:  # on every shard: another may hold clipped units
+        n_capped = reducer.sum(n_capped)
+    return loss, unit_grad, {"n_capped": n_capped, "log_scale": zero}
 
 
-def _plain_factors(xp: Namespace, units: Units, unit_g: Array) -> tuple[Array, Array]:
+def _plain_factors(
+    xp: Namespace, units: Units, unit_g: Array, positive: bool
+) -> tuple[Array, Array]:
     """``(w^gamma, h)`` of every unit by the plain formulas (``unit_g`` broadcasts to the
-    units). Eager only: one host read of whether every gamma is positive."""
+    units; ``positive``: every gamma is known to be positive). A zero weight (``l = -inf``)
+    needs ``gamma > 0`` for ``z = gamma l``: eagerly one host read of it, where the units may
+    hold one and the options do not say. Whatever overflows here fails the caller's check."""
     log_w = units.log_w
-    positive = bool(xp.all(unit_g > 0))
-    if positive:  # g l is -inf at weight 0: the exponent needs no mask
-        z, den = unit_g * log_w, unit_g
-    else:
-        finite = log_w > -xp.inf
-        z = xp.where(finite, unit_g * xp.where(finite, log_w, 0.0), -xp.inf)
-        g_pos = unit_g > 0
+    # Without a zero weight g l is plain; with one it needs g > 0 (-inf at weight 0).
+    positive = positive or (not units.finite and bool(xp.all(unit_g > 0)))
+    with quiet_overflow(xp):
+        if units.finite or positive:
+            z = unit_g * log_w
+        else:
+            finite = log_w > -xp.inf
+            z = xp.where(finite, unit_g * xp.where(finite, log_w, 0.0), -xp.inf)
+        e = xp.exp(z)
+        if units.log_p is not None:  # the REINFORCE form: w^g log pi
+            return e, e * xp.where(units.valid, units.log_p, 0.0)
+        if positive:
+            return e, xp.expm1(z) / _full(xp, unit_g, z)
+        g_pos = unit_g > 0  # gamma = 0: h is the log weight itself
         den = xp.where(g_pos, unit_g, 1.0)
-    e = xp.exp(z)
-    if units.log_p is not None:  # the REINFORCE form: w^g log pi
-        return e, e * xp.where(units.valid, units.log_p, 0.0)
-    num = xp.expm1(z) if positive else xp.where(g_pos, xp.expm1(z), log_w)
-    return e, num / _full(xp, den, z)
+        return e, xp.where(g_pos, xp.expm1(z) / _full(xp, den, z), log_w)
 
 
 def _full(xp: Namespace, divisor: Array, like: Array) -> Array:
@@ -815,7 +935,8 @@ def _common_scale(
         worst, n_terms = reducer.max(worst), reducer.sum(n_terms)
     bound = cap - xp.log(xp.maximum(n_terms, 1.0))  # each term below max / K
     scale = xp.maximum(worst - bound, 0.0)  # 0 without any term (worst = -inf)
-    n_capped = xp.sum(xp.astype((logs.log_term > bound) | units.capped, worst.dtype))
+    over = logs.log_term > bound
+    n_capped = xp.sum(xp.astype(over if units.capped is None else over | units.capped, worst.dtype))
     if reducer is not None:
         n_capped = reducer.sum(n_capped)
     return scale, n_capped
@@ -842,7 +963,8 @@ def _unit_terms(xp: Namespace, logs: _LogTerms, scale: Array, cap: float) -> Arr
         h = xp.exp(xp.minimum(logs.z, cap)) * num
     else:
         h = num / logs.den
-    plain = logs.neg_c * (h * xp.exp(-scale))
+    # An infinite value (l = -inf at gamma = 0) stays infinite: inf e^-s would be NaN at e^-s = 0.
+    plain = logs.neg_c * (h * xp.where(xp.isinf(h), 1.0, xp.exp(-scale)))
     magnitude = xp.exp(xp.minimum(logs.log_value - scale, cap))
     return xp.where(logs.fits, plain, logs.sign_c * xp.copysign(magnitude, logs.num))
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._ess import kish_ess_from_log, kish_from_sums
+from ._gamma import ess_search
 from ._lib.checks import check_choice, check_gamma, check_gamma_bounds, check_rho_min
 from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
@@ -61,6 +62,71 @@ def choose_gamma(
     return g, None
 
 
+class Shifted(NamedTuple):
+    """Unit log weights relative to their row max, shared by the ESS search and the metrics:
+    ``finite`` marks the positive weights, ``floored`` is ``l - max`` floored
+    (:func:`floored_shift`: the floor at a zero weight), ``d`` the same with 0 at a zero
+    weight, ``count`` this shard's number of positive weights; ``bounded``: every log weight
+    is known to be at most :func:`spread_bound` in magnitude."""
+
+    finite: Array
+    floored: Array
+    d: Array
+    count: Array
+    bounded: bool = False
+
+
+def spread_bound(xp: Namespace, dtype: Any, n: int) -> float:
+    """The largest ``|l|`` of ``n`` log weights for which no deviation from the mean needs the
+    scaling of :func:`_variance` (``2^(h - 25) / n``, with ``2^(2h)`` the dtype's overflow
+    limit: 8.6e9 at 64 samples in float32)."""
+    h = (math.frexp(float(xp.finfo(dtype).max))[1]) // 2
+    return 2.0 ** (h - 25) / max(n, 1)
+
+
+def shifted_log_weights(
+    xp: Namespace,
+    masked_l: Array,
+    axis: Any,
+    reducer: Reducer | None,
+    keepdims: bool = False,
+    bounded: bool = False,
+) -> Shifted:
+    """The :class:`Shifted` of unit log weights ``masked_l`` (``-inf`` = invalid or weight 0)
+    along ``axis``, relative to the max over every shard: bit for bit the exponents of
+    :func:`gamma_ess` and of :func:`tempered_metrics`. ``bounded``: the caller has checked every
+    ``|l|`` against :func:`spread_bound` (of all of them, over every shard)."""
+    finite = masked_l > -xp.inf
+    top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
+    top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
+    # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
+    # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
+    # gamma >= 0).
+    floored = floored_shift(xp, masked_l, top)
+    d = xp.where(finite, floored, 0.0)
+    return Shifted(finite, floored, d, count_true(xp, finite, axis, d.dtype), bounded)
+
+
+def ess_gamma_of_shifted(
+    xp: Namespace, masked_l: Array, shifted: Shifted, rho_min: Any, options: dict[str, Any]
+) -> Array:
+    """:func:`gamma_ess` of one row of finite log weights ``masked_l`` (``-inf``: invalid),
+    from their :func:`shifted_log_weights` (no reducer): the loss's default search, without a
+    second validation or shift. ``options``: numbers ``gamma_min`` and ``gamma_max`` at most."""
+    bounds = {"rho_min": rho_min, "gamma_min": 0.0, "gamma_max": 1.0, **options}
+    check_gamma_bounds(bounds["gamma_min"], bounds["gamma_max"])
+    prepared = {
+        "l": masked_l,
+        "d": shifted.d,
+        "floored": shifted.floored,
+        "finite": shifted.finite,
+        "n": shifted.count,
+        "n_pos": shifted.count,
+    }
+    axis = masked_l.ndim - 1  # the search takes a non-negative axis
+    return ess_search(xp, prepared, bounds, axis, None, None)
+
+
 def tempered_metrics(
     xp: Namespace,
     masked_l: Array,
@@ -69,10 +135,11 @@ def tempered_metrics(
     stats_reducer: Reducer | None,
     merge_reducer: Reducer | None,
     k_hat: Array | None = None,
+    shifted: Shifted | None = None,
 ) -> dict[str, Array]:
-    """0-d summaries of unit log weights ``masked_l`` (rows = groups, ``-inf`` = invalid) and of
-    the weights tempered by ``unit_gamma`` (broadcastable to ``masked_l``: one gamma per row
-    or per unit, in ``[0, 1]``).
+    """0-d summaries of unit log weights ``masked_l`` (rows = groups, or 1-d: one row; ``-inf``
+    = invalid) and of the weights tempered by ``unit_gamma`` (broadcastable to ``masked_l``: one
+    gamma per row or per unit, in ``[0, 1]``).
 
     ``gamma`` holds one value per row (the row means for per-unit gammas), ``k_hat`` (Pareto
     methods) one per row too. ``stats_reducer`` merges the samples of a row across shards (rows
@@ -80,28 +147,26 @@ def tempered_metrics(
     live on one shard) by :data:`METRIC_MERGE`, so that every shard reports the metrics of the
     whole batch: ``gamma``, ``sigma2``, ``ess_ratio`` and ``ess_ratio_at_1`` are means over rows,
     ``max_weight`` the largest normalised unit weight, ``k_hat`` the worst row's.
+    ``shifted``: the :func:`shifted_log_weights` of ``masked_l`` where the caller has them.
     """
-    finite = masked_l > -xp.inf
-    # One row and nothing to merge over shards: reduce over both axes, to the 0-d metrics.
-    whole = masked_l.shape[0] == 1 and merge_reducer is None
-    axis = (-2, -1) if whole else -1
-    top = reduce_max(xp, masked_l, axis, stats_reducer, keepdims=not whole)
-    top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
-    # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
-    # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
-    # gamma >= 0), and their exponents are bit for bit those of gamma_ess and ess_ratio.
-    d = xp.where(finite, floored_shift(xp, masked_l, top), 0.0)
+    # One row and nothing to merge over shards: reduce over all axes, to the 0-d metrics.
+    single = masked_l.ndim == 1
+    whole = single or (masked_l.shape[0] == 1 and merge_reducer is None)
+    axis = (-2, -1) if whole and not single else -1
+    if shifted is None:
+        shifted = shifted_log_weights(xp, masked_l, axis, stats_reducer, keepdims=not whole)
+    finite, d, local_count = shifted.finite, shifted.d, shifted.count
     # The exponents at gamma and at 1 in one product (1 d is d), not two arrays and a copy.
     gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
     e = xp.where(finite, xp.exp(gammas * d), 0.0)  # at gamma, at 1
-    s1, s2, count, total = _row_sums(xp, e, finite, d, axis, stats_reducer)
+    s1, s2, count, total = _row_sums(xp, e, local_count, d, axis, stats_reducer)
     n = xp.maximum(count, 1.0)
     mean = total / n
     ess = kish_from_sums(xp, s1, s2, count) / n
     at_1 = s1[1, ...]  # >= 1 (the max's own e^0) wherever a weight is positive, else 0
     rows = {
         "gamma": gamma,
-        "sigma2": _variance(xp, d, finite, mean, count, total, axis, stats_reducer, whole),
+        "sigma2": _variance(xp, shifted, mean, count, total, axis, stats_reducer, whole),
         "ess_ratio": ess[0, ...],
         "ess_ratio_at_1": ess[1, ...],
         "max_weight": xp.minimum(at_1, 1.0 / xp.maximum(at_1, 1.0)),
@@ -114,12 +179,11 @@ def tempered_metrics(
 
 
 def _row_sums(
-    xp: Namespace, e: Array, finite: Array, d: Array, axis: Any, reducer: Reducer | None
+    xp: Namespace, e: Array, count: Array, d: Array, axis: Any, reducer: Reducer | None
 ) -> tuple[Array, Array, Array, Array]:
-    """``(sum e, sum e^2, count, sum d)`` over ``axis`` (``e`` stacks two arrays like ``d``),
-    over all shards in one collective."""
+    """``(sum e, sum e^2, count, sum d)`` over ``axis`` (``e`` stacks two arrays like ``d``;
+    ``count``: this shard's), over all shards in one collective."""
     s1, s2 = xp.sum(e, axis=axis), xp.sum(e * e, axis=axis)
-    count = count_true(xp, finite, axis, d.dtype)
     total = xp.sum(d, axis=axis)
     if reducer is None:
         return s1, s2, count, total
@@ -129,8 +193,7 @@ def _row_sums(
 
 def _variance(
     xp: Namespace,
-    d: Array,
-    finite: Array,
+    shifted: Shifted,
     mean: Array,
     count: Array,
     total: Array,
@@ -145,16 +208,23 @@ def _variance(
     ``|d - mean|`` is that small too and the squares are summed as they are; beyond it (a spread
     of at least ``2^(h-24) / count``) the deviations are multiplied by ``2^(1-h)`` first and the
     variance by ``2^(2h-2)`` at the end, exact powers of 2, so that no square over- or underflows
-    (``d >= -2^(e-20)``, up to ``2^38`` samples) and the result is the unscaled one's.
+    (``d >= -2^(e-20)``, up to ``2^38`` samples) and the result is the unscaled one's. Where
+    ``shifted.bounded`` (every ``|l|`` within :func:`spread_bound`, so ``|total| <= 2^(h-24)``)
+    no row is big, and nothing is tested.
     """
+    d = shifted.d
     h = (math.frexp(float(xp.finfo(d.dtype).max))[1]) // 2  # 64, 512
-    big = total < -(2.0 ** (h - 24))
-    dev = xp.where(finite, d - (mean if whole else mean[..., None]), 0.0)
-    if not (is_concrete(big) and not bool(xp.any(big))):  # eager: skipped where no row is big
+    big = None if shifted.bounded else total < -(2.0 ** (h - 24))
+    dev = xp.where(shifted.finite, d - (mean if whole else mean[..., None]), 0.0)
+    # Eager: one read, then no scaling where no row is big.
+    no_big = big is None or (is_concrete(big) and not bool(xp.any(big)))
+    if not no_big:
         small = xp.asarray(2.0 ** (1 - h), dtype=d.dtype, device=array_device(d))
         factor = xp.where(big, small, 1.0)  # per row: one product over the samples
         dev = dev * (factor if whole else factor[..., None])
     var = reduce_sum(xp, dev * dev, axis, reducer) / xp.maximum(count - 1.0, 1.0)
+    if no_big:
+        return var
     # var * 2^(2h-2) fits exactly where var <= max_float / 2^(2h-2) (a power-of-2 product).
     cap = float(xp.finfo(d.dtype).max) * 2.0 ** (2 - 2 * h)
     scaled_back = xp.where(var > cap, xp.inf, xp.minimum(var, cap) * 2.0 ** (2 * h - 2))

@@ -329,7 +329,8 @@ class ThreadAllReduce:
 
     def __init__(self, world: int) -> None:
         self.world = world
-        self.barrier = threading.Barrier(world)
+        # A shard that makes a collective the others do not make fails, instead of hanging.
+        self.barrier = threading.Barrier(world, timeout=120.0)
         self.slots: list = [None] * world
         self.local = threading.local()
 

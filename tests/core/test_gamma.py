@@ -391,3 +391,67 @@ def test_float64_newton_takes_every_step(xp, monkeypatch):
     """A float64 bracket does not settle within 12 steps: no check, every step."""
     l = np.random.default_rng(0).normal(0.0, 1.2, (1, 400))
     assert _newton_steps_and_gamma(xp, monkeypatch, l)[0] == 12
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zero_weights_as_the_floor_give_the_same_gamma(xp, dtype):
+    """The grid may hold zero weights as the floor of ``floored_shift`` instead of adding an
+    offset of -inf in every pass (the loss's default search does): the gamma is bit for bit
+    that of ``gamma_ess``, also where the bounds are so small that the floor would not vanish
+    and the offset is kept."""
+    from isreshape_core import _gamma
+    from isreshape_core._step import shifted_log_weights
+
+    rng = np.random.default_rng(5)
+    vanished = []
+    for case in range(40):
+        n = int(rng.choice([7, 60, 500]))
+        l = rng.normal(0.0, rng.uniform(0.3, 3.0), n).astype(dtype)
+        l[rng.random(n) < 0.2] = -np.inf  # zero weights (invalid units)
+        if case % 10 == 0:
+            l[:] = -np.inf  # none positive: gamma_max
+        tiny = 1e-30 if dtype == np.float32 else 1e-300
+        bounds = [(0.0, 1.0), (0.25, 1.0), (0.0, 0.6), (0.0, tiny), (tiny / 1e3, tiny)][case % 5]
+        lw = xp.asarray(l)
+        # The zero weights are masked units: the target counts the positive weights only.
+        valid = xp.asarray(np.isfinite(l))
+        want = isr.gamma_ess(lw, 0.3, mask=valid, gamma_min=bounds[0], gamma_max=bounds[1])
+        shifted = shifted_log_weights(xp, lw, -1, None)
+        prepared = {
+            "l": lw,
+            "d": shifted.d,
+            "floored": shifted.floored,
+            "finite": shifted.finite,
+            "n": shifted.count,
+            "n_pos": shifted.count,
+        }
+        rho_bounds = {"rho_min": 0.3, "gamma_min": bounds[0], "gamma_max": bounds[1]}
+        got = _gamma.ess_search(xp, prepared, rho_bounds, 0, None, None)
+        plan = _gamma.grid_plan(n, np.finfo(dtype).bits)
+        vanished.append(_gamma._floor_vanishes(xp, shifted.d, rho_bounds, plan))
+        assert to_numpy(got).tobytes() == to_numpy(want).tobytes(), (case, got, want)
+    assert 20 <= sum(vanished) < len(vanished)  # both ways are taken
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_floor_vanishes_only_where_every_positive_candidate_zeroes_it(xp, dtype):
+    """``_floor_vanishes`` claims that ``exp(g floor)`` is 0 for the smallest positive
+    candidate; where it says so, the dtype's exponential gives exactly 0 there, and it says no
+    where the bounds make that candidate tiny."""
+    from isreshape_core import _gamma
+
+    d = xp.asarray(np.zeros(3, dtype=dtype))
+    floor = -float(np.finfo(dtype).max) * 2.0**-20
+    for k, passes in ((512, 3), (512, 6), (16, 12)):
+        for lo, hi in ((0.0, 1.0), (0.0, 1e-20), (1e-25, 1.0), (0.0, 1e-40), (1e-300, 1.0)):
+            if hi < float(np.finfo(dtype).tiny) * 1e3 and dtype == np.float32:
+                continue
+            vanishes = _gamma._floor_vanishes(
+                xp, d, {"gamma_min": lo, "gamma_max": hi}, (k, passes)
+            )
+            smallest = lo if lo > 0 else hi / float(k) ** (passes + 1)
+            value = np.exp(np.asarray(smallest * floor, dtype=dtype))
+            if vanishes:
+                assert value == 0.0, (k, passes, lo, hi)
+    assert _gamma._floor_vanishes(xp, d, {"gamma_min": 0.0, "gamma_max": 1.0}, (512, 3))
+    assert not _gamma._floor_vanishes(xp, d, {"gamma_min": 1e-300, "gamma_max": 1.0}, (512, 3))

@@ -175,6 +175,29 @@ def test_shards_equal_the_whole_batch(group_size):
     np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
 
 
+@pytest.mark.parametrize("gamma", ["ess", 0.5])
+def test_shards_on_different_eager_paths_equal_the_whole_batch(gamma):
+    """A shard with a zero-weight token (the guarded units, clipped ones counted) beside shards
+    of plain units: every shard makes the same collectives and gets the whole batch's loss."""
+    logp, logq, rewards, mask = make_batch(7, B=9, T=5)
+    logq = logq + np.random.default_rng(3).normal(0, 1.0, (9, 5))
+    logp[1, 0], mask[1, 0] = -np.inf, True  # in the first shard only
+    kwargs = {"gamma": gamma, "level": "sequence"}
+    loss, grad, metrics = is_reshape_loss_and_grad(logp, logq, rewards, mask, **kwargs)
+    parts = (np.split(a, [3, 6], axis=0) for a in (logp, logq, rewards, mask))
+    shards = list(zip(*parts, strict=True))
+
+    def step(shard, reducer):
+        return is_reshape_loss_and_grad(*shard, reducer=reducer, **kwargs)
+
+    results = run_sharded(step, shards)
+    for shard_loss, _, shard_metrics in results:
+        np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
+        for name, value in metrics.items():
+            np.testing.assert_allclose(shard_metrics[name], value, rtol=1e-12, err_msg=name)
+    np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
+
+
 def test_sequence_level_inputs_and_half_precision():
     logp, logq, rewards, _ = make_batch(6)
     loss1, grad1, _ = is_reshape_loss_and_grad(logp[:, 0], logq[:, 0], rewards, gamma=0.5)

@@ -194,6 +194,7 @@ def _random_units(xp, rng, dtype, form, shape):
         cast(log_p) if form == "reinforce" else None,
         xp.asarray(np.zeros(shape, dtype=bool)),
         None,
+        finite=bool(np.all(np.isfinite(l))),  # what the loss's plain units claim
     )
     return units, cast(gamma), cast(np.where(valid, coef, 0.0).astype(dtype))
 
@@ -209,14 +210,18 @@ def _bits(a):
 def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype):
     """The eager fast path returns exactly what the log-space path returns, or declines."""
 
-    rng = np.random.default_rng(11)
+    rng, claims = np.random.default_rng(11), np.random.default_rng(12)
     taken = 0
     for case in range(300):
         shape = (5,) if case % 2 else (3, 4)
         units, unit_g, coef = _random_units(xp, rng, dtype, form, shape)
         grad_dtype = np.float16 if case % 7 == 0 else dtype
         cap = min(log_max(np, dtype), log_max(np, grad_dtype))  # as the loss sets it
-        plain = loss_module._plain_loss_and_grad(xp, units, unit_g, coef, None, cap)
+        # The options' claim that every gamma is positive: true or not (a false one must
+        # make the fast path decline, never answer).
+        positive = bool(claims.random() < 0.5)
+        factors = loss_module._plain_factors(xp, units, unit_g, positive)
+        plain = loss_module._plain_loss_and_grad(xp, units, factors, coef, None, cap)
         scaled = loss_module._scaled_loss_and_grad(xp, units, unit_g, coef, None, cap)
         if plain is None:
             continue
@@ -226,3 +231,87 @@ def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype):
         for key in ("n_capped", "log_scale"):
             assert to_numpy(plain[2][key]) == to_numpy(scaled[2][key]) == 0, (case, key)
     assert 30 < taken < 270  # both paths are exercised
+
+
+def test_infinite_value_stays_infinite_under_a_scale(xp):
+    """At gamma = 0 a zero-weight sequence (a -inf token) has the value ``l = -inf``: its term
+    is infinite, and stays so when another sequence's overflow sets a scale (inf times the
+    vanishing factor ``e^-s`` would be NaN). The gradient stays finite."""
+    lp = np.array([[-np.inf, 0.0], [2000.0, 0.0]])
+    gamma = xp.asarray(np.array([0.0, 1.0]))  # one gamma per sequence
+    loss, grad, metrics = _loss(xp, lp, np.zeros((2, 2)), [1.0, 1.0], None, np.float64, gamma=gamma)
+    assert metrics["log_scale"] > 1000.0  # e^2000 is beyond float64
+    assert loss == np.inf  # -r l = +inf for r > 0, not NaN
+    assert np.all(np.isfinite(grad))
+
+
+def _fast_path_cases(rng, dtype):
+    """Losses on which the eager fast paths apply, or just fail to: ragged and empty sequences,
+    per-sequence and per-token rewards, every level, agg mode and form, gammas from the
+    search (default and with ``gamma_min``), fixed (0 included) and precomputed, log weights
+    from small to beyond the dtype, zero weights, rewards up to 1e30, padding that holds NaN
+    and inf."""
+    modes = loss_module.LOSS_AGG_MODES
+    for case in range(96):
+        B, T = int(rng.choice([3, 8])), int(rng.choice([1, 5, 40]))
+        lp = rng.normal(-1.0, 0.5, (B, T)) * (300.0 if case % 11 == 4 else 1.0)
+        lq = lp + rng.normal(0.0, rng.uniform(0.05, 2.0), (B, T))
+        mask = rng.random((B, T)) < 0.8
+        if case % 5 == 2:
+            mask[0] = False  # a sequence without a valid token
+        lp[~mask] = np.where(rng.random(int((~mask).sum())) < 0.5, np.nan, np.inf)
+        if case % 4 == 3:  # a valid token of probability 0: weight 0, the guarded path
+            lp[-1, 0], mask[-1, 0] = -np.inf, True
+        r = rng.normal(0.0, 1.0, (B, T) if case % 4 == 1 else B)
+        if case % 13 == 6:
+            r = r * 1e30
+        gamma = ["ess", 0.5, 0.0, "ess", "closed_form", 1.0][case % 6]
+        kw = {"level": ["sequence", "token", "geometric"][case % 3], "gamma": gamma}
+        kw["loss_agg_mode"] = modes[(case // 3) % len(modes)]
+        if case % 7 == 3:
+            kw["form"] = "reinforce"
+        if case % 6 == 3:
+            kw["gamma_min"] = 0.2
+        if case % 10 == 9:
+            kw["gamma"] = np.asarray(rng.uniform(0.0, 1.0), dtype=dtype)
+        yield case, lp.astype(dtype), lq.astype(dtype), r.astype(dtype), mask, kw
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plain_units_change_nothing(xp, dtype, monkeypatch):
+    """Eagerly, the plain sums of the loss's units (one host read, no checks or clipping) and
+    what they let the later stages skip (the metrics' variance scaling, the search's offset)
+    give the loss, the gradient and every metric of the guarded path, bit for bit."""
+    rng = np.random.default_rng(21)
+    cases = list(_fast_path_cases(rng, dtype))
+
+    def run():
+        out = []
+        for case, lp, lq, r, mask, kw in cases:
+            if hasattr(kw["gamma"], "shape"):
+                kw = {**kw, "gamma": xp.asarray(kw["gamma"])}
+            loss, grad, metrics = _loss(xp, lp, lq, r, mask, None, **kw)
+            out.append((case, loss, grad, metrics))
+        return out
+
+    fast = run()
+    taken = []
+    plain_units = loss_module._ordinary_units
+
+    def counted(*args):
+        units = plain_units(*args)
+        taken.append(units is not None)
+        return units
+
+    monkeypatch.setattr(loss_module, "_ordinary_units", counted)
+    run()
+    assert 60 < sum(taken) < len(taken)  # both paths are exercised
+    monkeypatch.setattr(loss_module, "_ordinary_units", lambda *args: None)
+    for (case, *got), (_, *want) in zip(fast, run(), strict=True):
+        for a, b in zip(got[:2], want[:2], strict=True):
+            np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=str(case))
+        assert got[2].keys() == want[2].keys()
+        for key in got[2]:
+            np.testing.assert_array_equal(
+                _bits(got[2][key]), _bits(want[2][key]), err_msg=f"{case} {key}"
+            )

@@ -16,25 +16,25 @@ BASELINE = "PPO-clip, token-mean (baseline)"  # loss_ops.BASELINE
 #: Operators of one forward + backward at the benchmark's shapes (benchmarks/results/loss_ops.md).
 EXPECTED = {
     BASELINE: 46,
-    "IS Reshape, fixed gamma 0.5, sequence": 155,
-    "IS Reshape, fixed gamma 0.5, token": 124,
-    "IS Reshape, exact-ESS gamma (default), sequence": 251,
-    "IS Reshape, exact-ESS gamma, token": 180,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 682,
-    "IS Reshape, closed-form gamma, sequence": 236,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 172,
+    "IS Reshape, fixed gamma 0.5, sequence": 86,
+    "IS Reshape, fixed gamma 0.5, token": 87,
+    "IS Reshape, exact-ESS gamma (default), sequence": 138,
+    "IS Reshape, exact-ESS gamma, token": 124,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 626,
+    "IS Reshape, closed-form gamma, sequence": 167,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 110,
 }
 
 #: Of those, the operators with an operand of B T elements (passes over the tokens).
 EXPECTED_FULL_SIZE = {
     BASELINE: 37,
-    "IS Reshape, fixed gamma 0.5, sequence": 14,
-    "IS Reshape, fixed gamma 0.5, token": 47,
-    "IS Reshape, exact-ESS gamma (default), sequence": 14,
-    "IS Reshape, exact-ESS gamma, token": 72,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 160,
-    "IS Reshape, closed-form gamma, sequence": 14,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 14,
+    "IS Reshape, fixed gamma 0.5, sequence": 9,
+    "IS Reshape, fixed gamma 0.5, token": 44,
+    "IS Reshape, exact-ESS gamma (default), sequence": 9,
+    "IS Reshape, exact-ESS gamma, token": 54,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 142,
+    "IS Reshape, closed-form gamma, sequence": 9,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 9,
 }
 
 
