@@ -792,9 +792,7 @@ def _plain_loss_and_grad(
         n_units = float(math.prod(units.log_w.shape))
         if reducer is not None:
             n_units = reducer.sum(xp.asarray(n_units, dtype=e.dtype, device=array_device(e)))
-        # One max over the factors and the products times N (an overflow there fails too).
-        both = xp.stack([h, e, neg_terms * n_units, unit_grad * n_units])
-        worst = xp.max(xp.abs(both))
+        worst = _plain_peak(xp, neg_c, factors, (neg_terms, unit_grad), n_units)
         if reducer is not None:
             worst = reducer.max(worst)
         if not bool(worst <= math.exp(cap - 1.0)):
@@ -807,6 +805,30 @@ def _plain_loss_and_grad(
     if reducer is not None:  # on every shard: another may hold clipped units
         n_capped = reducer.sum(n_capped)
     return loss, unit_grad, {"n_capped": n_capped, "log_scale": zero}
+
+
+#: Up to this many units the plain path's check stacks its arrays (operators are its cost), beyond
+#: it checks them without a copy (passes over memory are).
+_STACKED_CHECK_UNITS = 2**12
+
+
+def _plain_peak(
+    xp: Namespace,
+    neg_c: Array,
+    factors: tuple[Array, Array],
+    products: tuple[Array, Array],
+    n_units: Any,
+) -> Array:
+    """The largest of ``|h|``, ``w^gamma`` and ``N`` times every term and gradient (``n_units``
+    is ``N``), or beyond many units a bound of it, ``max(|h|, w^gamma) max(N max|coef|, 1)``,
+    from reductions rather than copies. NaN wherever a factor or product is NaN; an overflow
+    gives ``inf``."""
+    e, h = factors
+    if math.prod(tuple(e.shape)) <= _STACKED_CHECK_UNITS:
+        neg_terms, unit_grad = products
+        return xp.max(xp.abs(xp.stack([h, e, neg_terms * n_units, unit_grad * n_units])))
+    factor_peak = xp.max(xp.maximum(xp.abs(h), e))
+    return factor_peak * xp.maximum(xp.max(xp.abs(neg_c)) * n_units, 1.0)
 
 
 def _plain_factors(

@@ -205,10 +205,12 @@ def _bits(a):
     return a, np.signbit(a)
 
 
+@pytest.mark.parametrize("stacked_below", [2**12, 0])  # both forms of the check
 @pytest.mark.parametrize("form", ["objective", "reinforce"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype):
+def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype, stacked_below, monkeypatch):
     """The eager fast path returns exactly what the log-space path returns, or declines."""
+    monkeypatch.setattr(loss_module, "_STACKED_CHECK_UNITS", stacked_below)
 
     rng, claims = np.random.default_rng(11), np.random.default_rng(12)
     taken = 0
@@ -315,3 +317,16 @@ def test_plain_units_change_nothing(xp, dtype, monkeypatch):
             np.testing.assert_array_equal(
                 _bits(got[2][key]), _bits(want[2][key]), err_msg=f"{case} {key}"
             )
+
+
+def test_a_clipped_sum_is_counted_where_its_term_is_representable(xp):
+    """Two finite tokens of -3e38 sum beyond float32: the sequence's log weight is clipped to
+    -max_float and counted in ``n_capped``, also where its weight 0 and value -1/gamma need no
+    scale (the plain products)."""
+    lp = np.array([[-3e38, -3e38], [-0.5, -0.2]])
+    loss, grad, metrics = _loss(xp, lp, np.zeros((2, 2)), [1.0, 1.0], None, np.float32, gamma=0.5)
+    assert metrics["n_capped"] == 1.0 and metrics["log_scale"] == 0.0
+    np.testing.assert_array_equal(grad[0], 0.0)  # weight 0
+    # token-mean: each sequence's coefficient is r n_b / 4 = 1/2; values -1/gamma and h.
+    want = -0.5 * (-1.0 / 0.5 + np.expm1(0.5 * -0.7) / 0.5)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)

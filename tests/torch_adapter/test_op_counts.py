@@ -17,10 +17,10 @@ BASELINE = "PPO-clip, token-mean (baseline)"  # loss_ops.BASELINE
 EXPECTED = {
     BASELINE: 46,
     "IS Reshape, fixed gamma 0.5, sequence": 86,
-    "IS Reshape, fixed gamma 0.5, token": 87,
+    "IS Reshape, fixed gamma 0.5, token": 90,
     "IS Reshape, exact-ESS gamma (default), sequence": 138,
-    "IS Reshape, exact-ESS gamma, token": 124,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 626,
+    "IS Reshape, exact-ESS gamma, token": 127,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 629,
     "IS Reshape, closed-form gamma, sequence": 167,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 110,
 }
