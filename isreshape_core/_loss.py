@@ -468,8 +468,12 @@ def _ordinary_units(xp: Namespace, tokens: Tokens, level: str, form: str) -> Uni
     with quiet_overflow(xp):
         token_l = xp.where(mask, logp - logq, 0.0)
         total = xp.sum(token_l, axis=-1) if level != "token" else token_l
-        # NaN or +-inf where a unit or a reward is not finite.
-        probe = xp.max(xp.abs(total)) + xp.sum(r) * 0.0
+        # NaN or +-inf where a unit or a reward is not finite; one value per sequence each: in
+        # one array (few elements, so operators are the cost), else a reward sum beside.
+        if total.ndim == 1 and tuple(r.shape) == tuple(total.shape):
+            probe = xp.max(xp.abs(total + r * 0.0))
+        else:
+            probe = xp.max(xp.abs(total)) + xp.sum(r) * 0.0
         if not bool(probe <= spread_bound(xp, total.dtype, math.prod(total.shape))):
             return None
     if level == "geometric":
@@ -669,8 +673,8 @@ def unit_gamma(
             flat_l, flat_valid = xp.reshape(unit_l, (-1,)), xp.reshape(units.valid, (-1,))
         masked_l = xp.where(flat_valid, flat_l, -xp.inf)
         # The metrics' and the search's; the plain units' check bounds every |l| of this shard.
-        bounded = units.finite and reducer is None
-        shifted = shifted_log_weights(xp, masked_l, -1, reducer, bounded=bounded)
+        bounded, finite = units.finite and reducer is None, flat_valid if units.finite else None
+        shifted = shifted_log_weights(xp, masked_l, -1, reducer, bounded=bounded, finite=finite)
         if units.finite and _default_search(gamma, reducer, gamma_options):
             g, k_hat = ess_gamma_of_shifted(xp, masked_l, shifted, rho_min, gamma_options), None
         else:

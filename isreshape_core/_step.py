@@ -91,12 +91,14 @@ def shifted_log_weights(
     reducer: Reducer | None,
     keepdims: bool = False,
     bounded: bool = False,
+    finite: Array | None = None,
 ) -> Shifted:
     """The :class:`Shifted` of unit log weights ``masked_l`` (``-inf`` = invalid or weight 0)
     along ``axis``, relative to the max over every shard: bit for bit the exponents of
     :func:`gamma_ess` and of :func:`tempered_metrics`. ``bounded``: the caller has checked every
-    ``|l|`` against :func:`spread_bound` (of all of them, over every shard)."""
-    finite = masked_l > -xp.inf
+    ``|l|`` against :func:`spread_bound` (of all of them, over every shard); ``finite``:
+    ``masked_l > -inf`` where the caller knows it (the valid units, when all are finite)."""
+    finite = masked_l > -xp.inf if finite is None else finite
     top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
     top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
     # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
