@@ -26,8 +26,8 @@ from ._ess_grid import (
 from ._lib.checks import check_count, check_gamma_bounds, check_rho_min
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device
-from ._lib.numerics import log_abs, log_variance_stats, shift_by_max
-from ._lib.reduce import Reducer, count_true, sample_count
+from ._lib.numerics import floored_shift, log_abs, log_variance_stats
+from ._lib.reduce import Reducer, count_true, reduce_max, sample_count
 from ._lib.rows import batch_param
 from ._lib.tracing import eager_all, is_concrete, poison, traced_bad_rows
 
@@ -237,9 +237,14 @@ def gamma_ess(
     # iteration needs a max-reduction or a collective for it: max(g l) = g max(l) for g >= 0.
     offset = None if log_r is None else xp.where(finite, log_r, -xp.inf)
     # Relative to the max (exact for nearby values): a constant offset of l costs no digits.
-    d = xp.where(finite, shift_by_max(xp, l, axis, reducer)[0], 0.0)
+    # The floor at a zero weight can stand in for the offset of Kish's ESS on the grid.
+    top = reduce_max(xp, l, axis, reducer, keepdims=True)
+    floored = floored_shift(xp, l, xp.where(xp.isfinite(top), top, 0.0))
+    d = xp.where(finite, floored, 0.0)
     n_pos = count_true(xp, finite, axis, l.dtype, reducer)
     prepared = {"l": l, "d": d, "finite": finite, "offset": offset, "n": n, "n_pos": n_pos}
+    if log_r is None:
+        prepared["floored"] = floored
     bounds = {"rho_min": rho_min, "gamma_min": gamma_min, "gamma_max": gamma_max}
     gamma = ess_search(xp, prepared, bounds, axis, reducer, max_iter)
     return poison(xp, gamma, bad)
