@@ -15,7 +15,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._ess_grid import (
     grid_plan,
@@ -31,7 +31,14 @@ from ._lib.reduce import Reducer, count_true, reduce_max, sample_count
 from ._lib.rows import batch_param
 from ._lib.tracing import eager_all, is_concrete, poison, traced_bad_rows
 
-__all__ = ["closed_form_gamma", "ess_search", "gamma_closed_form", "gamma_ess"]
+__all__ = [
+    "Shifted",
+    "closed_form_gamma",
+    "ess_search",
+    "gamma_closed_form",
+    "gamma_ess",
+    "shifted_log_weights",
+]
 
 # Newton steps aim this fraction past the predicted root, so that the iterates land on both sides
 # of it and the feasible end of the bracket (the value returned) converges too.
@@ -134,6 +141,46 @@ def _weigh_by_rewards(
     return xp.where(log_r > -xp.inf, l, -xp.inf), log_r, bad
 
 
+class Shifted(NamedTuple):
+    """Unit log weights relative to their row max, shared by the ESS search and the metrics:
+    ``finite`` marks the positive weights, ``floored`` is ``l - max`` floored
+    (:func:`floored_shift`: the floor at a zero weight), ``d`` the same with 0 at a zero
+    weight, ``count`` this shard's number of positive weights; ``bounded``: every log weight
+    is known to be at most the variance's ``spread_bound`` in magnitude."""
+
+    finite: Array
+    floored: Array
+    d: Array
+    count: Array
+    bounded: bool = False
+
+
+def shifted_log_weights(
+    xp: Namespace,
+    masked_l: Array,
+    axis: Any,
+    reducer: Reducer | None,
+    keepdims: bool = False,
+    bounded: bool = False,
+    finite: Array | None = None,
+) -> Shifted:
+    """The :class:`Shifted` of unit log weights ``masked_l`` (``-inf`` = invalid or weight 0)
+    along ``axis``, relative to the max over every shard: bit for bit the exponents of
+    :func:`gamma_ess` and of the loss's metrics. ``bounded``: the caller has checked every
+    ``|l|`` against the variance's ``spread_bound`` (of all of them, over every shard);
+    ``finite``: ``masked_l > -inf`` where the caller knows it (the valid units, when all are
+    finite)."""
+    finite = masked_l > -xp.inf if finite is None else finite
+    top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
+    top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
+    # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
+    # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
+    # gamma >= 0).
+    floored = floored_shift(xp, masked_l, top)
+    d = xp.where(finite, floored, 0.0)
+    return Shifted(finite, floored, d, count_true(xp, finite, axis, d.dtype), bounded)
+
+
 def gamma_ess(
     log_w: Array,
     rho_min: Any = 0.3,
@@ -231,20 +278,17 @@ def gamma_ess(
         l, log_r, bad = _weigh_by_rewards(xp, l, rewards, axis, reducer, bad)
 
     n = sample_count(xp, l, mask, axis, reducer)
-    finite = l > -xp.inf
-    # Loop invariants: zero weights as an offset of -inf (built by the search where it needs
-    # one), and (for Kish's ESS) the log weights shifted by their maximum once, so that no
-    # iteration needs a max-reduction or a collective for it: max(g l) = g max(l) for g >= 0.
-    offset = None if log_r is None else xp.where(finite, log_r, -xp.inf)
-    # Relative to the max (exact for nearby values): a constant offset of l costs no digits.
-    # The floor at a zero weight can stand in for the offset of Kish's ESS on the grid.
-    top = reduce_max(xp, l, axis, reducer, keepdims=True)
-    floored = floored_shift(xp, l, xp.where(xp.isfinite(top), top, 0.0))
-    d = xp.where(finite, floored, 0.0)
-    n_pos = count_true(xp, finite, axis, l.dtype, reducer)
-    prepared = {"l": l, "d": d, "finite": finite, "offset": offset, "n": n, "n_pos": n_pos}
+    # Loop invariants: the log weights shifted by their maximum once (a constant offset of l
+    # costs no digits), so that no iteration needs a max-reduction or a collective for it
+    # (max(g l) = g max(l) for g >= 0), and zero weights as an offset of -inf (built by the
+    # search where it needs one; the floor of the shift stands in for it on the grid).
+    shifted = shifted_log_weights(xp, l, axis, reducer, keepdims=True)
+    offset = None if log_r is None else xp.where(shifted.finite, log_r, -xp.inf)
+    n_pos = shifted.count if reducer is None else reducer.sum(shifted.count)
+    prepared = {"l": l, "d": shifted.d, "finite": shifted.finite, "offset": offset, "n": n}
+    prepared["n_pos"] = n_pos
     if log_r is None:
-        prepared["floored"] = floored
+        prepared["floored"] = shifted.floored
     bounds = {"rho_min": rho_min, "gamma_min": gamma_min, "gamma_max": gamma_max}
     gamma = ess_search(xp, prepared, bounds, axis, reducer, max_iter)
     return poison(xp, gamma, bad)

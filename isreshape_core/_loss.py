@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace
 
+from ._gamma import shifted_log_weights
 from ._lib.checks import check_choice as _check_choice
 from ._lib.checks import (
     check_gamma,
@@ -46,13 +47,7 @@ from ._lib.reduce import Reducer, count_true, reduce_sum
 from ._lib.tracing import is_concrete, nan_or_plus_inf
 from ._objective import sign
 from ._select import GAMMA_METHODS
-from ._step import (
-    choose_gamma,
-    ess_gamma_of_shifted,
-    shifted_log_weights,
-    spread_bound,
-    tempered_metrics,
-)
+from ._step import choose_gamma, ess_gamma_of_shifted, spread_bound, tempered_metrics
 from ._weights import LEVELS as _LEVELS
 from ._weights import checked_log_ratio, unit_log_weights
 
@@ -789,8 +784,7 @@ def _plain_loss_and_grad(
     ``e`` covers the rounding of the products and of the log-space scale. Most batches take
     it: one exponential and a few products instead of the log-space terms."""
     with quiet_overflow(xp):  # whatever overflows here fails the check
-        # coef is +-0 at invalid units; 0 - x: +0 (not -0) there and at coef = 0.
-        neg_c = 0.0 - coef
+        neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
         e, h = factors
         neg_terms, unit_grad = neg_c * h, neg_c * e
         n_units = float(math.prod(units.log_w.shape))

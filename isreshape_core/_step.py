@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 from ._ess import kish_ess_from_log, kish_from_sums
-from ._gamma import ess_search
+from ._gamma import Shifted, ess_search, shifted_log_weights
 from ._lib.checks import check_choice, check_gamma, check_gamma_bounds, check_rho_min
 from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import floored_shift, tempered_log_weights
-from ._lib.reduce import Reducer, count_true, reduce_max, reduce_sum
+from ._lib.numerics import tempered_log_weights
+from ._lib.reduce import Reducer, reduce_sum
 from ._lib.tracing import is_concrete
 from ._metrics import merge_rows
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
@@ -62,51 +62,12 @@ def choose_gamma(
     return g, None
 
 
-class Shifted(NamedTuple):
-    """Unit log weights relative to their row max, shared by the ESS search and the metrics:
-    ``finite`` marks the positive weights, ``floored`` is ``l - max`` floored
-    (:func:`floored_shift`: the floor at a zero weight), ``d`` the same with 0 at a zero
-    weight, ``count`` this shard's number of positive weights; ``bounded``: every log weight
-    is known to be at most :func:`spread_bound` in magnitude."""
-
-    finite: Array
-    floored: Array
-    d: Array
-    count: Array
-    bounded: bool = False
-
-
 def spread_bound(xp: Namespace, dtype: Any, n: int) -> float:
     """The largest ``|l|`` of ``n`` log weights for which no deviation from the mean needs the
     scaling of :func:`_variance` (``2^(h - 25) / n``, with ``2^(2h)`` the dtype's overflow
     limit: 8.6e9 at 64 samples in float32)."""
     h = (math.frexp(float(xp.finfo(dtype).max))[1]) // 2
     return 2.0 ** (h - 25) / max(n, 1)
-
-
-def shifted_log_weights(
-    xp: Namespace,
-    masked_l: Array,
-    axis: Any,
-    reducer: Reducer | None,
-    keepdims: bool = False,
-    bounded: bool = False,
-    finite: Array | None = None,
-) -> Shifted:
-    """The :class:`Shifted` of unit log weights ``masked_l`` (``-inf`` = invalid or weight 0)
-    along ``axis``, relative to the max over every shard: bit for bit the exponents of
-    :func:`gamma_ess` and of :func:`tempered_metrics`. ``bounded``: the caller has checked every
-    ``|l|`` against :func:`spread_bound` (of all of them, over every shard); ``finite``:
-    ``masked_l > -inf`` where the caller knows it (the valid units, when all are finite)."""
-    finite = masked_l > -xp.inf if finite is None else finite
-    top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
-    top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
-    # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
-    # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
-    # gamma >= 0).
-    floored = floored_shift(xp, masked_l, top)
-    d = xp.where(finite, floored, 0.0)
-    return Shifted(finite, floored, d, count_true(xp, finite, axis, d.dtype), bounded)
 
 
 def ess_gamma_of_shifted(

@@ -355,6 +355,17 @@ class ThreadAllReduce:
         return self._all(x, lambda xp, s: xp.max(s, axis=0))
 
 
+def assert_shards_match_whole(results, loss, grad, metrics):
+    """Every shard's ``(loss, grad, metrics)`` of a sharded loss (``results`` of
+    :func:`run_sharded`) against one process's on the whole batch: the same loss and metrics on
+    every shard, and the shards' gradients concatenated along the batch are the whole one."""
+    for shard_loss, _, shard_metrics in results:
+        np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
+        for name, value in metrics.items():
+            np.testing.assert_allclose(shard_metrics[name], value, rtol=1e-12, err_msg=name)
+    np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
+
+
 def run_sharded(fn, shards):
     """``[fn(shard, reducer) for shard in shards]``, each call in its own thread, the threads
     sharing one :class:`ThreadAllReduce`; re-raises the first error."""

@@ -400,7 +400,7 @@ def test_zero_weights_as_the_floor_give_the_same_gamma(xp, dtype):
     that of ``gamma_ess``, also where the bounds are so small that the floor would not vanish
     and the offset is kept."""
     from isreshape_core import _gamma
-    from isreshape_core._step import shifted_log_weights
+    from isreshape_core._gamma import shifted_log_weights
 
     rng = np.random.default_rng(5)
     vanished = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _helpers import (
+    assert_shards_match_whole,
     brute_gamma,
     loop_log_weights,
     make_batch,
@@ -167,12 +168,7 @@ def test_shards_equal_the_whole_batch(group_size):
     def step(shard, reducer):
         return is_reshape_loss_and_grad(*shard, reducer=reducer, **kwargs)
 
-    results = run_sharded(step, shards)
-    for shard_loss, _, shard_metrics in results:
-        np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
-        for name, value in metrics.items():  # batch-wide or per-group: the whole batch's
-            np.testing.assert_allclose(shard_metrics[name], value, rtol=1e-12, err_msg=name)
-    np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
+    assert_shards_match_whole(run_sharded(step, shards), loss, grad, metrics)
 
 
 @pytest.mark.parametrize("gamma", ["ess", 0.5])
@@ -190,12 +186,7 @@ def test_shards_on_different_eager_paths_equal_the_whole_batch(gamma):
     def step(shard, reducer):
         return is_reshape_loss_and_grad(*shard, reducer=reducer, **kwargs)
 
-    results = run_sharded(step, shards)
-    for shard_loss, _, shard_metrics in results:
-        np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
-        for name, value in metrics.items():
-            np.testing.assert_allclose(shard_metrics[name], value, rtol=1e-12, err_msg=name)
-    np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
+    assert_shards_match_whole(run_sharded(step, shards), loss, grad, metrics)
 
 
 def test_sequence_level_inputs_and_half_precision():

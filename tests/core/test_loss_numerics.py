@@ -196,7 +196,8 @@ def _random_units(xp, rng, dtype, form, shape):
         None,
         finite=bool(np.all(np.isfinite(l))),  # what the loss's plain units claim
     )
-    return units, cast(gamma), cast(np.where(valid, coef, 0.0).astype(dtype))
+    # Invalid units count as coef = 0 whatever their coefficient (an adapter's may be anything).
+    return units, cast(gamma), cast(coef.astype(dtype))
 
 
 def _bits(a):
@@ -230,6 +231,8 @@ def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype, stacked_belo
         taken += 1
         for got, want in zip(plain[:2], scaled[:2], strict=True):
             np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=str(case))
+        invalid = ~np.asarray(to_numpy(units.valid))
+        assert not np.any(np.asarray(to_numpy(plain[1]))[invalid]), case  # exactly 0 there
         for key in ("n_capped", "log_scale"):
             assert to_numpy(plain[2][key]) == to_numpy(scaled[2][key]) == 0, (case, key)
     assert 30 < taken < 270  # both paths are exercised

@@ -8,7 +8,14 @@ import math
 
 import numpy as np
 import pytest
-from _helpers import brute_force_ess, make_batch, reference_loss, run_sharded, to_numpy
+from _helpers import (
+    assert_shards_match_whole,
+    brute_force_ess,
+    make_batch,
+    reference_loss,
+    run_sharded,
+    to_numpy,
+)
 
 import isreshape_core as isr
 from isreshape_core import is_reshape_loss_and_grad
@@ -242,12 +249,7 @@ def test_array_gamma_over_shards_reports_the_whole_batch():
         *data, g = shard
         return is_reshape_loss_and_grad(*data, gamma=g, reducer=reducer, **kwargs)
 
-    results = run_sharded(step, shards)
-    for shard_loss, _, shard_metrics in results:
-        np.testing.assert_allclose(shard_loss, loss, rtol=1e-12)
-        for name, value in metrics.items():
-            np.testing.assert_allclose(shard_metrics[name], value, rtol=1e-12, err_msg=name)
-    np.testing.assert_allclose(np.concatenate([g for _, g, _ in results]), grad, rtol=1e-12)
+    assert_shards_match_whole(run_sharded(step, shards), loss, grad, metrics)
 
 
 @pytest.mark.parametrize(

@@ -16,23 +16,23 @@ BASELINE = "PPO-clip, token-mean (baseline)"  # loss_ops.BASELINE
 #: Operators of one forward + backward at the benchmark's shapes (benchmarks/results/loss_ops.md).
 EXPECTED = {
     BASELINE: 46,
-    "IS Reshape, fixed gamma 0.5, sequence": 84,
-    "IS Reshape, fixed gamma 0.5, token": 89,
-    "IS Reshape, exact-ESS gamma (default), sequence": 136,
-    "IS Reshape, exact-ESS gamma, token": 126,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 628,
-    "IS Reshape, closed-form gamma, sequence": 165,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 109,
+    "IS Reshape, fixed gamma 0.5, sequence": 85,
+    "IS Reshape, fixed gamma 0.5, token": 90,
+    "IS Reshape, exact-ESS gamma (default), sequence": 137,
+    "IS Reshape, exact-ESS gamma, token": 127,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 629,
+    "IS Reshape, closed-form gamma, sequence": 166,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 110,
 }
 
 #: Of those, the operators with an operand of B T elements (passes over the tokens).
 EXPECTED_FULL_SIZE = {
     BASELINE: 37,
     "IS Reshape, fixed gamma 0.5, sequence": 9,
-    "IS Reshape, fixed gamma 0.5, token": 43,
+    "IS Reshape, fixed gamma 0.5, token": 44,
     "IS Reshape, exact-ESS gamma (default), sequence": 9,
-    "IS Reshape, exact-ESS gamma, token": 53,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 141,
+    "IS Reshape, exact-ESS gamma, token": 54,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 142,
     "IS Reshape, closed-form gamma, sequence": 9,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 9,
 }
