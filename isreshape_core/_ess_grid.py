@@ -14,6 +14,7 @@ constraint exactly as the Newton search's feasible end does (:ref:`theory-gamma-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from ._lib.namespace import Array, Namespace
 from ._lib.reduce import Reducer, reduce_max
@@ -26,7 +27,9 @@ __all__ = [
     "feasible_candidates",
     "grid_plan",
     "largest_feasible_gamma",
+    "polish_factors",
     "polish_feasible_end",
+    "weight_matrix",
     "weight_sums",
 ]
 
@@ -197,6 +200,57 @@ def weight_sums(
     return sums[0, ...], sums[1, ...]
 
 
+def weight_matrix(
+    xp: Namespace,
+    d: Array,
+    d_slope: Array,
+    offset: Array | None,
+    reducer: Reducer | None,
+    shift: bool,
+) -> Callable[[Array | float], Array]:
+    """``g -> [[sum e, sum e d'], [sum e^2, sum e^2 d']]`` (``(..., 2, 2)``), with samples along
+    the last axis of ``d`` and the weights ``e = exp(max(g d + offset - max, floor))``
+    (:func:`exponent_floor`; no ``offset``: none; the max is taken only with ``shift``, else it
+    is known to be 0) and ``d' = d_slope``: the four sums of :func:`weight_sums` in a few
+    operators whatever the number of samples (the eager Newton search of ``gamma_ess``), from
+    one exponential of ``[g d, 2 g d]``.
+
+    The sums of the weights, which decide the test ``ESS >= needed``, are reductions (pairwise,
+    as in :func:`weight_sums`); the slope's sums, which only aim the next Newton point, are a
+    matrix-vector product (a BLAS product accumulates along its long axis with a few times the
+    rounding of a pairwise sum). ``g`` is a number or has the batch shape followed by
+    ``(1, 1)``, after any leading axes of candidates. ``e^2`` is the exponential of the doubled
+    exponent, and a weight below the floor counts as the floor in ``e^2`` too. With a
+    ``reducer`` the sums travel in one collective.
+    """
+    twice = xp.stack([d, 2.0 * d], axis=-2)  # (..., 2, n): exact doubling
+    offsets = None if offset is None else xp.stack([offset, 2.0 * offset], axis=-2)
+    column = xp.expand_dims(d_slope, axis=-1)  # (..., n, 1)
+    floor = exponent_floor(xp, d.dtype)
+
+    def at(g: Array | float) -> Array:
+        z = g * twice
+        if offsets is not None:
+            z = z + offsets
+        if shift:
+            m = reduce_max(xp, z[..., :1, :], -1, reducer, keepdims=True)
+            m = xp.where(m > -xp.inf, m, 0.0)
+            z = z - xp.concat([m, 2.0 * m], axis=-2)
+        e = xp.exp(xp.maximum(z, floor))
+        sums = xp.concat([xp.sum(e, axis=-1, keepdims=True), xp.matmul(e, column)], axis=-1)
+        return sums if reducer is None else reducer.sum(sums)
+
+    return at
+
+
+def polish_factors(xp: Namespace, dtype: object) -> list[float]:
+    """``1`` and ``1 - 2^-j``, ``j`` in 20, 24, ..., 48: the points just below an iterate that
+    :func:`polish_feasible_end` tests, less those that round to 1 in ``dtype`` (they would
+    repeat it)."""
+    half_eps = 0.5 * float(xp.finfo(dtype).eps)
+    return [1.0] + [1.0 - 2.0**-j for j in range(20, 52, 4) if 2.0**-j >= half_eps]
+
+
 def polish_feasible_end(
     xp: Namespace,
     x: Array,
@@ -218,9 +272,7 @@ def polish_feasible_end(
     """
     dtype = d.dtype
     device = getattr(d, "device", None)
-    # Factors that round to 1 in the dtype repeat x and are left out.
-    half_eps = 0.5 * float(xp.finfo(dtype).eps)
-    shrink = [1.0] + [1.0 - 2.0**-j for j in range(20, 52, 4) if 2.0**-j >= half_eps]
+    shrink = polish_factors(xp, dtype)
     t = xp.reshape(xp.asarray(shrink, dtype=dtype, device=device), (-1, 1))
     x = xp.reshape(x, (*x.shape, 1, 1))
     candidates = x * t

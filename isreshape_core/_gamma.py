@@ -17,10 +17,15 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import array_api_compat.numpy as _HOST
+import numpy as np
+
 from ._ess_grid import (
     grid_plan,
     largest_feasible_gamma,
+    polish_factors,
     polish_feasible_end,
+    weight_matrix,
     weight_sums,
 )
 from ._lib.checks import check_count, check_gamma_bounds, check_rho_min
@@ -29,7 +34,7 @@ from ._lib.namespace import Array, Namespace, array_device
 from ._lib.numerics import floored_shift, log_abs, log_variance_stats
 from ._lib.reduce import Reducer, count_true, reduce_max, sample_count
 from ._lib.rows import batch_param
-from ._lib.tracing import eager_all, is_concrete, poison, traced_bad_rows
+from ._lib.tracing import host_values, is_concrete, poison, traced_bad_rows
 
 __all__ = [
     "Shifted",
@@ -45,6 +50,9 @@ __all__ = [
 _OVERSHOOT = 0.02
 # Newton iterations where the candidate grid does not apply (see gamma_ess).
 _NEWTON_ITERATIONS = 12
+# Passes of the eager Newton search at most (it ends at the test's resolution, in float32 after
+# about 6; float64 brackets of a few ulps take 10 to 16, a few heavy-tailed ones more).
+_EAGER_PASSES = 20
 # Log weights below the max by more than this count as this much in the Newton slope.
 _SLOPE_FLOOR = 2.0**16
 
@@ -220,9 +228,15 @@ def gamma_ess(
       sample an iteration. A last pass tests points just below the final iterate, so that the
       feasible end catches up with it.
 
-    Eagerly (not under tracing), one host read after the first pass ends either search where
-    every row is decided by its ends (``gamma_max`` meets the target, or ``gamma_min`` misses
-    it), with the same result: fresh data, whose gamma is ``gamma_max``, costs one pass.
+    Eagerly (not under tracing), one host read after the first pass ends the grid where every
+    row is decided by its ends (``gamma_max`` meets the target, or ``gamma_min`` misses it),
+    with the same result: fresh data, whose gamma is ``gamma_max``, costs one pass. Eager
+    Newton (without ``max_iter``) keeps its bookkeeping on the host, one read a pass: it
+    starts from the Newton point of the pass at ``gamma_max`` (fresh data end there), works
+    on the positive weights only, and ends once every row's bracket is within the resolution
+    of the test itself (about ``4 eps / |d log ESS / d gamma|``; at most 20 passes), so that a
+    search is a few passes of a few operators; its gamma is the traced search's to that
+    resolution.
 
     The two agree to about 1e-13 in float64. The result is always a value that passed the test
     ``ESS(gamma) >= rho_min n`` (with a margin of a few ulps), or ``gamma_min`` where even
@@ -240,10 +254,13 @@ def gamma_ess(
         As in :func:`ess`.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
     max_iter : int, optional
-        Forces the Newton search with this many iterations after the two end-point checks.
-        ``None`` (default): the grid where it applies, else Newton with 12. Bisection alone would
-        give a bracket of width ``(gamma_max - gamma_min) / 2**max_iter``; Newton converges to
-        rounding in a median of about 6 iterations on log-normal and Student-t weights.
+        Forces the Newton search with this many iterations after the two end-point checks,
+        the fixed work that traced code runs, eagerly too (the same gamma eagerly and compiled,
+        bit for bit). ``None`` (default): the grid where it applies, else Newton with 12
+        (eagerly up to 20, until the bracket is within the resolution of the test). Bisection
+        alone would give a bracket of width ``(gamma_max - gamma_min) / 2**max_iter``; Newton
+        converges to rounding in a median of about 6 iterations on log-normal and Student-t
+        weights.
     rewards : array broadcastable to ``log_w``, optional
         Use the gradient ESS of ``w^gamma |r|`` (:func:`gradient_ess`) instead of Kish's ESS of
         ``w^gamma``. The constraint is then relative to what the rewards alone allow,
@@ -330,6 +347,10 @@ def ess_search(
         # No positive weight: gamma_max. With Kish's ESS every candidate passes then (s1 = s2
         # = 0; with the floor, s1 = s2 = n_all >= needed at g = 0), so the grid returns it.
         return gamma if top_is_zero else xp.where(n_pos > 0, gamma, gamma_max)
+    if is_concrete(l) and not grid and max_iter is None:  # eagerly: bookkeeping on the host
+        sums = functools.partial(_eager_weight_matrix, xp, prepared, axis, reducer)
+        params = _host_params(xp, (gamma_min, gamma_max, rho_min), n, n_pos, l.dtype)
+        return _eager_newton_gamma(xp, sums, params, _EAGER_PASSES, top_is_zero, l)
     offset = _zero_weight_offset(xp, prepared)
     shape = tuple(n.shape)
     lo, hi, rho = (batch_param(xp, v, l, shape) for v in (gamma_min, gamma_max, rho_min))
@@ -350,6 +371,161 @@ def ess_search(
         search = (xp, d, offset, axis, reducer, top_is_zero, batch, iterations, polish)
         gamma = _newton_gamma(*search)
     return xp.where(n_pos > 0, gamma, hi)  # no positive weight: no information, gamma_max
+
+
+def _eager_weight_matrix(
+    xp: Namespace,
+    prepared: dict[str, Array | None],
+    axis: int,
+    reducer: Reducer | None,
+    compact: bool = False,
+) -> Callable[[Array | float], Array]:
+    """The eager search's pass, :func:`weight_matrix` over the samples moved last: Kish's ESS
+    on the floored shift (a zero weight as the floor, which the exponent floor lifts to
+    exactly what an offset of ``-inf`` gives), else ``d`` with the zero weights' offset.
+
+    ``compact`` (one row of samples): the positive weights only, gathered once, so that no
+    pass spends its exponentials on padding or zero weights (each would add the floor's
+    ``exp``, below the rounding of the sums)."""
+    d = prepared["d"]
+    last = _samples_last(xp, axis, d.ndim)
+    floored, top_is_zero = prepared.get("floored"), prepared.get("offset") is None
+    if compact and d.ndim == 1 and (top_is_zero or reducer is None):  # no max of a bare shard
+        finite = prepared["finite"]
+        offset = None if top_is_zero else prepared["offset"][finite]
+        d = d[finite]
+        slope = xp.maximum(d, -_SLOPE_FLOOR)
+        return weight_matrix(xp, d, slope, offset, reducer, not top_is_zero)
+    if top_is_zero and floored is not None:
+        exponents, offset = floored, None
+    else:
+        exponents, offset = d, _zero_weight_offset(xp, prepared)
+    slope = xp.maximum(last(d), -_SLOPE_FLOOR)
+    offset = None if offset is None else last(offset)
+    return weight_matrix(xp, last(exponents), slope, offset, reducer, not top_is_zero)
+
+
+def _host_params(
+    xp: Namespace, bounds: tuple[Any, Any, Any], n: Array, n_pos: Array, dtype: Any
+) -> dict[str, np.ndarray]:
+    """``lo, hi, rho, n, n_pos`` on the host, in ``dtype`` and the batch shape (one read of
+    the counts)."""
+    counts = host_values(n if n is n_pos else xp.stack([n, n_pos]))
+    n_h, n_pos_h = (counts, counts) if n is n_pos else (counts[0, ...], counts[1, ...])
+    shape, host_dtype = n_h.shape, counts.dtype
+    lo, hi, rho = (
+        np.broadcast_to(
+            np.asarray(host_values(v) if hasattr(v, "shape") else v, host_dtype), shape
+        ).copy()
+        for v in bounds
+    )
+    return {"lo": lo, "hi": hi, "rho": rho, "n": n_h, "n_pos": n_pos_h}
+
+
+def _eager_newton_gamma(
+    xp: Namespace,
+    make_sums: Callable[..., Callable[[Array | float], Array]],
+    params: dict[str, np.ndarray],
+    iterations: int,
+    top_is_zero: bool,
+    like: Array,
+) -> Array:
+    """Eagerly, the search of :func:`_newton_gamma` with its bookkeeping on the host: each pass
+    is one :func:`weight_matrix` on the device and one read, and the bracket, the tests, the
+    Newton points and the stop are computed on the host in the samples' dtype, so that an
+    iteration costs a few operators instead of a few dozen.
+
+    It starts from the Newton point of the pass at ``hi`` (exact in one step for log-normal
+    weights) instead of the closed form; after that pass it works on the positive weights
+    only (one row). It ends where every row's bracket, a tested feasible ``lo`` and a tested
+    infeasible ``hi``, is within the test's resolution (:func:`_test_resolution`), and
+    otherwise, after ``iterations`` passes, tests points just below the last iterate
+    (:func:`polish_factors`). Rows whose ``hi`` is feasible, or that hold no positive weight,
+    get ``hi``; where no point passed, ``lo`` (``gamma_min``) stays.
+    """
+    hxp = _HOST
+    lo, hi, rho, n, n_pos = (params[k] for k in ("lo", "hi", "rho", "n", "n_pos"))
+    dtype = n.dtype
+
+    sums = make_sums()
+
+    def at(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(s, t)`` at candidates ``g`` (leading axes, then the batch shape): each with a
+        leading axis of 2 (the powers 1 and 2 of the weights)."""
+        cols = np.reshape(g, (*g.shape, 1, 1))
+        on_device = float(g) if g.ndim == 0 else xp.asarray(cols, device=array_device(like))
+        m = np.moveaxis(host_values(sums(on_device)), -2, 0)  # (2, ..., 2)
+        return m[..., 0], m[..., 1]
+
+    if top_is_zero:
+        s, t = at(hi)
+        base = n
+    else:  # the rewards' target needs g = 0: ESS_grad(0) = s1^2 / s2 of the weights |r|
+        s, t = at(np.stack([np.zeros_like(hi), hi]))
+        base = s[0, 0, ...] * s[0, 0, ...] / s[1, 0, ...]
+        s, t = s[:, 1, ...], t[:, 1, ...]
+    needed = np.where(n_pos > 0, _needed_ess(hxp, rho, base), np.asarray(1.0, dtype))
+    factors = _newton_factors(hxp, needed)
+    terms = _newton_terms(hxp, s, t, needed, factors)
+    done_hi = terms[0] | (n_pos <= 0)
+    if not np.all(done_hi):
+        state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)  # any point inside the bracket
+        sums = make_sums(compact=True)  # the rest of the search: positive weights only
+        lo = _eager_iterations(hxp, at, state, needed, factors, iterations, done_hi)
+    gamma = np.where(done_hi, hi, lo)
+    return xp.asarray(np.asarray(gamma, dtype), device=array_device(like))
+
+
+def _eager_iterations(
+    hxp: Namespace,
+    at: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    state: tuple[np.ndarray, ...],
+    needed: np.ndarray,
+    factors: tuple[np.ndarray, ...],
+    iterations: int,
+    done_hi: np.ndarray,
+) -> np.ndarray:
+    """The feasible end after the host's Newton iterations from ``state`` (``x, lo, hi,
+    half_step``): once every row's bracket is within the test's resolution
+    (:func:`_test_resolution`), else after ``iterations`` passes and a last one just below
+    ``x``."""
+    gamma_min, untested_lo = state[1], np.ones(state[1].shape, dtype=bool)
+    for _ in range(iterations):
+        terms = _newton_terms(hxp, *at(state[0]), needed, factors)
+        near = _test_resolution(terms[2], state[0])
+        untested_lo &= (state[0] != gamma_min) & (state[1] == gamma_min)
+        state = _eager_step(terms, state, near, untested_lo)
+        if np.all(done_hi | (state[2] - state[1] <= near)):
+            return state[1]
+    x, lo, hi = state[:3]
+    shrink = np.asarray(polish_factors(hxp, x.dtype), x.dtype)
+    candidates = np.minimum(np.maximum(x, lo), hi) * np.reshape(shrink, (-1,) + (1,) * x.ndim)
+    s = at(candidates)[0]
+    feasible = s[0, ...] * s[0, ...] >= needed * s[1, ...]
+    return np.maximum(np.max(np.where(feasible, candidates, -1.0), axis=0), lo)
+
+
+def _test_resolution(slope: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """How far in gamma the test ``s1^2 >= needed s2`` resolves the root near ``x``: a
+    relative error of ``4 eps`` in the ESS (the roundings of the exponentials, the pairwise
+    sums and the products) over the slope ``d log ESS / d gamma``, at least the spacing of the
+    floats at ``x`` and at most ``min(2^-14, 2^20 eps)`` (6e-5 in float32, 2e-10 in float64),
+    where the ESS is flat. A narrower bracket would follow the rounding, not the ESS: within
+    the test's own error its ends are both feasible or both not."""
+    eps = float(np.finfo(x.dtype).eps)
+    cap = min(2.0**-14, 2.0**20 * eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        width = 4.0 * eps / np.abs(slope)
+    width = np.where(np.isfinite(width), np.minimum(width, cap), cap)
+    return np.maximum(width, np.spacing(x)).astype(x.dtype)
+
+
+def _newton_factors(xp: Namespace, needed: Array) -> tuple[Array, Array, Array]:
+    """The factors of :func:`_newton_terms`: ``[-4, 2]`` and ``[2, -2]`` along a leading axis
+    (before the axes of ``needed``), and ``-2 log needed``."""
+    pairs = xp.asarray([[-4.0, 2.0], [2.0, -2.0]], dtype=needed.dtype, device=array_device(needed))
+    pairs = xp.reshape(pairs, (2, 2) + (1,) * needed.ndim)
+    return pairs[0, ...], pairs[1, ...], -2.0 * xp.log(needed)
 
 
 def _zero_weight_offset(xp: Namespace, prepared: dict[str, Array | None]) -> Array:
@@ -399,7 +575,7 @@ def _grid_gamma(
     else:
         kept = (1, *tuple(xp.expand_dims(n, axis=axis).shape))
         g = xp.reshape(xp.zeros_like(n), kept)
-        s = weight_sums(xp, g, d, offset, d, axis - d.ndim, None, True)[0]
+        s = weight_sums(xp, g, d, offset, d, axis - d.ndim, None, True, slopes=False)[0]
         base = xp.reshape(s[0, ...] * s[0, ...] / s[1, ...], tuple(n.shape))
     needed = _needed_ess(xp, rho, base)
     last = _samples_last(xp, axis, d.ndim)
@@ -443,8 +619,8 @@ def _newton_gamma(
     batch shape with the sample axis kept, so that one :func:`weight_sums` serves them all. The
     first pass tests ``hi``, ``lo`` and the first iterate (and ``g = 0`` for the rewards'
     target) at once; each iteration then costs one pass and one stacked sum (a max too with
-    rewards, whose exponents have no known maximum). Eagerly a pass at ``hi`` alone comes first:
-    where ``hi`` meets the target in every row, it is the result, without the start or a step.
+    rewards, whose exponents have no known maximum). Traced code takes this path; eagerly
+    :func:`_eager_newton_gamma` keeps the bookkeeping on the host.
     """
     kept = (1, *tuple(xp.expand_dims(batch["n"], axis=axis).shape))
     lo, hi, n, rho, n_pos = (xp.reshape(batch[k], kept) for k in ("lo", "hi", "n", "rho", "n_pos"))
@@ -453,58 +629,30 @@ def _newton_gamma(
     # 2e-14 (float32) to its sums (it would add exp(g d) d).
     d_slope = xp.maximum(d, -_SLOPE_FLOOR)
 
-    def sums_at(g: Array, slopes: bool = True) -> tuple[Array, Array]:
+    def sums_at(g: Array) -> tuple[Array, Array]:
         shift = not top_is_zero
-        return weight_sums(xp, g, d, offset, d_slope, axis - d.ndim, reducer, shift, slopes)
+        return weight_sums(xp, g, d, offset, d_slope, axis - d.ndim, reducer, shift)
 
-    def first_pass(gammas: list[Array], slopes: bool = True) -> tuple[Array, Array, Array]:
-        zero = [] if top_is_zero else [xp.zeros_like(hi)]  # the rewards' target needs g = 0
-        sums = sums_at(xp.concat(zero + gammas), slopes)
-        return _with_target(xp, *sums, top_is_zero, n, rho, n_pos)
-
-    if is_concrete(d):  # eager: where gamma_max meets the target in every row, no search
-        s, _, needed = first_pass([hi], slopes=False)
-        s1 = s[0, ...]
-        if eager_all(xp, s1 * s1 >= needed * s[1, ...]):
-            return xp.reshape(hi, shape)
     start = xp.reshape(batch["start"](), kept)
     x = xp.where((start > lo) & (start < hi), start, 0.5 * (lo + hi))
-    # hi again (eagerly tested above): a pass over other gammas may round its sums otherwise
-    # (XLA reduces by shape), and the search must give what the traced code gives, bit for bit.
-    s, t, needed = first_pass([hi, lo, x])
-    pairs = xp.asarray([[-4.0, 2.0], [2.0, -2.0]], dtype=d.dtype, device=array_device(d))
-    pairs = xp.reshape(pairs, (2, 2) + (1,) * len(kept))
-    factors = (pairs[0, ...], pairs[1, ...], -2.0 * xp.log(needed))
+    zero = [] if top_is_zero else [xp.zeros_like(hi)]  # the rewards' target needs g = 0
+    s, t, needed = _with_target(
+        xp, *sums_at(xp.concat([*zero, hi, lo, x])), top_is_zero, n, rho, n_pos
+    )
+    factors = _newton_factors(xp, needed)
     feasible, log_excess, slope = _newton_terms(xp, s, t, needed, factors)
     done_hi, feasible_lo = feasible[0:1, ...], feasible[1:2, ...]
     gamma_min, state = lo, (x, lo, hi, 0.5 * (hi - lo))
     terms = (feasible[2:, ...], log_excess[2:, ...], slope[2:, ...])
-    # Eagerly, in float32 and narrower (a float64 bracket settles only at about the 12th step),
-    # the loop ends where every row's state is settled: the rest would not change it.
-    settles = is_concrete(d) and xp.finfo(d.dtype).bits <= 32
-    by_ends = (done_hi | ~feasible_lo) if settles else None
     for i in range(iterations):
         if i > 0:
             terms = _newton_terms(xp, *sums_at(state[0]), needed, factors)
-        previous_x, state = state[0], _newton_step(xp, *terms, *state)
-        if by_ends is not None and _settled(xp, previous_x, *state[:3], by_ends):
-            break
+        state = _newton_step(xp, *terms, *state)
     x, lo, hi_end = state[:3]
     x = xp.reshape(xp.minimum(xp.maximum(x, lo), hi_end), shape)
     lo = xp.reshape(polish(x, xp.reshape(lo, shape), needed=xp.reshape(needed, shape)), kept)
     gamma = xp.where(done_hi, hi, xp.where(feasible_lo, lo, gamma_min))
     return xp.reshape(gamma, shape)
-
-
-def _settled(
-    xp: Namespace, previous_x: Array, x: Array, lo: Array, hi: Array, by_ends: Array
-) -> bool:
-    """Whether no later Newton step can change the state (one host read): in every row whose
-    result is not decided by the ends (``by_ends``), ``lo`` and ``hi`` are adjacent floats and
-    the next point is the one just tested. Then no Newton point lies strictly inside the
-    bracket, the bisection point is ``x`` again, and its test (the same pass over the same
-    value) gives what it gave: the state, and so the result, are those of all the steps."""
-    return eager_all(xp, by_ends | ((hi <= xp.nextafter(lo, hi)) & (x == previous_x)))
 
 
 def _with_target(
@@ -544,6 +692,15 @@ def _newton_terms(
     return s1 * s1 >= needed * s2, log_excess, slope
 
 
+def _newton_candidate(xp: Namespace, log_excess_2: Array, slope: Array, x: Array) -> Array:
+    """The Newton point on ``F = log ESS - log needed`` in ``u = g^2`` (exact in one step for
+    log-normal weights), aimed ``_OVERSHOOT`` past the predicted root:
+    ``u' = x^2 + (1 + o) du`` with ``du = -F / (dF/dg / (2 x))`` (``log_excess_2`` is ``-2 F``,
+    from :func:`_newton_terms`); NaN where the slope is not negative."""
+    du = log_excess_2 * x / xp.where(slope < 0, slope, xp.nan)
+    return xp.sqrt(xp.maximum(x * x + (1.0 + _OVERSHOOT) * du, 0.0))
+
+
 def _newton_step(
     xp: Namespace,
     feasible: Array,
@@ -555,20 +712,39 @@ def _newton_step(
     half_step: Array,
 ) -> tuple[Array, Array, Array, Array]:
     """One step of the search: ``x`` narrows the bracket ``[lo, hi]``, then the next point is
-    the Newton point on ``F = log ESS - log needed`` in ``u = g^2`` (exact in one step for
-    log-normal weights), aimed ``_OVERSHOOT`` past the predicted root,
-    ``u' = x^2 + (1 + o) du`` with ``du = -F / (dF/dg / (2 x))`` (``log_excess_2`` is
-    ``-2 F``, from :func:`_newton_terms`), or the bracket's midpoint
-    where that point leaves the bracket, does not halve the previous step (``half_step`` is
-    half of it), or the slope is not negative."""
+    :func:`_newton_candidate`, or the bracket's midpoint where that point leaves the bracket,
+    does not halve the previous step (``half_step`` is half of it), or the slope is not
+    negative."""
     lo = xp.where(feasible, x, lo)
     hi = xp.where(feasible, hi, x)
-    # A NaN slope (where it is not negative) makes a NaN candidate, which no comparison
-    # accepts; a candidate of 0 (x = 0, or u <= 0) is never above lo >= 0 either.
-    du = log_excess_2 * x / xp.where(slope < 0, slope, xp.nan)
-    candidate = xp.sqrt(xp.maximum(x * x + (1.0 + _OVERSHOOT) * du, 0.0))
+    # A NaN candidate (the slope is not negative) passes no comparison; a candidate of 0
+    # (x = 0, or u <= 0) is never above lo >= 0 either.
+    candidate = _newton_candidate(xp, log_excess_2, slope, x)
     step = xp.abs(candidate - x)
     newton_ok = (candidate > lo) & (candidate < hi) & (step <= half_step)
     half_step = xp.where(newton_ok, 0.5 * step, 0.25 * (hi - lo))
     x = xp.where(newton_ok, candidate, 0.5 * (lo + hi))
     return x, lo, hi, half_step
+
+
+def _eager_step(
+    terms: tuple[np.ndarray, np.ndarray, np.ndarray],
+    state: tuple[np.ndarray, ...],
+    near: np.ndarray,
+    untested_lo: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """:func:`_newton_step` on the host, with two ends that close the bracket in one more test
+    where the Newton point cannot: where ``F`` at ``x`` has the sign the test denies (it is 0
+    within its rounding, so the root is at ``x``'s end), the point ``near`` (the test's
+    resolution) inside that end; where an infeasible ``x`` puts the root below ``lo`` while
+    ``lo`` is the untested ``gamma_min`` (``untested_lo``), ``lo`` itself (if it fails, so does
+    every gamma of the bracket)."""
+    feasible, log_excess_2, slope = terms
+    x = state[0]
+    x_next, lo, hi, half_step = _newton_step(_HOST, *terms, *state)
+    candidate = _newton_candidate(_HOST, log_excess_2, slope, x)
+    beyond = np.where(feasible, candidate <= lo, candidate >= hi)
+    inside = np.where(feasible, lo + near, hi - near)
+    x_next = np.where(beyond & (inside > lo) & (inside < hi), inside, x_next)
+    below = ~feasible & (candidate <= lo) & untested_lo
+    return np.where(below, lo, x_next), lo, hi, half_step

@@ -10,13 +10,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from array_api_compat import is_jax_array, is_torch_array
+import numpy as np
+from array_api_compat import is_cupy_array, is_jax_array, is_torch_array
 
 from .namespace import Array, Namespace
 from .reduce import Reducer
 
 __all__ = [
     "eager_all",
+    "host_values",
     "is_concrete",
     "nan_or_plus_inf",
     "nonfinite_rows",
@@ -44,6 +46,17 @@ def eager_all(xp: Namespace, x: Array) -> bool:
     """Whether ``x`` (boolean) is concrete and all true: one host read, and ``False`` (nothing
     read) under tracing, so that a shortcut it guards leaves traced code as it is."""
     return is_concrete(x) and bool(xp.all(x))
+
+
+def host_values(x: Array) -> np.ndarray:
+    """The values of an eager array as a NumPy array of its dtype: one read (a copy where the
+    array lives on another device), for decisions taken on the host."""
+    if is_torch_array(x):
+        # tolist dispatches no operator (numpy() dispatches a detach), and copies off a GPU.
+        return np.asarray(x.tolist(), dtype=str(x.dtype).removeprefix("torch."))
+    if is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
 
 
 def nan_or_plus_inf(xp: Namespace, x: Array) -> Array:

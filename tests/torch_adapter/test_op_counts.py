@@ -19,8 +19,8 @@ EXPECTED = {
     "IS Reshape, fixed gamma 0.5, sequence": 85,
     "IS Reshape, fixed gamma 0.5, token": 90,
     "IS Reshape, exact-ESS gamma (default), sequence": 137,
-    "IS Reshape, exact-ESS gamma, token": 127,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 629,
+    "IS Reshape, exact-ESS gamma, token": 101,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 136,
     "IS Reshape, closed-form gamma, sequence": 166,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 110,
 }
@@ -31,8 +31,8 @@ EXPECTED_FULL_SIZE = {
     "IS Reshape, fixed gamma 0.5, sequence": 9,
     "IS Reshape, fixed gamma 0.5, token": 44,
     "IS Reshape, exact-ESS gamma (default), sequence": 9,
-    "IS Reshape, exact-ESS gamma, token": 54,
-    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 142,
+    "IS Reshape, exact-ESS gamma, token": 53,
+    "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)": 79,
     "IS Reshape, closed-form gamma, sequence": 9,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 9,
 }
