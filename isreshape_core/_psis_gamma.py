@@ -54,7 +54,7 @@ def gamma_psis(
     fallback: float = 0.3,
     gamma_min: Any = 0.0,
     gamma_max: Any = 1.0,
-    max_iter: int = 16,
+    max_iter: int | None = None,
 ) -> tuple[Array, Array, Array]:
     r"""Exact ESS gamma on Pareto-smoothed weights, with a flagged fallback for heavy tails.
 
@@ -95,8 +95,9 @@ def gamma_psis(
         Upper bound on gamma where ``k_hat`` exceeds the threshold; must be ``>= gamma_min``.
     gamma_min, gamma_max : float or array broadcastable to the batch shape, in [0, 1]
         Bounds on gamma, as in :func:`isreshape_core.gamma_ess`.
-    max_iter : int, default 16
-        Iterations of :func:`isreshape_core.gamma_ess`.
+    max_iter : int, optional
+        Newton iterations of :func:`isreshape_core.gamma_ess` (fixed work); ``None`` (default):
+        its own default (the candidate grid where it applies, else Newton).
 
     Returns
     -------
@@ -138,7 +139,7 @@ def gamma_psis(
         threshold = check_positive_number(
             k_threshold, "k_threshold", "use 0.7 or None for min(1 - 1/log10 S, 0.7)"
         )
-    max_iter = check_count(max_iter, "max_iter")
+    max_iter = None if max_iter is None else check_count(max_iter, "max_iter")
 
     smoothed, k_hat = psis(l, axis=axis, r_eff=r_eff)
     bounds = {"gamma_min": gamma_min, "gamma_max": gamma_max, "max_iter": max_iter}
@@ -312,8 +313,9 @@ def gamma_combined(
         Target Pareto shape of ``w^gamma``.
     axis, mask, r_eff, gamma_min, gamma_max
         As in :func:`gamma_tail`.
-    max_iter : int, default 16
-        Iterations of :func:`isreshape_core.gamma_ess`.
+    max_iter : int, optional
+        Newton iterations of :func:`isreshape_core.gamma_ess` (fixed work); ``None`` (default):
+        its own default (the candidate grid where it applies, else Newton).
     tail_iter : int, default 12
         Bisection steps of :func:`gamma_tail`.
 
