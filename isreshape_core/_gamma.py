@@ -446,17 +446,7 @@ def _eager_newton_gamma(
     hxp = _HOST
     lo, hi, rho, n, n_pos = (params[k] for k in ("lo", "hi", "rho", "n", "n_pos"))
     dtype = n.dtype
-
-    sums = make_sums()
-
-    def at(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(s, t)`` at candidates ``g`` (leading axes, then the batch shape): each with a
-        leading axis of 2 (the powers 1 and 2 of the weights)."""
-        cols = np.reshape(g, (*g.shape, 1, 1))
-        on_device = float(g) if g.ndim == 0 else xp.asarray(cols, device=array_device(like))
-        m = np.moveaxis(host_values(sums(on_device)), -2, 0)  # (2, ..., 2)
-        return m[..., 0], m[..., 1]
-
+    at = _host_pass(xp, make_sums(), like)
     if top_is_zero:
         s, t = at(hi)
         base = n
@@ -470,10 +460,26 @@ def _eager_newton_gamma(
     done_hi = terms[0] | (n_pos <= 0)
     if not np.all(done_hi):
         state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)  # any point inside the bracket
-        sums = make_sums(compact=True)  # the rest of the search: positive weights only
+        at = _host_pass(xp, make_sums(compact=True), like)  # then: positive weights only
         lo = _eager_iterations(hxp, at, state, needed, factors, iterations, done_hi)
     gamma = np.where(done_hi, hi, lo)
     return xp.asarray(np.asarray(gamma, dtype), device=array_device(like))
+
+
+def _host_pass(
+    xp: Namespace, sums: Callable[[Array | float], Array], like: Array
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``g -> (s, t)`` on the host for the device pass ``sums`` (:func:`weight_matrix`) at
+    candidates ``g`` (leading axes, then the batch shape), each with a leading axis of 2 (the
+    powers 1 and 2 of the weights): one read."""
+
+    def at(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cols = np.reshape(g, (*g.shape, 1, 1))
+        on_device = float(g) if g.ndim == 0 else xp.asarray(cols, device=array_device(like))
+        m = np.moveaxis(host_values(sums(on_device)), -2, 0)  # (2, ..., 2)
+        return m[..., 0], m[..., 1]
+
+    return at
 
 
 def _eager_iterations(

@@ -495,3 +495,29 @@ def test_eager_step_closes_the_bracket_at_its_ends():
     x = step(False, 0.01, lo=0.0)[0]
     want = _newton_candidate(np, np.asarray([0.01]), np.asarray([-2.0]), np.asarray([0.5]))
     assert 0.0 < x[0] < 0.5 and x[0] == want[0]
+
+
+def test_eager_search_out_of_passes_tests_points_just_below_the_iterate():
+    """Where the host's Newton search runs out of passes, its gamma is the largest of ``lo``
+    and of the points ``x (1 - 2^-j)`` that pass the test, enumerated here with float64
+    sums."""
+    from isreshape_core._ess_grid import polish_factors
+    from isreshape_core._gamma import _HOST, _eager_iterations, _newton_factors
+
+    l = np.random.default_rng(11).normal(0.0, 1.2, 500)
+    d = l - l.max()
+
+    def at(g):
+        e = np.exp(np.asarray(g, dtype=np.float64)[..., None] * d)
+        s = np.stack([e.sum(-1), (e * e).sum(-1)])
+        return s, np.stack([(e * d).sum(-1), (e * e * d).sum(-1)])
+
+    needed = np.asarray(0.3 * l.size)
+    root = brute_gamma(l, 0.3)
+    x, lo = np.asarray(root * (1.0 + 2.0**-30)), np.asarray(0.5)  # just above the root
+    state = (x, lo, np.asarray(1.0), np.asarray(0.25))
+    got = _eager_iterations(_HOST, at, state, needed, _newton_factors(np, needed), 0, False)
+    points = [float(x) * f for f in polish_factors(np, np.float64)]
+    passing = [g for g in points if brute_ratio(l, g) * l.size >= float(needed)]
+    assert passing and got == max([float(lo), *passing])
+    assert abs(got - root) < 1e-6
