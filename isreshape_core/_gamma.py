@@ -459,7 +459,8 @@ def _eager_newton_gamma(
     terms = _newton_terms(hxp, s, t, needed, factors)
     done_hi = terms[0] | (n_pos <= 0)
     if not np.all(done_hi):
-        state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)  # any point inside the bracket
+        with _quiet_host_steps():  # any point inside the bracket
+            state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)
         at = _host_pass(xp, make_sums(compact=True), like)  # then: positive weights only
         lo = _eager_iterations(hxp, at, state, needed, factors, iterations, done_hi)
     gamma = np.where(done_hi, hi, lo)
@@ -733,6 +734,12 @@ def _newton_step(
     return x, lo, hi, half_step
 
 
+def _quiet_host_steps() -> np.errstate:
+    """A flat slope may overflow a Newton step, as it does silently on a device; the bracket's
+    comparisons then reject the step (inf and NaN pass none), so NumPy need not warn."""
+    return np.errstate(over="ignore", divide="ignore", invalid="ignore")
+
+
 def _eager_step(
     terms: tuple[np.ndarray, np.ndarray, np.ndarray],
     state: tuple[np.ndarray, ...],
@@ -747,8 +754,9 @@ def _eager_step(
     every gamma of the bracket)."""
     feasible, log_excess_2, slope = terms
     x = state[0]
-    x_next, lo, hi, half_step = _newton_step(_HOST, *terms, *state)
-    candidate = _newton_candidate(_HOST, log_excess_2, slope, x)
+    with _quiet_host_steps():
+        x_next, lo, hi, half_step = _newton_step(_HOST, *terms, *state)
+        candidate = _newton_candidate(_HOST, log_excess_2, slope, x)
     beyond = np.where(feasible, candidate <= lo, candidate >= hi)
     inside = np.where(feasible, lo + near, hi - near)
     x_next = np.where(beyond & (inside > lo) & (inside < hi), inside, x_next)

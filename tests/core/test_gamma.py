@@ -4,6 +4,7 @@ brute-force bisection on brute-force ESS values."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -521,3 +522,18 @@ def test_eager_search_out_of_passes_tests_points_just_below_the_iterate():
     passing = [g for g in points if brute_ratio(l, g) * l.size >= float(needed)]
     assert passing and got == max([float(lo), *passing])
     assert abs(got - root) < 1e-6
+
+
+def test_eager_step_with_a_flat_slope_bisects_without_a_warning():
+    """A slope so flat that the Newton step overflows float32 (on the host, as on a device)
+    is rejected by the bracket, without NumPy's overflow warning: the midpoint comes next."""
+    from isreshape_core._gamma import _eager_step
+
+    f = lambda v: np.asarray([v], dtype=np.float32)  # noqa: E731
+    terms = (np.asarray([False]), f(7.0), f(-1e-38))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, lo, hi, _ = _eager_step(
+            terms, (f(0.5), f(0.0), f(1.0), f(0.5)), f(1e-6), np.asarray([False])
+        )
+    assert (lo[0], hi[0], x[0]) == (0.0, 0.5, 0.25)
