@@ -10,6 +10,7 @@ frameworks.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -55,6 +56,21 @@ DOCTESTS = {
 # The Tunix release isreshape_jax.tunix is tested with (its TUNIX_TESTED).
 TUNIX = "google-tunix==0.1.7"
 ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# Set to 1 to keep the framework sessions' environments (verl, TRL, Tunix: 5 GB together).
+KEEP_VENVS = "ISRESHAPE_NOX_KEEP_VENVS"
+
+
+def release_venv(session: nox.Session) -> None:
+    """Remove a passed framework session's environment (1.4 to 2 GB each), so that plain
+    ``nox`` on a fresh clone peaks near 6 GB of disk rather than 8.4 GB (a CI run once ran out
+    of disk); ``ISRESHAPE_NOX_KEEP_VENVS=1`` keeps it for a faster rerun. A failed session
+    keeps its environment for debugging."""
+    if os.environ.get(KEEP_VENVS) == "1":
+        return
+    location = getattr(session.virtualenv, "location", None)
+    if location and os.path.isdir(location):
+        shutil.rmtree(location)
+        session.log(f"removed {location} to spare disk (set {KEEP_VENVS}=1 to keep it)")
 
 
 @nox.session
@@ -140,6 +156,7 @@ def tests_verl(session: nox.Session) -> None:
         "-q",
         env={"ISRESHAPE_XP": "numpy", **ENV},
     )
+    release_venv(session)
 
 
 @nox.session
@@ -160,6 +177,7 @@ def tests_trl(session: nox.Session) -> None:
         "-q",
         env={"ISRESHAPE_XP": "numpy", **ENV},
     )
+    release_venv(session)
 
 
 @nox.session
@@ -180,6 +198,7 @@ def tests_tunix(session: nox.Session) -> None:
         "no:cacheprovider",
         env={"ISRESHAPE_XP": "numpy", "JAX_PLATFORMS": "cpu", **ENV},
     )
+    release_venv(session)
 
 
 @nox.session
