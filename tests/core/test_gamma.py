@@ -378,7 +378,9 @@ def test_eager_newton_ends_at_the_test_resolution(xp, monkeypatch, dtype, with_r
     test itself: in fewer steps than the traced code's 12 in most float32 rows, with the traced
     gamma's value to that resolution, in rows inside the bracket and in rows decided by the
     ends, and within rounding of a brute-force bisection (which the gamma passes)."""
-    tol = 8e-7 if dtype == np.float32 else 1e-13  # float32: the sums round at about 1e-7
+    # float32: the sums round at about 1e-7, which the ESS slope magnifies in gamma, by a
+    # factor that depends on the CPU's SIMD width (up to 16 ulps of gamma seen).
+    tol = 2e-6 if dtype == np.float32 else 1e-13
     ended_early = 0
     for seed in range(10):
         rng = np.random.default_rng(seed)
