@@ -50,3 +50,71 @@ def test_isfinite_and_sign_match_torch_and_batch_under_vmap():
     assert torch.equal(xp.sign(x), torch.tensor([0.0, 1.0, -1.0, -1.0, 0.0, 1.0]))
     batched = torch.func.vmap(xp.sign)(torch.stack([x, -x]))
     assert torch.equal(batched[1], torch.tensor([0.0, -1.0, 1.0, 1.0, 0.0, -1.0]))
+
+
+def _promoting_cases(torch):
+    """``(name, args)`` for every wrapped function: same-dtype tensors (the direct path), Python
+    numbers, and operands whose promotion array-api-compat fixes (the general path)."""
+    x32 = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float32)
+    y32 = torch.tensor([1.5, 0.5, -1.0], dtype=torch.float32)
+    x64 = torch.tensor(0.25, dtype=torch.float64)  # 0-d: torch alone would keep float32
+    ints = torch.tensor([1, 2, 3])
+    binary = [(x32, y32), (x32, 0.75), (2, x32), (x32, x64), (ints, 0.5), (ints, ints)]
+    names = ["maximum", "minimum", "add", "subtract", "multiply", "divide", "pow", "logaddexp"]
+    names += ["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
+    # logaddexp is not defined on integer tensors in torch.
+    cases = [(n, args) for n in names for args in binary if n != "logaddexp" or args[0] is not ints]
+    cond = x32 > 0
+    for args in [(x32, y32), (x32, 0.0), (-1.5, y32), (x32, x64), (ints, 1.5), (ints, ints)]:
+        cases.append(("where", (cond, *args)))
+    return cases
+
+
+def test_promoting_functions_match_array_api_compat():
+    """Every wrapped function gives array-api-compat's dtype and values: the direct call where
+    the operands share one floating dtype, the promotion fixes otherwise."""
+    from array_api_compat import torch as compat
+
+    x = torch.zeros(1)
+    xp = namespace(x)
+    for name, args in _promoting_cases(torch):
+        got, want = getattr(xp, name)(*args), getattr(compat, name)(*args)
+        assert got.dtype == want.dtype, (name, args)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_same_dtype_operands_call_torch_alone(load_benchmark):
+    """Tensors of one floating dtype (and a boolean condition for ``where``) reach the torch
+    function with no promotion work: one operator, and no ``result_type`` call."""
+    count_ops = load_benchmark("loss_ops").CountOps
+    x = torch.tensor([[-2.0, 0.5], [3.0, 1.0]])
+    y = torch.tensor([[1.5, 0.5], [-1.0, 2.0]])
+    xp, cond = namespace(x), x > 0
+    calls = []
+    original = torch.result_type
+    torch.result_type = lambda *a: calls.append(a) or original(*a)
+    try:
+        for fn in (lambda: xp.where(cond, x, y), lambda: xp.maximum(x, y), lambda: xp.add(x, y)):
+            mode = count_ops()
+            with mode:
+                fn()
+            assert sum(mode.counts.values()) == 1, mode.counts
+    finally:
+        torch.result_type = original
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vecdot_matches_a_float64_sum_of_products(dtype):
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5000, generator=rng, dtype=dtype)
+    b = torch.randn(3, 5000, generator=rng, dtype=dtype)
+    xp = namespace(a)
+    want = (a.double() * b.double()).sum(-1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for axis, got in ((-1, xp.vecdot(a, b)), (0, xp.vecdot(a.T, b.T, axis=0))):
+        assert got.dtype == dtype and got.shape == (3,), axis
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 100)
+    torch.testing.assert_close(xp.vecdot(a[0], b[0]).double(), want[0], rtol=tol, atol=tol * 100)
+    ints = torch.arange(6).reshape(2, 3)
+    assert torch.equal(xp.vecdot(ints, ints), torch.tensor([5, 50]))
