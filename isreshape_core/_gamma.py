@@ -152,12 +152,13 @@ def _weigh_by_rewards(
 class Shifted(NamedTuple):
     """Unit log weights relative to their row max, shared by the ESS search and the metrics:
     ``finite`` marks the positive weights, ``floored`` is ``l - max`` floored
-    (:func:`floored_shift`: the floor at a zero weight), ``d`` the same with 0 at a zero
-    weight, ``count`` this shard's number of positive weights; ``bounded``: every log weight
-    is known to be at most the variance's ``spread_bound`` in magnitude."""
+    (:func:`floored_shift`: the floor at a zero weight; ``None`` where the caller needs only
+    ``d``), ``d`` the same with 0 at a zero weight, ``count`` this shard's number of positive
+    weights; ``bounded``: every log weight is known to be at most the variance's
+    ``spread_bound`` in magnitude."""
 
     finite: Array
-    floored: Array
+    floored: Array | None
     d: Array
     count: Array
     bounded: bool = False
@@ -171,22 +172,29 @@ def shifted_log_weights(
     keepdims: bool = False,
     bounded: bool = False,
     finite: Array | None = None,
+    count: Array | None = None,
+    floored: bool = True,
 ) -> Shifted:
     """The :class:`Shifted` of unit log weights ``masked_l`` (``-inf`` = invalid or weight 0)
     along ``axis``, relative to the max over every shard: bit for bit the exponents of
     :func:`gamma_ess` and of the loss's metrics. ``bounded``: the caller has checked every
     ``|l|`` against the variance's ``spread_bound`` (of all of them, over every shard);
-    ``finite``: ``masked_l > -inf`` where the caller knows it (the valid units, when all are
-    finite)."""
+    ``finite``: ``masked_l > -inf`` and ``count`` the number of them, where the caller knows
+    them (the valid units, when all are finite); ``floored=False``: no ``floored`` array, where
+    only ``d`` is needed (bounded weights: ``l - max`` then needs no floor either)."""
     finite = masked_l > -xp.inf if finite is None else finite
     top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
     top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
     # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
     # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
     # gamma >= 0).
-    floored = floored_shift(xp, masked_l, top)
-    d = xp.where(finite, floored, 0.0)
-    return Shifted(finite, floored, d, count_true(xp, finite, axis, d.dtype), bounded)
+    if bounded and not floored:  # |l - max| <= 2 spread_bound: nothing to floor
+        shift, floored_d = masked_l - top, None
+    else:
+        shift = floored_d = floored_shift(xp, masked_l, top)
+    d = xp.where(finite, shift, 0.0)
+    count = count_true(xp, finite, axis, d.dtype) if count is None else count
+    return Shifted(finite, floored_d, d, count, bounded)
 
 
 def gamma_ess(

@@ -26,7 +26,7 @@ import math
 import numbers
 from typing import Any, Literal, NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_jax_namespace
 
 from ._gamma import shifted_log_weights
 from ._lib.checks import check_choice as _check_choice
@@ -450,8 +450,9 @@ def token_units(
 
 def _ordinary_units(xp: Namespace, tokens: Tokens, level: str, form: str) -> Units | None:
     """The units by plain sums of the masked token log ratios, or ``None`` unless one host read
-    finds every reward finite and every unit log weight within :func:`spread_bound` (8.6e9 at
-    64 sequences in float32; the metrics' variance needs no scaling then).
+    finds every reward finite and the squared unit log weights summing to at most the square
+    of :func:`spread_bound` (8.6e9 at 64 sequences in float32), so that every one is within it
+    (the metrics' variance needs no scaling then).
 
     A finite plain sum had no partial sum overflow (an infinite partial sum stays infinite or
     NaN), so it is the guarded sum of :func:`_guarded_units` (which scales only rows that could
@@ -463,13 +464,16 @@ def _ordinary_units(xp: Namespace, tokens: Tokens, level: str, form: str) -> Uni
     with quiet_overflow(xp):
         token_l = xp.where(mask, logp - logq, 0.0)
         total = xp.sum(token_l, axis=-1) if level != "token" else token_l
-        # NaN or +-inf where a unit or a reward is not finite; one value per sequence each: in
-        # one array (few elements, so operators are the cost), else a reward sum beside.
+        # The sum of squares bounds every |l| (one operator, no array of |l|); NaN or +-inf
+        # where a unit or a reward is not finite, or where it overflows. One value per
+        # sequence each: in one array, else a reward sum beside.
         if total.ndim == 1 and tuple(r.shape) == tuple(total.shape):
-            probe = xp.max(xp.abs(total + r * 0.0))
+            t = total + r * 0.0
+            probe = xp.vecdot(t, t)
         else:
-            probe = xp.max(xp.abs(total)) + xp.sum(r) * 0.0
-        if not bool(probe <= spread_bound(xp, total.dtype, math.prod(total.shape))):
+            flat = xp.reshape(total, (-1,))
+            probe = xp.vecdot(flat, flat) + xp.sum(r) * 0.0
+        if not bool(probe <= spread_bound(xp, total.dtype, math.prod(total.shape)) ** 2):
             return None
     if level == "geometric":
         total = total / xp.maximum(n_tok, 1.0)  # a count: 1 where it is 0
@@ -669,8 +673,13 @@ def unit_gamma(
         masked_l = xp.where(flat_valid, flat_l, -xp.inf)
         # The metrics' and the search's; the plain units' check bounds every |l| of this shard.
         bounded, finite = units.finite and reducer is None, flat_valid if units.finite else None
-        shifted = shifted_log_weights(xp, masked_l, -1, reducer, bounded=bounded, finite=finite)
-        if units.finite and _default_search(gamma, reducer, gamma_options):
+        search = units.finite and _default_search(gamma, reducer, gamma_options)
+        # Token units: their count is the token count (no pass over the mask).
+        count = xp.sum(units.n_tok) if finite is not None and unit_l.ndim > 1 else None
+        shifted = shifted_log_weights(
+            xp, masked_l, -1, reducer, bounded=bounded, finite=finite, count=count, floored=search
+        )
+        if search:
             g, k_hat = ess_gamma_of_shifted(xp, masked_l, shifted, rho_min, gamma_options), None
         else:
             g, k_hat = choose_gamma(flat_l, flat_valid, rho_min, gamma, reducer, gamma_options)
@@ -825,7 +834,7 @@ def _plain_peak(
     if math.prod(tuple(e.shape)) <= _STACKED_CHECK_UNITS:
         neg_terms, unit_grad = products
         return xp.max(xp.abs(xp.stack([h, e, neg_terms * n_units, unit_grad * n_units])))
-    factor_peak = xp.max(xp.maximum(xp.abs(h), e))
+    factor_peak = xp.maximum(xp.max(xp.abs(h)), xp.max(e))  # e > 0: no array of max(|h|, e)
     return factor_peak * xp.maximum(xp.max(xp.abs(neg_c)) * n_units, 1.0)
 
 
@@ -856,9 +865,11 @@ def _plain_factors(
 
 
 def _full(xp: Namespace, divisor: Array, like: Array) -> Array:
-    """``divisor`` broadcast to ``like``'s shape (a view in NumPy and torch). Dividing by it
-    is correctly rounded everywhere: XLA turns a division by a broadcast value into a product
-    with its reciprocal, which is not."""
+    """``divisor`` broadcast to ``like``'s shape under JAX, as it is elsewhere (where a division
+    by it is correctly rounded already): XLA turns a division by a broadcast value into a
+    product with its reciprocal, which is not."""
+    if not is_jax_namespace(xp):
+        return divisor
     return xp.broadcast_to(divisor, tuple(like.shape))
 
 

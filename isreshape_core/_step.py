@@ -112,27 +112,26 @@ def tempered_metrics(
     ``max_weight`` the largest normalised unit weight, ``k_hat`` the worst row's.
     ``shifted``: the :func:`shifted_log_weights` of ``masked_l`` where the caller has them.
     """
-    # One row and nothing to merge over shards: reduce over all axes, to the 0-d metrics.
-    single = masked_l.ndim == 1
-    whole = single or (masked_l.shape[0] == 1 and merge_reducer is None)
-    axis = (-2, -1) if whole and not single else -1
+    # One row and nothing to merge over shards: the 0-d metrics, from the row as one axis.
+    if masked_l.ndim == 2 and masked_l.shape[0] == 1 and merge_reducer is None:
+        masked_l = xp.reshape(masked_l, (-1,))
+        unit_gamma = xp.reshape(unit_gamma, (-1,))
+    whole = masked_l.ndim == 1
     if shifted is None:
-        shifted = shifted_log_weights(xp, masked_l, axis, stats_reducer, keepdims=not whole)
-    finite, d, local_count = shifted.finite, shifted.d, shifted.count
-    # The exponents at gamma and at 1 in one product (1 d is d), not two arrays and a copy.
-    gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
-    e = xp.where(finite, xp.exp(gammas * d), 0.0)  # at gamma, at 1
-    s1, s2, count, total = _row_sums(xp, e, local_count, d, axis, stats_reducer)
+        shifted = shifted_log_weights(xp, masked_l, -1, stats_reducer, keepdims=not whole)
+    finite, d = shifted.finite, shifted.d
+    sums = _tempered_sums(xp, finite, d, unit_gamma)
+    s1, s2, count, total = _merged_sums(xp, sums, shifted.count, d, stats_reducer)
     n = xp.maximum(count, 1.0)
     mean = total / n
-    ess = kish_from_sums(xp, s1, s2, count) / n
+    ess = kish_from_sums(xp, s1, s2, count) / n  # at gamma, at 1
     at_1 = s1[1, ...]  # >= 1 (the max's own e^0) wherever a weight is positive, else 0
     rows = {
         "gamma": gamma,
-        "sigma2": _variance(xp, shifted, mean, count, total, axis, stats_reducer, whole),
+        "sigma2": _variance(xp, shifted, mean, count, total, stats_reducer, whole),
         "ess_ratio": ess[0, ...],
         "ess_ratio_at_1": ess[1, ...],
-        "max_weight": xp.minimum(at_1, 1.0 / xp.maximum(at_1, 1.0)),
+        "max_weight": xp.minimum(at_1, xp.divide(1.0, xp.maximum(at_1, 1.0))),
     }
     if k_hat is not None:
         rows["k_hat"] = k_hat
@@ -141,17 +140,38 @@ def tempered_metrics(
     return merge_rows(xp, rows, merge_reducer)
 
 
-def _row_sums(
-    xp: Namespace, e: Array, count: Array, d: Array, axis: Any, reducer: Reducer | None
+#: Up to this many unit weights the metrics stack their exponents at gamma and at 1 (operators
+#: are their cost), beyond it take them one by one (passes over memory are).
+_STACKED_UNITS = 2**12
+
+
+def _tempered_sums(
+    xp: Namespace, finite: Array, d: Array, unit_gamma: Array
+) -> tuple[Array, Array]:
+    """``(sum e, sum e^2)`` along the last axis of ``e = exp(gamma d)`` at ``unit_gamma`` and
+    at 1 (stacked first), over the positive weights ``finite``. The exponentials are of ``d``
+    (0 at a zero weight), masked after: exp of the floor would be 0 too, but torch's CPU exp
+    is several times slower on arguments whose result underflows."""
+    if math.prod(tuple(d.shape)) <= _STACKED_UNITS:
+        gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
+        e = xp.where(finite, xp.exp(gammas * d), 0.0)
+        return xp.sum(e, axis=-1), xp.sum(e * e, axis=-1)
+    exps = [xp.where(finite, xp.exp(z), 0.0) for z in (unit_gamma * d, d)]
+    # The squares as dot products: no array of them.
+    return xp.stack([xp.sum(e, axis=-1) for e in exps]), xp.stack([xp.vecdot(e, e) for e in exps])
+
+
+def _merged_sums(
+    xp: Namespace, sums: tuple[Array, Array], count: Array, d: Array, reducer: Reducer | None
 ) -> tuple[Array, Array, Array, Array]:
-    """``(sum e, sum e^2, count, sum d)`` over ``axis`` (``e`` stacks two arrays like ``d``;
-    ``count``: this shard's), over all shards in one collective."""
-    s1, s2 = xp.sum(e, axis=axis), xp.sum(e * e, axis=axis)
-    total = xp.sum(d, axis=axis)
+    """``(sum e, sum e^2, count, sum d)`` from :func:`_tempered_sums` and this shard's count,
+    over every shard in one collective."""
+    s1, s2 = sums
+    total = xp.sum(d, axis=-1)
     if reducer is None:
         return s1, s2, count, total
-    sums = reducer.sum(xp.concat([s1, s2, xp.stack([count, total])]))
-    return sums[0:2, ...], sums[2:4, ...], sums[4, ...], sums[5, ...]
+    merged = reducer.sum(xp.concat([s1, s2, xp.stack([count, total])]))
+    return merged[0:2, ...], merged[2:4, ...], merged[4, ...], merged[5, ...]
 
 
 def _variance(
@@ -160,7 +180,6 @@ def _variance(
     mean: Array,
     count: Array,
     total: Array,
-    axis: Any,
     reducer: Reducer | None,
     whole: bool,
 ) -> Array:
@@ -185,7 +204,10 @@ def _variance(
         small = xp.asarray(2.0 ** (1 - h), dtype=d.dtype, device=array_device(d))
         factor = xp.where(big, small, 1.0)  # per row: one product over the samples
         dev = dev * (factor if whole else factor[..., None])
-    var = reduce_sum(xp, dev * dev, axis, reducer) / xp.maximum(count - 1.0, 1.0)
+    squares = xp.vecdot(dev, dev, axis=-1)
+    if reducer is not None:
+        squares = reducer.sum(squares)
+    var = squares / xp.maximum(count - 1.0, 1.0)
     if no_big:
         return var
     # var * 2^(2h-2) fits exactly where var <= max_float / 2^(2h-2) (a power-of-2 product).

@@ -330,6 +330,55 @@ def test_loss_metrics_agree_with_the_public_statistics(xp, gamma):
         assert to_numpy(metrics["ess_ratio"]) >= 0.6
 
 
+@pytest.mark.parametrize("gamma", [0.37, "ess", "precomputed"])
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_token_metrics_of_many_units_agree_with_float64_sums(xp, gamma, group_size):
+    """Beyond the few units whose exponents the metrics stack (here 8192 tokens; the exponents
+    at gamma and at 1 one by one, the squares as dot products), the metrics against Python
+    sums over each group's token weights, averaged over the groups as the loss reports them."""
+    if group_size is not None and gamma == "precomputed":
+        pytest.skip("a precomputed gamma is not combined with group_size")
+    logp, logq, rewards, mask = make_batch(5, B=8, T=1024, spread=0.4)
+    args = [xp.asarray(a) for a in (logp, logq, rewards, mask)]
+    given = (
+        xp.asarray(np.linspace(0.2, 0.9, 8 * 1024).reshape(8, 1024))
+        if gamma == "precomputed"
+        else gamma
+    )
+    _, _, metrics = is_reshape_loss_and_grad(
+        *args, gamma=given, level="token", group_size=group_size
+    )
+    l = np.where(mask, logp - logq, 0.0)
+    rows = 1 if group_size is None else 8 // group_size
+    unit_g = np.broadcast_to(np.linspace(0.2, 0.9, 8 * 1024).reshape(8, 1024), l.shape)
+    want = {k: [] for k in ("ess_ratio", "ess_ratio_at_1", "sigma2", "max_weight", "gamma")}
+    for row in range(rows):
+        part = slice(row * 8 // rows, (row + 1) * 8 // rows)
+        valid = mask[part]
+        lv = l[part][valid]
+        if gamma == "precomputed":
+            g = unit_g[part][valid]
+        else:
+            g = float(to_numpy(metrics["gamma"])) if rows == 1 else None
+            if g is None:  # per group: the group's own gamma, chosen as for the whole batch
+                g = _group_gamma(lv, gamma)
+        w_g, w_1 = np.exp(g * (lv - lv.max())), np.exp(lv - lv.max())
+        want["ess_ratio"].append(brute_force_ess(w_g) / lv.size)
+        want["ess_ratio_at_1"].append(brute_force_ess(w_1) / lv.size)
+        want["sigma2"].append(np.var(lv, ddof=1))
+        want["max_weight"].append(w_1.max() / sum(float(v) for v in w_1))
+        want["gamma"].append(np.mean(g))
+    for name, values in want.items():
+        reduce = max if name == "max_weight" else np.mean
+        got = to_numpy(metrics[name])
+        np.testing.assert_allclose(got, reduce(values), rtol=1e-9, err_msg=name)
+
+
+def _group_gamma(l: np.ndarray, gamma):
+    """A group's gamma as the loss chooses it: the fixed number, or the ESS search's."""
+    return gamma if isinstance(gamma, float) else brute_force_gamma(l, 0.3)
+
+
 @pytest.mark.parametrize("spread", [1e3, 1e15, 1e18, 1e19, 3e19, 1e30])
 def test_loss_sigma2_is_inf_only_where_the_variance_exceeds_float32(xp, spread):
     """Float32 unit log weights of every spread: sigma2 against the float64 variance (finite
