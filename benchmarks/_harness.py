@@ -18,6 +18,13 @@ How a loss is timed, and why:
   insensitive to other processes competing for the cores. The process's CPU time is recorded
   too, and the table states the fraction of it the thread accounts for: near 1 means no work
   ran on other threads (a framework's worker pool) and escaped the measure.
+- **A settled allocator.** Before the rounds a 16 MiB block is allocated and freed, as a
+  model's activations are in every training step. glibc's ``malloc`` serves blocks above a
+  threshold (128 KiB at start) by ``mmap`` and raises the threshold to the size of a mapped
+  block that is freed: in a training process the loss's arrays (512 KiB each here) come from
+  the heap, while in a fresh process every one of them would be mapped, faulted in page by
+  page and unmapped again, a cost (and a noise: per-round ratios spread 6 times wider) that
+  training does not pay. Elsewhere than glibc the block changes nothing.
 - Python's garbage collector is paused during the timed rounds.
 """
 
@@ -39,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 FLUSH_BYTES = 64 * 2**20
+SETTLE_BYTES = 16 * 2**20  # at most glibc's largest dynamic mmap threshold (32 MiB)
 HISTORY_HEADING = "## History"
 _FLUSH_BUFFER = np.zeros(FLUSH_BYTES, dtype=np.uint8)
 
@@ -46,6 +54,13 @@ _FLUSH_BUFFER = np.zeros(FLUSH_BYTES, dtype=np.uint8)
 def flush_caches() -> None:
     """Write every byte of a 64 MiB buffer (a new value each call), evicting the caches."""
     _FLUSH_BUFFER.fill((int(_FLUSH_BUFFER[0]) + 1) % 256)
+
+
+def settle_allocator() -> None:
+    """Allocate, write and free a block of :data:`SETTLE_BYTES`, as a training step frees its
+    activations: glibc's ``malloc`` then takes smaller arrays from the heap rather than mapping
+    each one (see the module's notes)."""
+    np.ones(SETTLE_BYTES, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ def time_interleaved(
     names = list(cases)
     thread = {name: [] for name in names}
     process = {name: [] for name in names}
+    settle_allocator()
     gc.collect()
     gc.disable()
     try:
@@ -144,7 +160,8 @@ def method_text(rounds: int, warmup: int, timings: Timings) -> str:
     )
     return (
         f"{rounds} interleaved rounds after {warmup} warm-up rounds (compile time excluded); "
-        f"{caches}; this thread's CPU time (it was {timings.thread_share:.1%} of the process's "
+        f"{caches}; the allocator settled by a freed 16 MiB block; this thread's CPU time "
+        f"(it was {timings.thread_share:.1%} of the process's "
         "CPU time over the timed calls). Ratios are per round, to the baseline timed in the same "
         "round: median, quartiles (IQR) and min-max over the rounds; median ms: the case's "
         "median over the rounds."
