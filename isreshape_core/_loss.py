@@ -11,7 +11,8 @@ same unit log weights (:func:`unit_log_weights`). The loss is one pipeline of na
    token counts; eager checks, traced NaN flags), :func:`aggregation_divisor`;
 2. unit loss, gradient and metrics: :func:`unit_loss` (gamma by :func:`unit_gamma`, then
    :func:`unit_loss_and_grad`: log-space terms, one common scale, gradient, value terms);
-3. gradient scatter: :func:`scatter_gradient` (``d l_u / d logp_bt`` is 1 or ``1 / n_b``).
+3. gradient scatter: :func:`token_gradient` (``d l_u / d logp_bt`` is 1 or ``1 / n_b``), which
+   an autograd wrapper may defer to its backward pass (``gradient="units"``).
 
 The adapters wrap it: the torch adapter registers the gradient in a
 ``torch.autograd.Function``, the JAX adapter in a ``jax.custom_jvp``; the CuPy adapter fuses
@@ -263,8 +264,9 @@ def is_reshape_loss_and_grad(
     group_size: int | None = None,
     loss_scale_factor: float | None = None,
     reducer: Reducer | None = None,
+    gradient: Literal["tokens", "units"] = "tokens",
     **gamma_options: Any,
-) -> tuple[Array, Array, dict[str, Array]]:
+) -> tuple[Array, Array | UnitGradient, dict[str, Array]]:
     r"""The IS Reshape loss, its gradient with respect to ``logp``, and metrics.
 
     With unit log weights ``l_u`` (a sequence's summed or mean token log-ratio, or one token's;
@@ -313,14 +315,20 @@ def is_reshape_loss_and_grad(
     reducer : Reducer, optional
         For data-parallel shards of the batch: gamma and the normalisers become global, so every
         shard uses the same gamma and the loss is the loss of the whole batch.
+    gradient : {"tokens", "units"}
+        ``"units"``: the gradient as a :class:`UnitGradient` (per unit, with what scatters it to
+        the tokens) instead of the ``logp``-shaped array, for an autograd wrapper that scatters
+        it in its backward pass (``isreshape_torch`` does: it keeps a ``(B,)`` array rather than
+        a ``(B, T)`` one between the passes, and writes the tokens' gradient once).
     **gamma_options
         Passed to :func:`select_gamma` (``gamma_min``, ``gamma_max``, ``max_iter``, ...).
 
     Returns
     -------
     loss : 0-d array
-    grad_logp : array, the shape of ``logp``
-        ``d loss / d logp`` (float32 or float64).
+    grad_logp : array, the shape of ``logp``, or UnitGradient
+        ``d loss / d logp`` (float32 or float64); a :class:`UnitGradient` with
+        ``gradient="units"``.
     metrics : dict of 0-d arrays
         ``gamma`` (mean over groups; for a precomputed gamma its mean over the valid units),
         ``sigma2`` (variance of the unit log weights),
@@ -371,6 +379,7 @@ def is_reshape_loss_and_grad(
         loss_scale_factor=loss_scale_factor,
         mask=mask,
     )
+    _check_choice(gradient, "gradient", ("tokens", "units"))
     grad_dtype = logp.dtype  # the adapters return the gradient in logp's own dtype
     xp, logp, logq, r, mask, one_d = prepare_loss_inputs(logp, logq, rewards, mask)
     n_tok = count_true(xp, mask, -1, logp.dtype)
@@ -386,7 +395,8 @@ def is_reshape_loss_and_grad(
         xp, units, coef, grad_dtype, gamma, rho_min, group_size, reducer, gamma_options
     )
     metrics["n_nonfinite"] = n_nonfinite
-    return loss, scatter_gradient(xp, unit_grad, units.n_tok, mask, level, one_d), metrics
+    by_unit = UnitGradient(unit_grad, units.n_tok, mask, level, one_d)
+    return loss, (by_unit if gradient == "units" else token_gradient(by_unit)), metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -1005,13 +1015,40 @@ def _unit_terms(xp: Namespace, logs: _LogTerms, scale: Array, cap: float) -> Arr
 # --------------------------------------------------------------------------------------------
 
 
-def scatter_gradient(
-    xp: Namespace, unit_grad: Array, n_tok: Array, mask: Array, level: str, one_d: bool
-) -> Array:
-    """``d loss / d logp_bt`` from the unit gradients (``n_tok``: valid tokens per sequence):
+class UnitGradient(NamedTuple):
+    """The loss's gradient before its scatter to the tokens (``gradient="units"`` of
+    :func:`is_reshape_loss_and_grad`): ``unit_grad``, ``d loss / d l_u`` of every unit (``(B,)``,
+    or ``(B, T)`` at the token level), and what :func:`token_gradient` needs to scatter it:
+    ``n_tok`` (valid tokens per sequence), the boolean ``mask`` ``(B, T)``, the ``level`` and
+    ``one_d`` (``logp`` was ``(B,)``)."""
+
+    unit_grad: Array
+    n_tok: Array
+    mask: Array
+    level: str
+    one_d: bool
+
+
+def token_gradient(grad: UnitGradient, scale: Array | None = None) -> Array:
+    """``d loss / d logp_bt`` (times ``scale``, a cotangent, where given) from the unit gradients:
     ``d l_u / d logp_bt`` is 1 (token, sequence) or ``1 / n_b`` (geometric). Masked tokens get
-    exactly 0 (a where, not a product: no ``inf * 0`` can arise)."""
+    exactly 0 whatever ``scale`` is (a where after the product: no ``inf * 0`` can arise).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from isreshape_core.extend import UnitGradient, token_gradient
+    >>> mask = np.array([[True, True, False], [True, False, False]])
+    >>> g = UnitGradient(np.array([0.5, -2.0]), np.array([2.0, 1.0]), mask, "geometric", False)
+    >>> print(token_gradient(g, np.asarray(2.0)))  # 2 * unit gradient / n_b on valid tokens
+    [[ 0.5  0.5  0. ]
+     [-4.   0.   0. ]]
+    """
+    unit_grad, n_tok, mask, level, one_d = grad
+    xp = namespace(unit_grad, n_tok, mask)
+    if scale is not None:
+        unit_grad = scale * unit_grad
     if level == "geometric":
         unit_grad = unit_grad / xp.where(n_tok > 0, n_tok, 1.0)
-    grad = xp.where(mask, unit_grad if level == "token" else unit_grad[:, None], 0.0)
-    return grad[:, 0] if one_d else grad
+    out = xp.where(mask, unit_grad if level == "token" else unit_grad[:, None], 0.0)
+    return out[:, 0] if one_d else out

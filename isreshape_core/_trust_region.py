@@ -36,7 +36,7 @@ from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import tempered_log_weights
 from ._lib.reduce import Reducer, reduce_max, reduce_sum
 from ._lib.tracing import is_concrete
-from ._loss import LOSS_AGG_MODES, _aggregation_weights, scatter_gradient
+from ._loss import LOSS_AGG_MODES, UnitGradient, _aggregation_weights, token_gradient
 from ._select import GAMMA_METHODS
 from ._step import step_gamma
 from ._weights import LEVELS as _LEVELS
@@ -326,7 +326,7 @@ def decoupled_ppo_loss_and_grad(
     # A sequence's tokens share its unit derivative, the sum of its tokens' terms.
     unit_grad = token_grad if level == "token" else xp.sum(token_grad, axis=-1)
     metrics.update(_metrics(xp, mask, active, log_b, beh_l, valid, reducer))
-    return loss, scatter_gradient(xp, unit_grad, n_tok, mask, level, one_d), metrics
+    return loss, token_gradient(UnitGradient(unit_grad, n_tok, mask, level, one_d)), metrics
 
 
 def _prepare_inputs(

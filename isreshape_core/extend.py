@@ -34,6 +34,9 @@ Stages of the loss (:func:`isreshape_core.is_reshape_loss_and_grad`)
 - :func:`row_coefficients`: each sequence's aggregation coefficient times its reward,
   ``sum_t c_bt r_bt``, from the same sums.
 - :func:`unit_loss`: stage 2, gamma of every unit, the loss, the unit gradients and the metrics.
+- :class:`UnitGradient` and :func:`token_gradient`: stage 3, the gradient per unit (what
+  ``is_reshape_loss_and_grad(..., gradient="units")`` returns) and its scatter to the tokens,
+  times a cotangent: an autograd wrapper's backward pass.
 
 Examples
 --------
@@ -51,11 +54,13 @@ from __future__ import annotations
 from ._lib.checks import check_choice, check_rho_min
 from ._lib.namespace import Array, array_device
 from ._loss import (
+    UnitGradient,
     check_loss_arguments,
     check_loss_options,
     prepare_loss_inputs,
     row_coefficients,
     split_loss_options,
+    token_gradient,
     unit_loss,
     units_from_row_sums,
 )
@@ -64,6 +69,7 @@ from ._weights import check_logq
 
 __all__ = [
     "Array",
+    "UnitGradient",
     "array_device",
     "check_choice",
     "check_logq",
@@ -74,6 +80,7 @@ __all__ = [
     "require",
     "row_coefficients",
     "split_loss_options",
+    "token_gradient",
     "unit_loss",
     "units_from_row_sums",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from isreshape_core import is_reshape_loss_and_grad
-from isreshape_core.extend import check_loss_options
+from isreshape_core.extend import UnitGradient, check_loss_options, token_gradient
 
 from .distributed import resolve_reducer
 
@@ -51,35 +51,53 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 
 class _AttachGradient(torch.autograd.Function):
-    """``loss`` as a function of ``logp`` whose derivative is the precomputed ``grad_logp``.
+    """``loss`` as a function of ``logp`` whose derivative is the precomputed gradient.
 
-    ``loss`` and ``grad_logp`` come from the core on the detached ``logp``; the forward returns
-    the value, the backward ``grad_output * grad_logp`` in ``logp``'s dtype. ``setup_context``
-    (no ``ctx`` in ``forward``) and ``generate_vmap_rule`` make it usable by ``torch.func``
-    transforms. First-order only: the derivative is a constant of the graph, so a second
-    derivative would be silently zero; it raises a clear error instead (``_FirstOrderOnly``).
+    ``loss`` and the gradient come from the core on the detached ``logp``: either the
+    ``logp``-shaped ``grad_logp``, or (``level`` given) the unit gradients ``grad_logp`` with
+    the ``n_tok`` and ``mask`` of a :class:`~isreshape_core.extend.UnitGradient`, which the
+    backward scatters to the tokens (:func:`~isreshape_core.extend.token_gradient`) after the
+    product with ``grad_output``: a sequence-level loss keeps a ``(B,)`` array between the
+    passes and writes the tokens' gradient once. The forward returns the value, the backward
+    ``grad_output * d loss / d logp`` in ``logp``'s dtype. ``setup_context`` (no ``ctx`` in
+    ``forward``) and ``generate_vmap_rule`` make it usable by ``torch.func`` transforms.
+    First-order only: the derivative is a constant of the graph, so a second derivative would be
+    silently zero; it raises a clear error instead (``_FirstOrderOnly``).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp: torch.Tensor, loss: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    def forward(
+        logp: torch.Tensor,
+        loss: torch.Tensor,
+        grad_logp: torch.Tensor,
+        n_tok: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        level: str | None = None,
+        one_d: bool = False,
+    ) -> torch.Tensor:
         return loss.clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        logp, _, grad_logp = inputs
-        ctx.save_for_backward(grad_logp, logp)
-        ctx.logp_dtype = logp.dtype
+        logp, _, grad_logp, n_tok, mask, level, one_d = inputs
+        ctx.save_for_backward(grad_logp, logp, n_tok, mask)
+        ctx.logp_dtype, ctx.level, ctx.one_d = logp.dtype, level, one_d
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        grad_logp, logp = ctx.saved_tensors
+        grad_logp, logp, n_tok, mask = ctx.saved_tensors
         with torch.no_grad():
-            grad = (grad_output * grad_logp).to(ctx.logp_dtype)
+            if ctx.level is None:
+                grad = grad_output * grad_logp
+            else:
+                by_unit = UnitGradient(grad_logp, n_tok, mask, ctx.level, ctx.one_d)
+                grad = token_gradient(by_unit, grad_output)
+            grad = grad.to(ctx.logp_dtype)
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
             grad = _FirstOrderOnly.apply(grad, logp)
-        return grad, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _check_tensor(value: Any, name: str, shape_hint: str) -> None:
@@ -162,8 +180,19 @@ def is_reshape_loss(
     """
     data = {"logq": logq, "rewards": rewards, "mask": mask}
     hints = {"logq": "(B, T) or (B,), like logp", "rewards": "(B,) or (B, T)"}
+    if "gradient" in options:
+        raise TypeError(
+            "is_reshape_loss takes no 'gradient' option: autograd computes the gradient (it is "
+            "an option of isreshape_core.is_reshape_loss_and_grad)"
+        )
     return exact_gradient_loss(
-        is_reshape_loss_and_grad, logp, data, hints, distributed, scale_by_world_size, options
+        is_reshape_loss_and_grad,
+        logp,
+        data,
+        hints,
+        distributed,
+        scale_by_world_size,
+        {**options, "gradient": "units"},
     )
 
 
@@ -205,9 +234,14 @@ def exact_gradient_loss(
             "a ProcessGroup rather than a custom reducer"
         )
     args = (_data(x) for x in data.values())
-    loss, grad_logp, metrics = core(logp.detach(), *args, reducer=reducer, **options)
+    loss, grad, metrics = core(logp.detach(), *args, reducer=reducer, **options)
+    by_unit = isinstance(grad, UnitGradient)
+    grad_logp = grad.unit_grad if by_unit else grad
     if scale_by_world_size and world != 1:
         loss, grad_logp = loss * world, grad_logp * world
+    if by_unit:
+        scatter = (grad.n_tok, grad.mask, grad.level, grad.one_d)
+        return _AttachGradient.apply(logp, loss, grad_logp, *scatter), metrics
     return _AttachGradient.apply(logp, loss, grad_logp), metrics
 
 

@@ -302,3 +302,35 @@ def test_sharded_k_hat_is_the_whole_batch_worst_group(method):
     for metrics in run_sharded(step, shards):
         for name in ("k_hat", "max_weight", "gamma", "ess_ratio"):
             np.testing.assert_allclose(metrics[name], whole[name], rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("one_d", [False, True])
+def test_unit_gradient_scatters_to_the_token_gradient(xp, level, one_d):
+    """``gradient="units"``: the gradient per unit, which token_gradient scatters to exactly the
+    ``gradient="tokens"`` array, and times a cotangent to its product on the valid tokens with
+    an exact 0 on the masked ones (an infinite cotangent: tests/torch_adapter)."""
+    from isreshape_core.extend import UnitGradient, token_gradient
+
+    logp, logq, rewards, mask = make_batch(4, B=6, T=5)
+    if one_d:
+        logp, logq, mask = logp[:, 0], logq[:, 0], mask[:, 0]
+    args = [xp.asarray(a) for a in (logp, logq, rewards, mask)]
+    loss, grad, _ = is_reshape_loss_and_grad(*args, gamma=0.6, level=level)
+    loss_u, by_unit, _ = is_reshape_loss_and_grad(*args, gamma=0.6, level=level, gradient="units")
+    assert isinstance(by_unit, UnitGradient) and by_unit.level == level
+    units = (mask.shape[0],) if level != "token" else (6, 1) if one_d else tuple(mask.shape)
+    assert tuple(by_unit.unit_grad.shape) == units
+    np.testing.assert_array_equal(to_numpy(loss_u), to_numpy(loss))
+    np.testing.assert_array_equal(to_numpy(token_gradient(by_unit)), to_numpy(grad))
+    m = np.asarray(mask, dtype=bool)
+    for c in (-2.5, 3.0):
+        scaled = to_numpy(token_gradient(by_unit, xp.asarray(c)))
+        np.testing.assert_array_equal(scaled[~m], 0.0)
+        np.testing.assert_allclose(scaled[m], c * to_numpy(grad)[m], rtol=1e-15)
+
+
+def test_gradient_option_is_checked():
+    logp, logq, rewards, mask = make_batch(4)
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        is_reshape_loss_and_grad(logp, logq, rewards, mask, gradient="sequence")

@@ -32,13 +32,13 @@ EXPECTED = {
 #: Of those, the operators with an operand of B T elements (passes over the tokens).
 EXPECTED_FULL_SIZE = {
     BASELINE: 37,
-    "IS Reshape, fixed gamma 0.5, sequence": 9,
+    "IS Reshape, fixed gamma 0.5, sequence": 8,
     "IS Reshape, fixed gamma 0.5, token": 44,
-    "IS Reshape, exact-ESS gamma (default), sequence": 9,
+    "IS Reshape, exact-ESS gamma (default), sequence": 8,
     "IS Reshape, exact-ESS gamma, token": 49,
     STALE: 50,
-    "IS Reshape, closed-form gamma, sequence": 9,
-    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 9,
+    "IS Reshape, closed-form gamma, sequence": 8,
+    "IS Reshape, precomputed gamma tensor (step gamma), sequence": 8,
 }
 
 #: Each pass of the eager token-level search: (operators, of which on B T elements), and the

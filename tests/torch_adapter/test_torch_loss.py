@@ -128,6 +128,28 @@ def test_value_and_gradient_match_plain_torch(level, mode, form):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", ["2d", "1d"])
+def test_backward_scales_the_core_gradient_by_its_cotangent(level, shape):
+    """The backward scatters the unit gradients after the product with the incoming cotangent:
+    ``c * grad`` of the core's gradient on the valid tokens for any ``c``, and exactly 0 on the
+    masked ones even where ``c`` is infinite."""
+    from isreshape_core import is_reshape_loss_and_grad
+
+    logp, logq, rewards, mask = make_batch(3, B=5, T=4, noise=0.6)
+    if shape == "1d":
+        logp, logq, mask = (x[:, 0] for x in (logp, logq, mask))
+        logp = logp.detach().requires_grad_()
+    kw = {"gamma": 0.4, "level": level}
+    core_grad = is_reshape_loss_and_grad(logp.detach(), logq, rewards, mask, **kw)[1]
+    for c in (1.0, -3.0, 0.25, math.inf):
+        logp.grad = None
+        (is_reshape_loss(logp, logq, rewards, mask, **kw)[0] * c).backward()
+        want = torch.where(mask, c * core_grad, 0.0)
+        assert torch.equal(logp.grad[~mask], torch.zeros_like(logp.grad[~mask])), c
+        torch.testing.assert_close(logp.grad[mask], want[mask], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_gradcheck(level):
     logp, logq, rewards, mask = make_batch(2, B=4, T=3, noise=0.8)
     for gamma in (0.0, 0.5, 1.0):
@@ -454,6 +476,7 @@ def test_distributed_options_without_a_process_group():
         ({"level": "seq"}, ValueError, "level must be one of"),
         ({"loss_agg_mode": "mean"}, ValueError, "loss_agg_mode must be one of"),
         ({"gamma": 1.5}, ValueError, "must lie in"),
+        ({"gradient": "units"}, TypeError, "takes no 'gradient' option"),
         ({"distributed": "yes"}, ValueError, "distributed must be"),
         ({"distributed": 3}, TypeError, "distributed must be"),
         ({"scale_by_world_size": 1}, TypeError, "scale_by_world_size must be a bool"),
