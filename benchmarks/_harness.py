@@ -176,9 +176,22 @@ def platform_line(frameworks: str) -> str:
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"{frameworks}, NumPy {np.__version__}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.machine()} {platform.processor() or ''}".rstrip()
+        f"{platform.system()} {platform.machine()} {cpu_model()}".rstrip()
         + f", {os.cpu_count()} CPUs on the machine, {today}."
     )
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux's ``/proc/cpuinfo``, else ``platform.processor()``):
+    ratios between losses differ between processors by more than their spread in one run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
 
 
 def git_commit(root: Path) -> str:
