@@ -141,7 +141,8 @@ def tempered_metrics(
 
 
 #: Up to this many unit weights the metrics stack their exponents at gamma and at 1 (operators
-#: are their cost), beyond it take them one by one (passes over memory are).
+#: are their cost), beyond it, eagerly, take them one by one (passes over memory are; a
+#: compiler fuses the stacked ones).
 _STACKED_UNITS = 2**12
 
 
@@ -152,7 +153,7 @@ def _tempered_sums(
     at 1 (stacked first), over the positive weights ``finite``. The exponentials are of ``d``
     (0 at a zero weight), masked after: exp of the floor would be 0 too, but torch's CPU exp
     is several times slower on arguments whose result underflows."""
-    if math.prod(tuple(d.shape)) <= _STACKED_UNITS:
+    if math.prod(tuple(d.shape)) <= _STACKED_UNITS or not is_concrete(d):
         gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
         e = xp.where(finite, xp.exp(gammas * d), 0.0)
         return xp.sum(e, axis=-1), xp.sum(e * e, axis=-1)
