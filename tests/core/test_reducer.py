@@ -51,3 +51,17 @@ def test_count_true_counts_exactly(xp, axis):
         got = count_true(xp, xp.asarray(x), axis, dtype)
         assert got.dtype == dtype and tuple(got.shape) == np.shape(want)
         np.testing.assert_array_equal(to_numpy(got), want)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 2048)])  # below and above the integer count
+@pytest.mark.parametrize("axis", [-1, 0, None])
+def test_count_true_is_exact_in_the_float_dtype(xp, shape, axis):
+    """Counts of booleans in float32, along an axis or over all, equal NumPy's integer counts:
+    torch counts many booleans into an integer first (a faster pass), the others into the
+    float, and both are exact."""
+    rng = np.random.default_rng(3)
+    mask = rng.random(shape) < 0.37
+    got = count_true(xp, xp.asarray(mask), axis, xp.float32)
+    want = np.count_nonzero(mask, axis=axis)
+    assert got.dtype == xp.float32 and tuple(got.shape) == np.shape(want)
+    np.testing.assert_array_equal(to_numpy(got), want)
