@@ -31,7 +31,7 @@ from ._ess_grid import (
 from ._lib.checks import check_count, check_gamma_bounds, check_rho_min
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device
-from ._lib.numerics import floored_shift, log_abs, log_variance_stats
+from ._lib.numerics import floored_shift, log_abs, log_variance_stats, shift_floor
 from ._lib.reduce import Reducer, count_true, reduce_max, sample_count
 from ._lib.rows import batch_param
 from ._lib.tracing import host_values, is_concrete, poison, traced_bad_rows
@@ -174,6 +174,7 @@ def shifted_log_weights(
     finite: Array | None = None,
     count: Array | None = None,
     floored: bool = True,
+    top: Array | None = None,
 ) -> Shifted:
     """The :class:`Shifted` of unit log weights ``masked_l`` (``-inf`` = invalid or weight 0)
     along ``axis``, relative to the max over every shard: bit for bit the exponents of
@@ -181,15 +182,19 @@ def shifted_log_weights(
     ``|l|`` against the variance's ``spread_bound`` (of all of them, over every shard);
     ``finite``: ``masked_l > -inf`` and ``count`` the number of them, where the caller knows
     them (the valid units, when all are finite); ``floored=False``: no ``floored`` array, where
-    only ``d`` is needed (bounded weights: ``l - max`` then needs no floor either)."""
+    only ``d`` is needed; ``top``: the max of the ``finite`` entries (0-d; bounded weights of
+    one shard) where the caller has it, and ``masked_l`` may then hold any finite value where
+    ``finite`` is false."""
     finite = masked_l > -xp.inf if finite is None else finite
-    top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
-    top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # a row without weights: -inf
+    if top is None:
+        top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
+        top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # no weights: -inf
     # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
     # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
     # gamma >= 0).
-    if bounded and not floored:  # |l - max| <= 2 spread_bound: nothing to floor
-        shift, floored_d = masked_l - top, None
+    if bounded:  # |l - max| <= 2 spread_bound: the floor only stands for a zero weight
+        shift = masked_l - top
+        floored_d = xp.where(finite, shift, shift_floor(xp, shift.dtype)) if floored else None
     else:
         shift = floored_d = floored_shift(xp, masked_l, top)
     d = xp.where(finite, shift, 0.0)

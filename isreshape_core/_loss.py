@@ -45,7 +45,7 @@ from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import log_abs, quiet_overflow
 from ._lib.reduce import Reducer, count_true, reduce_sum
-from ._lib.tracing import is_concrete, nan_or_plus_inf
+from ._lib.tracing import host_values, is_concrete, nan_or_plus_inf
 from ._objective import sign
 from ._select import GAMMA_METHODS
 from ._step import choose_gamma, ess_gamma_of_shifted, spread_bound, tempered_metrics
@@ -415,7 +415,8 @@ class Units(NamedTuple):
     ratio was clipped (``None``: none was); ``bad``: traced inputs only, units with a NaN or
     ``+inf`` log ratio or a non-finite reward (eager inputs raise instead), else ``None``;
     ``finite``: every log weight is known to be finite and within :func:`spread_bound` (no
-    zero weight, nothing clipped).
+    zero weight, nothing clipped); ``top``: the largest unit log weight (0-d) where one host read
+    found it positive, so that it is a valid unit's (invalid units hold 0), else ``None``.
     """
 
     log_w: Array
@@ -425,6 +426,7 @@ class Units(NamedTuple):
     capped: Array | None
     bad: Array | None
     finite: bool = False
+    top: Array | None = None
 
 
 class Tokens(NamedTuple):
@@ -462,7 +464,8 @@ def _ordinary_units(xp: Namespace, tokens: Tokens, level: str, form: str) -> Uni
     """The units by plain sums of the masked token log ratios, or ``None`` unless one host read
     finds every reward finite and the squared unit log weights summing to at most the square
     of :func:`spread_bound` (8.6e9 at 64 sequences in float32), so that every one is within it
-    (the metrics' variance needs no scaling then).
+    (the metrics' variance needs no scaling then). The same read takes the largest unit log
+    weight, which the metrics and the search shift by where it is positive (``Units.top``).
 
     A finite plain sum had no partial sum overflow (an infinite partial sum stays infinite or
     NaN), so it is the guarded sum of :func:`_guarded_units` (which scales only rows that could
@@ -479,18 +482,22 @@ def _ordinary_units(xp: Namespace, tokens: Tokens, level: str, form: str) -> Uni
         # sequence each: in one array, else a reward sum beside.
         if total.ndim == 1 and tuple(r.shape) == tuple(total.shape):
             t = total + r * 0.0
-            probe = xp.vecdot(t, t)
+            squares = xp.vecdot(t, t)
         else:
             flat = xp.reshape(total, (-1,))
-            probe = xp.vecdot(flat, flat) + xp.sum(r) * 0.0
-        if not bool(probe <= spread_bound(xp, total.dtype, math.prod(total.shape)) ** 2):
+            squares = xp.vecdot(flat, flat) + xp.sum(r) * 0.0
+        if level == "geometric":
+            total = total / xp.maximum(n_tok, 1.0)  # a count: 1 where it is 0
+        # The largest unit log weight in the same read: the metrics' and the search's shift.
+        probe = xp.stack([squares, xp.max(total)])
+        read = host_values(probe)
+        if not read[0] <= spread_bound(xp, total.dtype, math.prod(total.shape)) ** 2:
             return None
-    if level == "geometric":
-        total = total / xp.maximum(n_tok, 1.0)  # a count: 1 where it is 0
+    top = probe[1] if read[1] > 0 else None  # positive: a valid unit's (invalid ones are 0)
     valid = mask if level == "token" else rows
     lp = xp.where(mask, logp, 0.0) if form == "reinforce" else None
     log_p = None if lp is None else unit_log_weights(xp, lp, n_tok, level)
-    return Units(total, valid, n_tok, log_p, None, None, finite=True)
+    return Units(total, valid, n_tok, log_p, None, None, finite=True, top=top)
 
 
 def _guarded_units(
@@ -680,14 +687,16 @@ def unit_gamma(
         flat_l, flat_valid = unit_l, units.valid
         if unit_l.ndim > 1:
             flat_l, flat_valid = xp.reshape(unit_l, (-1,)), xp.reshape(units.valid, (-1,))
-        masked_l = xp.where(flat_valid, flat_l, -xp.inf)
         # The metrics' and the search's; the plain units' check bounds every |l| of this shard.
         bounded, finite = units.finite and reducer is None, flat_valid if units.finite else None
         search = units.finite and _default_search(gamma, reducer, gamma_options)
         # Token units: their count is the token count (no pass over the mask).
         count = xp.sum(units.n_tok) if finite is not None and unit_l.ndim > 1 else None
+        # With the max known, the shift masks the plain log weights itself (no -inf copy).
+        top = units.top if bounded else None
+        masked_l = flat_l if top is not None else xp.where(flat_valid, flat_l, -xp.inf)
         shifted = shifted_log_weights(
-            xp, masked_l, -1, reducer, bounded=bounded, finite=finite, count=count, floored=search
+            xp, masked_l, -1, reducer, False, bounded, finite, count, floored=search, top=top
         )
         if search:
             g, k_hat = ess_gamma_of_shifted(xp, masked_l, shifted, rho_min, gamma_options), None

@@ -30,6 +30,7 @@ __all__ = [
     "scaled_deviations",
     "scaled_square",
     "shift_by_max",
+    "shift_floor",
     "shift_from_max",
     "tempered_log_weights",
 ]
@@ -80,6 +81,11 @@ def shift_from_max(xp: Namespace, x: Array, top: Array) -> tuple[Array, Array]:
     return xp.where(x == -xp.inf, -xp.inf, floored_shift(xp, x, top)), top
 
 
+def shift_floor(xp: Namespace, dtype: Any) -> float:
+    """The floor of :func:`floored_shift`, ``-max_float * 2^-20`` in ``dtype``."""
+    return -float(xp.finfo(dtype).max) * 2.0**-20
+
+
 def floored_shift(xp: Namespace, x: Array, top: Array) -> Array:
     """``max(x - top, floor)`` for ``x <= top`` (``top`` finite, or ``-inf`` with ``x``), with
     ``floor = -max_float * 2^-20``, finite and without a floating-point warning.
@@ -89,7 +95,7 @@ def floored_shift(xp: Namespace, x: Array, top: Array) -> Array:
     gamma = 0), and sums of up to 2^20 of them cannot overflow. A ``-inf`` entry gives the floor
     too (callers mask it).
     """
-    floor = -float(xp.finfo(x.dtype).max) * 2.0**-20
+    floor = shift_floor(xp, x.dtype)
     # x - top overflows (to -inf) only far below the floor, which the max then returns: the
     # overflow is exact here, so only NumPy's warning about it is silenced.
     with quiet_overflow(xp):

@@ -334,3 +334,32 @@ def test_gradient_option_is_checked():
     logp, logq, rewards, mask = make_batch(4)
     with pytest.raises(ValueError, match="gradient must be one of"):
         is_reshape_loss_and_grad(logp, logq, rewards, mask, gradient="sequence")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("gamma", [0.4, "ess", "closed_form"])
+@pytest.mark.parametrize("offset", [0.0, -3.0])  # some positive unit log weights, or none
+def test_known_max_shift_is_the_masked_shift_bit_for_bit(xp, monkeypatch, level, gamma, offset):
+    """Where the plain units' read finds the largest unit log weight positive (a valid unit's:
+    invalid ones are 0), the metrics and the search shift by it without a masked copy: loss,
+    gradient and metrics equal, bit for bit, those of the masked shift (the max dropped)."""
+    import isreshape_core._loss as loss_module
+
+    logp, logq, rewards, mask = make_batch(8, B=12, T=700, spread=0.5)
+    args = [xp.asarray(a) for a in (logp, logq + (0.0 if offset == 0.0 else 3.0), rewards, mask)]
+    kw = {"gamma": gamma, "level": level}
+    fast = is_reshape_loss_and_grad(*args, **kw)
+    original, seen = loss_module.token_units, []
+
+    def without_max(*a, **k):
+        units, n_bad = original(*a, **k)
+        seen.append(units.top is not None)
+        return units._replace(top=None), n_bad
+
+    monkeypatch.setattr(loss_module, "token_units", without_max)
+    masked = is_reshape_loss_and_grad(*args, **kw)
+    assert seen == [offset == 0.0]  # a positive max is known; none when every unit is below 0
+    for got, want in zip(fast[:2], masked[:2], strict=True):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    for name, value in masked[2].items():
+        np.testing.assert_array_equal(to_numpy(fast[2][name]), to_numpy(value), err_msg=name)
