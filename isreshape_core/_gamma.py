@@ -53,6 +53,8 @@ _NEWTON_ITERATIONS = 12
 # Passes of the eager Newton search at most (it ends at the test's resolution, in float32 after
 # about 6; float64 brackets of a few ulps take 10 to 16, a few heavy-tailed ones more).
 _EAGER_PASSES = 20
+# Beyond this many shifted values that are all finite, Shifted masks by products.
+_PRODUCT_MASK_SIZE = 2**12
 # Log weights below the max by more than this count as this much in the Newton slope.
 _SLOPE_FLOOR = 2.0**16
 
@@ -155,13 +157,16 @@ class Shifted(NamedTuple):
     (:func:`floored_shift`: the floor at a zero weight; ``None`` where the caller needs only
     ``d``), ``d`` the same with 0 at a zero weight, ``count`` this shard's number of positive
     weights; ``bounded``: every log weight is known to be at most the variance's
-    ``spread_bound`` in magnitude."""
+    ``spread_bound`` in magnitude; ``weight``: ``finite`` as 0 and 1 in the dtype, where every
+    shifted value is finite (the max given), so that a product masks as a where would (about
+    3 times faster a pass on CPU), else ``None``."""
 
     finite: Array
     floored: Array | None
     d: Array
     count: Array
     bounded: bool = False
+    weight: Array | None = None
 
 
 def shifted_log_weights(
@@ -186,20 +191,27 @@ def shifted_log_weights(
     one shard) where the caller has it, and ``masked_l`` may then hold any finite value where
     ``finite`` is false."""
     finite = masked_l > -xp.inf if finite is None else finite
+    given_top = top is not None
     if top is None:
         top = reduce_max(xp, masked_l, axis, reducer, keepdims=keepdims)
         top = xp.maximum(top, -float(xp.finfo(masked_l.dtype).max))  # no weights: -inf
     # Every statistic is relative to the row max, d = l - max <= 0 (0 where invalid): the
     # tempered weights e^(gamma d) <= 1 need no shift of their own (max gamma d = 0 for
     # gamma >= 0).
+    weight = None
     if bounded:  # |l - max| <= 2 spread_bound: the floor only stands for a zero weight
         shift = masked_l - top
         floored_d = xp.where(finite, shift, shift_floor(xp, shift.dtype)) if floored else None
     else:
         shift = floored_d = floored_shift(xp, masked_l, top)
-    d = xp.where(finite, shift, 0.0)
+    # Every shifted value finite, and many of them: masks are products (few: operators count).
+    if given_top and bounded and math.prod(tuple(shift.shape)) > _PRODUCT_MASK_SIZE:
+        weight = xp.astype(finite, shift.dtype)
+        d = shift * weight
+    else:
+        d = xp.where(finite, shift, 0.0)
     count = count_true(xp, finite, axis, d.dtype) if count is None else count
-    return Shifted(finite, floored_d, d, count, bounded)
+    return Shifted(finite, floored_d, d, count, bounded, weight)
 
 
 def gamma_ess(

@@ -119,8 +119,8 @@ def tempered_metrics(
     whole = masked_l.ndim == 1
     if shifted is None:
         shifted = shifted_log_weights(xp, masked_l, -1, stats_reducer, keepdims=not whole)
-    finite, d = shifted.finite, shifted.d
-    sums = _tempered_sums(xp, finite, d, unit_gamma)
+    d = shifted.d
+    sums = _tempered_sums(xp, shifted, unit_gamma)
     s1, s2, count, total = _merged_sums(xp, sums, shifted.count, d, stats_reducer)
     n = xp.maximum(count, 1.0)
     mean = total / n
@@ -146,20 +146,27 @@ def tempered_metrics(
 _STACKED_UNITS = 2**12
 
 
-def _tempered_sums(
-    xp: Namespace, finite: Array, d: Array, unit_gamma: Array
-) -> tuple[Array, Array]:
+def _tempered_sums(xp: Namespace, shifted: Shifted, unit_gamma: Array) -> tuple[Array, Array]:
     """``(sum e, sum e^2)`` along the last axis of ``e = exp(gamma d)`` at ``unit_gamma`` and
-    at 1 (stacked first), over the positive weights ``finite``. The exponentials are of ``d``
-    (0 at a zero weight), masked after: exp of the floor would be 0 too, but torch's CPU exp
-    is several times slower on arguments whose result underflows."""
+    at 1 (stacked first), over the positive weights of ``shifted``. The exponentials are of
+    ``d`` (0 at a zero weight), masked after: exp of the floor would be 0 too, but torch's CPU
+    exp is several times slower on arguments whose result underflows."""
+    finite, d = shifted.finite, shifted.d
     if math.prod(tuple(d.shape)) <= _STACKED_UNITS or not is_concrete(d):
         gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
         e = xp.where(finite, xp.exp(gammas * d), 0.0)
         return xp.sum(e, axis=-1), xp.sum(e * e, axis=-1)
-    exps = [xp.where(finite, xp.exp(z), 0.0) for z in (unit_gamma * d, d)]
+    exps = [_masked(xp, shifted, xp.exp(z)) for z in (unit_gamma * d, d)]
     # The squares as dot products: no array of them.
     return xp.stack([xp.sum(e, axis=-1) for e in exps]), xp.stack([xp.vecdot(e, e) for e in exps])
+
+
+def _masked(xp: Namespace, shifted: Shifted, x: Array) -> Array:
+    """``x`` (finite) where ``shifted`` has a positive weight, else 0: a product by its 0/1
+    ``weight`` where it has one, else a where."""
+    if shifted.weight is not None:
+        return x * shifted.weight
+    return xp.where(shifted.finite, x, 0.0)
 
 
 def _merged_sums(
@@ -198,7 +205,7 @@ def _variance(
     d = shifted.d
     h = (math.frexp(float(xp.finfo(d.dtype).max))[1]) // 2  # 64, 512
     big = None if shifted.bounded else total < -(2.0 ** (h - 24))
-    dev = xp.where(shifted.finite, d - (mean if whole else mean[..., None]), 0.0)
+    dev = _masked(xp, shifted, d - (mean if whole else mean[..., None]))
     # Eager: one read, then no scaling where no row is big.
     no_big = big is None or (is_concrete(big) and not bool(xp.any(big)))
     if not no_big:

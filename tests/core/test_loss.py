@@ -341,8 +341,9 @@ def test_gradient_option_is_checked():
 @pytest.mark.parametrize("offset", [0.0, -3.0])  # some positive unit log weights, or none
 def test_known_max_shift_is_the_masked_shift_bit_for_bit(xp, monkeypatch, level, gamma, offset):
     """Where the plain units' read finds the largest unit log weight positive (a valid unit's:
-    invalid ones are 0), the metrics and the search shift by it without a masked copy: loss,
-    gradient and metrics equal, bit for bit, those of the masked shift (the max dropped)."""
+    invalid ones are 0), the metrics and the search shift by it without a masked copy, and
+    beyond 4096 units mask by products with a 0/1 weight: loss, gradient and metrics equal, bit
+    for bit, those of the masked shift and its wheres (the max dropped)."""
     import isreshape_core._loss as loss_module
 
     logp, logq, rewards, mask = make_batch(8, B=12, T=700, spread=0.5)

@@ -21,10 +21,10 @@ STALE = "IS Reshape, exact-ESS gamma, token, stale behaviour (gamma 0.91)"  # lo
 EXPECTED = {
     BASELINE: 46,
     "IS Reshape, fixed gamma 0.5, sequence": 79,
-    "IS Reshape, fixed gamma 0.5, token": 89,
+    "IS Reshape, fixed gamma 0.5, token": 90,
     "IS Reshape, exact-ESS gamma (default), sequence": 132,
-    "IS Reshape, exact-ESS gamma, token": 95,
-    STALE: 100,
+    "IS Reshape, exact-ESS gamma, token": 96,
+    STALE: 101,
     "IS Reshape, closed-form gamma, sequence": 160,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 110,
 }
@@ -33,10 +33,10 @@ EXPECTED = {
 EXPECTED_FULL_SIZE = {
     BASELINE: 37,
     "IS Reshape, fixed gamma 0.5, sequence": 8,
-    "IS Reshape, fixed gamma 0.5, token": 43,
+    "IS Reshape, fixed gamma 0.5, token": 44,
     "IS Reshape, exact-ESS gamma (default), sequence": 8,
-    "IS Reshape, exact-ESS gamma, token": 48,
-    STALE: 49,
+    "IS Reshape, exact-ESS gamma, token": 49,
+    STALE: 50,
     "IS Reshape, closed-form gamma, sequence": 8,
     "IS Reshape, precomputed gamma tensor (step gamma), sequence": 8,
 }
