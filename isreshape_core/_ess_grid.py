@@ -207,6 +207,7 @@ def weight_matrix(
     offset: Array | None,
     reducer: Reducer | None,
     shift: bool,
+    floored: bool = True,
 ) -> Callable[[Array | float], Array]:
     """``g -> [[sum e, sum e d'], [sum e^2, sum e^2 d']]`` (``(..., 2, 2)``), with samples along
     the last axis of ``d`` and the weights ``e = exp(max(g d + offset - max, floor))``
@@ -220,8 +221,9 @@ def weight_matrix(
     matrix-vector product (a BLAS product accumulates along its long axis with a few times the
     rounding of a pairwise sum). ``g`` is a number or has the batch shape followed by
     ``(1, 1)``, after any leading axes of candidates. ``e^2`` is the exponential of the doubled
-    exponent, and a weight below the floor counts as the floor in ``e^2`` too. With a
-    ``reducer`` the sums travel in one collective.
+    exponent, and a weight below the floor counts as the floor in ``e^2`` too.
+    ``floored=False``: the caller knows that no exponent of any candidate is below the floor,
+    and no max with it is taken. With a ``reducer`` the sums travel in one collective.
     """
     twice = xp.stack([d, 2.0 * d], axis=-2)  # (..., 2, n): exact doubling
     offsets = None if offset is None else xp.stack([offset, 2.0 * offset], axis=-2)
@@ -236,7 +238,7 @@ def weight_matrix(
             m = reduce_max(xp, z[..., :1, :], -1, reducer, keepdims=True)
             m = xp.where(m > -xp.inf, m, 0.0)
             z = z - xp.concat([m, 2.0 * m], axis=-2)
-        e = xp.exp(xp.maximum(z, floor))
+        e = xp.exp(xp.maximum(z, floor) if floored else z)
         sums = xp.concat([xp.sum(e, axis=-1, keepdims=True), xp.matmul(e, column)], axis=-1)
         return sums if reducer is None else reducer.sum(sums)
 

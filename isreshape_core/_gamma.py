@@ -21,6 +21,7 @@ import array_api_compat.numpy as _HOST
 import numpy as np
 
 from ._ess_grid import (
+    exponent_floor,
     grid_plan,
     largest_feasible_gamma,
     polish_factors,
@@ -420,7 +421,11 @@ def _eager_weight_matrix(
         offset = None if top_is_zero else prepared["offset"][finite]
         d = d[finite]
         slope = xp.maximum(d, -_SLOPE_FLOOR)
-        return weight_matrix(xp, d, slope, offset, reducer, not top_is_zero)
+        # Kish's ESS of weights relative to their max, g <= 1: no exponent g [d, 2 d] is below
+        # the floor where 2 min(d) is not (one read), and no pass needs the max with it.
+        floored = not top_is_zero or d.shape[-1] == 0
+        floored = floored or not bool(2.0 * xp.min(d) >= exponent_floor(xp, d.dtype))
+        return weight_matrix(xp, d, slope, offset, reducer, not top_is_zero, floored)
     if top_is_zero and floored is not None:
         exponents, offset = floored, None
     else:

@@ -539,3 +539,35 @@ def test_eager_step_with_a_flat_slope_bisects_without_a_warning():
             terms, (f(0.5), f(0.0), f(1.0), f(0.5)), f(1e-6), np.asarray([False])
         )
     assert (lo[0], hi[0], x[0]) == (0.0, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lowest", [-5.0, -30.0])  # twice it above the exponent floor, or not
+def test_eager_passes_take_the_floor_only_where_an_exponent_can_reach_it(
+    xp, monkeypatch, dtype, lowest
+):
+    """After its first pass the eager Newton search drops the max with the exponent floor where
+    twice the lowest positive log weight (relative to the max) is above the floor (no candidate
+    g <= 1 can go below it), and keeps it otherwise; the gamma is the brute-force bisection's
+    either way."""
+    import isreshape_core._gamma as gamma_module
+    from isreshape_core._ess_grid import exponent_floor
+
+    rng = np.random.default_rng(4)
+    l = rng.normal(0.0, 1.3, 3000)
+    l = l - l.max()
+    l[7] = lowest  # the lowest weight, relative to the max at 0
+    l[8] = -np.inf  # a zero weight: the passes after the first skip it
+    l = l.astype(dtype)
+    floored, original = [], gamma_module.weight_matrix
+
+    def recording(*args):
+        floored.append(args[-1] if len(args) > 6 else True)
+        return original(*args)
+
+    monkeypatch.setattr(gamma_module, "weight_matrix", recording)
+    g = float(to_numpy(isr.gamma_ess(xp.asarray(l), 0.3)))
+    below = 2.0 * lowest < exponent_floor(np, dtype)
+    assert floored == [True, below]  # the first pass's, the later passes'
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    assert abs(g - brute_gamma(l.astype(np.float64), 0.3)) < tol
