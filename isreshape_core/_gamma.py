@@ -31,7 +31,7 @@ from ._ess_grid import (
 )
 from ._lib.checks import check_count, check_gamma_bounds, check_rho_min
 from ._lib.inputs import broadcast_rewards, prepare_log_weights
-from ._lib.namespace import Array, Namespace, array_device
+from ._lib.namespace import Array, Namespace, array_device, masked_values
 from ._lib.numerics import floored_shift, log_abs, log_variance_stats, shift_floor
 from ._lib.reduce import Reducer, count_true, reduce_max, sample_count
 from ._lib.rows import batch_param
@@ -418,8 +418,8 @@ def _eager_weight_matrix(
     floored, top_is_zero = prepared.get("floored"), prepared.get("offset") is None
     if compact and d.ndim == 1 and (top_is_zero or reducer is None):  # no max of a bare shard
         finite = prepared["finite"]
-        offset = None if top_is_zero else prepared["offset"][finite]
-        d = d[finite]
+        offset = None if top_is_zero else masked_values(xp, prepared["offset"], finite)
+        d = masked_values(xp, d, finite)
         slope = xp.maximum(d, -_SLOPE_FLOOR)
         # Kish's ESS of weights relative to their max, g <= 1: no exponent g [d, 2 d] is below
         # the floor where 2 min(d) is not (one read), and no pass needs the max with it.

@@ -9,7 +9,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_torch_array
 from array_api_compat import device as array_device
 
-__all__ = ["Array", "Namespace", "array_device", "namespace"]
+__all__ = ["Array", "Namespace", "array_device", "masked_values", "namespace"]
 
 Array = Any  # an array of any array-API namespace
 Namespace = Any
@@ -24,6 +24,15 @@ def namespace(*arrays: Any) -> Namespace:
     if is_torch_array(present[0]):
         return _torch_namespace(xp)
     return xp
+
+
+def masked_values(xp: Namespace, x: Array, mask: Array) -> Array:
+    """The entries of ``x`` where the boolean ``mask`` (of ``x``'s shape) is true, in order, as
+    one 1-D array: ``x[mask]``, which torch computes by ``masked_select`` in about half the
+    time of its boolean indexing."""
+    if isinstance(xp, _TorchNamespace):
+        return sys.modules["torch"].masked_select(x, mask)
+    return x[mask]
 
 
 # array-api-compat's torch wrappers promote a Python scalar operand with `torch.result_type`,

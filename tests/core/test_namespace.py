@@ -118,3 +118,15 @@ def test_vecdot_matches_a_float64_sum_of_products(dtype):
     torch.testing.assert_close(xp.vecdot(a[0], b[0]).double(), want[0], rtol=tol, atol=tol * 100)
     ints = torch.arange(6).reshape(2, 3)
     assert torch.equal(xp.vecdot(ints, ints), torch.tensor([5, 50]))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (0,)])
+def test_masked_values_are_the_boolean_index(shape):
+    """torch's masked_select gives what boolean indexing gives: the masked entries in order."""
+    from isreshape_core._lib.namespace import masked_values
+
+    rng = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=rng, dtype=torch.float64)
+    for mask in (x > 0, torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)):
+        got = masked_values(namespace(x), x, mask)
+        assert got.shape == x[mask].shape and torch.equal(got, x[mask])
