@@ -35,6 +35,7 @@ from ._lib.namespace import Array, Namespace, array_device, masked_values
 from ._lib.numerics import floored_shift, log_abs, log_variance_stats, shift_floor
 from ._lib.reduce import Reducer, count_true, reduce_max, sample_count
 from ._lib.rows import batch_param
+from ._lib.sizes import is_large
 from ._lib.tracing import host_values, is_concrete, poison, traced_bad_rows
 
 __all__ = [
@@ -54,8 +55,6 @@ _NEWTON_ITERATIONS = 12
 # Passes of the eager Newton search at most (it ends at the test's resolution, in float32 after
 # about 6; float64 brackets of a few ulps take 10 to 16, a few heavy-tailed ones more).
 _EAGER_PASSES = 20
-# Beyond this many shifted values that are all finite, Shifted masks by products.
-_PRODUCT_MASK_SIZE = 2**12
 # Log weights below the max by more than this count as this much in the Newton slope.
 _SLOPE_FLOOR = 2.0**16
 
@@ -206,7 +205,7 @@ def shifted_log_weights(
     else:
         shift = floored_d = floored_shift(xp, masked_l, top)
     # Every shifted value finite, and many of them: masks are products (few: operators count).
-    if given_top and bounded and math.prod(tuple(shift.shape)) > _PRODUCT_MASK_SIZE:
+    if given_top and bounded and is_large(shift):
         weight = xp.astype(finite, shift.dtype)
         d = shift * weight
     else:

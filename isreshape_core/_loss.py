@@ -45,6 +45,7 @@ from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import log_abs, quiet_overflow
 from ._lib.reduce import Reducer, count_true, reduce_sum
+from ._lib.sizes import is_large
 from ._lib.tracing import host_values, is_concrete, nan_or_plus_inf
 from ._objective import sign
 from ._select import GAMMA_METHODS
@@ -833,11 +834,6 @@ def _plain_loss_and_grad(
     return loss, unit_grad, {"n_capped": n_capped, "log_scale": zero}
 
 
-#: Up to this many units the plain path's check stacks its arrays (operators are its cost), beyond
-#: it checks them without a copy (passes over memory are).
-_STACKED_CHECK_UNITS = 2**12
-
-
 def _plain_peak(
     xp: Namespace,
     neg_c: Array,
@@ -850,7 +846,7 @@ def _plain_peak(
     from reductions rather than copies. NaN wherever a factor or product is NaN; an overflow
     gives ``inf``."""
     e, h = factors
-    if math.prod(tuple(e.shape)) <= _STACKED_CHECK_UNITS:
+    if not is_large(e):
         neg_terms, unit_grad = products
         return xp.max(xp.abs(xp.stack([h, e, neg_terms * n_units, unit_grad * n_units])))
     factor_peak = xp.maximum(xp.max(xp.abs(h)), xp.max(e))  # e > 0: no array of max(|h|, e)

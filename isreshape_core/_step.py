@@ -21,6 +21,7 @@ from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
 from ._lib.numerics import tempered_log_weights
 from ._lib.reduce import Reducer, reduce_sum
+from ._lib.sizes import is_large
 from ._lib.tracing import is_concrete
 from ._metrics import merge_rows
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
@@ -140,19 +141,13 @@ def tempered_metrics(
     return merge_rows(xp, rows, merge_reducer)
 
 
-#: Up to this many unit weights the metrics stack their exponents at gamma and at 1 (operators
-#: are their cost), beyond it, eagerly, take them one by one (passes over memory are; a
-#: compiler fuses the stacked ones).
-_STACKED_UNITS = 2**12
-
-
 def _tempered_sums(xp: Namespace, shifted: Shifted, unit_gamma: Array) -> tuple[Array, Array]:
     """``(sum e, sum e^2)`` along the last axis of ``e = exp(gamma d)`` at ``unit_gamma`` and
     at 1 (stacked first), over the positive weights of ``shifted``. The exponentials are of
     ``d`` (0 at a zero weight), masked after: exp of the floor would be 0 too, but torch's CPU
     exp is several times slower on arguments whose result underflows."""
     finite, d = shifted.finite, shifted.d
-    if math.prod(tuple(d.shape)) <= _STACKED_UNITS or not is_concrete(d):
+    if not is_large(d) or not is_concrete(d):  # stacked: few operators, or fused
         gammas = xp.stack([unit_gamma, xp.ones_like(unit_gamma)])
         e = xp.where(finite, xp.exp(gammas * d), 0.0)
         return xp.sum(e, axis=-1), xp.sum(e * e, axis=-1)

@@ -13,6 +13,8 @@
 - :mod:`.saturate`: products with an exponential that saturate at the largest float, and
   products and quotients that overflow to ``+-inf`` without a warning;
 - :mod:`.reduce`: the public :class:`Reducer` protocol and reductions over shards;
+- :mod:`.sizes`: when an array counts as large (eager paths then trade operators for fewer
+  passes over memory);
 - :mod:`.pareto`: constants of the generalised Pareto fit shared by the portable PSIS and its
   NumPy kernel.
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 from array_api_compat import is_array_api_strict_namespace, is_torch_namespace
 
 from .namespace import Array, Namespace, array_device
+from .sizes import is_large
 
 __all__ = ["Reducer", "count_true", "reduce_max", "reduce_sum", "sample_count"]
 
@@ -74,18 +74,13 @@ def count_true(
     # float reductions next to it under XLA.
     if is_array_api_strict_namespace(xp):
         x = xp.astype(x, dtype)
-    if is_torch_namespace(xp) and math.prod(tuple(x.shape)) > _FLOAT_COUNT_SIZE:
+    if is_torch_namespace(xp) and is_large(x):
         # torch sums many booleans into its default integer about twice as fast as into a
         # float; the count is exact either way.
         local = xp.astype(xp.sum(x, axis=axis), dtype)
     else:
         local = xp.sum(x, axis=axis, dtype=dtype)
     return local if reducer is None else reducer.sum(local)
-
-
-#: Up to this many booleans torch counts them straight into the float (one operator), beyond
-#: it into an integer that is then converted (the faster pass over memory).
-_FLOAT_COUNT_SIZE = 2**12
 
 
 def sample_count(

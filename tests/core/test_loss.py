@@ -322,8 +322,16 @@ def test_unit_gradient_scatters_to_the_token_gradient(xp, level, one_d):
     units = (mask.shape[0],) if level != "token" else (6, 1) if one_d else tuple(mask.shape)
     assert tuple(by_unit.unit_grad.shape) == units
     np.testing.assert_array_equal(to_numpy(loss_u), to_numpy(loss))
-    np.testing.assert_array_equal(to_numpy(token_gradient(by_unit)), to_numpy(grad))
+    # The scatter written out in NumPy: d l_u / d logp_bt is 1 on the unit's valid tokens
+    # (1 / n_b at the geometric level) and 0 on masked ones.
     m = np.asarray(mask, dtype=bool)
+    m2 = m.reshape(m.shape[0], -1)
+    unit_grad = to_numpy(by_unit.unit_grad).reshape(m2.shape[0], -1)
+    n_b = m2.sum(axis=1, keepdims=True)
+    per_token = unit_grad / np.maximum(n_b, 1) if level == "geometric" else unit_grad
+    expected = np.where(m2, np.broadcast_to(per_token, m2.shape), 0.0).reshape(m.shape)
+    np.testing.assert_allclose(to_numpy(grad), expected, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(to_numpy(token_gradient(by_unit)), to_numpy(grad))
     for c in (-2.5, 3.0):
         scaled = to_numpy(token_gradient(by_unit, xp.asarray(c)))
         np.testing.assert_array_equal(scaled[~m], 0.0)

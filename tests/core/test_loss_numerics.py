@@ -13,6 +13,7 @@ from _helpers import to_numpy
 
 import isreshape_core as isr
 from isreshape_core import _loss as loss_module
+from isreshape_core._lib import sizes
 from isreshape_core._lib.dtypes import log_max
 
 
@@ -211,7 +212,7 @@ def _bits(a):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_plain_path_is_the_scaled_path_bit_for_bit(xp, form, dtype, stacked_below, monkeypatch):
     """The eager fast path returns exactly what the log-space path returns, or declines."""
-    monkeypatch.setattr(loss_module, "_STACKED_CHECK_UNITS", stacked_below)
+    monkeypatch.setattr(sizes, "LARGE_SIZE", stacked_below)
 
     rng, claims = np.random.default_rng(11), np.random.default_rng(12)
     taken = 0
