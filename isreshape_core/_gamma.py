@@ -490,8 +490,10 @@ def _eager_newton_gamma(
     if not np.all(done_hi):
         with _quiet_host_steps():  # any point inside the bracket
             state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)
+            root = _newton_root(hxp, terms[1], terms[2], hi)
         at = _host_pass(xp, make_sums(compact=True), like)  # then: positive weights only
-        lo = _eager_iterations(hxp, at, state, needed, factors, iterations, done_hi)
+        search = (hxp, at, state, needed, factors, iterations, done_hi)
+        lo = _eager_iterations(*search, previous=(root, np.abs(root - hi)))
     gamma = np.where(done_hi, hi, lo)
     return xp.asarray(np.asarray(gamma, dtype), device=array_device(like))
 
@@ -520,17 +522,28 @@ def _eager_iterations(
     factors: tuple[np.ndarray, ...],
     iterations: int,
     done_hi: np.ndarray,
+    previous: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The feasible end after the host's Newton iterations from ``state`` (``x, lo, hi,
     half_step``): once every row's bracket is within the test's resolution
     (:func:`_test_resolution`), else after ``iterations`` passes and a last one just below
-    ``x``."""
+    ``x``. ``previous``: the root that the step to ``x`` predicted and the length of that
+    prediction's step, which calibrate the margin of the next point (:func:`_aim_margin`)."""
     gamma_min, untested_lo = state[1], np.ones(state[1].shape, dtype=bool)
     for _ in range(iterations):
-        terms = _newton_terms(hxp, *at(state[0]), needed, factors)
+        terms = _host_terms(hxp, *at(state[0]), needed, factors)
         near = _test_resolution(terms[2], state[0])
         untested_lo &= (state[0] != gamma_min) & (state[1] == gamma_min)
-        state = _eager_step(terms, state, near, untested_lo)
+        with _quiet_host_steps():
+            root = _newton_root(hxp, terms[1], terms[2], state[0].astype(np.float64))
+            margin = _aim_margin(root, state[0], near, previous)
+        candidate = root + np.where(terms[0], margin, -margin)  # past the root, seen from x
+        previous = (root, np.abs(root - state[0]))
+        candidate = candidate.astype(state[0].dtype)
+        # Steps within a few resolutions are taken even where they do not halve the last one:
+        # the margins end the search with steps of that size on both sides of the root.
+        state = (*state[:3], np.maximum(state[3], 4.0 * near))
+        state = _eager_step(terms, state, near, untested_lo, candidate)
         if np.all(done_hi | (state[2] - state[1] <= near)):
             return state[1]
     x, lo, hi = state[:3]
@@ -539,6 +552,20 @@ def _eager_iterations(
     s = at(candidates)[0]
     feasible = s[0, ...] * s[0, ...] >= needed * s[1, ...]
     return np.maximum(np.max(np.where(feasible, candidates, -1.0), axis=0), lo)
+
+
+def _host_terms(
+    hxp: Namespace, s: np.ndarray, t: np.ndarray, needed: np.ndarray, factors: tuple
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_newton_terms` of a pass read to the host: the test in the samples' dtype, as
+    the device takes it, and ``F`` and its slope in float64 from the same sums. They only aim
+    the next point, and a float32 ``log`` of sums near ``n`` would round ``F`` to steps of
+    about ``eps log n``, several times the test's own resolution."""
+    if s.dtype == np.float64:
+        return _newton_terms(hxp, s, t, needed, factors)
+    feasible = _newton_terms(hxp, s, t, needed, factors)[0]
+    s, t, needed = (np.asarray(a, np.float64) for a in (s, t, needed))
+    return feasible, *_newton_terms(hxp, s, t, needed, _newton_factors(hxp, needed))[1:]
 
 
 def _test_resolution(slope: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -737,6 +764,39 @@ def _newton_candidate(xp: Namespace, log_excess_2: Array, slope: Array, x: Array
     return xp.sqrt(xp.maximum(x * x + (1.0 + _OVERSHOOT) * du, 0.0))
 
 
+def _newton_root(xp: Namespace, log_excess_2: Array, slope: Array, x: Array) -> Array:
+    """The root that the Newton step from ``x`` predicts, :func:`_newton_candidate` without its
+    overshoot; NaN where the slope is not negative."""
+    du = log_excess_2 * x / xp.where(slope < 0, slope, xp.nan)
+    return xp.sqrt(xp.maximum(x * x + du, 0.0))
+
+
+def _aim_margin(
+    root: np.ndarray,
+    x: np.ndarray,
+    near: np.ndarray,
+    previous: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """How far past the predicted ``root`` the host's next point is aimed, so that it lands on
+    the other side of the true root and narrows the bracket from there.
+
+    A Newton prediction's error shrinks as the square of its step ``s = |root - x|``: the
+    error of the previous prediction (``previous``: its root and step ``s'``), seen from this
+    more accurate one, gives ``k = |root' - root| / s'^2``, and the margin is ``4 k s^2``
+    (where ``s'`` is within the test's resolution ``near``, which leaves ``k`` unknown, the
+    overshoot of :func:`_newton_candidate`, ``_OVERSHOOT s``). It is at least ``0.4 near``, so
+    that two points aimed from one root are within ``near`` of each other and close the
+    bracket, and at most ``s``, where the prediction is worse than the step."""
+    step = np.abs(root - x)
+    margin = _OVERSHOOT * step
+    if previous is not None:
+        previous_root, previous_step = previous
+        known = previous_step > near
+        k = np.abs(previous_root - root) / np.where(known, previous_step, 1.0) ** 2
+        margin = np.where(known, 4.0 * k * step * step, margin)
+    return np.maximum(np.minimum(margin, step), 0.4 * near)
+
+
 def _newton_step(
     xp: Namespace,
     feasible: Array,
@@ -746,16 +806,18 @@ def _newton_step(
     lo: Array,
     hi: Array,
     half_step: Array,
+    candidate: Array | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """One step of the search: ``x`` narrows the bracket ``[lo, hi]``, then the next point is
-    :func:`_newton_candidate`, or the bracket's midpoint where that point leaves the bracket,
-    does not halve the previous step (``half_step`` is half of it), or the slope is not
-    negative."""
+    ``candidate`` (by default :func:`_newton_candidate`), or the bracket's midpoint where that
+    point leaves the bracket, does not halve the previous step (``half_step`` is half of it),
+    or the slope is not negative."""
     lo = xp.where(feasible, x, lo)
     hi = xp.where(feasible, hi, x)
     # A NaN candidate (the slope is not negative) passes no comparison; a candidate of 0
     # (x = 0, or u <= 0) is never above lo >= 0 either.
-    candidate = _newton_candidate(xp, log_excess_2, slope, x)
+    if candidate is None:
+        candidate = _newton_candidate(xp, log_excess_2, slope, x)
     step = xp.abs(candidate - x)
     newton_ok = (candidate > lo) & (candidate < hi) & (step <= half_step)
     half_step = xp.where(newton_ok, 0.5 * step, 0.25 * (hi - lo))
@@ -774,18 +836,20 @@ def _eager_step(
     state: tuple[np.ndarray, ...],
     near: np.ndarray,
     untested_lo: np.ndarray,
+    candidate: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """:func:`_newton_step` on the host, with two ends that close the bracket in one more test
-    where the Newton point cannot: where ``F`` at ``x`` has the sign the test denies (it is 0
+    """:func:`_newton_step` on the host, to ``candidate`` where given (else the overshooting
+    Newton point), with two ends that close the bracket in one more test where that point
+    cannot: where ``F`` at ``x`` has the sign the test denies (it is 0
     within its rounding, so the root is at ``x``'s end), the point ``near`` (the test's
     resolution) inside that end; where an infeasible ``x`` puts the root below ``lo`` while
     ``lo`` is the untested ``gamma_min`` (``untested_lo``), ``lo`` itself (if it fails, so does
     every gamma of the bracket)."""
     feasible, log_excess_2, slope = terms
-    x = state[0]
     with _quiet_host_steps():
-        x_next, lo, hi, half_step = _newton_step(_HOST, *terms, *state)
-        candidate = _newton_candidate(_HOST, log_excess_2, slope, x)
+        if candidate is None:
+            candidate = _newton_candidate(_HOST, log_excess_2, slope, state[0])
+        x_next, lo, hi, half_step = _newton_step(_HOST, *terms, *state, candidate=candidate)
     beyond = np.where(feasible, candidate <= lo, candidate >= hi)
     inside = np.where(feasible, lo + near, hi - near)
     x_next = np.where(beyond & (inside > lo) & (inside < hi), inside, x_next)
