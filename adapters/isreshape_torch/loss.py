@@ -9,6 +9,7 @@ loss compiles with ``torch.compile(fullgraph=True)`` and runs under ``torch.func
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -98,6 +99,11 @@ class _AttachGradient(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
             grad = _FirstOrderOnly.apply(grad, logp)
         return grad, None, None, None, None, None, None
+
+
+# torch's Function.apply binds the arguments to forward's signature on every call where
+# setup_context is defined; inspect reads a stored __signature__ instead of building it anew.
+_AttachGradient.forward.__signature__ = inspect.signature(_AttachGradient.forward)
 
 
 def _check_tensor(value: Any, name: str, shape_hint: str) -> None:
