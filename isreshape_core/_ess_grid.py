@@ -214,31 +214,33 @@ def weight_matrix(
     (:func:`exponent_floor`; no ``offset``: none; the max is taken only with ``shift``, else it
     is known to be 0) and ``d' = d_slope``: the four sums of :func:`weight_sums` in a few
     operators whatever the number of samples (the eager Newton search of ``gamma_ess``), from
-    one exponential of ``[g d, 2 g d]``.
+    one exponential.
 
     The sums of the weights, which decide the test ``ESS >= needed``, are reductions (pairwise,
     as in :func:`weight_sums`); the slope's sums, which only aim the next Newton point, are a
     matrix-vector product (a BLAS product accumulates along its long axis with a few times the
     rounding of a pairwise sum). ``g`` is a number or has the batch shape followed by
-    ``(1, 1)``, after any leading axes of candidates. ``e^2`` is the exponential of the doubled
-    exponent, and a weight below the floor counts as the floor in ``e^2`` too.
+    ``(1, 1)``, after any leading axes of candidates. ``e^2`` is the product ``e e`` (within an
+    ulp of the exponential of the doubled exponent, at half the exponentials), so a weight
+    below the floor counts as ``exp(floor)`` in ``e`` and its square in ``e^2``, both normal
+    numbers and below the rounding of the sums next to the max's weight 1.
     ``floored=False``: the caller knows that no exponent of any candidate is below the floor,
     and no max with it is taken. With a ``reducer`` the sums travel in one collective.
     """
-    twice = xp.stack([d, 2.0 * d], axis=-2)  # (..., 2, n): exact doubling
-    offsets = None if offset is None else xp.stack([offset, 2.0 * offset], axis=-2)
+    row = xp.expand_dims(d, axis=-2)  # (..., 1, n)
+    offsets = None if offset is None else xp.expand_dims(offset, axis=-2)
     column = xp.expand_dims(d_slope, axis=-1)  # (..., n, 1)
     floor = exponent_floor(xp, d.dtype)
 
     def at(g: Array | float) -> Array:
-        z = g * twice
+        z = g * row
         if offsets is not None:
             z = z + offsets
         if shift:
-            m = reduce_max(xp, z[..., :1, :], -1, reducer, keepdims=True)
-            m = xp.where(m > -xp.inf, m, 0.0)
-            z = z - xp.concat([m, 2.0 * m], axis=-2)
+            m = reduce_max(xp, z, -1, reducer, keepdims=True)
+            z = z - xp.where(m > -xp.inf, m, 0.0)
         e = xp.exp(xp.maximum(z, floor) if floored else z)
+        e = xp.concat([e, e * e], axis=-2)  # (..., 2, n)
         sums = xp.concat([xp.sum(e, axis=-1, keepdims=True), xp.matmul(e, column)], axis=-1)
         return sums if reducer is None else reducer.sum(sums)
 

@@ -332,8 +332,17 @@ def gamma_ess(
     if log_r is None:
         prepared["floored"] = shifted.floored
     bounds = {"rho_min": rho_min, "gamma_min": gamma_min, "gamma_max": gamma_max}
-    gamma = ess_search(xp, prepared, bounds, axis, reducer, max_iter)
+    gamma = ess_search(xp, prepared, bounds, axis, reducer, max_iter).gamma
     return poison(xp, gamma, bad)
+
+
+class Searched(NamedTuple):
+    """What :func:`ess_search` found: ``gamma`` (the batch shape) and, where the eager search
+    tested both, Kish's sums ``(s1, s2)`` of the weights at ``gamma`` and at 1, each with a
+    leading axis of 2 (at gamma, at 1), as the metrics take them; else ``None``."""
+
+    gamma: Array
+    sums: tuple[Array, Array] | None = None
 
 
 def ess_search(
@@ -343,7 +352,7 @@ def ess_search(
     axis: int,
     reducer: Reducer | None,
     max_iter: int | None,
-) -> Array:
+) -> Searched:
     """The search of :func:`gamma_ess` on prepared log weights (``axis`` non-negative).
 
     ``prepared`` holds the validated ``l`` (``-inf``: weight 0), ``d`` (``l`` relative to its
@@ -371,7 +380,7 @@ def ess_search(
         gamma = _grid_gamma(xp, d, offset, *scalars, n, axis, plan, top_is_zero)
         # No positive weight: gamma_max. With Kish's ESS every candidate passes then (s1 = s2
         # = 0; with the floor, s1 = s2 = n_all >= needed at g = 0), so the grid returns it.
-        return gamma if top_is_zero else xp.where(n_pos > 0, gamma, gamma_max)
+        return Searched(gamma if top_is_zero else xp.where(n_pos > 0, gamma, gamma_max))
     if is_concrete(l) and not grid and max_iter is None:  # eagerly: bookkeeping on the host
         sums = functools.partial(_eager_weight_matrix, xp, prepared, axis, reducer)
         params = _host_params(xp, (gamma_min, gamma_max, rho_min), n, n_pos, l.dtype)
@@ -395,7 +404,7 @@ def ess_search(
         )  # fmt: skip
         search = (xp, d, offset, axis, reducer, top_is_zero, batch, iterations, polish)
         gamma = _newton_gamma(*search)
-    return xp.where(n_pos > 0, gamma, hi)  # no positive weight: no information, gamma_max
+    return Searched(xp.where(n_pos > 0, gamma, hi))  # no positive weight: gamma_max
 
 
 def _eager_weight_matrix(
@@ -403,19 +412,17 @@ def _eager_weight_matrix(
     prepared: dict[str, Array | None],
     axis: int,
     reducer: Reducer | None,
-    compact: bool = False,
 ) -> Callable[[Array | float], Array]:
-    """The eager search's pass, :func:`weight_matrix` over the samples moved last: Kish's ESS
-    on the floored shift (a zero weight as the floor, which the exponent floor lifts to
-    exactly what an offset of ``-inf`` gives), else ``d`` with the zero weights' offset.
-
-    ``compact`` (one row of samples): the positive weights only, gathered once, so that no
-    pass spends its exponentials on padding or zero weights (each would add the floor's
-    ``exp``, below the rounding of the sums)."""
+    """The eager search's pass, :func:`weight_matrix` over the samples moved last: on one row
+    of samples, the positive weights only, gathered once, so that no pass spends its
+    exponentials on padding or zero weights (each would add the floor's ``exp``, below the
+    rounding of the sums, at a slower exponential than a weight's); on several rows, Kish's
+    ESS on the floored shift (a zero weight as the floor, which the exponent floor lifts to
+    exactly what an offset of ``-inf`` gives), else ``d`` with the zero weights' offset."""
     d = prepared["d"]
     last = _samples_last(xp, axis, d.ndim)
     floored, top_is_zero = prepared.get("floored"), prepared.get("offset") is None
-    if compact and d.ndim == 1 and (top_is_zero or reducer is None):  # no max of a bare shard
+    if d.ndim == 1 and (top_is_zero or reducer is None):  # no max of a bare shard
         finite = prepared["finite"]
         offset = None if top_is_zero else masked_values(xp, prepared["offset"], finite)
         d = masked_values(xp, d, finite)
@@ -458,19 +465,21 @@ def _eager_newton_gamma(
     iterations: int,
     top_is_zero: bool,
     like: Array,
-) -> Array:
+) -> Searched:
     """Eagerly, the search of :func:`_newton_gamma` with its bookkeeping on the host: each pass
     is one :func:`weight_matrix` on the device and one read, and the bracket, the tests, the
     Newton points and the stop are computed on the host in the samples' dtype, so that an
     iteration costs a few operators instead of a few dozen.
 
     It starts from the Newton point of the pass at ``hi`` (exact in one step for log-normal
-    weights) instead of the closed form; after that pass it works on the positive weights
-    only (one row). It ends where every row's bracket, a tested feasible ``lo`` and a tested
-    infeasible ``hi``, is within the test's resolution (:func:`_test_resolution`), and
-    otherwise, after ``iterations`` passes, tests points just below the last iterate
+    weights) instead of the closed form; on one row every pass, the first too, reads the
+    positive weights only, gathered once. It ends where every row's bracket, a tested feasible
+    ``lo`` and a tested infeasible ``hi``, is within the test's resolution
+    (:func:`_test_resolution`), and otherwise, after ``iterations`` passes, tests points just
+    below the last iterate
     (:func:`polish_factors`). Rows whose ``hi`` is feasible, or that hold no positive weight,
-    get ``hi``; where no point passed, ``lo`` (``gamma_min``) stays.
+    get ``hi``; where no point passed, ``lo`` (``gamma_min``) stays. Kish's sums at the
+    gamma and at 1 come with it where the passes tested both in every row (:class:`Searched`).
     """
     hxp = _HOST
     lo, hi, rho, n, n_pos = (params[k] for k in ("lo", "hi", "rho", "n", "n_pos"))
@@ -487,15 +496,24 @@ def _eager_newton_gamma(
     factors = _newton_factors(hxp, needed)
     terms = _newton_terms(hxp, s, t, needed, factors)
     done_hi = terms[0] | (n_pos <= 0)
+    at_gamma = s
     if not np.all(done_hi):
         with _quiet_host_steps():  # any point inside the bracket
             state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)
             root = _newton_root(hxp, terms[1], terms[2], hi)
-        at = _host_pass(xp, make_sums(compact=True), like)  # then: positive weights only
         search = (hxp, at, state, needed, factors, iterations, done_hi)
-        lo = _eager_iterations(*search, previous=(root, np.abs(root - hi)))
+        lo, at_lo = _eager_iterations(*search, previous=(root, np.abs(root - hi)))
+        at_gamma = np.where(done_hi, s, at_lo)
     gamma = np.where(done_hi, hi, lo)
-    return xp.asarray(np.asarray(gamma, dtype), device=array_device(like))
+    device = array_device(like)
+    gamma = xp.asarray(np.asarray(gamma, dtype), device=device)
+    # The metrics' sums: Kish's, tested at the gamma and at 1 in every row, each row with a
+    # positive weight (the floor of a zero weight counts as exp(floor), below rounding, only
+    # next to the max's weight 1).
+    if not (top_is_zero and np.all(hi == 1.0) and np.all(n_pos > 0)) or np.isnan(at_gamma).any():
+        return Searched(gamma)
+    sums = xp.asarray(np.stack([at_gamma, s], axis=1), device=device)  # (2, 2, ...)
+    return Searched(gamma, (sums[0, ...], sums[1, ...]))
 
 
 def _host_pass(
@@ -523,35 +541,43 @@ def _eager_iterations(
     iterations: int,
     done_hi: np.ndarray,
     previous: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """The feasible end after the host's Newton iterations from ``state`` (``x, lo, hi,
     half_step``): once every row's bracket is within the test's resolution
     (:func:`_test_resolution`), else after ``iterations`` passes and a last one just below
-    ``x``. ``previous``: the root that the step to ``x`` predicted and the length of that
-    prediction's step, which calibrate the margin of the next point (:func:`_aim_margin`)."""
+    ``x``; with the sums ``s`` of the pass that tested it (NaN where none did: ``lo`` is the
+    untested ``gamma_min``). ``previous``: the root that the step to ``x`` predicted and the
+    length of that prediction's step, which calibrate the margin of the next point
+    (:func:`_aim_margin`)."""
     gamma_min, untested_lo = state[1], np.ones(state[1].shape, dtype=bool)
+    at_lo = np.full((2, *state[1].shape), np.nan, dtype=state[1].dtype)
     for _ in range(iterations):
-        terms = _host_terms(hxp, *at(state[0]), needed, factors)
+        s, t = at(state[0])
+        terms = _host_terms(hxp, s, t, needed, factors)
+        at_lo = np.where(terms[0], s, at_lo)
         near = _test_resolution(terms[2], state[0])
         untested_lo &= (state[0] != gamma_min) & (state[1] == gamma_min)
         with _quiet_host_steps():
             root = _newton_root(hxp, terms[1], terms[2], state[0].astype(np.float64))
-            margin = _aim_margin(root, state[0], near, previous)
-        candidate = root + np.where(terms[0], margin, -margin)  # past the root, seen from x
+            candidate = _aimed_point(root, state[0], terms[0], near, previous)
         previous = (root, np.abs(root - state[0]))
-        candidate = candidate.astype(state[0].dtype)
         # Steps within a few resolutions are taken even where they do not halve the last one:
         # the margins end the search with steps of that size on both sides of the root.
         state = (*state[:3], np.maximum(state[3], 4.0 * near))
         state = _eager_step(terms, state, near, untested_lo, candidate)
         if np.all(done_hi | (state[2] - state[1] <= near)):
-            return state[1]
+            return state[1], at_lo
     x, lo, hi = state[:3]
     shrink = np.asarray(polish_factors(hxp, x.dtype), x.dtype)
     candidates = np.minimum(np.maximum(x, lo), hi) * np.reshape(shrink, (-1,) + (1,) * x.ndim)
-    s = at(candidates)[0]
+    s = at(candidates)[0]  # (2, candidates, ...)
     feasible = s[0, ...] * s[0, ...] >= needed * s[1, ...]
-    return np.maximum(np.max(np.where(feasible, candidates, -1.0), axis=0), lo)
+    best = np.argmax(np.where(feasible, candidates, -1.0), axis=0)
+    found = np.take_along_axis(feasible, best[None, ...], axis=0)[0, ...]
+    picked = np.take_along_axis(candidates, best[None, ...], axis=0)[0, ...]
+    at_best = np.take_along_axis(s, best[None, None, ...], axis=1)[:, 0, ...]
+    above = found & (picked >= lo)
+    return np.where(above, picked, lo), np.where(above, at_best, at_lo)
 
 
 def _host_terms(
@@ -795,6 +821,25 @@ def _aim_margin(
         k = np.abs(previous_root - root) / np.where(known, previous_step, 1.0) ** 2
         margin = np.where(known, 4.0 * k * step * step, margin)
     return np.maximum(np.minimum(margin, step), 0.4 * near)
+
+
+def _aimed_point(
+    root: np.ndarray,
+    x: np.ndarray,
+    feasible: np.ndarray,
+    near: np.ndarray,
+    previous: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """The host's next point from ``x``, in ``x``'s dtype: past the predicted ``root`` by
+    :func:`_aim_margin`, on the side the test did not take at ``x``; where the root is
+    predicted within the resolution ``near`` of ``x``, the farthest float on that side within
+    ``near`` of ``x``, which closes the bracket if the test fails there."""
+    side = np.where(feasible, 1.0, -1.0)
+    aimed = root + side * _aim_margin(root, x, near, previous)
+    ulp = np.spacing(x)  # the floats below x are at most this far apart
+    reach = np.floor(near / ulp) * ulp  # within near of x, exactly
+    closing = np.abs(root - x) < near
+    return np.where(closing, x + side * reach, aimed).astype(x.dtype)
 
 
 def _newton_step(

@@ -707,12 +707,14 @@ def unit_gamma(
         shifted = shifted_log_weights(
             xp, masked_l, -1, reducer, False, bounded, finite, count, floored=search, top=top
         )
+        sums = k_hat = None
         if search:
-            g, k_hat = ess_gamma_of_shifted(xp, masked_l, shifted, rho_min, gamma_options), None
+            g, sums = ess_gamma_of_shifted(xp, masked_l, shifted, rho_min, gamma_options)
         else:
             g, k_hat = choose_gamma(flat_l, flat_valid, rho_min, gamma, reducer, gamma_options)
         unit_g = xp.reshape(g, (1,))
-        return g, tempered_metrics(xp, masked_l, unit_g, g, reducer, None, k_hat, shifted)
+        metrics = tempered_metrics(xp, masked_l, unit_g, g, reducer, None, k_hat, shifted, sums)
+        return g, metrics
     # A group lives on one shard.
     shape, stats_reducer, merge_reducer = (unit_l.shape[0] // group_size, -1), None, reducer
     rows_l, rows_valid = xp.reshape(unit_l, shape), xp.reshape(units.valid, shape)

@@ -15,7 +15,7 @@ import numbers
 from typing import Any
 
 from ._ess import kish_ess_from_log, kish_from_sums
-from ._gamma import Shifted, ess_search, shifted_log_weights
+from ._gamma import Searched, Shifted, ess_search, shifted_log_weights
 from ._lib.checks import check_choice, check_gamma, check_gamma_bounds, check_rho_min
 from ._lib.inputs import prepare_log_weights
 from ._lib.namespace import Array, Namespace, array_device, namespace
@@ -73,10 +73,11 @@ def spread_bound(xp: Namespace, dtype: Any, n: int) -> float:
 
 def ess_gamma_of_shifted(
     xp: Namespace, masked_l: Array, shifted: Shifted, rho_min: Any, options: dict[str, Any]
-) -> Array:
+) -> Searched:
     """:func:`gamma_ess` of one row of finite log weights ``masked_l`` (``-inf``: invalid),
     from their :func:`shifted_log_weights` (no reducer): the loss's default search, without a
-    second validation or shift. ``options``: numbers ``gamma_min`` and ``gamma_max`` at most."""
+    second validation or shift, and the metrics' sums where the search has them.
+    ``options``: numbers ``gamma_min`` and ``gamma_max`` at most."""
     bounds = {"rho_min": rho_min, "gamma_min": 0.0, "gamma_max": 1.0, **options}
     check_gamma_bounds(bounds["gamma_min"], bounds["gamma_max"])
     prepared = {
@@ -100,6 +101,7 @@ def tempered_metrics(
     merge_reducer: Reducer | None,
     k_hat: Array | None = None,
     shifted: Shifted | None = None,
+    sums: tuple[Array, Array] | None = None,
 ) -> dict[str, Array]:
     """0-d summaries of unit log weights ``masked_l`` (rows = groups, or 1-d: one row; ``-inf``
     = invalid) and of the weights tempered by ``unit_gamma`` (broadcastable to ``masked_l``: one
@@ -111,7 +113,9 @@ def tempered_metrics(
     live on one shard) by :data:`METRIC_MERGE`, so that every shard reports the metrics of the
     whole batch: ``gamma``, ``sigma2``, ``ess_ratio`` and ``ess_ratio_at_1`` are means over rows,
     ``max_weight`` the largest normalised unit weight, ``k_hat`` the worst row's.
-    ``shifted``: the :func:`shifted_log_weights` of ``masked_l`` where the caller has them.
+    ``shifted``: the :func:`shifted_log_weights` of ``masked_l`` where the caller has them;
+    ``sums``: Kish's sums of the weights at ``unit_gamma`` and at 1, as :func:`_tempered_sums`
+    gives them, where the search has them (:class:`Searched`; one row, no reducer).
     """
     # One row and nothing to merge over shards: the 0-d metrics, from the row as one axis.
     if masked_l.ndim == 2 and masked_l.shape[0] == 1 and merge_reducer is None:
@@ -121,7 +125,8 @@ def tempered_metrics(
     if shifted is None:
         shifted = shifted_log_weights(xp, masked_l, -1, stats_reducer, keepdims=not whole)
     d = shifted.d
-    sums = _tempered_sums(xp, shifted, unit_gamma)
+    if sums is None:
+        sums = _tempered_sums(xp, shifted, unit_gamma)
     s1, s2, count, total = _merged_sums(xp, sums, shifted.count, d, stats_reducer)
     n = xp.maximum(count, 1.0)
     mean = total / n

@@ -141,3 +141,47 @@ def test_grid_search_uses_few_operators():
         counts[name] = c.n
     # Three passes of about 15 operators plus the set-up, against 14 rounds of about 60.
     assert counts["grid"] <= 140 and counts["grid"] * 5 < counts["newton"], counts
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_weight_matrix_is_the_four_sums(xp, dtype, with_offset):
+    """The eager search's pass: ``[[sum e, sum e d'], [sum e^2, sum e^2 d']]`` at a number and
+    at candidates along leading axes, against float64 sums with the weights written out:
+    ``e = exp(max(g d + offset - max, floor))`` (the max only where the offset moves it), and
+    ``e^2`` its square, so that a weight below the floor counts as ``exp(floor)`` and its
+    square."""
+    from isreshape_core._ess_grid import exponent_floor, weight_matrix
+    from isreshape_core._lib.namespace import namespace
+
+    rng = np.random.default_rng(21)
+    d = rng.normal(0.0, 1.5, (3, 400))
+    d = d - d.max(axis=-1, keepdims=True)
+    d[0, :5] = -3e4  # below the floor at every candidate > 0.01
+    slope = np.maximum(d, -(2.0**16))
+    offset = np.log(rng.uniform(0.2, 3.0, d.shape)) if with_offset else None
+    floor = exponent_floor(np, dtype)
+
+    def brute(g):
+        z = g * d + (0.0 if offset is None else offset)
+        if offset is not None:
+            z = z - z.max(axis=-1, keepdims=True)
+        e = np.exp(np.maximum(z, floor))
+        return np.stack(
+            [
+                np.stack([e.sum(-1), (e * slope).sum(-1)], -1),
+                np.stack([(e * e).sum(-1), (e * e * slope).sum(-1)], -1),
+            ],
+            -2,
+        )
+
+    cast = lambda a: None if a is None else xp.asarray(a.astype(dtype))  # noqa: E731
+    ns = namespace(cast(d))
+    at = weight_matrix(ns, cast(d), cast(slope), cast(offset), None, with_offset)
+    rtol = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(to_numpy(at(0.7)), brute(0.7), rtol=rtol, atol=0)
+    candidates = np.array([0.05, 0.5, 1.0])
+    got = to_numpy(at(cast(candidates.reshape(3, 1, 1, 1) * np.ones((3, 3, 1, 1)))))
+    want = np.stack([brute(g) for g in candidates])
+    assert got.shape == (3, 3, 2, 2)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=0)

@@ -441,7 +441,7 @@ def test_zero_weights_as_the_floor_give_the_same_gamma(xp, dtype):
             "n_pos": shifted.count,
         }
         rho_bounds = {"rho_min": 0.3, "gamma_min": bounds[0], "gamma_max": bounds[1]}
-        got = _gamma.ess_search(xp, prepared, rho_bounds, 0, None, None)
+        got = _gamma.ess_search(xp, prepared, rho_bounds, 0, None, None).gamma
         plan = _gamma.grid_plan(n, np.finfo(dtype).bits)
         vanished.append(_gamma._floor_vanishes(xp, shifted.d, rho_bounds, plan))
         assert to_numpy(got).tobytes() == to_numpy(want).tobytes(), (case, got, want)
@@ -519,7 +519,8 @@ def test_eager_search_out_of_passes_tests_points_just_below_the_iterate():
     root = brute_gamma(l, 0.3)
     x, lo = np.asarray(root * (1.0 + 2.0**-30)), np.asarray(0.5)  # just above the root
     state = (x, lo, np.asarray(1.0), np.asarray(0.25))
-    got = _eager_iterations(_HOST, at, state, needed, _newton_factors(np, needed), 0, False)
+    got, sums = _eager_iterations(_HOST, at, state, needed, _newton_factors(np, needed), 0, False)
+    np.testing.assert_allclose(sums, at(np.asarray(got))[0], rtol=1e-15)  # the pass's at got
     points = [float(x) * f for f in polish_factors(np, np.float64)]
     passing = [g for g in points if brute_ratio(l, g) * l.size >= float(needed)]
     assert passing and got == max([float(lo), *passing])
@@ -545,6 +546,28 @@ def test_aim_margin_is_the_squared_error_of_the_last_prediction():
     assert _aim_margin(f(0.5), f(0.4), f(1e-7), (f(0.9), f(0.1)))[0] == np.float64(0.5) - 0.4
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_aimed_point_closes_the_bracket_near_the_root(dtype):
+    """The host's next point: past the predicted root by the margin on the side the test did
+    not take; where the root is predicted within the resolution of ``x``, the farthest float
+    on that side within it, so that a failed (or passed) test there closes the bracket."""
+    from isreshape_core._gamma import _aim_margin, _aimed_point
+
+    x = np.asarray([0.9, 0.9, 0.9, 0.9], dtype=dtype)
+    near = np.asarray(3.3 * np.spacing(x[0]), dtype=dtype)  # 3.3 ulps: reach 3 ulps
+    feasible = np.asarray([True, False, True, False])
+    step = 10.0 * float(near)
+    root = np.asarray([0.9 + step, 0.9 - step, 0.9 + 0.1 * float(near), 0.9 - 0.1 * float(near)])
+    got = _aimed_point(root, x, feasible, near, None)
+    assert got.dtype == dtype
+    margin = _aim_margin(root, x, near, None)
+    np.testing.assert_allclose(got[:2], (root + np.where(feasible, margin, -margin))[:2], rtol=0,
+                               atol=float(np.spacing(x[0])))  # fmt: skip
+    ulps = (got[2:] - x[2:]) / np.spacing(x[2:])
+    np.testing.assert_array_equal(ulps, [3.0, -3.0])
+    assert np.all(np.abs(got[2:] - x[2:]) <= near)
+
+
 def _eager_passes(xp, monkeypatch, l):
     """``(passes, gamma)`` of the eager search of ``gamma_ess(l, 0.3)``."""
     import isreshape_core._gamma as gamma_module
@@ -567,7 +590,7 @@ def test_eager_newton_aimed_by_its_error_takes_fewer_passes(xp, monkeypatch, dty
     step, ends the eager search in fewer passes on log-normal and heavy-tailed batches (never
     more in float64), with the gamma of the brute-force bisection to the test's resolution; on
     80k float32 log weights from Normal(0, 1.2^2), like the benchmark's stale token-level
-    batch, at most 6 passes (5 on torch; 7 with the overshoot of the traced search)."""
+    batch, at most 6 passes (5 here on NumPy and torch; 7 with the traced search's overshoot)."""
     import isreshape_core._gamma as gamma_module
 
     rng = np.random.default_rng(8)
@@ -613,10 +636,10 @@ def test_eager_step_with_a_flat_slope_bisects_without_a_warning():
 def test_eager_passes_take_the_floor_only_where_an_exponent_can_reach_it(
     xp, monkeypatch, dtype, lowest
 ):
-    """After its first pass the eager Newton search drops the max with the exponent floor where
-    twice the lowest positive log weight (relative to the max) is above the floor (no candidate
-    g <= 1 can go below it), and keeps it otherwise; the gamma is the brute-force bisection's
-    either way."""
+    """On one row, the eager Newton search's passes (on the positive weights, gathered once)
+    drop the max with the exponent floor where twice the lowest positive log weight (relative
+    to the max) is above the floor (no candidate g <= 1 can go below it), and keep it
+    otherwise; the gamma is the brute-force bisection's either way."""
     import isreshape_core._gamma as gamma_module
     from isreshape_core._ess_grid import exponent_floor
 
@@ -624,7 +647,7 @@ def test_eager_passes_take_the_floor_only_where_an_exponent_can_reach_it(
     l = rng.normal(0.0, 1.3, 3000)
     l = l - l.max()
     l[7] = lowest  # the lowest weight, relative to the max at 0
-    l[8] = -np.inf  # a zero weight: the passes after the first skip it
+    l[8] = -np.inf  # a zero weight: no pass reads it
     l = l.astype(dtype)
     floored, original = [], gamma_module.weight_matrix
 
@@ -635,6 +658,6 @@ def test_eager_passes_take_the_floor_only_where_an_exponent_can_reach_it(
     monkeypatch.setattr(gamma_module, "weight_matrix", recording)
     g = float(to_numpy(isr.gamma_ess(xp.asarray(l), 0.3)))
     below = 2.0 * lowest < exponent_floor(np, dtype)
-    assert floored == [True, below]  # the first pass's, the later passes'
+    assert floored == [below]  # one weight matrix for every pass
     tol = 2e-6 if dtype == np.float32 else 1e-12
     assert abs(g - brute_gamma(l.astype(np.float64), 0.3)) < tol

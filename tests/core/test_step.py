@@ -392,3 +392,43 @@ def test_loss_sigma2_is_inf_only_where_the_variance_exceeds_float32(xp, spread):
         assert got == np.inf
     else:
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spread", [0.4, 1.3])  # gamma_max passes the test, or the search runs
+@pytest.mark.parametrize("gamma_max", [1.0, 0.7])
+def test_search_sums_give_the_metrics_of_the_metrics_pass(
+    xp, monkeypatch, dtype, spread, gamma_max
+):
+    """The token-level default search hands the metrics Kish's sums at the gamma and at 1
+    where its passes tested both (``gamma_max = 1``), and the metrics skip their own pass over
+    the weights: the metrics are that pass's to rounding (the loss and gradient bit for bit),
+    and ``ess_ratio`` is the independent :func:`isreshape_core.ess_ratio` at the gamma."""
+    import isreshape_core._loss as loss_module
+    import isreshape_core._step as step_module
+    from isreshape_core._gamma import Searched
+
+    logp, logq, rewards, mask = make_batch(9, B=8, T=1024, spread=spread)
+    args = [xp.asarray(a.astype(dtype) if a.dtype != bool else a) for a in (logp, logq, rewards)]
+    args.append(xp.asarray(mask))
+    options = {"level": "token", "gamma_max": gamma_max}
+    passes, original = [], step_module._tempered_sums
+    monkeypatch.setattr(step_module, "_tempered_sums", lambda *a: passes.append(1) or original(*a))
+    loss, grad, metrics = is_reshape_loss_and_grad(*args, **options)
+    reused = not passes
+    assert reused == (gamma_max == 1.0)
+    search = loss_module.ess_gamma_of_shifted
+    monkeypatch.setattr(loss_module, "ess_gamma_of_shifted", lambda *a: Searched(search(*a).gamma))
+    loss_p, grad_p, own = is_reshape_loss_and_grad(*args, **options)
+    assert passes  # the metrics' own pass
+    np.testing.assert_array_equal(to_numpy(loss_p), to_numpy(loss))
+    np.testing.assert_array_equal(to_numpy(grad_p), to_numpy(grad))
+    rtol = 2e-6 if dtype == np.float32 else 1e-13
+    for name in ("gamma", "ess_ratio", "ess_ratio_at_1", "max_weight", "sigma2"):
+        np.testing.assert_allclose(
+            to_numpy(metrics[name]), to_numpy(own[name]), rtol=rtol, err_msg=name
+        )
+    l = np.where(mask, logp - logq, -np.inf)[mask]
+    want = isr.ess_ratio(l, float(to_numpy(metrics["gamma"])))
+    np.testing.assert_allclose(to_numpy(metrics["ess_ratio"]), want, rtol=rtol)
+    assert float(to_numpy(metrics["gamma"])) < (1.0 if spread > 1 else 1.1)
