@@ -441,6 +441,28 @@ def _eager_weight_matrix(
     return weight_matrix(xp, last(exponents), slope, offset, reducer, not top_is_zero)
 
 
+def _pick(cond: Any, a: Any, b: Any) -> Any:
+    """``np.where(cond, a, b)``, where a numpy scalar ``cond`` picks without a ufunc: the eager
+    search keeps the bookkeeping of one row in numpy scalars, whose arithmetic costs a tenth of
+    that on 0-d arrays, and a where would turn them into arrays again."""
+    if isinstance(cond, (bool, np.bool_)):
+        return a if cond else b
+    return np.where(cond, a, b)
+
+
+class _HostNamespace:
+    """The host's namespace for the eager search's bookkeeping: NumPy (through
+    array-api-compat), with :func:`_pick` as its ``where``."""
+
+    where = staticmethod(_pick)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_HOST, name)
+
+
+_HOST_STEPS = _HostNamespace()
+
+
 def _host_params(
     xp: Namespace, bounds: tuple[Any, Any, Any], n: Array, n_pos: Array, dtype: Any
 ) -> dict[str, np.ndarray]:
@@ -455,7 +477,9 @@ def _host_params(
         ).copy()
         for v in bounds
     )
-    return {"lo": lo, "hi": hi, "rho": rho, "n": n_h, "n_pos": n_pos_h}
+    # One row: numpy scalars ([()] of a 0-d array; an array of a row or more stays itself).
+    params = {"lo": lo, "hi": hi, "rho": rho, "n": n_h, "n_pos": n_pos_h}
+    return {k: v[()] for k, v in params.items()}
 
 
 def _eager_newton_gamma(
@@ -481,7 +505,7 @@ def _eager_newton_gamma(
     get ``hi``; where no point passed, ``lo`` (``gamma_min``) stays. Kish's sums at the
     gamma and at 1 come with it where the passes tested both in every row (:class:`Searched`).
     """
-    hxp = _HOST
+    hxp = _HOST_STEPS
     lo, hi, rho, n, n_pos = (params[k] for k in ("lo", "hi", "rho", "n", "n_pos"))
     dtype = n.dtype
     at = _host_pass(xp, make_sums(), like)
@@ -492,19 +516,19 @@ def _eager_newton_gamma(
         s, t = at(np.stack([np.zeros_like(hi), hi]))
         base = s[0, 0, ...] * s[0, 0, ...] / s[1, 0, ...]
         s, t = s[:, 1, ...], t[:, 1, ...]
-    needed = np.where(n_pos > 0, _needed_ess(hxp, rho, base), np.asarray(1.0, dtype))
-    factors = _newton_factors(hxp, needed)
-    terms = _newton_terms(hxp, s, t, needed, factors)
+    needed = _pick(n_pos > 0, _needed_ess(hxp, rho, base), np.asarray(1.0, dtype)[()])
+    terms = _host_terms(s, t, needed, np.log(np.asarray(needed, np.float64)))
     done_hi = terms[0] | (n_pos <= 0)
     at_gamma = s
     if not np.all(done_hi):
-        with _quiet_host_steps():  # any point inside the bracket
-            state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo)
+        with _quiet_host_steps():  # any point inside the bracket, in the samples' dtype
+            candidate = _newton_candidate(hxp, terms[1], terms[2], hi).astype(dtype)
+            state = _newton_step(hxp, *terms, hi, lo, hi, hi - lo, candidate=candidate)
             root = _newton_root(hxp, terms[1], terms[2], hi)
-        search = (hxp, at, state, needed, factors, iterations, done_hi)
+        search = (hxp, at, state, needed, iterations, done_hi)
         lo, at_lo = _eager_iterations(*search, previous=(root, np.abs(root - hi)))
-        at_gamma = np.where(done_hi, s, at_lo)
-    gamma = np.where(done_hi, hi, lo)
+        at_gamma = _pick(done_hi, s, at_lo)
+    gamma = _pick(done_hi, hi, lo)
     device = array_device(like)
     gamma = xp.asarray(np.asarray(gamma, dtype), device=device)
     # The metrics' sums: Kish's, tested at the gamma and at 1 in every row, each row with a
@@ -537,7 +561,6 @@ def _eager_iterations(
     at: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     state: tuple[np.ndarray, ...],
     needed: np.ndarray,
-    factors: tuple[np.ndarray, ...],
     iterations: int,
     done_hi: np.ndarray,
     previous: tuple[np.ndarray, np.ndarray] | None = None,
@@ -549,12 +572,13 @@ def _eager_iterations(
     untested ``gamma_min``). ``previous``: the root that the step to ``x`` predicted and the
     length of that prediction's step, which calibrate the margin of the next point
     (:func:`_aim_margin`)."""
-    gamma_min, untested_lo = state[1], np.ones(state[1].shape, dtype=bool)
-    at_lo = np.full((2, *state[1].shape), np.nan, dtype=state[1].dtype)
+    gamma_min, untested_lo = state[1], np.ones(np.shape(state[1]), dtype=bool)[()]
+    at_lo = np.full((2, *np.shape(state[1])), np.nan, dtype=state[1].dtype)
+    log_needed = np.log(np.asarray(needed, np.float64))[()]
     for _ in range(iterations):
         s, t = at(state[0])
-        terms = _host_terms(hxp, s, t, needed, factors)
-        at_lo = np.where(terms[0], s, at_lo)
+        terms = _host_terms(s, t, needed, log_needed)
+        at_lo = _pick(terms[0], s, at_lo)
         near = _test_resolution(terms[2], state[0])
         untested_lo &= (state[0] != gamma_min) & (state[1] == gamma_min)
         with _quiet_host_steps():
@@ -581,17 +605,17 @@ def _eager_iterations(
 
 
 def _host_terms(
-    hxp: Namespace, s: np.ndarray, t: np.ndarray, needed: np.ndarray, factors: tuple
+    s: np.ndarray, t: np.ndarray, needed: np.ndarray, log_needed: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_newton_terms` of a pass read to the host: the test in the samples' dtype, as
-    the device takes it, and ``F`` and its slope in float64 from the same sums. They only aim
-    the next point, and a float32 ``log`` of sums near ``n`` would round ``F`` to steps of
-    about ``eps log n``, several times the test's own resolution."""
-    if s.dtype == np.float64:
-        return _newton_terms(hxp, s, t, needed, factors)
-    feasible = _newton_terms(hxp, s, t, needed, factors)[0]
-    s, t, needed = (np.asarray(a, np.float64) for a in (s, t, needed))
-    return feasible, *_newton_terms(hxp, s, t, needed, _newton_factors(hxp, needed))[1:]
+    """:func:`_newton_terms` of a pass read to the host (``log_needed``: the log of
+    ``needed``, in float64): the test in the samples' dtype, as the device takes it, and
+    ``-2 F`` and the slope in float64 from the same sums. They only aim the next point, and a
+    float32 ``log`` of sums near ``n`` would round ``F`` to steps of about ``eps log n``,
+    several times the test's own resolution."""
+    feasible = s[0] * s[0] >= needed * s[1]  # s[0]: a scalar where the batch is one row
+    logs, ratios = np.log(s.astype(np.float64)), t.astype(np.float64) / s
+    log_excess_2 = 2.0 * (logs[1] + log_needed - 2.0 * logs[0])
+    return feasible, log_excess_2, 2.0 * (ratios[0] - ratios[1])
 
 
 def _test_resolution(slope: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -601,12 +625,17 @@ def _test_resolution(slope: np.ndarray, x: np.ndarray) -> np.ndarray:
     floats at ``x`` and at most ``min(2^-14, 2^20 eps)`` (6e-5 in float32, 2e-10 in float64),
     where the ESS is flat. A narrower bracket would follow the rounding, not the ESS: within
     the test's own error its ends are both feasible or both not."""
-    eps = float(np.finfo(x.dtype).eps)
-    cap = min(2.0**-14, 2.0**20 * eps)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        width = 4.0 * eps / np.abs(slope)
-    width = np.where(np.isfinite(width), np.minimum(width, cap), cap)
+    error, cap = _relative_error_and_cap(x.dtype)
+    # fmax takes the bound where the slope is NaN: no division by 0, no NaN, no warning.
+    width = error / np.fmax(np.abs(slope), error / cap)
     return np.maximum(width, np.spacing(x)).astype(x.dtype)
+
+
+@functools.cache
+def _relative_error_and_cap(dtype: np.dtype) -> tuple[float, float]:
+    """``4 eps`` and ``min(2^-14, 2^20 eps)`` of ``dtype`` (:func:`_test_resolution`)."""
+    eps = float(np.finfo(dtype).eps)
+    return 4.0 * eps, min(2.0**-14, 2.0**20 * eps)
 
 
 def _newton_factors(xp: Namespace, needed: Array) -> tuple[Array, Array, Array]:
@@ -818,8 +847,8 @@ def _aim_margin(
     if previous is not None:
         previous_root, previous_step = previous
         known = previous_step > near
-        k = np.abs(previous_root - root) / np.where(known, previous_step, 1.0) ** 2
-        margin = np.where(known, 4.0 * k * step * step, margin)
+        k = np.abs(previous_root - root) / _pick(known, previous_step, 1.0) ** 2
+        margin = _pick(known, 4.0 * k * step * step, margin)
     return np.maximum(np.minimum(margin, step), 0.4 * near)
 
 
@@ -834,12 +863,12 @@ def _aimed_point(
     :func:`_aim_margin`, on the side the test did not take at ``x``; where the root is
     predicted within the resolution ``near`` of ``x``, the farthest float on that side within
     ``near`` of ``x``, which closes the bracket if the test fails there."""
-    side = np.where(feasible, 1.0, -1.0)
+    side = _pick(feasible, 1.0, -1.0)
     aimed = root + side * _aim_margin(root, x, near, previous)
     ulp = np.spacing(x)  # the floats below x are at most this far apart
     reach = np.floor(near / ulp) * ulp  # within near of x, exactly
     closing = np.abs(root - x) < near
-    return np.where(closing, x + side * reach, aimed).astype(x.dtype)
+    return _pick(closing, x + side * reach, aimed).astype(x.dtype)
 
 
 def _newton_step(
@@ -893,10 +922,10 @@ def _eager_step(
     feasible, log_excess_2, slope = terms
     with _quiet_host_steps():
         if candidate is None:
-            candidate = _newton_candidate(_HOST, log_excess_2, slope, state[0])
-        x_next, lo, hi, half_step = _newton_step(_HOST, *terms, *state, candidate=candidate)
-    beyond = np.where(feasible, candidate <= lo, candidate >= hi)
-    inside = np.where(feasible, lo + near, hi - near)
-    x_next = np.where(beyond & (inside > lo) & (inside < hi), inside, x_next)
+            candidate = _newton_candidate(_HOST_STEPS, log_excess_2, slope, state[0])
+        x_next, lo, hi, half_step = _newton_step(_HOST_STEPS, *terms, *state, candidate=candidate)
+    beyond = _pick(feasible, candidate <= lo, candidate >= hi)
+    inside = _pick(feasible, lo + near, hi - near)
+    x_next = _pick(beyond & (inside > lo) & (inside < hi), inside, x_next)
     below = ~feasible & (candidate <= lo) & untested_lo
-    return np.where(below, lo, x_next), lo, hi, half_step
+    return _pick(below, lo, x_next), lo, hi, half_step

@@ -505,7 +505,7 @@ def test_eager_search_out_of_passes_tests_points_just_below_the_iterate():
     and of the points ``x (1 - 2^-j)`` that pass the test, enumerated here with float64
     sums."""
     from isreshape_core._ess_grid import polish_factors
-    from isreshape_core._gamma import _HOST, _eager_iterations, _newton_factors
+    from isreshape_core._gamma import _HOST, _eager_iterations
 
     l = np.random.default_rng(11).normal(0.0, 1.2, 500)
     d = l - l.max()
@@ -519,7 +519,7 @@ def test_eager_search_out_of_passes_tests_points_just_below_the_iterate():
     root = brute_gamma(l, 0.3)
     x, lo = np.asarray(root * (1.0 + 2.0**-30)), np.asarray(0.5)  # just above the root
     state = (x, lo, np.asarray(1.0), np.asarray(0.25))
-    got, sums = _eager_iterations(_HOST, at, state, needed, _newton_factors(np, needed), 0, False)
+    got, sums = _eager_iterations(_HOST, at, state, needed, 0, False)
     np.testing.assert_allclose(sums, at(np.asarray(got))[0], rtol=1e-15)  # the pass's at got
     points = [float(x) * f for f in polish_factors(np, np.float64)]
     passing = [g for g in points if brute_ratio(l, g) * l.size >= float(needed)]
@@ -587,15 +587,16 @@ def _eager_passes(xp, monkeypatch, l):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_eager_newton_aimed_by_its_error_takes_fewer_passes(xp, monkeypatch, dtype):
     """Aiming each point past the root by the Newton error seen so far, instead of 2% of the
-    step, ends the eager search in fewer passes on log-normal and heavy-tailed batches (never
-    more in float64), with the gamma of the brute-force bisection to the test's resolution; on
+    step, ends the eager search in fewer passes on log-normal and heavy-tailed batches (in
+    float64 never more, and a third fewer in all; in float32 not more in all), with the gamma
+    of the brute-force bisection to the test's resolution; on
     80k float32 log weights from Normal(0, 1.2^2), like the benchmark's stale token-level
     batch, at most 6 passes (5 here on NumPy and torch; 7 with the traced search's overshoot)."""
     import isreshape_core._gamma as gamma_module
 
     rng = np.random.default_rng(8)
-    batches = [rng.normal(0.0, s, 3000) for s in (0.9, 1.2, 2.0)]
-    batches += [rng.standard_t(df, 3000) * 0.8 for df in (3.0, 6.0)]
+    batches = [rng.normal(0.0, s, 3000) for s in (0.9, 1.2, 1.5, 2.0, 2.5, 3.0)]
+    batches += [rng.standard_t(df, 3000) * sc for df in (2.5, 3.0, 6.0) for sc in (0.6, 1.0)]
     tol = 2e-6 if dtype == np.float32 else 1e-12
     aimed, overshoot = [], []
     for l in batches:
@@ -608,9 +609,10 @@ def test_eager_newton_aimed_by_its_error_takes_fewer_passes(xp, monkeypatch, dty
         overshoot.append(before)
         assert abs(gamma[()] - brute_gamma(l.astype(np.float64), 0.3)) < tol
     aimed, overshoot = np.array(aimed), np.array(overshoot)
-    assert aimed.sum() < overshoot.sum(), (aimed, overshoot)
-    if dtype == np.float64:
-        assert np.all(aimed <= overshoot), (aimed, overshoot)
+    if dtype == np.float64:  # 92 against 136 passes here
+        assert np.all(aimed <= overshoot) and aimed.sum() < 0.8 * overshoot.sum()
+    else:  # float32 ends at the test's rounding after a few passes either way (76 against 80)
+        assert aimed.sum() <= overshoot.sum(), (aimed, overshoot)
     if dtype == np.float32:
         stale = np.random.default_rng(1).normal(0.0, 1.2, 80_456).astype(dtype)
         assert _eager_passes(xp, monkeypatch, stale)[0] <= 6  # 7 before (numpy, torch)
