@@ -515,35 +515,51 @@ def _guarded_units(
     """The units of :func:`token_units` for any input: eager ones are checked (and raise),
     sums that could overflow are taken in steps, and traced NaN inputs are flagged.
 
-    One max and one min per sequence serve the checks, the overflow guard of the sums and the
-    test for a ``-inf`` token: no other pass over the tokens."""
+    Every reduction over the tokens reads them independently of the others (the sums and their
+    overflow guard, the test for an infinite token, the count of bad ones), so that a compiler
+    takes them in one pass over each sequence."""
     logp, logq, r, mask, n_tok, rows = tokens
     lp = xp.where(mask, logp, 0.0)
     token_l = checked_log_ratio(xp, lp, xp.where(mask, logq, 0.0), check=False)
-    hi, lo = xp.max(token_l, axis=-1), xp.min(token_l, axis=-1)  # NaN propagates into both
-    check_log_weights(xp, hi, "logp - logq")
+    if is_concrete(token_l):  # eager inputs raise here (a row max holds any NaN and +inf)
+        check_log_weights(xp, xp.max(token_l, axis=-1), "logp - logq")
     check_finite_rewards(xp, r)
     log_p = unit_log_weights(xp, lp, n_tok, level) if form == "reinforce" else None
     if level == "token":
         unit_l, valid, capped = token_l, mask, None
     else:
-        unit_l = unit_log_weights(xp, token_l, n_tok, level, absmax=xp.maximum(hi, -lo))
+        unit_l = unit_log_weights(xp, token_l, n_tok, level)
         valid = rows
         # A token that is -inf is a weight 0 (and stays so); a sum of finite ones can overflow.
-        capped = valid & xp.isinf(unit_l) & (lo > -xp.inf) & (hi < xp.inf)
+        capped = valid & xp.isinf(unit_l) & xp.all(xp.isfinite(token_l), axis=-1)
         top = xp.asarray(float(xp.finfo(lp.dtype).max), dtype=lp.dtype, device=array_device(lp))
         unit_l = xp.where(capped, xp.where(unit_l > 0, top, -top), unit_l)
     # Traced inputs cannot raise: NaN / +inf log ratios and non-finite rewards make their unit
     # NaN (and every batch statistic they enter), counted in the metrics.
     bad, n_bad = None, xp.zeros((), dtype=lp.dtype, device=array_device(lp))
     if not (is_concrete(token_l) and is_concrete(r)):
-        r_bad = ~xp.isfinite(r if r.ndim == 2 else r[:, None])
-        token_bad = (nan_or_plus_inf(xp, token_l) | r_bad) & mask
-        # Row sums, which a compiler fuses into the pass of the row max and min.
-        bad_per_row = xp.sum(xp.astype(token_bad, lp.dtype), axis=-1)
-        bad = token_bad if level == "token" else bad_per_row > 0
+        bad, bad_per_row = _bad_tokens(xp, token_l, tokens, level)
         n_bad = reduce_sum(xp, bad_per_row, 0, reducer)
     return Units(unit_l, valid, n_tok, log_p, capped, bad), n_bad
+
+
+def _bad_tokens(xp: Namespace, token_l: Array, tokens: Tokens, level: str) -> tuple[Array, Array]:
+    """Traced inputs: the bad units (the valid tokens at the token level, else the sequences)
+    and the bad tokens per sequence: valid tokens whose log ratio is NaN or ``+inf`` or whose
+    reward is not finite. A per-sequence reward that is not finite makes every valid token of
+    its sequence bad: counted from ``n_tok`` beside the tokens' sum, so that no token-sized
+    array depends on the count of the sequence's tokens (a compiler then reads each sequence
+    once for every one of its sums)."""
+    r, mask, n_tok = tokens.r, tokens.mask, tokens.n_tok
+    bad_l = nan_or_plus_inf(xp, token_l) & mask
+    if level == "token" or r.ndim == 2:
+        r_bad = ~xp.isfinite(r if r.ndim == 2 else r[:, None])
+        token_bad = bad_l | (r_bad & mask)
+        bad_per_row = xp.sum(xp.astype(token_bad, token_l.dtype), axis=-1)
+        return (token_bad if level == "token" else bad_per_row > 0), bad_per_row
+    per_row = xp.sum(xp.astype(bad_l, token_l.dtype), axis=-1)
+    bad_per_row = xp.where(xp.isfinite(r), per_row, n_tok)
+    return bad_per_row > 0, bad_per_row
 
 
 def masked_rewards(xp: Namespace, r: Array, mask: Array, rows: Array) -> Array:

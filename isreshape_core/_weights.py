@@ -138,20 +138,17 @@ def log_weights(
     return unit_log_weights(xp, diff, count, level)
 
 
-def unit_log_weights(
-    xp: Namespace, token_l: Array, n_tok: Array, level: str, *, absmax: Array | None = None
-) -> Array:
+def unit_log_weights(xp: Namespace, token_l: Array, n_tok: Array, level: str) -> Array:
     """Unit log weights from token log ratios ``token_l`` (``(..., T)``, 0 at padding) and the
     valid-token counts ``n_tok`` (``(...)``): the tokens themselves, their sum, or their mean.
 
     A sum is ``+-inf`` only where it is out of range; the mean is then taken term by term, so a
     geometric mean of finite tokens is always finite. Also used on token log-probabilities (the
-    unit log-probability of the REINFORCE form). ``absmax``: the row maxima of ``|token_l|``
-    where the caller has them (see :func:`safe_sum`).
+    unit log-probability of the REINFORCE form).
     """
     if level == "token":
         return token_l
-    total = safe_sum(xp, token_l, axis=-1, absmax=absmax)  # +-inf only where out of range
+    total = safe_sum(xp, token_l, axis=-1)  # +-inf only where out of range
     if level == "sequence":
         return total
     n_safe = xp.where(n_tok > 0, n_tok, 1.0)

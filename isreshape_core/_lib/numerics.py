@@ -111,32 +111,30 @@ def power_of_two_below(xp: Namespace, size: Array) -> Array:
     return xp.pow(2.0, xp.minimum(xp.floor(xp.log2(xp.where(size > 0, size, 1.0))), top_exp))
 
 
-def safe_sum(xp: Namespace, x: Array, axis: int = -1, *, absmax: Array | None = None) -> Array:
+def safe_sum(xp: Namespace, x: Array, axis: int = -1) -> Array:
     """``sum(x, axis)`` without an intermediate overflow (``x``: finite, ``-inf`` or NaN).
 
-    Where ``max|x|`` times the number of terms could exceed the largest float, the row is
-    multiplied by ``2^-k`` (exact: ``2^k`` at least that number) first and by ``2^k`` at the
-    end; the result is ``+-inf`` only where the sum itself is out of range, never ``inf - inf =
-    NaN`` from a partial sum. Rows that cannot overflow are summed as they are (bit for bit:
-    their factor is 1). ``absmax``: ``max|x|`` along ``axis`` (without the axis) where the caller
-    has it, which saves a pass over ``x``.
+    Two sums that read ``x`` together (one pass where a compiler fuses them): the plain one and
+    that of ``x 2^-k``, with ``2^k`` at least the number of terms, which no partial sum can
+    overflow. Where the plain sum is finite no partial sum overflowed (an infinite one stays
+    infinite or NaN), and it is the result, bit for bit; elsewhere the scaled sum times ``2^k``
+    (exact), or ``+-inf`` where that is out of range: ``+-inf`` only where the sum itself is out
+    of range, never ``inf - inf = NaN`` from a partial sum. ``-inf`` and NaN terms give
+    ``-inf`` and NaN either way.
     """
     n = x.shape[axis]
     if n <= 1:
         return xp.sum(x, axis=axis)
     factor = 2.0 ** math.ceil(math.log2(n))
     fmax = float(xp.finfo(x.dtype).max)
-    if absmax is None:
-        absmax = xp.max(xp.abs(x), axis=axis)
-    # Rows with -inf or NaN are taken as risky too: scaled or not, their sum is -inf or NaN.
-    risky = ~(absmax <= fmax / factor)
-    row_factor = xp.where(risky, 1.0 / factor, xp.full_like(absmax, 1.0))
-    total = xp.sum(x * xp.expand_dims(row_factor, axis=axis), axis=axis)
-    back_fits = xp.abs(total) <= fmax / factor  # the scaled sum, multiplied back, fits
-    fits = ~risky | back_fits
-    back = xp.where(risky, xp.where(back_fits, total, 0.0) * factor, total)
-    # Out of range: +-inf, as total * inf gives, with no overflow warning.
-    return xp.where(fits, back, xp.where(fits, 1.0, total) * xp.inf)
+    with quiet_overflow(xp):  # the plain sum may overflow, on purpose
+        plain = xp.sum(x, axis=axis)
+    scaled = xp.sum(x * (1.0 / factor), axis=axis)
+    back_fits = xp.abs(scaled) <= fmax / factor  # the scaled sum, multiplied back, fits
+    back = xp.where(back_fits, scaled, 0.0) * factor
+    # Out of range: +-inf, as scaled * inf gives, with no overflow warning.
+    back = xp.where(back_fits, back, xp.where(back_fits, 1.0, scaled) * xp.inf)
+    return xp.where(xp.isfinite(plain), plain, back)
 
 
 def logsumexp(

@@ -8,6 +8,7 @@ from array_api_compat import is_array_api_strict_namespace, is_torch_namespace
 
 from .namespace import Array, Namespace, array_device
 from .sizes import is_large
+from .tracing import is_concrete
 
 __all__ = ["Reducer", "count_true", "reduce_max", "reduce_sum", "sample_count"]
 
@@ -74,9 +75,10 @@ def count_true(
     # float reductions next to it under XLA.
     if is_array_api_strict_namespace(xp):
         x = xp.astype(x, dtype)
-    if is_torch_namespace(xp) and is_large(x):
-        # torch sums many booleans into its default integer about twice as fast as into a
-        # float; the count is exact either way.
+    if is_torch_namespace(xp) and is_large(x) and is_concrete(x):
+        # Eager torch sums many booleans into its default integer about twice as fast as into
+        # a float; the count is exact either way. Traced, the float sum fuses with the float
+        # reductions of the same rows (an integer one gets a loop of its own).
         local = xp.astype(xp.sum(x, axis=axis), dtype)
     else:
         local = xp.sum(x, axis=axis, dtype=dtype)

@@ -8,13 +8,15 @@ instead of a plausible finite number.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from array_api_compat import is_cupy_array, is_jax_array, is_torch_array
 
 from .namespace import Array, Namespace
-from .reduce import Reducer
+
+if TYPE_CHECKING:  # reduce.py imports this module
+    from .reduce import Reducer
 
 __all__ = [
     "eager_all",

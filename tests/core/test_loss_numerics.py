@@ -334,3 +334,47 @@ def test_a_clipped_sum_is_counted_where_its_term_is_representable(xp):
     # token-mean: each sequence's coefficient is r n_b / 4 = 1/2; values -1/gamma and h.
     want = -0.5 * (-1.0 / 0.5 + np.expm1(0.5 * -0.7) / 0.5)
     np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def _bad_inputs(per_token_rewards):
+    """A batch with one NaN reward (row 1) and one ``+inf`` token (row 2, valid), masked
+    padding, and the count of valid tokens each makes bad."""
+    rng = np.random.default_rng(9)
+    lq = rng.normal(-1.0, 0.3, (4, 6))
+    lp = lq + rng.normal(0.0, 0.5, (4, 6))
+    mask = np.arange(6)[None, :] < np.array([6, 4, 5, 3])[:, None]
+    r = rng.normal(size=(4, 6) if per_token_rewards else 4)
+    lp[2, 1] = np.inf
+    if per_token_rewards:
+        r[1, 2] = np.nan  # one token of row 1
+        r[3, 5] = np.inf  # padding: not counted
+        expected = 1 + 1
+    else:
+        r[1] = np.nan  # every valid token of row 1: 4
+        expected = 4 + 1
+    return (lp, lq, r, mask), expected
+
+
+@pytest.mark.parametrize("level", ["sequence", "geometric", "token"])
+@pytest.mark.parametrize("per_token_rewards", [False, True])
+@pytest.mark.parametrize("tracer", ["jax.jit", "torch.compile"])
+def test_traced_bad_tokens_are_counted_and_poison_their_units(level, per_token_rewards, tracer):
+    """Traced inputs cannot raise: a valid token whose log ratio is +inf or whose reward is
+    not finite counts in ``n_nonfinite`` (a NaN per-sequence reward: every valid token of its
+    sequence), padding does not, and the loss is NaN."""
+    (lp, lq, r, mask), expected = _bad_inputs(per_token_rewards)
+    kw = {"gamma": 0.5, "level": level}
+    if tracer == "jax.jit":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        args = [jax.numpy.asarray(a) for a in (lp, lq, r, mask)]
+        loss, _, m = jax.jit(lambda *a: isr.is_reshape_loss_and_grad(*a, **kw))(*args)
+    else:
+        torch = pytest.importorskip("torch")
+        args = [torch.asarray(a) for a in (lp, lq, r, mask)]
+        fn = torch.compile(
+            lambda *a: isr.is_reshape_loss_and_grad(*a, **kw), fullgraph=True, backend="eager"
+        )
+        loss, _, m = fn(*args)
+    assert float(m["n_nonfinite"]) == expected
+    assert np.isnan(float(loss))

@@ -259,3 +259,36 @@ def test_traced_nan_parameters_give_nan_gamma():
     ):
         assert np.all(np.isnan(np.asarray(jax.jit(fn)(jnp.asarray(math.nan)))))
         assert np.all(np.isfinite(np.asarray(jax.jit(fn)(jnp.asarray(0.5)))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_safe_sum_is_the_plain_sum_or_the_exact_sum_in_range(xp, dtype):
+    """safe_sum: bit for bit the plain sum wherever that is finite; where a partial sum
+    overflows but the sum is in range, the exact sum (math.fsum, to rounding); +-inf with the
+    sign of the exact sum where it is out of range; -inf and NaN terms give -inf and NaN; no
+    floating-point warning."""
+    from isreshape_core._lib.namespace import namespace
+    from isreshape_core._lib.numerics import safe_sum
+
+    big = float(np.finfo(dtype).max) / 3
+    rows = [
+        [1.5, -2.25, 3.0, 0.125, 7.0, 0.5, -1.0],  # ordinary: the plain sum
+        [big, big, big, big, -big, -big, -big],  # partial sums overflow, the sum (big) does not
+        [big, big, big, big, big, 1.0, 2.0],  # out of range: +inf
+        [-big, -big, -big, -big, -big, 1.0, 2.0],  # out of range: -inf
+        [big, big, big, 1.0, 1.0, 1.0, -np.inf],  # -inf
+        [1.0, np.nan, 2.0, 3.0, 4.0, 5.0, 6.0],  # NaN
+        [big, 1.0, -big, 2.0, 0.5, 0.25, 0.125],  # huge terms whose plain sum is finite: plain
+    ]
+    x = np.asarray(rows, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        arr = xp.asarray(x)
+        got = to_numpy(safe_sum(namespace(arr), arr, axis=-1))
+        with np.errstate(all="ignore"):
+            plain = to_numpy(xp.sum(arr, axis=-1))  # the backend's own order of the terms
+    np.testing.assert_array_equal(got[[0, 6]], plain[[0, 6]])
+    exact = math.fsum(float(v) / 8 for v in x[1]) * 8  # fsum's own partial sums would overflow
+    np.testing.assert_allclose(got[1], exact, rtol=1e-6)
+    assert got[2] == np.inf and got[3] == -np.inf and got[4] == -np.inf
+    assert np.isnan(got[5])
