@@ -44,7 +44,7 @@ from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
 from ._lib.namespace import Array, Namespace, array_device, namespace
-from ._lib.numerics import log_abs, quiet_overflow
+from ._lib.numerics import log_abs, quiet_overflow, scaled_sum
 from ._lib.reduce import Reducer, count_true, reduce_sum
 from ._lib.sizes import is_large
 from ._lib.tracing import host_values, is_concrete, nan_or_plus_inf
@@ -531,7 +531,8 @@ def _guarded_units(
         unit_l = unit_log_weights(xp, token_l, n_tok, level)
         valid = rows
         # A token that is -inf is a weight 0 (and stays so); a sum of finite ones can overflow.
-        capped = valid & xp.isinf(unit_l) & xp.all(xp.isfinite(token_l), axis=-1)
+        # Every token is finite where their scaled sum, which cannot overflow, is.
+        capped = valid & xp.isinf(unit_l) & xp.isfinite(scaled_sum(xp, token_l, axis=-1))
         top = xp.asarray(float(xp.finfo(lp.dtype).max), dtype=lp.dtype, device=array_device(lp))
         unit_l = xp.where(capped, xp.where(unit_l > 0, top, -top), unit_l)
     # Traced inputs cannot raise: NaN / +inf log ratios and non-finite rewards make their unit

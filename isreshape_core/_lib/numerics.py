@@ -29,6 +29,7 @@ __all__ = [
     "safe_sum",
     "scaled_deviations",
     "scaled_square",
+    "scaled_sum",
     "shift_by_max",
     "shift_floor",
     "shift_from_max",
@@ -122,19 +123,30 @@ def safe_sum(xp: Namespace, x: Array, axis: int = -1) -> Array:
     of range, never ``inf - inf = NaN`` from a partial sum. ``-inf`` and NaN terms give
     ``-inf`` and NaN either way.
     """
-    n = x.shape[axis]
-    if n <= 1:
+    if x.shape[axis] <= 1:
         return xp.sum(x, axis=axis)
-    factor = 2.0 ** math.ceil(math.log2(n))
+    factor = _overflow_free_factor(x.shape[axis])
     fmax = float(xp.finfo(x.dtype).max)
     with quiet_overflow(xp):  # the plain sum may overflow, on purpose
         plain = xp.sum(x, axis=axis)
-    scaled = xp.sum(x * (1.0 / factor), axis=axis)
+    scaled = scaled_sum(xp, x, axis)
     back_fits = xp.abs(scaled) <= fmax / factor  # the scaled sum, multiplied back, fits
     back = xp.where(back_fits, scaled, 0.0) * factor
     # Out of range: +-inf, as scaled * inf gives, with no overflow warning.
     back = xp.where(back_fits, back, xp.where(back_fits, 1.0, scaled) * xp.inf)
     return xp.where(xp.isfinite(plain), plain, back)
+
+
+def scaled_sum(xp: Namespace, x: Array, axis: int = -1) -> Array:
+    """``sum(x 2^-k, axis)`` with ``2^k`` at least the number of terms: no partial sum of
+    finite terms overflows, so the result is finite exactly where every term is (and the same
+    expression in :func:`safe_sum`, which a compiler computes once)."""
+    return xp.sum(x * (1.0 / _overflow_free_factor(x.shape[axis])), axis=axis)
+
+
+def _overflow_free_factor(n: int) -> float:
+    """``2^k``, the least power of 2 at least ``n``."""
+    return 2.0 ** math.ceil(math.log2(max(n, 1)))
 
 
 def logsumexp(
