@@ -767,7 +767,9 @@ def unit_loss(
 ) -> tuple[Array, Array, dict[str, Array]]:
     """Stage 2: gamma of every unit, the loss, the unit gradients ``d loss / d l_u`` and the
     metrics (of the tempered weights and of the numerical safety), from the units and their
-    coefficients ``coef_u = sum_t c_bt r_bt``. Shared by every entry point of the loss."""
+    coefficients ``coef_u = sum_t c_bt r_bt``, finite and 0 at every invalid unit (as
+    :func:`unit_coefficients` and :func:`row_coefficients` give them from masked rewards).
+    Shared by every entry point of the loss."""
     unit_g, metrics = unit_gamma(xp, gamma, units, rho_min, group_size, reducer, gamma_options)
     # Terms and gradients must fit the narrower of the compute dtype and logp's (float16: 65504).
     cap = min(_log_max(xp, units.log_w.dtype), _log_max(xp, grad_dtype))
@@ -840,7 +842,8 @@ def _plain_loss_and_grad(
     ``e`` covers the rounding of the products and of the log-space scale. Most batches take
     it: one exponential and a few products instead of the log-space terms."""
     with quiet_overflow(xp):  # whatever overflows here fails the check
-        neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
+        # coef is 0 at invalid units (unit_loss); 0 - x: +0 (not -0) at coef = 0.
+        neg_c = 0.0 - coef
         e, h = factors
         neg_terms, unit_grad = neg_c * h, neg_c * e
         n_units = float(math.prod(units.log_w.shape))
@@ -957,7 +960,7 @@ class _LogTerms(NamedTuple):
 def _log_terms(xp: Namespace, units: Units, unit_g: Array, coef: Array, cap: float) -> _LogTerms:
     """The log-space factors of every unit, with ``log|coef|`` and ``z = gamma l`` formed once;
     ``h`` is formed directly where it fits the narrower dtype (``cap``)."""
-    neg_c = 0.0 - xp.where(units.valid, coef, 0.0)  # 0 - x: +0 (not -0) at coef = 0
+    neg_c = 0.0 - coef  # 0 at invalid units (unit_loss); 0 - x: +0 (not -0) at coef = 0
     nonzero = neg_c != 0  # log_abs written out: its mask serves `fits` below
     log_c = xp.where(nonzero, xp.log(xp.abs(xp.where(nonzero, neg_c, 1.0))), -xp.inf)
     finite = units.log_w > -xp.inf

@@ -372,3 +372,31 @@ def test_known_max_shift_is_the_masked_shift_bit_for_bit(xp, monkeypatch, level,
         np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
     for name, value in masked[2].items():
         np.testing.assert_array_equal(to_numpy(fast[2][name]), to_numpy(value), err_msg=name)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_unit_coefficients_are_zero_at_every_invalid_unit(xp, level, per_token):
+    """The loss's unit stage takes ``coef`` as given, 0 at invalid units: the coefficients
+    from masked rewards are exactly 0 there, also where the padding's rewards are NaN or inf
+    (and an empty sequence's reward too), and finite elsewhere."""
+    from isreshape_core._loss import aggregation_divisor, masked_rewards, unit_coefficients
+
+    rng = np.random.default_rng(12)
+    B, T = 5, 7
+    mask = np.arange(T)[None, :] < np.array([7, 3, 0, 5, 1])[:, None]  # row 2 is empty
+    r = rng.normal(size=(B, T) if per_token else (B, 1))
+    if per_token:
+        r[~mask] = np.nan
+        r[0, :] = np.where(mask[0], r[0], np.inf)
+    else:
+        r[2, 0] = np.nan  # the empty sequence's reward
+    m = xp.asarray(mask)
+    n_tok = xp.asarray(mask.sum(axis=1).astype(np.float64))
+    rows = n_tok > 0
+    r_masked = masked_rewards(xp, xp.asarray(r), m, rows)
+    divisor = aggregation_divisor(xp, n_tok, T, "token-mean", None, None)
+    coef = to_numpy(unit_coefficients(xp, r_masked, n_tok, m, divisor, level))
+    valid = mask if level == "token" else mask.any(axis=1)
+    assert np.all(coef[~valid] == 0.0) and np.all(np.isfinite(coef))
+    assert np.any(coef[valid] != 0.0)

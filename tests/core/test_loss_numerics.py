@@ -197,8 +197,8 @@ def _random_units(xp, rng, dtype, form, shape):
         None,
         finite=bool(np.all(np.isfinite(l))),  # what the loss's plain units claim
     )
-    # Invalid units count as coef = 0 whatever their coefficient (an adapter's may be anything).
-    return units, cast(gamma), cast(coef.astype(dtype))
+    # Invalid units have coef = 0, as unit_loss takes them (from masked rewards).
+    return units, cast(gamma), cast(np.where(valid, coef, 0.0).astype(dtype))
 
 
 def _bits(a):
