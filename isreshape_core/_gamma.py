@@ -508,6 +508,9 @@ def _eager_newton_gamma(
     hxp = _HOST_STEPS
     lo, hi, rho, n, n_pos = (params[k] for k in ("lo", "hi", "rho", "n", "n_pos"))
     dtype = n.dtype
+    device = array_device(like)
+    if np.all(n_pos <= 0):  # no positive weight anywhere: gamma_max, and nothing to gather
+        return Searched(xp.asarray(np.asarray(hi, dtype), device=device))
     at = _host_pass(xp, make_sums(), like)
     if top_is_zero:
         s, t = at(hi)
@@ -529,7 +532,6 @@ def _eager_newton_gamma(
         lo, at_lo = _eager_iterations(*search, previous=(root, np.abs(root - hi)))
         at_gamma = _pick(done_hi, s, at_lo)
     gamma = _pick(done_hi, hi, lo)
-    device = array_device(like)
     gamma = xp.asarray(np.asarray(gamma, dtype), device=device)
     # The metrics' sums: Kish's, tested at the gamma and at 1 in every row, each row with a
     # positive weight (the floor of a zero weight counts as exp(floor), below rounding, only
@@ -613,9 +615,10 @@ def _host_terms(
     float32 ``log`` of sums near ``n`` would round ``F`` to steps of about ``eps log n``,
     several times the test's own resolution."""
     feasible = s[0] * s[0] >= needed * s[1]  # s[0]: a scalar where the batch is one row
-    logs, ratios = np.log(s.astype(np.float64)), t.astype(np.float64) / s
-    log_excess_2 = 2.0 * (logs[1] + log_needed - 2.0 * logs[0])
-    return feasible, log_excess_2, 2.0 * (ratios[0] - ratios[1])
+    with _quiet_host_steps():  # no positive weight: sums of 0, whose gamma is gamma_max anyway
+        logs, ratios = np.log(s.astype(np.float64)), t.astype(np.float64) / s
+        log_excess_2 = 2.0 * (logs[1] + log_needed - 2.0 * logs[0])
+        return feasible, log_excess_2, 2.0 * (ratios[0] - ratios[1])
 
 
 def _test_resolution(slope: np.ndarray, x: np.ndarray) -> np.ndarray:

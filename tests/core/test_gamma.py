@@ -663,3 +663,21 @@ def test_eager_passes_take_the_floor_only_where_an_exponent_can_reach_it(
     assert floored == [below]  # one weight matrix for every pass
     tol = 2e-6 if dtype == np.float32 else 1e-12
     assert abs(g - brute_gamma(l.astype(np.float64), 0.3)) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_rewards", [False, True])
+def test_eager_search_without_a_positive_weight_is_gamma_max(xp, dtype, with_rewards):
+    """One row of only zero weights, beyond the grid's size (the eager Newton search): no
+    information, so gamma_max, without a pass over an empty gather and without a warning
+    (the package's RuntimeWarnings are errors in this suite)."""
+    from isreshape_core._ess_grid import grid_plan
+
+    n = 5000
+    assert grid_plan(n, np.finfo(dtype).bits) is None
+    l = xp.asarray(np.full(n, -np.inf, dtype=dtype))
+    kw = {"rewards": xp.asarray(np.ones(n, dtype=dtype))} if with_rewards else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = to_numpy(isr.gamma_ess(l, 0.3, gamma_max=0.7, **kw))
+    assert got == np.asarray(0.7, dtype=dtype)
