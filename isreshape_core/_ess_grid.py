@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ._lib.namespace import Array, Namespace
+from ._lib.namespace import Array, Namespace, is_array
 from ._lib.reduce import Reducer, reduce_max
 from ._lib.tracing import eager_all
 
@@ -129,7 +129,7 @@ def largest_feasible_gamma(
     # The first pass includes both ends, each exactly: (1 - t) lo + t hi.
     t = xp.reshape(xp.linspace(0.0, 1.0, candidates, dtype=dtype, device=device), (-1, 1))
     gamma_min, gamma_max = lo, hi
-    numbers = not hasattr(lo, "shape")
+    numbers = not is_array(lo)
     if not numbers:
         lo = xp.reshape(lo, (*lo.shape, 1, 1))
         hi = xp.reshape(hi, (*hi.shape, 1, 1))
@@ -139,7 +139,7 @@ def largest_feasible_gamma(
     first = xp.max(xp.where(feasible, g, none), axis=-2, keepdims=True)
     width = (hi - lo) / (candidates - 1)
     # Where no candidate is feasible the later passes keep gamma_min (then replaced).
-    lo = xp.clip(first, min=lo) if numbers else xp.maximum(first, lo)
+    lo = xp.maximum(first, lo)  # not clip: it reads a bound as a Python number (traced: symbolic)
     # Later passes test [lo, lo + width): lo is known feasible, lo + width is not; the largest
     # feasible candidate is the next lo (lo itself is the candidate t = 0, and passes again;
     # where it does not, lo stays, so that no candidate is ever negative).
@@ -153,7 +153,7 @@ def largest_feasible_gamma(
         width = width / candidates
     first, lo = xp.reshape(first, batch), xp.reshape(lo, batch)
     # Where gamma_max passed (the candidate t = 1), every later candidate is at least gamma_max.
-    gamma = xp.clip(lo, max=gamma_max) if numbers else xp.minimum(lo, gamma_max)
+    gamma = xp.minimum(lo, gamma_max)
     return xp.where(first < 0.0, gamma_min, gamma)  # even gamma_min misses the target
 
 

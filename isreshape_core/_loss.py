@@ -43,7 +43,7 @@ from ._lib.checks import (
 from ._lib.dtypes import as_compute_array
 from ._lib.dtypes import log_max as _log_max
 from ._lib.inputs import broadcast_mask
-from ._lib.namespace import Array, Namespace, array_device, namespace
+from ._lib.namespace import Array, Namespace, array_device, is_array, namespace
 from ._lib.numerics import log_abs, quiet_overflow, scaled_sum
 from ._lib.reduce import Reducer, count_true, reduce_sum
 from ._lib.sizes import is_large
@@ -171,7 +171,7 @@ def _check_gamma_option(gamma: Any, logp: Any, level: Any, group_size: Any) -> N
     """``gamma`` is a method name, a number in ``[0, 1]`` or an array of them."""
     if isinstance(gamma, str):
         return
-    if hasattr(gamma, "shape"):
+    if is_array(gamma):
         _check_gamma_array(gamma, logp, level, group_size)
     elif not isinstance(gamma, numbers.Real) or isinstance(gamma, bool):
         raise TypeError(
@@ -707,7 +707,7 @@ def unit_gamma(
     broadcasts to the units' (one value, one per sequence, or one per unit), and the metrics
     of the tempered unit weights."""
     unit_l = units.log_w
-    if hasattr(gamma, "shape"):
+    if is_array(gamma):
         return _given_gamma(xp, gamma, unit_l, units.valid, reducer)
     if group_size is None:  # one row of every unit: a 0-d gamma, which broadcasts to them
         flat_l, flat_valid = unit_l, units.valid

@@ -12,7 +12,7 @@ from typing import Any
 from ._gamma import gamma_closed_form, gamma_ess
 from ._lib.checks import check_gamma, check_gamma_bounds
 from ._lib.inputs import prepare_log_weights
-from ._lib.namespace import Array, Namespace, array_device
+from ._lib.namespace import Array, Namespace, array_device, is_array
 from ._lib.reduce import Reducer
 from ._lib.rows import batch_param
 from ._psis_gamma import gamma_combined, gamma_psis, gamma_tail
@@ -71,7 +71,7 @@ def select_gamma(
     >>> print(select_gamma(l, method="closed_form", gamma_max=0.4))
     [0.4 0.4]
     """
-    if hasattr(method, "shape"):
+    if is_array(method):
         raise TypeError(
             f"method must be a method name {GAMMA_METHODS} or a Python number in [0, 1], got an "
             f"array of shape {tuple(method.shape)}; for a fixed gamma per row pass "

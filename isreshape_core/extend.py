@@ -11,6 +11,8 @@ Array types
 
 - :data:`Array`: the type alias of an array of any array-API namespace (for annotations).
 - :func:`array_device`: the device of an array, for ``xp.asarray(..., device=...)``.
+- :func:`is_array`: whether an option is an array rather than a number (without asking a
+  number, which ``torch.compile`` may trace as a symbolic float, for a shape).
 
 Checks
 
@@ -52,7 +54,7 @@ Examples
 from __future__ import annotations
 
 from ._lib.checks import check_choice, check_rho_min
-from ._lib.namespace import Array, array_device
+from ._lib.namespace import Array, array_device, is_array
 from ._loss import (
     UnitGradient,
     check_loss_arguments,
@@ -76,6 +78,7 @@ __all__ = [
     "check_loss_arguments",
     "check_loss_options",
     "check_rho_min",
+    "is_array",
     "prepare_loss_inputs",
     "require",
     "row_coefficients",

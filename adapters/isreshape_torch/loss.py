@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from isreshape_core import is_reshape_loss_and_grad
-from isreshape_core.extend import UnitGradient, check_loss_options, token_gradient
+from isreshape_core.extend import UnitGradient, check_loss_options, is_array, token_gradient
 
 from .distributed import resolve_reducer
 
@@ -222,10 +222,10 @@ def exact_gradient_loss(
     if not logp.dtype.is_floating_point:
         raise TypeError(f"logp must have a floating dtype to carry gradient, got {logp.dtype}")
     gamma = options.get("gamma")
-    if hasattr(gamma, "shape"):
+    if is_array(gamma):
         _check_tensor(gamma, "gamma", "() or (B,) (a precomputed gamma)")
         options["gamma"] = gamma = gamma.detach()
-    for name, value in (*data.items(), ("gamma", gamma if hasattr(gamma, "shape") else None)):
+    for name, value in (*data.items(), ("gamma", gamma if is_array(gamma) else None)):
         if value is not None and value.device != logp.device:
             raise ValueError(
                 f"{name} is on {value.device} but logp is on {logp.device}; move every input "

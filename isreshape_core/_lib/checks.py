@@ -12,7 +12,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .namespace import Array, Namespace
+from .namespace import Array, Namespace, is_array
 from .tracing import is_concrete, nan_or_plus_inf
 
 __all__ = [
@@ -143,8 +143,8 @@ def check_in_interval(
         above = v > low if low_open else v >= low
         return above & (v <= high) & finite  # NaN fails every comparison
 
-    if isinstance(value, numbers.Real):  # Python or NumPy scalar
-        if not inside(value, allow_inf or math.isfinite(value)):
+    if isinstance(value, numbers.Real):  # Python or NumPy scalar (or a traced symbolic float)
+        if not inside(value, allow_inf or abs(value) < math.inf):  # comparisons: they trace
             raise ValueError(f"{label} must {text}, got {value!r}")
         return
     if is_concrete(value):
@@ -176,7 +176,7 @@ def check_gamma_bounds(gamma_min: Any, gamma_max: Any) -> None:
                 "gamma_min <= gamma_max"
             )
         return
-    arrays = [v for v in (gamma_min, gamma_max) if hasattr(v, "shape")]
+    arrays = [v for v in (gamma_min, gamma_max) if is_array(v)]
     if all(is_concrete(v) for v in arrays):
         xp = array_namespace(*arrays)
         ordered = xp.all(xp.asarray(gamma_min <= gamma_max))

@@ -9,7 +9,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_torch_array
 from array_api_compat import device as array_device
 
-__all__ = ["Array", "Namespace", "array_device", "masked_values", "namespace"]
+__all__ = ["Array", "Namespace", "array_device", "is_array", "masked_values", "namespace"]
 
 Array = Any  # an array of any array-API namespace
 Namespace = Any
@@ -24,6 +24,21 @@ def namespace(*arrays: Any) -> Namespace:
     if is_torch_array(present[0]):
         return _torch_namespace(xp)
     return xp
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array (it has a shape) rather than a number. A number is never asked
+    for a shape: under ``torch.compile`` a Python float that changes between calls is traced as
+    a symbolic float, on which ``hasattr`` does not trace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from isreshape_core.extend import is_array
+    >>> print(is_array(np.zeros(3)), is_array(0.5), is_array(np.float64(0.5)))
+    True False False
+    """
+    return not isinstance(x, numbers.Number) and hasattr(x, "shape")
 
 
 def masked_values(xp: Namespace, x: Array, mask: Array) -> Array:
@@ -123,13 +138,9 @@ class _TorchNamespace:
                     return direct(*operands)
             if not any(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in args):
                 return fn(*args)
-            like = next(
-                (a for a in args if hasattr(a, "dtype") and a.dtype.is_floating_point), None
-            )
+            like = next((a for a in args if is_array(a) and a.dtype.is_floating_point), None)
             if like is None and compiling:
-                like = next(
-                    (a for a in args if hasattr(a, "dtype") and a.dtype != torch.bool), None
-                )
+                like = next((a for a in args if is_array(a) and a.dtype != torch.bool), None)
             # Eagerly only plain tensors share constants (not fakes, functorch wrappers, ...).
             if like is None or not (compiling or type(like) is torch.Tensor):
                 return fn(*args)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from array_api_compat import is_cupy_array, is_jax_array, is_torch_array
 
-from .namespace import Array, Namespace
+from .namespace import Array, Namespace, is_array
 
 if TYPE_CHECKING:  # reduce.py imports this module
     from .reduce import Reducer
@@ -97,7 +97,7 @@ def traced_bad_rows(
     (``rho_min``, ``gamma_min``, ... broadcast to the batch shape); ``None`` when all are eager."""
     bad = nonfinite_rows(xp, l, axis, reducer)
     for value in params:
-        if hasattr(value, "shape"):
+        if is_array(value):
             nan = xp.isnan(value)
             if not is_concrete(nan):  # eager: checked (and raised) already
                 bad = nan if bad is None else bad | nan

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFINED_IN = {
     "Array": "isreshape_core._lib.namespace",
     "array_device": "isreshape_core._lib.namespace",
+    "is_array": "isreshape_core._lib.namespace",
     "check_choice": "isreshape_core._lib.checks",
     "check_rho_min": "isreshape_core._lib.checks",
     "check_logq": "isreshape_core._weights",

@@ -68,3 +68,30 @@ def test_compiled_loss_with_a_bad_row_is_nan_not_plausible():
 
     loss, gamma, n_bad = torch.compile(fn, fullgraph=True, backend="eager")(lp, lq, r)
     assert torch.isnan(loss) and torch.isnan(gamma) and float(n_bad) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("gamma", (0.5, 0.6, 0.7, 0.8)),
+        ("rho_min", (0.5, 0.6, 0.7, 0.8)),
+        ("gamma_max", (0.5, 0.6, 0.7, 0.8)),  # a warm-up schedule's value
+        ("gamma_min", (0.05, 0.1, 0.2, 0.3)),
+    ],
+)
+def test_compiled_loss_takes_a_changing_number_option(name, values):
+    """A number option that changes between calls (a gamma schedule): torch.compile traces it
+    as a symbolic float after the first recompilation, and the loss still traces with it and
+    equals the eager loss at every value."""
+    torch._dynamo.reset()
+    rng = np.random.default_rng(4)
+    lq = torch.tensor(rng.normal(-1.0, 2.0, (4, 6)))  # stale: the gamma bounds matter
+    lp = torch.tensor(rng.normal(-1.0, 0.6, (4, 6)), requires_grad=True)
+    r = torch.tensor(rng.normal(size=4))
+
+    def fn(lp_, value):
+        return is_reshape_loss(lp_, lq, r, distributed=False, **{name: value})[0]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    for value in values:
+        np.testing.assert_allclose(float(compiled(lp, value)), float(fn(lp, value)), rtol=1e-12)
