@@ -6,10 +6,17 @@ import numbers
 import sys
 from typing import Any
 
-from array_api_compat import array_namespace, is_torch_array
+from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
-__all__ = ["Array", "Namespace", "array_device", "is_array", "masked_values", "namespace"]
+__all__ = [
+    "Array",
+    "Namespace",
+    "array_device",
+    "is_array",
+    "masked_values",
+    "namespace",
+]
 
 Array = Any  # an array of any array-API namespace
 Namespace = Any
@@ -20,10 +27,12 @@ def namespace(*arrays: Any) -> Namespace:
     present = [a for a in arrays if a is not None and not isinstance(a, numbers.Number)]
     if not present:
         raise TypeError("expected at least one array argument; got only Python scalars or None")
-    xp = array_namespace(*present)
-    if is_torch_array(present[0]):
-        return _torch_namespace(xp)
-    return xp
+    torch = sys.modules.get("torch")  # imported wherever a torch tensor exists
+    # torch tensors alone: no type dispatch of array-api-compat (which a compiled function would
+    # otherwise guard, and check again on every call).
+    if torch is not None and all(isinstance(a, torch.Tensor) for a in present):
+        return _torch_namespace()
+    return array_namespace(*present)
 
 
 def is_array(x: Any) -> bool:
@@ -100,7 +109,14 @@ def _constant(torch: Any, value: numbers.Real, like: Any) -> Any:
 _TORCH_NAMESPACES: dict[int, Any] = {}
 
 
-def _torch_namespace(compat: Namespace) -> Namespace:
+def _torch_namespace() -> Namespace:
+    """The :class:`_TorchNamespace`, made once (eagerly)."""
+    import array_api_compat.torch as compat  # here: the core imports torch only where it is used
+
+    if sys.modules["torch"].compiler.is_compiling():
+        # A namespace of the trace's own: the graph's guards then do not read the cache, which
+        # a trace or an eager call may fill (each would fail the next call's guards).
+        return _TorchNamespace(compat)
     cached = _TORCH_NAMESPACES.get(id(compat))
     if cached is None:
         cached = _TorchNamespace(compat)
@@ -116,7 +132,7 @@ class _TorchNamespace:
         self.__name__ = compat.__name__
         torch = sys.modules["torch"]
         for name, direct in _SCALAR_PROMOTING.items():
-            setattr(self, name, self._wrap(getattr(compat, name), getattr(torch, direct)))
+            setattr(self, name, self._wrap(compat, name, getattr(torch, direct)))
         self.isfinite = _finite_by_abs(torch, compat.isfinite)
         self.sign = _real_sign(torch, compat.sign)
         self.vecdot = _real_vecdot(torch, compat.vecdot)
@@ -127,15 +143,16 @@ class _TorchNamespace:
         return value
 
     @staticmethod
-    def _wrap(fn: Any, direct: Any) -> Any:
+    def _wrap(compat: Namespace, name: str, direct: Any) -> Any:
         torch = sys.modules["torch"]
 
         def wrapped(*args: Any) -> Any:
             compiling = torch.compiler.is_compiling()
-            if not compiling:
-                operands = _same_dtype_operands(torch, args, direct is torch.where)
-                if operands is not None:
-                    return direct(*operands)
+            operands = _same_dtype_operands(torch, args, direct is torch.where, compiling)
+            if operands is not None:
+                return direct(*operands)
+            # Looked up here, not closed over: a trace that never gets here reads none of it.
+            fn = getattr(compat, name)
             if not any(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in args):
                 return fn(*args)
             like = next((a for a in args if is_array(a) and a.dtype.is_floating_point), None)
@@ -146,15 +163,19 @@ class _TorchNamespace:
                 return fn(*args)
             return fn(*(_scalar_operand(torch, a, like, compiling) for a in args))
 
-        wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+        wrapped.__name__ = name
         return wrapped
 
 
-def _same_dtype_operands(torch: Any, args: tuple[Any, ...], where: bool) -> list[Any] | None:
-    """Eagerly, the operands with Python numbers as 0-d constants where every tensor operand is a
-    plain tensor of one floating dtype (``where``: after a boolean condition), so that the torch
-    function itself gives the array API's result: else ``None``. The common case of the core's
-    guards, checked by type rather than through ``isinstance`` and ``result_type``."""
+def _same_dtype_operands(
+    torch: Any, args: tuple[Any, ...], where: bool, compiling: bool
+) -> list[Any] | None:
+    """The operands with Python numbers as 0-d tensors (:func:`_scalar_operand`) where every
+    tensor operand is a plain tensor of one floating dtype (``where``: after a boolean
+    condition), so that the torch function itself gives the array API's result: else ``None``.
+    The common case of the core's guards, checked by type rather than through ``isinstance`` and
+    ``result_type``; traced, it also spares the graph the guards on array-api-compat's wrapper
+    (its code, closure and defaults), which every call of a compiled function evaluates."""
     tensor = torch.Tensor
     start = 1 if where else 0
     if where and not (type(args[0]) is tensor and args[0].dtype == torch.bool):
@@ -168,8 +189,12 @@ def _same_dtype_operands(torch: Any, args: tuple[Any, ...], where: bool) -> list
         if kind is tensor:
             if a.dtype != like.dtype:
                 return None
-        elif kind is float or kind is int:
-            out[i] = _constant(torch, a, like)
+        elif kind is float or kind is int:  # made here: _scalar_operand's checks are done
+            out[i] = (
+                torch.asarray(a, dtype=like.dtype, device=like.device)
+                if compiling
+                else _constant(torch, a, like)
+            )
         else:
             return None
     return out

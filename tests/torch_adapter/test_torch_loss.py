@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,6 +356,38 @@ def test_compile_has_no_graph_break():
     explained = torch._dynamo.explain(fn)(logp, logq, rewards, mask)
     assert explained.graph_break_count == 0
     assert explained.graph_count == 1
+
+
+_COMPILED_FIRST = """
+import torch
+from isreshape_torch import is_reshape_loss
+
+torch.manual_seed(0)
+logp = (-torch.rand(8, 6, dtype=torch.float64)).requires_grad_()
+logq = logp.detach() + torch.randn(8, 6, dtype=torch.float64)
+rewards, mask = torch.randn(8, dtype=torch.float64), torch.rand(8, 6) < 0.8
+compiled = torch.compile(is_reshape_loss, fullgraph=True, backend="eager")
+with torch._dynamo.config.patch(error_on_recompile=True):
+    for _ in range(3):
+        loss, _ = compiled(logp, logq, rewards, mask, distributed=False)
+        loss.backward()
+    is_reshape_loss(logp, logq, rewards, mask, distributed=False)  # an eager call after it ...
+    compiled(logp, logq, rewards, mask, distributed=False)  # ... does not invalidate it
+print("finite", bool(torch.isfinite(loss)))
+"""
+
+
+def test_compiled_loss_called_first_compiles_once():
+    """In a new process whose first call of the loss is the compiled one, the loss is traced
+    once: nothing the trace imports or caches makes a later call's guards fail."""
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join([str(root), str(root / "adapters"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "PYTHONPATH": path}
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILED_FIRST], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["finite", "True"]
 
 
 def test_compiled_equals_eager():
