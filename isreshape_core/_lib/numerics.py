@@ -104,11 +104,13 @@ def floored_shift(xp: Namespace, x: Array, top: Array) -> Array:
 
 
 def power_of_two_below(xp: Namespace, size: Array) -> Array:
-    """The largest power of 2 at most ``size`` (``size > 0``; 1 where ``size`` is 0), clamped
-    below the dtype's exponent limit: dividing by it is exact and brings ``size`` into
-    ``[1, 2)``."""
-    # log2 of a value near the largest float can round up to the exponent limit: clamp it.
-    top_exp = float(math.frexp(float(xp.finfo(size.dtype).max))[1] - 1)  # 127, 1023
+    """The largest power of 2 at most ``size`` (``size > 0``; 1 where ``size`` is 0), at most
+    ``2^(e - 1)`` for the dtype's largest exponent ``e``: dividing by it is exact and brings
+    ``size`` into ``[1, 2)`` (``[1, 4)`` at the top of the range)."""
+    # Two below the exponent limit, not one: 1 / 2^e is subnormal, and XLA computes a division
+    # by a broadcast value as a product with its reciprocal, which its CPU flushes to 0. The
+    # clamp also catches a log2 of a value near the largest float that rounds up to e + 1.
+    top_exp = float(math.frexp(float(xp.finfo(size.dtype).max))[1] - 2)  # 126, 1022
     return xp.pow(2.0, xp.minimum(xp.floor(xp.log2(xp.where(size > 0, size, 1.0))), top_exp))
 
 
@@ -182,7 +184,7 @@ def scaled_deviations(
     size, top = xp.expand_dims(big[0, ...], axis=axis), xp.expand_dims(big[1, ...], axis=axis)
     scale = power_of_two_below(xp, size)
     top = xp.where(xp.isfinite(top), top, 0.0)
-    u = xp.where(finite, l0 / scale - top / scale, 0.0)  # in [-4, 0]
+    u = xp.where(finite, l0 / scale - top / scale, 0.0)  # in [-8, 0]
     count = reduce_sum(xp, xp.astype(finite, l.dtype), axis, reducer, keepdims=True)
     mean = reduce_sum(xp, u, axis, reducer, keepdims=True) / xp.where(count > 0, count, 1.0)
     dev = xp.where(finite, u - mean, 0.0)

@@ -62,6 +62,19 @@ def test_closed_form_degenerate_rows_get_gamma_max(xp):
     assert one == 1.0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_closed_form_of_log_weights_spread_over_the_whole_range(xp, dtype):
+    """Log weights near the largest float beside ordinary ones: the variance is huge (+inf where
+    it overflows) and the closed form tempers to gamma_min, on every backend. Their scale is a
+    power of 2 whose reciprocal is subnormal at the top of the range, which XLA's CPU flushed to
+    0 in a division by it (variance 0, gamma_max)."""
+    top = float(np.finfo(dtype).max) * 0.89
+    l = xp.asarray(np.array([[top, 1.066, -np.inf], [top, -top / 3, 0.5]], dtype=dtype))
+    np.testing.assert_array_equal(to_numpy(isr.gamma_closed_form(l, 0.3)), [0.0, 0.0])
+    got = to_numpy(isr.gamma_closed_form(l, 0.3, gamma_min=0.25))
+    np.testing.assert_array_equal(got, [0.25, 0.25])
+
+
 @pytest.mark.parametrize("rho", [0.05, 0.3, 0.8])
 def test_gamma_ess_matches_brute_force_bisection(xp, rho):
     rng = np.random.default_rng(1)
