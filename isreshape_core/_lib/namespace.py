@@ -9,14 +9,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
-__all__ = [
-    "Array",
-    "Namespace",
-    "array_device",
-    "is_array",
-    "masked_values",
-    "namespace",
-]
+__all__ = ["Array", "Namespace", "array_device", "is_array", "masked_values", "namespace"]
 
 Array = Any  # an array of any array-API namespace
 Namespace = Any
@@ -106,7 +99,8 @@ def _constant(torch: Any, value: numbers.Real, like: Any) -> Any:
     return out
 
 
-_TORCH_NAMESPACES: dict[int, Any] = {}
+#: The eager :class:`_TorchNamespace`, made at the first eager call.
+_TORCH_NAMESPACE: list[Any] = []
 
 
 def _torch_namespace() -> Namespace:
@@ -117,11 +111,9 @@ def _torch_namespace() -> Namespace:
         # A namespace of the trace's own: the graph's guards then do not read the cache, which
         # a trace or an eager call may fill (each would fail the next call's guards).
         return _TorchNamespace(compat)
-    cached = _TORCH_NAMESPACES.get(id(compat))
-    if cached is None:
-        cached = _TorchNamespace(compat)
-        _TORCH_NAMESPACES[id(compat)] = cached
-    return cached
+    if not _TORCH_NAMESPACE:
+        _TORCH_NAMESPACE.append(_TorchNamespace(compat))
+    return _TORCH_NAMESPACE[0]
 
 
 class _TorchNamespace:
@@ -170,7 +162,7 @@ class _TorchNamespace:
 def _same_dtype_operands(
     torch: Any, args: tuple[Any, ...], where: bool, compiling: bool
 ) -> list[Any] | None:
-    """The operands with Python numbers as 0-d tensors (:func:`_scalar_operand`) where every
+    """The operands with Python numbers as 0-d tensors (:func:`_scalar_tensor`) where every
     tensor operand is a plain tensor of one floating dtype (``where``: after a boolean
     condition), so that the torch function itself gives the array API's result: else ``None``.
     The common case of the core's guards, checked by type rather than through ``isinstance`` and
@@ -189,12 +181,8 @@ def _same_dtype_operands(
         if kind is tensor:
             if a.dtype != like.dtype:
                 return None
-        elif kind is float or kind is int:  # made here: _scalar_operand's checks are done
-            out[i] = (
-                torch.asarray(a, dtype=like.dtype, device=like.device)
-                if compiling
-                else _constant(torch, a, like)
-            )
+        elif kind is float or kind is int:
+            out[i] = _scalar_tensor(torch, a, like, compiling)
         else:
             return None
     return out
@@ -204,6 +192,12 @@ def _scalar_operand(torch: Any, a: Any, like: Any, compiling: bool) -> Any:
     """``a`` as a 0-d tensor like ``like`` where it is a Python number (not a bool)."""
     if not isinstance(a, numbers.Real) or isinstance(a, bool):
         return a
+    return _scalar_tensor(torch, a, like, compiling)
+
+
+def _scalar_tensor(torch: Any, a: numbers.Real, like: Any, compiling: bool) -> Any:
+    """The number ``a`` as a 0-d tensor of ``like``'s dtype and device: a graph constant while
+    compiling, else the one :func:`_constant` keeps."""
     if compiling:
         return torch.asarray(a, dtype=like.dtype, device=like.device)
     return _constant(torch, a, like)
